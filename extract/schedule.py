@@ -1,0 +1,82 @@
+"""Noise schedules (linear, cosine) and ``q_sample``, in float64 as guided-diffusion computes them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, TimestepRangeError
+
+__all__ = ["NoiseSchedule", "get_schedule", "linear_betas", "cosine_betas"]
+
+
+def linear_betas(num_steps: int) -> np.ndarray:
+    """Ho et al.'s linear schedule, rescaled so any T spans the same range as T=1000."""
+    scale = 1000 / num_steps
+    return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+
+
+def cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal's cosine schedule: betas from alpha_bar(t) = cos^2((t + s)/(1 + s) pi/2)."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array(
+        [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)],
+        dtype=np.float64,
+    )
+
+
+class NoiseSchedule:
+    """The forward-process coefficients of one schedule (float64 numpy arrays of length T)."""
+
+    def __init__(self, betas: np.ndarray, name: str = "custom"):
+        self.name = name
+        self.betas = np.asarray(betas, dtype=np.float64)
+        self.num_steps = len(self.betas)
+        alphas = 1.0 - self.betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        )
+        self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+    def check_timesteps(self, timesteps) -> list[int]:
+        """Raises TimestepRangeError naming the valid range for any t outside 0..T-1."""
+        values = [int(t) for t in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
+        for t in values:
+            if not 0 <= t < self.num_steps:
+                raise TimestepRangeError(
+                    f"timestep {t} is out of range for the {self.name} schedule: valid timesteps are 0..{self.num_steps - 1}"
+                )
+        return values
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; coefficients cast to float32 first.
+
+        Args:
+            x0: (N, C, H, W) clean images in [-1, 1]. t: (N,) integer timesteps. noise: like x0.
+        """
+        self.check_timesteps(t)
+        idx = t.to("cpu").long()
+        a = torch.from_numpy(self.sqrt_alphas_cumprod)[idx].float().to(x0.device)
+        s = torch.from_numpy(self.sqrt_one_minus_alphas_cumprod)[idx].float().to(x0.device)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        return a.view(shape) * x0 + s.view(shape) * noise
+
+
+def get_schedule(name: str, num_steps: int = 1000) -> NoiseSchedule:
+    """``linear`` or ``cosine`` schedule with T = num_steps."""
+    if name == "linear":
+        return NoiseSchedule(linear_betas(num_steps), "linear")
+    if name == "cosine":
+        return NoiseSchedule(cosine_betas(num_steps), "cosine")
+    raise ConfigError(f"noise schedule {name!r} is unknown: choose linear or cosine")
