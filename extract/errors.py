@@ -11,6 +11,7 @@ __all__ = [
     "CacheIncompleteError",
     "DatasetError",
     "DiskSpaceError",
+    "ProbeError",
 ]
 
 
@@ -52,3 +53,7 @@ class DatasetError(DiffrepError, FileNotFoundError):
 
 class DiskSpaceError(DiffrepError, OSError):
     """Not enough free disk for what was asked."""
+
+
+class ProbeError(DiffrepError, ValueError):
+    """A probe, kNN, CKA or results request that cannot run as asked."""
