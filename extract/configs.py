@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adm import create_classifier, create_model
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 __all__ = ["BackboneConfig", "NAMED_CONFIGS", "get_config", "list_configs", "create_backbone"]
 
@@ -140,9 +141,16 @@ def get_config(name: str) -> BackboneConfig:
 
 def create_backbone(name: str, checkpoint: str | None = None, **overrides: Any) -> nn.Module:
     """Build a named backbone in eval mode, loading ``checkpoint`` strictly when given."""
-    model = get_config(name).build(**overrides)
-    if checkpoint is not None:
-        from .checkpoint import load_checkpoint
+    cfg = get_config(name)
+    if checkpoint is None:
+        return cfg.build(**overrides).eval()
+    from .checkpoint import compare_state_dict, read_state_dict
 
-        load_checkpoint(model, checkpoint, config_name=name)
+    state = read_state_dict(checkpoint)
+    with torch.device("meta"):  # no random init of 550M parameters only to overwrite them
+        model = cfg.build(**overrides)
+    problem = compare_state_dict(model, state, config_name=name)
+    if problem:
+        raise CheckpointError(f"{problem} (file {checkpoint})")
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
