@@ -1,0 +1,35 @@
+"""Fixtures every test package shares: the ../shared folder and CIFAR-10 unpacked once per machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.datasets import ensure_unpacked
+from pipeline.manifest import default_data_root, default_shared_dir
+
+CIFAR10_ARCHIVE = "data/cifar10-jpg.tar.gz"
+CIFAR10_FOLDER = "cifar10-jpg"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` beside the checkout (or ``$DIFFREP_SHARED``); skips the test when it is absent."""
+    path = default_shared_dir()
+    if not path.is_dir():
+        pytest.skip(f"{path} is not here: the shared data lives in ../shared beside the checkout (or set DIFFREP_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(shared_dir: Path) -> Path:
+    """The unpacked ``cifar10-jpg`` folder (``train/<class>/NNNN.jpg``, ``test/<class>/NNNN.jpg``).
+
+    Unpacked from ``../shared/data/cifar10-jpg.tar.gz`` into ``$DIFFREP_DATA`` (default
+    ``~/.cache/diffrep/data``) the first time on a machine; later runs find it there.
+    """
+    archive = shared_dir / CIFAR10_ARCHIVE
+    if not archive.is_file():
+        pytest.skip(f"{archive} is not here: the CIFAR-10 images live in ../shared/data beside the checkout")
+    return ensure_unpacked(archive, default_data_root(), CIFAR10_FOLDER)
