@@ -1,0 +1,48 @@
+"""Compute precision of the backbone: float32 by default, bf16/fp16 autocast as an option for GPUs."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = ["PRECISIONS", "autocast", "resolve_device"]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda when available, else cpu; anything else is passed to torch.device.
+
+    Raises:
+        ConfigError: an unknown device string, or cuda asked for where there is none.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is unknown: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} asked for, but this machine has no CUDA GPU: use --device cpu")
+    return resolved
+
+
+def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """A context in which the backbone computes at ``precision`` (fp32: a no-op).
+
+    GroupNorm and the attention softmax stay in float32 inside the layers, as in ADM's fp16 mode.
+
+    Raises:
+        ConfigError: an unknown precision, or fp16 on a CPU (use bf16 there).
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown: choose {', '.join(PRECISIONS)}")
+    device_type = torch.device(device).type
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device_type == "cpu":
+        raise ConfigError("precision fp16 needs a GPU: use --precision bf16 or fp32 on the CPU")
+    return torch.autocast(device_type=device_type, dtype=PRECISIONS[precision])

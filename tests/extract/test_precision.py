@@ -1,0 +1,42 @@
+"""Autocast precision options of the backbone."""
+
+import pytest
+import torch
+
+from extract.configs import get_config
+from extract.errors import ConfigError
+from extract.precision import autocast, resolve_device
+
+
+def test_bf16_autocast_runs_the_backbone_close_to_float32():
+    torch.manual_seed(0)
+    model = get_config("32x32_small").build().eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([90, 150])
+    with torch.no_grad():
+        full = model.features(x, t, [10])[10]
+        with autocast("cpu", "bf16"):
+            half = model.features(x, t, [10])[10]
+    assert half.dtype == torch.bfloat16
+    rel = (half.float() - full).norm() / full.norm()
+    assert 0 < rel < 0.05
+
+
+def test_fp32_is_exactly_the_default():
+    torch.manual_seed(0)
+    model = get_config("32x32_small").build().eval()
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([5])
+    with torch.no_grad(), autocast("cpu", "fp32"):
+        a = model.features(x, t, [4])[4]
+    with torch.no_grad():
+        assert torch.equal(a, model.features(x, t, [4])[4])
+
+
+def test_bad_precision_and_device():
+    with pytest.raises(ConfigError, match="choose fp32, bf16, fp16"):
+        autocast("cpu", "int8")
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        autocast("cpu", "fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
