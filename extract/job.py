@@ -1,0 +1,206 @@
+"""One extraction job: decode one shard's images, run the backbone once per (view, t), pool, and write whole shards.
+
+A job is a picklable ``ShardJob`` in and a small ``ShardResult`` out, so any executor can run it
+(in-process, a local Dask cluster, a remote one); it imports no Dask and no click. The backbone is
+built once per process and reused by every later job. Decoding runs ahead in a background thread
+and writes run behind in another, so both overlap with the forward passes.
+
+Results are bit-identical wherever a job runs: the noise is a pure function of (seed, image, t),
+batches are cut the same way inside a shard, and torch's thread count is fixed by the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cache import write_shard
+from .configs import create_backbone
+from .images import load_batch
+from .noise import seeded_noise
+from .pooling import pool_features
+from .schedule import get_schedule
+
+__all__ = ["ShardJob", "ShardResult", "run_shard_job", "build_backbone", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_BACKBONES: dict[tuple, nn.Module] = {}
+_CRASH_ENV = "DIFFREP_TEST_CRASH_AFTER_WRITES"
+_writes_in_process = 0
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one job needs (picklable).
+
+    Args:
+        cache: path of the cache group; shard: shard number; start: its first row (global image index).
+        paths: the shard's image paths, rows start.. in order.
+        todo: ``((view, t, (b, ...)), ...)``: for each (view, t), the blocks still to write.
+        config_name, checkpoint, weight_seed: the backbone (weights from the file, else random from the seed).
+        image_size, noise_schedule, diffusion_steps, noise_seed, pool, precision: as in the CacheSpec.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...; batch_size: images per forward.
+        num_threads: torch intra-op threads (fixed so results do not depend on where the job runs).
+        decode_threads: image decoding threads.
+    """
+
+    cache: str
+    shard: int
+    start: int
+    paths: tuple[str, ...]
+    todo: tuple[tuple[int, int, tuple[int, ...]], ...]
+    config_name: str
+    image_size: int
+    noise_schedule: str
+    diffusion_steps: int
+    checkpoint: str | None = None
+    weight_seed: int | None = 0
+    noise_seed: int = 0
+    pool: int = 16
+    precision: str = "fp32"
+    device: str = "auto"
+    batch_size: int = 64
+    num_threads: int = 1
+    decode_threads: int = 2
+
+    @property
+    def forwards(self) -> int:
+        """Image forwards this job runs: one per image and (view, t)."""
+        return len(self.paths) * len(self.todo)
+
+
+@dataclass
+class ShardResult:
+    """What a job reports back: images done, invalid rows ``{row: reason}`` (global rows), seconds, forwards."""
+
+    shard: int
+    images: int
+    forwards: int
+    seconds: float
+    invalid: dict[int, str] = field(default_factory=dict)
+    arrays: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: $DIFFREP_DEVICE if set (one GPU per worker), else cuda when available, else cpu."""
+    if device == "auto":
+        device = os.environ.get("DIFFREP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_backbone(config_name: str, checkpoint: str | None = None, weight_seed: int | None = 0) -> nn.Module:
+    """A backbone in eval mode: loaded from ``checkpoint``, or random weights drawn after ``torch.manual_seed(weight_seed)``.
+
+    The global RNG state is restored afterwards.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(weight_seed or 0))
+        return create_backbone(config_name, checkpoint=checkpoint).eval()
+
+
+def _backbone(job: ShardJob, device: torch.device) -> nn.Module:
+    key = (job.config_name, job.checkpoint, None if job.checkpoint else job.weight_seed, str(device))
+    if key not in _BACKBONES:
+        _BACKBONES.clear()
+        logger.info("building backbone %s on %s", job.config_name, device)
+        model = build_backbone(job.config_name, job.checkpoint, job.weight_seed).to(device)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        _BACKBONES[key] = model
+    return _BACKBONES[key]
+
+
+def _maybe_crash() -> None:
+    """Test hook: $DIFFREP_TEST_CRASH_AFTER_WRITES='k[:sentinel]' kills the process after k writes (once per sentinel)."""
+    global _writes_in_process
+    _writes_in_process += 1
+    setting = os.environ.get(_CRASH_ENV)
+    if not setting:
+        return
+    count, _, sentinel = setting.partition(":")
+    if _writes_in_process >= int(count) and not (sentinel and os.path.exists(sentinel)):
+        if sentinel:
+            open(sentinel, "w").close()
+        os._exit(3)
+
+
+def run_shard_job(job: ShardJob) -> ShardResult:
+    """Extract one shard: for each (view, t) ONE truncated forward per batch for all its blocks, then whole-shard writes.
+
+    Args:
+        job: the shard and what is left to write in it.
+
+    Returns:
+        ShardResult with the rows that could not be decoded and why (their features are zeros, valid=False).
+    """
+    began = time.perf_counter()
+    torch.set_num_threads(max(1, job.num_threads))
+    device = resolve_device(job.device)
+    model = _backbone(job, device)
+    schedule = get_schedule(job.noise_schedule, job.diffusion_steps)
+    schedule.check_timesteps([t for _, t, _ in job.todo])
+    count = len(job.paths)
+    ids = list(range(job.start, job.start + count))
+    bounds = [(lo, min(lo + job.batch_size, count)) for lo in range(0, count, max(1, job.batch_size))]
+    autocast_dtype = _PRECISIONS[job.precision]
+
+    with ThreadPoolExecutor(1, thread_name_prefix="diffrep-decode") as decoder, \
+            ThreadPoolExecutor(1, thread_name_prefix="diffrep-write") as writer:
+        decoded: list[Future] = [
+            decoder.submit(load_batch, job.paths[lo:hi], job.image_size, False, job.decode_threads) for lo, hi in bounds
+        ]
+        ok = np.ones(count, dtype=bool)
+        reasons = [""] * count
+        writes: list[Future] = []
+        index_written = False
+        for view, t, blocks in job.todo:
+            buffers: dict[int, np.ndarray] = {}
+            for k, (lo, hi) in enumerate(bounds):
+                x0, batch_ok, batch_errors = decoded[k].result()
+                if not index_written:
+                    ok[lo:hi] = batch_ok
+                    for row, reason in batch_errors.items():
+                        reasons[lo + row] = reason
+                if view == 1:
+                    x0 = torch.flip(x0, dims=[3])
+                steps = torch.full((hi - lo,), int(t), dtype=torch.long)
+                noise = seeded_noise(job.noise_seed, ids[lo:hi], int(t), tuple(x0.shape[1:]))
+                x_t = schedule.q_sample(x0, steps, noise).to(device)
+                with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                                     enabled=autocast_dtype is not None):
+                    feats = model.features(x_t, steps.to(device), list(blocks))
+                for b in blocks:
+                    pooled = pool_features(feats[b], job.pool).cpu().numpy()
+                    if b not in buffers:
+                        buffers[b] = np.zeros((count, *pooled.shape[1:]), dtype=np.float16)
+                    buffers[b][lo:hi] = pooled
+            for b in buffers:
+                buffers[b][~ok] = 0
+            index = dict(valid=ok.copy(), errors=list(reasons)) if not index_written else {}
+            index_written = True
+            for previous in writes:
+                previous.result()
+            writes.append(writer.submit(
+                _write, job.cache, job.shard, {(b, int(t)): buffers[b] for b in blocks}, view, index
+            ))
+        for pending in writes:
+            pending.result()
+    invalid = {job.start + row: reasons[row] for row in range(count) if not ok[row]}
+    return ShardResult(
+        shard=job.shard, images=count, forwards=job.forwards, seconds=time.perf_counter() - began,
+        invalid=invalid, arrays=[(b, int(t), view) for view, t, blocks in job.todo for b in blocks],
+    )
+
+
+def _write(path: str, shard: int, features: dict, view: int, index: dict) -> None:
+    write_shard(path, shard, features, view=view, **index)
+    _maybe_crash()
