@@ -157,13 +157,11 @@ class _ADMEncoder(nn.Module):
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
-        def attention(channels: int) -> AttentionBlock:
-            return AttentionBlock(channels, num_heads, num_head_channels, use_new_attention_order)
-
-        def resblock(channels: int, out_channels: int, **updown) -> ResBlock:
-            return ResBlock(channels, time_embed_dim, dropout, out_channels,
-                            use_scale_shift_norm=use_scale_shift_norm, **updown)
-
+        self._layer_args = dict(
+            time_embed_dim=time_embed_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm,
+            num_heads=num_heads, num_head_channels=num_head_channels, use_new_attention_order=use_new_attention_order,
+        )
+        attention, resblock = self._attention, self._resblock
         ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
         self._input_block_chans = [ch]
@@ -188,8 +186,15 @@ class _ADMEncoder(nn.Module):
         self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
         self._ch, self._ds = ch, ds
         self._middle = len(self.input_blocks) + 1  # block number of middle_block
-        self._attention = attention
-        self._resblock = resblock
+
+    def _attention(self, channels: int, num_heads: int | None = None) -> AttentionBlock:
+        a = self._layer_args
+        return AttentionBlock(channels, num_heads or a["num_heads"], a["num_head_channels"], a["use_new_attention_order"])
+
+    def _resblock(self, channels: int, out_channels: int, up: bool = False, down: bool = False) -> ResBlock:
+        a = self._layer_args
+        return ResBlock(channels, a["time_embed_dim"], a["dropout"], out_channels,
+                        use_scale_shift_norm=a["use_scale_shift_norm"], up=up, down=down)
 
     # -- block addressing ------------------------------------------------------------------
     @property
@@ -297,11 +302,20 @@ class _ADMEncoder(nn.Module):
 
     def block_shapes(self) -> dict[int, tuple[int, int]]:
         """``{b: (channels, spatial size)}`` for every block, derived from the configuration."""
-        raise NotImplementedError
+        shapes = {
+            b: (ch, self.image_size // ds)
+            for b, (ch, ds) in enumerate(zip(self._input_block_chans, self._block_ds), start=1)
+        }
+        shapes[self._middle] = (self._ch, self.image_size // self._ds)
+        return shapes
 
 
 class UNetModel(_ADMEncoder):
-    """The ADM diffusion U-Net (guided-diffusion's ``UNetModel``), 2L+1 addressable blocks."""
+    """The ADM diffusion U-Net (guided-diffusion's ``UNetModel``), 2L+1 addressable blocks.
+
+    Takes ``UNetModel``'s official arguments; those shared with the encoder (dropout,
+    channel_mult, num_heads, ...) are passed through to it by keyword.
+    """
 
     def __init__(
         self,
@@ -311,26 +325,16 @@ class UNetModel(_ADMEncoder):
         out_channels: int,
         num_res_blocks: int,
         attention_resolutions: tuple[int, ...],
-        dropout: float = 0.0,
-        channel_mult: tuple = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        num_classes: int | None = None,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
         num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
+        **encoder_kwargs: Any,
     ):
-        super().__init__(
-            image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, dropout,
-            channel_mult, conv_resample, num_classes, num_heads, num_head_channels,
-            use_scale_shift_norm, resblock_updown, use_new_attention_order,
-        )
-        self.out_channels = out_channels
+        super().__init__(image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, **encoder_kwargs)
         if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        time_embed_dim = model_channels * 4
+            num_heads_upsample = self._layer_args["num_heads"]
+        resblock_updown = encoder_kwargs.get("resblock_updown", False)
+        conv_resample = encoder_kwargs.get("conv_resample", True)
+        channel_mult = self.channel_mult
+        self.out_channels = out_channels
         ch, ds = self._ch, self._ds
         skip_chans = list(self._input_block_chans)
         self.output_blocks = nn.ModuleList()
@@ -341,13 +345,9 @@ class UNetModel(_ADMEncoder):
                 layers: list[nn.Module] = [self._resblock(ch + skip_chans.pop(), out_ch)]
                 ch = out_ch
                 if ds in attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads_upsample, num_head_channels, use_new_attention_order))
+                    layers.append(self._attention(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
-                    layers.append(
-                        ResBlock(ch, time_embed_dim, dropout, ch, use_scale_shift_norm=use_scale_shift_norm, up=True)
-                        if resblock_updown
-                        else Upsample(ch, conv_resample, ch)
-                    )
+                    layers.append(self._resblock(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
                 self._output_block_ds.append((ch, ds))
@@ -365,11 +365,7 @@ class UNetModel(_ADMEncoder):
         return 2 * len(self.input_blocks) + 2 - b
 
     def block_shapes(self) -> dict[int, tuple[int, int]]:
-        shapes = {
-            b: (ch, self.image_size // ds)
-            for b, (ch, ds) in enumerate(zip(self._input_block_chans, self._block_ds), start=1)
-        }
-        shapes[self._middle] = (self._ch, self.image_size // self._ds)
+        shapes = super().block_shapes()
         for i, (ch, ds) in enumerate(self._output_block_ds):
             shapes[self._middle + 1 + i] = (ch, self.image_size // ds)
         return shapes
@@ -382,7 +378,10 @@ class UNetModel(_ADMEncoder):
 
 
 class EncoderUNetModel(_ADMEncoder):
-    """The ADM noisy classifier (guided-diffusion's ``EncoderUNetModel``): L+1 addressable blocks."""
+    """The ADM noisy classifier (guided-diffusion's ``EncoderUNetModel``): L+1 addressable blocks.
+
+    Takes ``EncoderUNetModel``'s official arguments; the shared ones pass through by keyword.
+    """
 
     def __init__(
         self,
@@ -392,21 +391,11 @@ class EncoderUNetModel(_ADMEncoder):
         out_channels: int,
         num_res_blocks: int,
         attention_resolutions: tuple[int, ...],
-        dropout: float = 0.0,
-        channel_mult: tuple = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
         pool: str = "adaptive",
+        **encoder_kwargs: Any,
     ):
-        super().__init__(
-            image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, dropout,
-            channel_mult, conv_resample, None, num_heads, num_head_channels,
-            use_scale_shift_norm, resblock_updown, use_new_attention_order,
-        )
+        super().__init__(image_size, in_channels, model_channels, num_res_blocks, attention_resolutions, **encoder_kwargs)
+        num_head_channels = encoder_kwargs.get("num_head_channels", -1)
         self.out_channels = out_channels
         self.pool = pool
         ch = self._ch
@@ -437,14 +426,6 @@ class EncoderUNetModel(_ADMEncoder):
     @property
     def num_blocks(self) -> int:
         return len(self.input_blocks) + 1
-
-    def block_shapes(self) -> dict[int, tuple[int, int]]:
-        shapes = {
-            b: (ch, self.image_size // ds)
-            for b, (ch, ds) in enumerate(zip(self._input_block_chans, self._block_ds), start=1)
-        }
-        shapes[self._middle] = (self._ch, self.image_size // self._ds)
-        return shapes
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The official forward: (N, 3, H, W) noisy images -> (N, out_channels) logits."""
