@@ -362,9 +362,9 @@ def _read_torchvision(spec: DatasetSpec, split: SplitSpec) -> Entries:
         dataset = loader(root=str(spec.root), download=False, **kwargs)
     except ImportError as exc:
         raise DatasetError(f"dataset '{spec.name}' is read by torchvision.datasets.{spec.loader}, which needs {exc.name}: install it") from exc
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, ValueError) as exc:
         raise DatasetError(
-            f"dataset '{spec.name}' split '{split.name}': torchvision.datasets.{spec.loader} found no data under {spec.root} "
+            f"dataset '{spec.name}' split '{split.name}': torchvision.datasets.{spec.loader} cannot read {spec.root} "
             f"({' '.join(str(exc).split())}); {_WHERE_HINT}"
         ) from exc
     if hasattr(dataset, "_samples"):
