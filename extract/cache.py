@@ -130,6 +130,15 @@ class CacheSpec:
         mine, theirs = self.to_attrs(), other.to_attrs()
         return [(k, mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]]
 
+    def require_match(self, asked: "CacheSpec", ignore: Sequence[str] = ()) -> None:
+        """Check that a cache written with this spec serves ``asked``.
+
+        Raises:
+            CacheMismatchError: for the first differing field, naming the flag that restores it.
+        """
+        for name, stored, wanted in self.mismatches(asked, ignore=ignore):
+            raise _mismatch_error(name, stored, wanted)
+
 
 _HINTS = {
     "noise_seed": "pass --noise-seed {v}",
@@ -337,8 +346,7 @@ def _check_spec(group: zarr.Group, expect: CacheSpec, ignore: Sequence[str]) -> 
     if not meta or "spec" not in meta:
         raise CacheError(f"{group.store_path} is a Zarr group but not a diffrep cache: use another --cache-dir")
     stored = CacheSpec.from_attrs(meta["spec"])
-    for name, mine, theirs in stored.mismatches(expect, ignore=ignore):
-        raise _mismatch_error(name, mine, theirs)
+    stored.require_match(expect, ignore=ignore)
     return stored
 
 

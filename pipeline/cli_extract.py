@@ -1,0 +1,97 @@
+"""``diffrep extract``: print the plan, then fill the feature cache for the requested blocks and timesteps."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .cli import main
+from .options import (
+    BlockList, PoolList, TimestepList, cache_dir_option, checkpoint_option, config_option, dataset_option,
+    device_option,
+)
+
+_CONFIRM_BYTES = 100e9
+
+
+@main.command("extract")
+@dataset_option()
+@click.option("--split", "splits", default="train,test", show_default=True,
+              help="Comma-separated splits; each gets its own cache.")
+@click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Diffusion timesteps, e.g. 90,150,300.")
+@click.option("--blocks", "-b", type=BlockList(), required=True, help="Paper block numbers, e.g. 19,24,30.")
+@click.option("--pool", type=PoolList(), default="16", show_default=True,
+              help="Stored maps are min(native, pool) per side; 'none' keeps full maps (coarser pools derive at read time).")
+@config_option()
+@checkpoint_option()
+@click.option("--weight-seed", type=int, default=0, show_default=True, help="Seed of random weights (without --checkpoint).")
+@click.option("--noise-seed", type=int, default=0, show_default=True, help="Seed of the per-image noise.")
+@click.option("--flip", is_flag=True, help="Also cache the horizontally flipped view (same noise).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per shard: one task writes one whole shard.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward.")
+@click.option("--per-class", type=click.IntRange(min=1), default=None, help="Keep the first N images of each class.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep the first N images (after --per-class).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Root of the image folders.")
+@cache_dir_option()
+@device_option()
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Compute precision (autocast); storage is always float16.")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786.")
+@click.option("--synchronous", is_flag=True, help="Run every shard in this process (no Dask).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes (default: one per GPU, or one on CPU).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per task (default: cores / workers).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before writing more than 100 GB.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, weight_seed, noise_seed, flip,
+            shard_size, batch_size, per_class, limit, data_root, cache_dir, device, precision, scheduler,
+            synchronous, workers, threads, yes, dry_run, no_progress) -> None:
+    """Run the backbone once per (image, t), capture every requested block in that pass, and cache them.
+
+    The same command again resumes (completed shards are skipped); adding timesteps or blocks
+    writes only the new arrays. Unreadable images are reported and marked invalid.
+    """
+    from extract.errors import CacheIncompleteError, ConfigError
+
+    from .cluster import open_runner
+    from .extraction import ExtractionRequest, plan_extraction, run_extraction
+
+    if len(pool) != 1:
+        raise ConfigError(f"extract stores one pool size, got {len(pool)}: pass --pool 16 (coarser pools derive at read time)")
+    plans = []
+    for split in [s.strip() for s in splits.split(",") if s.strip()]:
+        request = ExtractionRequest(
+            dataset=dataset, split=split, timesteps=tuple(timesteps), blocks=tuple(blocks), cache_dir=cache_dir,
+            pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,
+            noise_seed=noise_seed, flip=flip, shard_size=shard_size, batch_size=batch_size, per_class=per_class,
+            limit=limit, data_root=data_root, device=device, precision=precision, num_threads=threads,
+        )
+        plan = plan_extraction(request, check_disk=not dry_run)
+        click.echo(plan.describe())
+        plans.append(plan)
+    if dry_run:
+        return
+    total = sum(plan.bytes_new for plan in plans)
+    if total > _CONFIRM_BYTES and not yes and sys.stdin.isatty():
+        click.confirm(f"write {total / 1e9:.0f} GB?", abort=True)
+    if not any(plan.jobs for plan in plans):
+        click.echo("nothing to do: every requested array is complete")
+        return
+    failed = 0
+    with open_runner(scheduler=scheduler, synchronous=synchronous, workers=workers, device=device) as runner:
+        click.echo(f"running on {runner.description}")
+        for plan in plans:
+            if not plan.jobs:
+                click.echo(f"{plan.spec.dataset}/{plan.spec.split}: every requested array is complete")
+                continue
+            summary = run_extraction(plan, runner, progress=not no_progress)
+            click.echo(summary.describe())
+            failed += len(summary.failed)
+    if failed:
+        raise CacheIncompleteError(
+            f"{failed} shard(s) failed after retries (listed above): run the same command again to finish them"
+        )

@@ -1,0 +1,125 @@
+"""Where extraction tasks run: the one place that knows Dask (local cluster, an existing one by address, or in-process).
+
+``open_runner()`` with no address starts a LocalCluster (one worker process per GPU, or one CPU
+worker, or ``workers``), ``open_runner(scheduler="tcp://host:8786")`` joins an existing cluster,
+and ``open_runner(synchronous=True)`` runs every task in this process. All three give a runner
+whose ``run(fn, items, retries)`` yields ``(item, result or exception)`` as tasks finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["TaskRunner", "open_runner", "count_gpus"]
+
+logger = logging.getLogger(__name__)
+
+
+def count_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch CUDA means no GPU
+        return 0
+
+
+class TaskRunner:
+    """Runs a function over picklable items; ``description`` says where (for the plan printout)."""
+
+    description = "in-process"
+    workers = 1
+
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any], retries: int = 2,
+            name: str = "task") -> Iterator[tuple[Any, Any]]:
+        """Yield ``(item, result)`` or ``(item, exception)`` for each item, in completion order."""
+        for item in items:
+            for attempt in range(retries + 1):
+                try:
+                    result = fn(item)
+                    break
+                except Exception as exc:  # noqa: BLE001 - reported with the item, after retries
+                    logger.warning("%s failed (attempt %d of %d): %s", name, attempt + 1, retries + 1, exc)
+                    result = exc
+            yield item, result
+
+
+class _DaskRunner(TaskRunner):
+    def __init__(self, client, description: str):
+        self.client = client
+        self.description = description
+        self.workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+
+    def run(self, fn, items, retries=2, name="task"):
+        from distributed import as_completed
+
+        futures = {}
+        for i, item in enumerate(items):
+            future = self.client.submit(fn, item, retries=retries, pure=False, key=f"{name}-{i}-{os.urandom(4).hex()}")
+            futures[future] = item
+        for future in as_completed(list(futures)):
+            item = futures.pop(future)
+            try:
+                yield item, future.result()
+            except Exception as exc:  # noqa: BLE001 - KilledWorker, task errors: reported with the item
+                yield item, exc
+            future.release()
+
+
+def _pin_gpus(client, count: int) -> None:
+    """Give each local worker its own GPU through $DIFFREP_DEVICE (read by ``extract.job.resolve_device``)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class PinGpu(WorkerPlugin):
+        def setup(self, worker):
+            name = str(worker.name)
+            index = int(name) % count if name.isdigit() else 0
+            os.environ["DIFFREP_DEVICE"] = f"cuda:{index}"
+
+    client.register_plugin(PinGpu(), name="diffrep-pin-gpu")
+
+
+@contextmanager
+def open_runner(
+    scheduler: str | None = None, synchronous: bool = False, workers: int | None = None, device: str = "auto"
+) -> Iterator[TaskRunner]:
+    """Open where tasks run, and close what this call started when done.
+
+    Args:
+        scheduler: address of an existing Dask scheduler (``tcp://host:8786``); None starts a local cluster.
+        synchronous: run tasks one by one in this process (no Dask at all).
+        workers: local worker processes (default: one per GPU, or one on CPU); ignored with scheduler.
+        device: the extraction device; ``auto``/``cuda`` with several GPUs pins one GPU per local worker.
+    """
+    if synchronous:
+        yield TaskRunner()
+        return
+    from distributed import Client, LocalCluster
+
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    if scheduler:
+        client = Client(scheduler, timeout="30s")
+        try:
+            yield _DaskRunner(client, f"Dask cluster at {scheduler}")
+        finally:
+            client.close()
+        return
+    gpus = count_gpus() if device in ("auto", "cuda") else 0
+    count = workers or max(1, gpus)
+    cluster = LocalCluster(
+        n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+    client = Client(cluster)
+    try:
+        if gpus > 1:
+            _pin_gpus(client, gpus)
+        yield _DaskRunner(client, f"local Dask cluster, {count} worker process{'es' if count > 1 else ''}")
+    finally:
+        client.close()
+        cluster.close()

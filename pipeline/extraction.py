@@ -1,0 +1,327 @@
+"""The extract stage: plan what is missing in a cache (images, arrays, bytes, forwards), check the disk, and run shard jobs.
+
+``plan_extraction(request)`` reads the dataset index and the cache (if any) and returns an
+``ExtractionPlan`` whose ``describe()`` is what ``diffrep extract`` prints before it starts; it
+raises DiskSpaceError when the disk cannot hold the new data. ``run_extraction(plan, runner)``
+creates the cache metadata, runs one ``extract.job`` task per shard with something left to do,
+shows a progress bar, records the run in the cache attributes, and returns a ``RunSummary``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from extract.adm import normalize_blocks
+from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run
+from extract.configs import get_config
+from extract.errors import CheckpointError, DiskSpaceError
+from extract.job import ShardJob, ShardResult, run_shard_job
+from extract.pooling import pooled_size
+from extract.schedule import get_schedule
+
+from .cluster import TaskRunner
+from .datasets import build_index
+
+__all__ = ["ExtractionRequest", "ExtractionPlan", "RunSummary", "plan_extraction", "run_extraction", "format_bytes"]
+
+logger = logging.getLogger(__name__)
+
+_VIEW_NAMES = ("", " (flipped view)")
+DISK_MARGIN = 1.05
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError
+
+
+@dataclass(frozen=True)
+class ExtractionRequest:
+    """What ``diffrep extract`` was asked for, one split at a time (plain values, no click).
+
+    Args:
+        dataset, split: which images; per_class / limit: a deterministic subset; data_root: their root.
+        timesteps, blocks: what to cache; pool: stored side min(native, pool), 0 = full maps.
+        config_name, checkpoint, weight_seed: the backbone (random weights from weight_seed without checkpoint).
+        noise_seed: the per-image noise; flip: also cache the flipped view.
+        shard_size: images per shard (one task); batch_size: images per forward.
+        cache_dir: cache root; device, precision: where and how to compute.
+        num_threads: torch threads per task (None: cores / workers; the numbers do not depend on it); decode_threads: decoding threads per task.
+    """
+
+    dataset: str
+    split: str
+    timesteps: tuple[int, ...]
+    blocks: tuple[int, ...]
+    cache_dir: str
+    pool: int = 16
+    config_name: str = "256x256_uncond"
+    checkpoint: str | None = None
+    weight_seed: int = 0
+    noise_seed: int = 0
+    flip: bool = False
+    shard_size: int = 256
+    batch_size: int = 64
+    per_class: int | None = None
+    limit: int | None = None
+    data_root: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    num_threads: int | None = None
+    decode_threads: int = 2
+
+
+@dataclass
+class ExtractionPlan:
+    """What a run will do: the spec, the arrays and their stored shapes, the shard jobs, the bytes."""
+
+    request: ExtractionRequest
+    spec: CacheSpec
+    path: str
+    paths: list[str]
+    labels: object
+    class_names: list[str]
+    shapes: dict[tuple[int, int], tuple[int, int, int]]
+    native_sizes: dict[int, int]
+    jobs: list[ShardJob]
+    new_arrays: list[tuple[int, int]]
+    complete_arrays: list[tuple[int, int]]
+    bytes_new: int
+    bytes_free: int
+    forwards: int
+
+    @property
+    def images_to_run(self) -> int:
+        return sum(len(job.paths) for job in self.jobs)
+
+    def describe(self) -> str:
+        """The lines ``diffrep extract`` prints before it starts."""
+        spec = self.spec
+        subset = "" if spec.subset == "all" else f" ({spec.subset})"
+        weights = f"checkpoint sha256 {spec.checkpoint_sha256[:12]}" if spec.checkpoint_sha256 else f"random weights, seed {spec.weight_seed}"
+        lines = [
+            f"extract {spec.dataset}/{spec.split}: {spec.num_images} images{subset}, {spec.num_shards} shards of {spec.shard_size}",
+            f"  backbone {spec.config_name} ({weights}), {spec.precision}, noise seed {spec.noise_seed}, "
+            f"pool {spec.pool or 'none'}, float16{', + flipped view' if spec.flip else ''}",
+            f"  cache {self.path}",
+        ]
+        for (b, t), (c, h, w) in sorted(self.shapes.items()):
+            if (b, t) in self.complete_arrays:
+                state = "complete, skipped"
+            elif (b, t) in self.new_arrays:
+                state = "new"
+            else:
+                state = "resume"
+            size = spec.num_images * c * h * w * 2 * spec.views
+            lines.append(f"  b{b}/t{t}: ({spec.num_images}, {c}, {h}, {w}) float16, {format_bytes(size)}  [{state}]")
+        lines.append(
+            f"  to do: {len(self.jobs)} shard tasks, {self.images_to_run} images, {self.forwards} forwards "
+            f"(one per image, timestep and view, each stopping at the deepest block asked for that timestep)"
+        )
+        lines.append(f"  disk: {format_bytes(self.bytes_new)} to write, {format_bytes(self.bytes_free)} free")
+        return "\n".join(lines)
+
+
+@dataclass
+class RunSummary:
+    """What a run did: shards written and failed, images, forwards, invalid images with reasons, time."""
+
+    path: str
+    shards_done: int = 0
+    shards_skipped: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    images: int = 0
+    forwards: int = 0
+    seconds: float = 0.0
+    invalid: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        rate = self.images / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"wrote {self.shards_done} shards ({self.images} images, {self.forwards} forwards) in {self.seconds:.1f} s, "
+            f"{rate:.1f} images/s; {self.shards_skipped} shards were already complete",
+            f"  cache {self.path}",
+        ]
+        if self.invalid:
+            lines.append(f"  {len(self.invalid)} image(s) could not be read (rows marked invalid, features zero):")
+            lines.extend(f"    {path}: {reason}" for _, (path, reason) in sorted(self.invalid.items()))
+        if self.failed:
+            lines.append(f"  {len(self.failed)} shard(s) failed:")
+            lines.extend(f"    shard {shard}: {error}" for shard, error in sorted(self.failed.items()))
+        return "\n".join(lines)
+
+
+def _existing_parent(path: str) -> str:
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> ExtractionPlan:
+    """Work out what is missing in the cache for a request, without writing anything.
+
+    Args:
+        request: what to extract; check_disk: refuse when the free disk cannot hold the new data.
+
+    Returns:
+        The plan: its ``jobs`` cover exactly the (shard, view, t, blocks) not yet marked complete.
+
+    Raises:
+        ConfigError, BlockRangeError, TimestepRangeError: bad backbone, blocks or timesteps;
+        DatasetError: unknown dataset or missing images; CheckpointError: missing checkpoint file;
+        CacheMismatchError: the cache was written with other settings; DiskSpaceError: not enough space.
+    """
+    config = get_config(request.config_name)
+    with torch.device("meta"):
+        model = config.build()
+    blocks, _ = normalize_blocks(request.blocks, model.num_blocks, config.name)
+    timesteps = sorted(set(get_schedule(config.noise_schedule, config.diffusion_steps).check_timesteps(request.timesteps)))
+    block_shapes = model.block_shapes()
+    del model
+
+    sha256 = ""
+    if request.checkpoint:
+        if not os.path.isfile(request.checkpoint):
+            raise CheckpointError(f"checkpoint {request.checkpoint} does not exist: pass the path of the official .pt file")
+        from extract.checkpoint import file_sha256
+
+        sha256 = file_sha256(request.checkpoint)
+    index = build_index(
+        request.dataset, request.split, root=request.data_root, per_class=request.per_class, limit=request.limit
+    )
+    subset = "all"
+    if request.per_class is not None or request.limit is not None:
+        subset = ",".join(f"{k}={v}" for k, v in (("per_class", request.per_class), ("limit", request.limit)) if v is not None)
+    spec = CacheSpec(
+        dataset=request.dataset, split=request.split,
+        backbone_id=make_backbone_id(config.name, sha256, None if sha256 else request.weight_seed),
+        config_name=config.name, config_flags=config.flags, checkpoint_sha256=sha256,
+        weight_seed=None if sha256 else int(request.weight_seed), image_size=config.image_size,
+        noise_schedule=config.noise_schedule, diffusion_steps=config.diffusion_steps,
+        noise_seed=int(request.noise_seed), flip=bool(request.flip), pool=int(request.pool),
+        precision=request.precision, subset=subset, num_images=index.num_images, shard_size=int(request.shard_size),
+    )
+    path = cache_path(request.cache_dir, spec.dataset, spec.split, spec.backbone_id)
+    native = {b: block_shapes[b][1] for b in blocks}
+    shapes = {
+        (b, t): (block_shapes[b][0], pooled_size(native[b], spec.pool), pooled_size(native[b], spec.pool))
+        for b in blocks for t in timesteps
+    }
+
+    existing = None
+    if os.path.exists(os.path.join(path, "zarr.json")):
+        existing = FeatureCache(path)
+        existing.spec.require_match(spec)
+    missing: dict[tuple[int, int, int], set[int]] = {}
+    for (b, t) in shapes:
+        for view in range(spec.views):
+            if existing is not None and existing.has_array(b, t, view):
+                missing[(view, t, b)] = set(existing.missing_shards(b, t, view))
+            else:
+                missing[(view, t, b)] = set(range(spec.num_shards))
+    new_arrays = [(b, t) for (b, t) in shapes if existing is None or not existing.has_array(b, t)]
+    complete = [(b, t) for (b, t) in shapes if all(not missing[(v, t, b)] for v in range(spec.views))]
+
+    jobs: list[ShardJob] = []
+    bytes_new = 0 if existing is not None else index.num_images * 200
+    for shard in range(spec.num_shards):
+        start = shard * spec.shard_size
+        stop = min(start + spec.shard_size, spec.num_images)
+        todo = []
+        for view in range(spec.views):
+            for t in timesteps:
+                todo_blocks = tuple(b for b in blocks if shard in missing[(view, t, b)])
+                if todo_blocks:
+                    todo.append((view, t, todo_blocks))
+                    bytes_new += sum((stop - start) * 2 * _prod(shapes[(b, t)]) for b in todo_blocks)
+        if todo:
+            jobs.append(ShardJob(
+                cache=path, shard=shard, start=start, paths=tuple(index.paths[start:stop]), todo=tuple(todo),
+                config_name=config.name, image_size=config.image_size, noise_schedule=config.noise_schedule,
+                diffusion_steps=config.diffusion_steps, checkpoint=request.checkpoint,
+                weight_seed=None if sha256 else int(request.weight_seed), noise_seed=spec.noise_seed,
+                pool=spec.pool, precision=request.precision, device=request.device,
+                batch_size=int(request.batch_size), num_threads=int(request.num_threads or 0),
+                decode_threads=int(request.decode_threads),
+            ))
+    bytes_free = shutil.disk_usage(_existing_parent(path)).free
+    plan = ExtractionPlan(
+        request=request, spec=spec, path=path, paths=list(index.paths), labels=index.labels,
+        class_names=list(index.class_names), shapes=shapes, native_sizes=native, jobs=jobs,
+        new_arrays=new_arrays, complete_arrays=complete, bytes_new=bytes_new, bytes_free=bytes_free,
+        forwards=sum(job.forwards for job in jobs),
+    )
+    if check_disk and bytes_new * DISK_MARGIN > bytes_free:
+        raise DiskSpaceError(
+            f"extract needs {format_bytes(bytes_new)} in {_existing_parent(path)} but only {format_bytes(bytes_free)} "
+            f"is free: free space, pass a smaller --pool, fewer --blocks/--timesteps, or another --cache-dir"
+        )
+    return plan
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
+def run_extraction(plan: ExtractionPlan, runner: TaskRunner, progress: bool = True, retries: int = 2) -> RunSummary:
+    """Create the cache metadata, then run the plan's shard jobs and record the run.
+
+    Args:
+        plan: from ``plan_extraction``; runner: from ``pipeline.cluster.open_runner``.
+        progress: show a progress bar (images/s, time left) on stderr; retries: per failed task.
+
+    Returns:
+        RunSummary; shards that failed after their retries are listed in ``failed`` (their markers
+        stay unset, so running the same command again finishes them).
+    """
+    from tqdm import tqdm
+
+    began = time.perf_counter()
+    create_cache(
+        plan.request.cache_dir, plan.spec, plan.paths, plan.labels, plan.class_names,
+        arrays=plan.shapes, native_sizes=plan.native_sizes,
+    )
+    summary = RunSummary(path=plan.path, shards_skipped=plan.spec.num_shards - len(plan.jobs))
+    jobs = plan.jobs
+    if not plan.request.num_threads:
+        num_threads = max(1, (os.cpu_count() or 1) // max(1, runner.workers))
+        jobs = [replace(job, num_threads=num_threads) for job in jobs]
+    bar = tqdm(total=plan.images_to_run, unit="img", desc=f"{plan.spec.dataset}/{plan.spec.split}",
+               disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    try:
+        for job, result in runner.run(run_shard_job, jobs, retries=retries, name=f"extract-shard{plan.spec.split}"):
+            if isinstance(result, ShardResult):
+                summary.shards_done += 1
+                summary.images += result.images
+                summary.forwards += result.forwards
+                for row, reason in result.invalid.items():
+                    summary.invalid[row] = (plan.paths[row], reason)
+                bar.update(result.images)
+            else:
+                summary.failed[job.shard] = f"{type(result).__name__}: {' '.join(str(result).split())}"[:300]
+                logger.error("shard %d failed: %s", job.shard, summary.failed[job.shard])
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - began
+        record_run(plan.path, summary.invalid, {
+            "arrays": [f"b{b}/t{t}" for (b, t) in sorted(plan.shapes)],
+            "shards_written": summary.shards_done, "shards_failed": sorted(summary.failed),
+            "images": summary.images, "forwards": summary.forwards, "seconds": round(summary.seconds, 2),
+            "where": runner.description,
+        })
+    return summary
