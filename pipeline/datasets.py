@@ -97,6 +97,7 @@ class ImageIndex:
 # Unpacking a source archive once per machine.
 
 def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -217,6 +218,7 @@ Entries = tuple[list[str], list[int], list[str]]
 
 
 def _is_image(name: str) -> bool:
+    """A visible file whose name ends in one of IMAGE_EXTENSIONS."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -242,6 +244,7 @@ def _images_under(folder: Path) -> list[str]:
 
 
 def _read_folder(spec: DatasetSpec, split: SplitSpec) -> Entries:
+    """Class-per-folder tree: classes are the sorted sub-folders (or the class list), files sorted within each."""
     path = split.path
     if spec.classes_file is not None:
         class_names = _read_class_list(spec.classes_file)
@@ -290,6 +293,7 @@ def _group(spec: DatasetSpec, where: Path, samples: list[tuple[str, str]]) -> En
 
 
 def _read_list(spec: DatasetSpec, split: SplitSpec) -> Entries:
+    """Image list file: ``<path> [<class>]`` per line, paths relative to the split folder."""
     list_file = split.list_file
     assert list_file is not None, "the manifest check guarantees a list file"
     try:
@@ -321,6 +325,7 @@ def _read_list(spec: DatasetSpec, split: SplitSpec) -> Entries:
 
 
 def _read_words(path: Path) -> list[list[str]]:
+    """Lines of a CUB-style metadata file split into (id, rest); lines without both are skipped."""
     try:
         return [words for words in (line.split(maxsplit=1) for line in path.read_text(encoding="utf-8").splitlines()) if len(words) == 2]
     except OSError as exc:
@@ -328,6 +333,7 @@ def _read_words(path: Path) -> list[list[str]]:
 
 
 def _read_cub(spec: DatasetSpec, split: SplitSpec) -> Entries:
+    """CUB-200-2011 / NABirds metadata; labels follow the numeric class ids present in image_class_labels.txt."""
     base = split.path
     if split.key not in ("0", "1"):
         raise DatasetError(f"dataset '{spec.name}' split '{split.name}' needs key 1 (train) or 0 (test) in the manifest")
@@ -350,6 +356,7 @@ def _read_cub(spec: DatasetSpec, split: SplitSpec) -> Entries:
 
 
 def _read_torchvision(spec: DatasetSpec, split: SplitSpec) -> Entries:
+    """A torchvision dataset built with download=False, read for its (path, label) pairs only."""
     import torchvision.datasets
 
     loader = getattr(torchvision.datasets, str(spec.loader), None)
@@ -387,6 +394,7 @@ def _read_torchvision(spec: DatasetSpec, split: SplitSpec) -> Entries:
 
 
 def _read_stanford_dogs(spec: DatasetSpec, split: SplitSpec) -> Entries:
+    """Stanford Dogs: lists/<key>_list.mat names files under Images/<breed folder>/."""
     list_file = split.path / "lists" / f"{split.key}_list.mat"
     if not list_file.is_file():
         raise DatasetError(f"dataset '{spec.name}' split '{split.name}': {list_file} does not exist; {_WHERE_HINT}")
