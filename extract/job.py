@@ -28,10 +28,11 @@ from .noise import seeded_noise
 from .pooling import pool_features
 from .schedule import get_schedule
 
-__all__ = ["ShardJob", "ShardResult", "run_shard_job", "build_backbone", "resolve_device"]
+__all__ = ["DEFAULT_THREADS", "ShardJob", "ShardResult", "run_shard_job", "build_backbone", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_THREADS = 2
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BACKBONES: dict[tuple, nn.Module] = {}
 _CRASH_ENV = "DIFFREP_TEST_CRASH_AFTER_WRITES"
@@ -49,7 +50,9 @@ class ShardJob:
         config_name, checkpoint, weight_seed: the backbone (weights from the file, else random from the seed).
         image_size, noise_schedule, diffusion_steps, noise_seed, pool, precision: as in the CacheSpec.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...; batch_size: images per forward.
-        num_threads: torch intra-op threads (fixed so results do not depend on where the job runs).
+        num_threads: torch intra-op threads, set by the job itself: CPU float results depend on the
+            thread count (and on batch_size), so a fixed value gives the same bits in-process and on
+            any worker (Dask workers would otherwise run with OMP_NUM_THREADS=1).
         decode_threads: image decoding threads.
     """
 
@@ -69,7 +72,7 @@ class ShardJob:
     precision: str = "fp32"
     device: str = "auto"
     batch_size: int = 64
-    num_threads: int = 1
+    num_threads: int = DEFAULT_THREADS
     decode_threads: int = 2
 
     @property

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,7 +21,7 @@ from extract.adm import normalize_blocks
 from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run
 from extract.configs import get_config
 from extract.errors import CheckpointError, DiskSpaceError
-from extract.job import ShardJob, ShardResult, run_shard_job
+from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, run_shard_job
 from extract.pooling import pooled_size
 from extract.schedule import get_schedule
 
@@ -55,7 +55,9 @@ class ExtractionRequest:
         noise_seed: the per-image noise; flip: also cache the flipped view.
         shard_size: images per shard (one task); batch_size: images per forward.
         cache_dir: cache root; device, precision: where and how to compute.
-        num_threads: torch threads per task (None: cores / workers; the numbers do not depend on it); decode_threads: decoding threads per task.
+        num_threads: torch CPU threads per task, fixed wherever the task runs: CPU results depend on it
+            bit for bit (so do batch_size and precision), so keep them when resuming.
+        decode_threads: decoding threads per task.
     """
 
     dataset: str
@@ -76,7 +78,7 @@ class ExtractionRequest:
     data_root: str | None = None
     device: str = "auto"
     precision: str = "fp32"
-    num_threads: int | None = None
+    num_threads: int = DEFAULT_THREADS
     decode_threads: int = 2
 
 
@@ -253,7 +255,7 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> Extr
                 diffusion_steps=config.diffusion_steps, checkpoint=request.checkpoint,
                 weight_seed=None if sha256 else int(request.weight_seed), noise_seed=spec.noise_seed,
                 pool=spec.pool, precision=request.precision, device=request.device,
-                batch_size=int(request.batch_size), num_threads=int(request.num_threads or 0),
+                batch_size=int(request.batch_size), num_threads=int(request.num_threads),
                 decode_threads=int(request.decode_threads),
             ))
     bytes_free = shutil.disk_usage(_existing_parent(path)).free
@@ -298,9 +300,6 @@ def run_extraction(plan: ExtractionPlan, runner: TaskRunner, progress: bool = Tr
     )
     summary = RunSummary(path=plan.path, shards_skipped=plan.spec.num_shards - len(plan.jobs))
     jobs = plan.jobs
-    if not plan.request.num_threads:
-        num_threads = max(1, (os.cpu_count() or 1) // max(1, runner.workers))
-        jobs = [replace(job, num_threads=num_threads) for job in jobs]
     bar = tqdm(total=plan.images_to_run, unit="img", desc=f"{plan.spec.dataset}/{plan.spec.split}",
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
     try:
@@ -322,6 +321,7 @@ def run_extraction(plan: ExtractionPlan, runner: TaskRunner, progress: bool = Tr
             "arrays": [f"b{b}/t{t}" for (b, t) in sorted(plan.shapes)],
             "shards_written": summary.shards_done, "shards_failed": sorted(summary.failed),
             "images": summary.images, "forwards": summary.forwards, "seconds": round(summary.seconds, 2),
-            "where": runner.description,
+            "where": runner.description, "threads": plan.request.num_threads,
+            "batch_size": plan.request.batch_size,
         })
     return summary
