@@ -44,3 +44,4 @@ def main(verbose: int) -> None:
 # Commands live one concept per module and register themselves on `main`.
 from . import cli_info  # noqa: E402,F401
 from . import cli_extract  # noqa: E402,F401
+from . import cli_probe  # noqa: E402,F401

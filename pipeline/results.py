@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 
 from extract.errors import ProbeError
 
-__all__ = ["RESULTS_SCHEMA", "REQUIRED", "default_results_path", "append_result", "append_results", "read_results"]
+__all__ = [
+    "RESULTS_SCHEMA", "REQUIRED", "default_results_path", "results_table", "append_result", "append_results", "read_results",
+]
 
 RESULTS_SCHEMA = pa.schema([
     ("dataset", pa.string()),
@@ -78,6 +80,11 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def results_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows (as for ``append_results``) as a table with ``RESULTS_SCHEMA``, without writing them."""
+    return pa.Table.from_pylist([_normalize(row) for row in rows], schema=RESULTS_SCHEMA)
+
+
 def append_results(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike | None = None) -> Path:
     """Append rows to the results table (created on first use).
 
@@ -93,7 +100,7 @@ def append_results(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike | 
         ProbeError: an unknown column or a missing required one.
     """
     path = Path(path) if path is not None else default_results_path()
-    new = pa.Table.from_pylist([_normalize(row) for row in rows], schema=RESULTS_SCHEMA)
+    new = results_table(rows)
     with _locked(path):
         table = pa.concat_tables([read_results(path), new]) if path.exists() else new
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
