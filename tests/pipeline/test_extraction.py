@@ -1,0 +1,221 @@
+"""``diffrep extract`` end to end on 300 real CIFAR-10 images: in-process, LocalCluster, a real scheduler, crashes, resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from extract.cache import open_cache
+from pipeline.cli import main
+
+BACKBONE = "32x32_small-random0"
+PER_CLASS = 30
+CORRUPT = ("cat", "0003.jpg")
+ARGS = ["extract", "--dataset", "cifar10", "--split", "test", "--config", "32x32_small", "--timesteps", "90,300",
+        "--blocks", "4,10,12", "--pool", "4", "--shard-size", "50", "--batch-size", "25", "--threads", "1",
+        "--no-progress"]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, cifar10_root):
+    """A data root with the first 30 test images of each class (300), one of them a truncated JPEG."""
+    root = tmp_path_factory.mktemp("data")
+    for class_dir in sorted((Path(cifar10_root) / "test").iterdir()):
+        target = root / "cifar10-jpg" / "test" / class_dir.name
+        target.mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:PER_CLASS]:
+            shutil.copyfile(image, target / image.name)
+    corrupt = root / "cifar10-jpg" / "test" / CORRUPT[0] / CORRUPT[1]
+    corrupt.write_bytes(corrupt.read_bytes()[:120])
+    return root
+
+
+def _extract(data_root, cache_dir, *extra, env=None):
+    result = CliRunner().invoke(main, [*ARGS, "--data-root", str(data_root), "--cache-dir", str(cache_dir), *extra],
+                                env=env, catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(data_root, tmp_path_factory):
+    """The cache written in-process (--synchronous), and the command's output."""
+    cache_dir = tmp_path_factory.mktemp("reference")
+    result = _extract(data_root, cache_dir, "--synchronous")
+    assert result.exit_code == 0, result.output
+    return cache_dir, result.output
+
+
+def _assert_same_cache(expected_dir, actual_dir):
+    expected = open_cache(expected_dir, "cifar10", "test", BACKBONE)
+    actual = open_cache(actual_dir, "cifar10", "test", BACKBONE)
+    assert actual.spec == expected.spec and actual.arrays() == expected.arrays()
+    for name in ("labels", "valid", "errors", "paths"):
+        assert np.array_equal(np.asarray(getattr(actual, name)), np.asarray(getattr(expected, name))), name
+    for b, t in expected.arrays():
+        assert actual.is_complete(b, t)
+        a, e = actual.load(b, t), expected.load(b, t)
+        assert a.shape == e.shape and np.array_equal(a.view(np.uint16), e.view(np.uint16)), f"b{b}/t{t} differs"
+
+
+def _corrupt_row(cache):
+    return next(i for i, p in enumerate(cache.paths) if p.endswith(os.path.join(*CORRUPT)))
+
+
+@pytest.mark.e2e
+def test_in_process_run_writes_everything_and_reports_the_corrupt_jpeg(reference):
+    cache_dir, output = reference
+    assert "300 images" in output and "(300, 64, 4, 4)" in output and "600 forwards" in output
+    assert "1 image(s) could not be read" in output and os.path.join(*CORRUPT) in output
+    cache = open_cache(cache_dir, "cifar10", "test", BACKBONE)
+    row = _corrupt_row(cache)
+    assert list(np.flatnonzero(~cache.valid)) == [row] and cache.errors[row]
+    assert cache.invalid_images == [{"index": row, "path": cache.paths[row], "reason": cache.errors[row]}]
+    assert cache.arrays() == [(b, t) for b in (4, 10, 12) for t in (90, 300)]
+    features = cache.load(12, 300)
+    assert features.shape == (300, 64, 4, 4) and not features[row].any()
+    assert np.abs(features[np.arange(300) != row]).sum(axis=(1, 2, 3)).min() > 0
+    assert list(cache.labels) == [i // PER_CLASS for i in range(300)]
+
+
+@pytest.mark.e2e
+def test_two_worker_local_cluster_writes_the_same_bits(reference, data_root, tmp_path):
+    result = _extract(data_root, tmp_path, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert "local Dask cluster, 2 worker processes" in result.output
+    assert os.path.join(*CORRUPT) in result.output
+    _assert_same_cache(reference[0], tmp_path)
+
+
+@pytest.mark.e2e
+def test_a_run_killed_half_way_resumes_to_the_same_bits(reference, data_root, tmp_path):
+    command = [str(BIN / "diffrep"), *ARGS, "--data-root", str(data_root), "--cache-dir", str(tmp_path), "--synchronous"]
+    env = {**os.environ, "DIFFREP_TEST_CRASH_AFTER_WRITES": "5"}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 3, killed.stderr
+    partial = open_cache(tmp_path, "cifar10", "test", BACKBONE)
+    assert partial.missing_shards(12, 90) == [3, 4, 5] and partial.missing_shards(12, 300) == [2, 3, 4, 5]
+    resumed = _extract(data_root, tmp_path, "--synchronous")
+    assert resumed.exit_code == 0, resumed.output
+    assert "wrote 4 shards" in resumed.output and "2 shards were already complete" in resumed.output
+    _assert_same_cache(reference[0], tmp_path)
+
+
+@pytest.mark.e2e
+def test_a_killed_worker_loses_only_its_shard(reference, data_root, tmp_path):
+    sentinel = tmp_path / "crashed"
+    cache_dir = tmp_path / "cache"
+    result = _extract(data_root, cache_dir, "--workers", "2",
+                      env={"DIFFREP_TEST_CRASH_AFTER_WRITES": f"3:{sentinel}"})
+    assert sentinel.exists(), "a worker process was killed mid-shard"
+    assert result.exit_code == 0, result.output
+    _assert_same_cache(reference[0], cache_dir)
+
+
+@pytest.mark.e2e
+def test_adding_timesteps_and_blocks_writes_only_what_is_new(reference, data_root, tmp_path):
+    shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
+    group = Path(tmp_path, "cifar10", "test", BACKBONE)
+    old = {p: p.stat().st_mtime_ns for p in group.glob("b*/t*/c/**/*") if p.is_file()}
+    extra = ["--timesteps", "90,300,500", "--blocks", "4,10,12,13", "--synchronous"]
+    plan = _extract(data_root, tmp_path, *extra, "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    assert "b12/t300: (300, 64, 4, 4) float16, 614.4 KB  [complete, skipped]" in plan.output
+    assert "b13/t90: (300, 64, 4, 4) float16, 614.4 KB  [new]" in plan.output
+    assert "6 shard tasks, 300 images, 900 forwards" in plan.output
+    result = _extract(data_root, tmp_path, *extra)
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in old} == old, "complete arrays were not rewritten"
+    cache = open_cache(tmp_path, "cifar10", "test", BACKBONE)
+    assert all(cache.is_complete(b, t) for b in (4, 10, 12, 13) for t in (90, 300, 500))
+    again = _extract(data_root, tmp_path, *extra)
+    assert "every requested array is complete" in again.output
+
+
+@pytest.mark.e2e
+def test_extract_through_a_real_scheduler_and_worker(reference, data_root, tmp_path):
+    scheduler_file = tmp_path / "scheduler.json"
+    processes = []
+    try:
+        processes.append(subprocess.Popen(
+            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert scheduler_file.exists(), "dask scheduler did not start within 60 s"
+        processes.append(subprocess.Popen(
+            [str(BIN / "dask"), "worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
+             "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        address = json.loads(scheduler_file.read_text())["address"]
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+        result = _extract(data_root, tmp_path / "cache", "--scheduler", address)
+        assert result.exit_code == 0, result.output
+        assert f"Dask cluster at {address}" in result.output
+        _assert_same_cache(reference[0], tmp_path / "cache")
+    finally:
+        for process in reversed(processes):
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+@pytest.mark.e2e
+def test_mismatched_cache_is_refused_with_the_fix(reference, data_root):
+    result = _extract(data_root, reference[0], "--synchronous", "--noise-seed", "1")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: cache was written with noise_seed=0, asked for 1: pass --noise-seed 0 or use a new --cache-dir")
+    result = _extract(data_root, reference[0], "--synchronous", "--pool", "8")
+    assert result.exit_code == 1 and "cache was written with pool=4, asked for 8: pass --pool 4" in result.output
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--blocks", "4,40"], "Error: block 40 is out of range for 32x32_small: valid blocks are 1..19"),
+    (["--timesteps", "90,1000"], "Error: timestep 1000 is out of range for the linear schedule: valid timesteps are 0..999"),
+    (["--dataset", "nosuchdata"], "Error: "),
+])
+def test_bad_blocks_timesteps_and_datasets_fail_in_one_line(tmp_path, extra, message):
+    result = CliRunner().invoke(main, [*ARGS, "--cache-dir", str(tmp_path), "--synchronous", *extra])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.output
+    if "--dataset" in extra:
+        assert "nosuchdata" in lines[0]
+    assert not any(tmp_path.iterdir()), "nothing is written before the checks pass"
+
+
+def test_disk_too_small_is_refused_before_anything_is_written(data_root, tmp_path, monkeypatch):
+    import pipeline.extraction as extraction
+
+    monkeypatch.setattr(extraction.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    result = _extract(data_root, tmp_path, "--synchronous")
+    assert result.exit_code == 1
+    assert "extract needs 3.1 MB in" in result.output and "but only 1.0 KB is free: free space" in result.output
+    assert not any(tmp_path.iterdir())
+    dry = _extract(data_root, tmp_path, "--dry-run")
+    assert dry.exit_code == 0 and "disk: 3.1 MB to write, 1.0 KB free" in dry.output
+
+
+@pytest.mark.e2e
+def test_plain_zarr_sees_the_cache(reference):
+    group = zarr.open_group(os.path.join(reference[0], "cifar10", "test", BACKBONE), mode="r")
+    assert group["b10/t90"].shape == (300, 64, 4, 4) and group["b10/t90"].dtype == np.float16
+    assert group.attrs["diffrep"]["spec"]["pool"] == 4
