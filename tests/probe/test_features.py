@@ -9,23 +9,28 @@ from extract.errors import CacheError
 from probe.features import in_shapes, iter_feature_batches, load_features, resolve_backbone_id
 
 
-def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3, 17), backbone_id="32x32_small-random0"):
-    """A real cache on disk: random float16 features, a few rows marked invalid."""
-    spec = CacheSpec(dataset="toy", split="train", backbone_id=backbone_id, config_name="32x32_small",
+def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3, 17), backbone_id="32x32_small-random0",
+               split="train", signal=0.0, seed=0):
+    """A real cache on disk: random float16 features (plus ``signal`` on channel = label), a few rows invalid."""
+    spec = CacheSpec(dataset="toy", split=split, backbone_id=backbone_id, config_name="32x32_small",
                      image_size=32, num_images=n, shard_size=shard_size, pool=4)
-    rng = np.random.default_rng(0)
-    data = {key: rng.normal(size=(n, 3, 4, 4)).astype(np.float16) for key in keys}
+    rng = np.random.default_rng(seed)
     labels = np.arange(n) % 3
+    data = {}
+    for key in keys:
+        values = rng.normal(size=(n, 3, 4, 4))
+        values[np.arange(n), labels] += signal
+        data[key] = values.astype(np.float16)
     create_cache(root, spec, [f"img/{i}.jpg" for i in range(n)], labels, ["a", "b", "c"],
                  arrays={key: (3, 4, 4) for key in keys}, native_sizes={b: 8 for b, _ in keys})
-    path = cache_path(root, "toy", "train", backbone_id)
+    path = cache_path(root, "toy", split, backbone_id)
     valid = np.ones(n, bool)
     valid[list(invalid)] = False
     for shard in range(-(-n // shard_size)):
         rows = slice(shard * shard_size, min(n, (shard + 1) * shard_size))
         write_shard(path, shard, {key: value[rows] for key, value in data.items()}, valid=valid[rows],
                     errors=["" if v else "broken" for v in valid[rows]])
-    return open_cache(root, "toy", "train", backbone_id), data, labels, valid
+    return open_cache(root, "toy", split, backbone_id), data, labels, valid
 
 
 def test_load_drops_invalid_rows_and_converts_once(tmp_path):
