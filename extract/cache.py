@@ -207,7 +207,7 @@ def _path_keys(paths: Sequence[str]) -> list[str]:
         return []
     paths = [os.path.normpath(p) for p in paths]
     common = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    return [os.path.relpath(p, common) for p in paths]
+    return [os.path.relpath(p, common or os.curdir) for p in paths]
 
 
 def create_cache(

@@ -38,7 +38,7 @@ _CONFIRM_BYTES = 100e9
 @device_option()
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Compute precision (autocast); storage is always float16.")
-@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786.")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (its workers must see the images and --cache-dir).")
 @click.option("--synchronous", is_flag=True, help="Run every shard in this process (no Dask).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Local worker processes (default: one per GPU, or one on CPU).")

@@ -91,6 +91,7 @@ def open_runner(
 
     Args:
         scheduler: address of an existing Dask scheduler (``tcp://host:8786``); None starts a local cluster.
+            Its workers need diffrep installed and the image files and cache folder at the same paths.
         synchronous: run tasks one by one in this process (no Dask at all).
         workers: local worker processes (default: one per GPU, or one on CPU); ignored with scheduler.
         device: the extraction device; ``auto``/``cuda`` with several GPUs pins one GPU per local worker.

@@ -20,7 +20,7 @@ import torch
 from extract.adm import normalize_blocks
 from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run
 from extract.configs import get_config
-from extract.errors import CheckpointError, DiskSpaceError
+from extract.errors import CheckpointError, ConfigError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, run_shard_job
 from extract.pooling import pooled_size
 from extract.schedule import get_schedule
@@ -186,6 +186,11 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> Extr
         CacheMismatchError: the cache was written with other settings; DiskSpaceError: not enough space.
     """
     config = get_config(request.config_name)
+    if config.flags.get("class_cond"):
+        raise ConfigError(
+            f"{config.name} is class-conditional and extract has no class label to give it: "
+            f"use an unconditional backbone such as --config 256x256_uncond"
+        )
     with torch.device("meta"):
         model = config.build()
     blocks, _ = normalize_blocks(request.blocks, model.num_blocks, config.name)
