@@ -17,8 +17,8 @@ _CONFIRM_BYTES = 100e9
 
 @main.command("extract")
 @dataset_option()
-@click.option("--split", "splits", default="train,test", show_default=True,
-              help="Comma-separated splits; each gets its own cache.")
+@click.option("--split", "splits", default=None,
+              help="Comma-separated splits, each its own cache (default: every split of the dataset, e.g. train,test).")
 @click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Diffusion timesteps, e.g. 90,150,300.")
 @click.option("--blocks", "-b", type=BlockList(), required=True, help="Paper block numbers, e.g. 19,24,30.")
 @click.option("--pool", type=PoolList(), default="16", show_default=True,
@@ -58,12 +58,16 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
     from extract.errors import CacheIncompleteError, ConfigError
 
     from .cluster import open_runner
-    from .extraction import ExtractionRequest, plan_extraction, run_extraction
+    from .extraction import ExtractionRequest, dataset_splits, plan_extraction, run_extraction
 
     if len(pool) != 1:
         raise ConfigError(f"extract stores one pool size, got {len(pool)}: pass --pool 16 (coarser pools derive at read time)")
     plans = []
-    for split in [s.strip() for s in splits.split(",") if s.strip()]:
+    if splits is None:
+        split_names = dataset_splits(dataset, data_root)
+    else:
+        split_names = [s.strip() for s in splits.split(",") if s.strip()]
+    for split in split_names:
         request = ExtractionRequest(
             dataset=dataset, split=split, timesteps=tuple(timesteps), blocks=tuple(blocks), cache_dir=cache_dir,
             pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,

@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from extract.adm import normalize_blocks
@@ -28,7 +29,10 @@ from extract.schedule import get_schedule
 from .cluster import TaskRunner
 from .datasets import build_index
 
-__all__ = ["ExtractionRequest", "ExtractionPlan", "RunSummary", "plan_extraction", "run_extraction", "format_bytes"]
+__all__ = [
+    "ExtractionRequest", "ExtractionPlan", "RunSummary", "dataset_splits", "plan_extraction", "run_extraction",
+    "format_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ class ExtractionPlan:
     spec: CacheSpec
     path: str
     paths: list[str]
-    labels: object
+    labels: np.ndarray
     class_names: list[str]
     shapes: dict[tuple[int, int], tuple[int, int, int]]
     native_sizes: dict[int, int]
@@ -160,6 +164,17 @@ class RunSummary:
             lines.append(f"  {len(self.failed)} shard(s) failed:")
             lines.extend(f"    shard {shard}: {error}" for shard, error in sorted(self.failed.items()))
         return "\n".join(lines)
+
+
+def dataset_splits(dataset: str, data_root: str | None = None) -> list[str]:
+    """The split names the manifest lists for a dataset (the default of ``--split``).
+
+    Raises:
+        DatasetError: unknown dataset.
+    """
+    from .manifest import get_dataset
+
+    return list(get_dataset(dataset, overrides={"data_root": data_root} if data_root else None).splits)
 
 
 def _existing_parent(path: str) -> str:
