@@ -26,14 +26,14 @@ from .configs import create_backbone
 from .images import load_batch
 from .noise import seeded_noise
 from .pooling import pool_features
+from .precision import autocast, resolve_device
 from .schedule import get_schedule
 
-__all__ = ["DEFAULT_THREADS", "ShardJob", "ShardResult", "run_shard_job", "build_backbone", "resolve_device"]
+__all__ = ["DEFAULT_THREADS", "ShardJob", "ShardResult", "run_shard_job", "build_backbone"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 2
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BACKBONES: dict[tuple, nn.Module] = {}
 _CRASH_ENV = "DIFFREP_TEST_CRASH_AFTER_WRITES"
 _writes_in_process = 0
@@ -93,13 +93,6 @@ class ShardResult:
     arrays: list[tuple[int, int, int]] = field(default_factory=list)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto``: $DIFFREP_DEVICE if set (one GPU per worker), else cuda when available, else cpu."""
-    if device == "auto":
-        device = os.environ.get("DIFFREP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build_backbone(config_name: str, checkpoint: str | None = None, weight_seed: int | None = 0) -> nn.Module:
     """A backbone in eval mode: loaded from ``checkpoint``, or random weights drawn after ``torch.manual_seed(weight_seed)``.
 
@@ -154,7 +147,6 @@ def run_shard_job(job: ShardJob) -> ShardResult:
     count = len(job.paths)
     ids = list(range(job.start, job.start + count))
     bounds = [(lo, min(lo + job.batch_size, count)) for lo in range(0, count, max(1, job.batch_size))]
-    autocast_dtype = _PRECISIONS[job.precision]
 
     with ThreadPoolExecutor(1, thread_name_prefix="diffrep-decode") as decoder, \
             ThreadPoolExecutor(1, thread_name_prefix="diffrep-write") as writer:
@@ -178,8 +170,7 @@ def run_shard_job(job: ShardJob) -> ShardResult:
                 steps = torch.full((hi - lo,), int(t), dtype=torch.long)
                 noise = seeded_noise(job.noise_seed, ids[lo:hi], int(t), tuple(x0.shape[1:]))
                 x_t = schedule.q_sample(x0, steps, noise).to(device)
-                with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                                     enabled=autocast_dtype is not None):
+                with torch.no_grad(), autocast(device, job.precision):
                     feats = model.features(x_t, steps.to(device), list(blocks))
                 for b in blocks:
                     pooled = pool_features(feats[b], job.pool).cpu().numpy()

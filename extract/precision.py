@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -14,13 +15,15 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks cuda when available, else cpu; anything else is passed to torch.device.
+    """``auto``: $DIFFREP_DEVICE if set (one GPU per Dask worker), else cuda when available, else cpu.
+
+    Anything else is passed to torch.device.
 
     Raises:
         ConfigError: an unknown device string, or cuda asked for where there is none.
     """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = os.environ.get("DIFFREP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:

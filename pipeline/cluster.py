@@ -71,7 +71,7 @@ class _DaskRunner(TaskRunner):
 
 
 def _pin_gpus(client, count: int) -> None:
-    """Give each local worker its own GPU through $DIFFREP_DEVICE (read by ``extract.job.resolve_device``)."""
+    """Give each local worker its own GPU through $DIFFREP_DEVICE (read by ``extract.precision.resolve_device``)."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class PinGpu(WorkerPlugin):
