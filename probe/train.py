@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from extract.errors import ProbeError
 
-__all__ = ["TrainConfig", "FitResult", "train_one_epoch", "evaluate", "fit", "CHECKPOINT_NAME", "OPTIMIZERS"]
+__all__ = [
+    "TrainConfig", "FitResult", "epoch_order", "train_one_epoch", "evaluate", "fit", "CHECKPOINT_NAME", "OPTIMIZERS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,8 @@ def _make_optimizer(head: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
 
 
-def _epoch_order(num_rows: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+def epoch_order(num_rows: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """(num_rows,) int64 batch order of one epoch: a pure function of (seed, epoch), so resuming repeats it."""
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
     return torch.randperm(num_rows, generator=generator).to(device)
 
@@ -264,7 +267,7 @@ def fit(
 
     began = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
-        order = _epoch_order(num_train, config.seed, epoch, device)
+        order = epoch_order(num_train, config.seed, epoch, device)
         stats = train_one_epoch(head, opt, train_x, train_y, config.batch_size, order,
                                 description=f"epoch {epoch + 1}/{config.epochs}", progress=progress)
         stats = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats}
