@@ -87,11 +87,12 @@ def _fmt_keys(values) -> str:
 
 def run_probe(*, dataset, cache_dir, config_name, backbone_id, train_split, test_split, results_path, ram_cap_gb,
               blocks, timesteps, head, pool, hidden, channels, depth, epochs, lr, optimizer, batch_size, seed, device,
-              checkpoint_dir, resume, progress) -> dict:
+              checkpoint_dir, resume, progress, stream=False) -> dict:
     """Train one head on cached train features, score it on the test features, append the row; returns it."""
     import torch
 
     from extract.precision import resolve_device
+    from probe.features import StreamedFeatures, feature_bytes, in_shapes
     from probe.heads import HEADS, count_parameters, create_head, default_lr
     from probe.train import fit
 
@@ -111,16 +112,25 @@ def run_probe(*, dataset, cache_dir, config_name, backbone_id, train_split, test
         overrides["depth"] = depth
     head_pool = overrides.get("token_pool", overrides.get("pool", HEADS[head].defaults.get("pool", 16)))
     read_pool = {key: _read_pool(train_cache, key, head_pool) for key in keys}
-    train = _load(train_cache, keys, read_pool)
-    test = _load(test_cache, keys, read_pool)
-    shapes = {key: tuple(train.features[key].shape[1:]) for key in keys}
+    need = sum(feature_bytes(train_cache, [key], read_pool[key]) for key in keys)
+    if stream or need > train_cache.ram_cap_bytes:
+        pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None
+        log.warning("streaming %s from the cache every epoch (%.1f GiB of float32 features, RAM cap %.1f GiB)",
+                    dataset, need / 2**30, train_cache.ram_cap_bytes / 2**30)
+        train, test = StreamedFeatures(train_cache, keys, pool), StreamedFeatures(test_cache, keys, pool)
+        shapes, train_y, test_y = in_shapes(train_cache, keys, pool), None, None
+        train_x, test_x = train, test
+    else:
+        train, test = _load(train_cache, keys, read_pool), _load(test_cache, keys, read_pool)
+        shapes = {key: tuple(train.features[key].shape[1:]) for key in keys}
+        train_x, train_y, test_x, test_y = train.features, train.labels, test.features, test.labels
     torch.manual_seed(seed)
-    module = create_head(head, shapes, len(train.class_names) or int(train.labels.max()) + 1, **overrides)
+    module = create_head(head, shapes, len(train.class_names) or len(train_cache.class_names), **overrides)
     lr = lr if lr is not None else default_lr(head)
     if checkpoint_dir is None:
         name = f"{dataset}_{backbone_id}_{head}_b{_fmt_keys(blocks)}_t{_fmt_keys(timesteps)}_s{seed}"
         checkpoint_dir = Path(results_path or "results/results.parquet").parent / "checkpoints" / name
-    result = fit(module, train.features, train.labels, test.features, test.labels, epochs=epochs, lr=lr,
+    result = fit(module, train_x, train_y, test_x, test_y, epochs=epochs, lr=lr,
                  optimizer=optimizer, batch_size=batch_size, seed=seed, device=resolve_device(device),
                  checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     row = dict(dataset=dataset, train_size=train.num_images, test_size=test.num_images, backbone_id=backbone_id,
@@ -168,11 +178,14 @@ def _load(cache, keys, read_pool):
               help="Where checkpoint.pth is written each epoch [default: results/checkpoints/<run>].")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar per epoch.")
+@click.option("--stream", is_flag=True,
+              help="Read the features from the cache every epoch instead of holding them in RAM "
+                   "(automatic when they exceed the RAM cap).")
 def probe(**options) -> None:
     """Train a head on cached train-split features and report test top-1/top-5.
 
     Reads the arrays b<b>/t<t> written by `diffrep extract` (never the backbone), holds them in RAM
-    as float32 once, trains by the protocol (28 epochs, StepLR 7/0.1, cross-entropy) with a
+    as float32 once (or streams them when they exceed the RAM cap), trains by the protocol (28 epochs, StepLR 7/0.1, cross-entropy) with a
     checkpoint every epoch, and appends one row to the results table.
 
     \b

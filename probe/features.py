@@ -2,8 +2,9 @@
 
 ``load_features`` reads whole arrays into RAM (``FeatureCache.load``, under its RAM cap) and
 converts them to float32 tensors once; ``iter_feature_batches`` streams the same rows in fixed-size
-batches (``FeatureCache.iter_shards``) for the consumers that can work chunk by chunk (kNN's train
-side, minibatch CKA) when the arrays do not fit. ``resolve_backbone_id`` finds the cache folder
+batches (``FeatureCache.iter_shards``) for the consumers that work chunk by chunk (kNN's train
+side, minibatch CKA), and ``StreamedFeatures`` gives training a shuffled stream per epoch when
+the arrays do not fit. ``resolve_backbone_id`` finds the cache folder
 of a named configuration when the caller does not name the backbone id.
 """
 
@@ -19,7 +20,10 @@ import torch
 from extract.cache import FeatureCache, cache_path, open_cache
 from extract.errors import CacheError
 
-__all__ = ["FeatureSet", "open_split", "in_shapes", "load_features", "iter_feature_batches", "resolve_backbone_id"]
+__all__ = [
+    "FeatureSet", "StreamedFeatures", "open_split", "in_shapes", "feature_bytes", "load_features",
+    "iter_feature_batches", "resolve_backbone_id",
+]
 
 Key = tuple[int, int]
 
@@ -79,6 +83,11 @@ def open_split(root: str | os.PathLike, dataset: str, split: str, backbone_id: s
 def in_shapes(cache: FeatureCache, keys: Sequence[Key], pool: int | None = None) -> dict[Key, tuple[int, int, int]]:
     """``{(b, t): (C, h, w)}`` as ``load(b, t, pool)`` returns them (what ``create_head`` takes)."""
     return {(b, t): tuple(int(v) for v in cache.shape(b, t, pool)[1:]) for b, t in keys}
+
+
+def feature_bytes(cache: FeatureCache, keys: Sequence[Key], pool: int | None = None) -> int:
+    """Bytes ``load_features`` needs for the float32 tensors of ``keys`` (all rows)."""
+    return sum(4 * int(np.prod(cache.shape(b, t, pool))) for b, t in keys)
 
 
 def load_features(cache: FeatureCache, keys: Sequence[Key], pool: int | None = None) -> FeatureSet:
@@ -149,3 +158,34 @@ def _take(keys, pending, pending_labels, n):
     joined = np.concatenate(pending_labels) if len(pending_labels) > 1 else pending_labels[0]
     pending_labels[:] = [joined[n:]] if joined.shape[0] > n else []
     return out, torch.from_numpy(joined[:n].copy())
+
+
+class StreamedFeatures:
+    """One split read from the cache batch by batch, every epoch, for training that does not fit in RAM.
+
+    Rows are read shard by shard in order; shuffling happens inside windows of ``window_rows``
+    (whole batches) with a generator seeded by (seed, epoch), so an epoch's batches are a pure
+    function of (seed, epoch) and memory stays at one window.
+
+    Args:
+        cache: an opened split. keys: its (b, t) arrays. pool: None (as stored) or a coarser pool.
+        window_rows: rows shuffled together (rounded to whole batches).
+    """
+
+    def __init__(self, cache: FeatureCache, keys: Sequence[Key], pool: int | None = None, window_rows: int = 8192):
+        self.cache, self.keys, self.pool, self.window_rows = cache, list(keys), pool, int(window_rows)
+        self.num_images = int(np.asarray(cache.valid, dtype=bool).sum())
+        self.class_names = list(cache.class_names)
+
+    def batches(self, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[tuple[dict[Key, torch.Tensor], torch.Tensor]]:
+        """Every valid row once: ``({(b, t): (n, C, h, w) float32}, (n,) int64)``; row order when seed is None."""
+        window = batch_size * max(1, self.window_rows // batch_size)
+        for count, (features, labels) in enumerate(iter_feature_batches(self.cache, self.keys, window, self.pool)):
+            if seed is not None:
+                generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) * 100_003 + count)
+                order = torch.randperm(labels.shape[0], generator=generator)
+                features = {key: value[order] for key, value in features.items()}
+                labels = labels[order]
+            for start in range(0, labels.shape[0], batch_size):
+                yield ({key: value[start:start + batch_size] for key, value in features.items()},
+                       labels[start:start + batch_size])

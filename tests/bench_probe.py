@@ -94,7 +94,7 @@ def _bench(per_class: int, batch_size: int, repeats: int, threads: int) -> list[
     from pipeline.datasets import build_index
     from probe.features import load_features
     from probe.heads import count_parameters, create_head, default_lr
-    from probe.train import epoch_order, train_one_epoch
+    from probe.train import epoch_order, tensor_batches, train_one_epoch
 
     key = (BLOCK, TIMESTEP)
     index = build_index("cifar10", "train", per_class=per_class)
@@ -132,11 +132,11 @@ def _bench(per_class: int, batch_size: int, repeats: int, threads: int) -> list[
             epoch = iter(range(10**6))
 
             def memory_epoch():
-                order = epoch_order(loaded.num_images, 0, next(epoch), torch.device("cpu"))
-                train_one_epoch(head, optimizer, features, loaded.labels, batch_size, order, progress=False)
+                order = epoch_order(loaded.num_images, 0, next(epoch))
+                train_one_epoch(head, optimizer, tensor_batches(features, loaded.labels, order, batch_size), progress=False)
 
             def live_epoch():
-                order = epoch_order(index.num_images, 0, next(epoch), torch.device("cpu"))
+                order = epoch_order(index.num_images, 0, next(epoch))
                 _live_epoch(head, optimizer, model, schedule, index.paths, labels, order, batch_size, config.image_size)
 
             memory_epoch()  # warm-ups

@@ -51,6 +51,16 @@ def test_probe_trains_appends_a_row_and_resumes(toy):
     assert resumed.exit_code == 0 and read_results(toy / "results" / "results.parquet").column("top1").to_pylist()[-1] == row["top1"]
 
 
+def test_probe_streams_when_features_exceed_the_ram_cap(toy):
+    args = ["probe", "--blocks", "24,19", "--timesteps", "150", "--epochs", "3", "--lr", "0.5", "--batch-size", "8",
+            "--no-progress", "--checkpoint-dir", str(toy / "ckpt"), *_results(toy)]
+    in_ram = _invoke(args, toy)
+    streamed = _invoke([*args, "--ram-cap-gb", "1e-6", "--checkpoint-dir", str(toy / "ckpt2")], toy)
+    assert in_ram.exit_code == 0 and streamed.exit_code == 0, streamed.output
+    rows = read_results(toy / "results" / "results.parquet").to_pylist()
+    assert rows[1]["top1"] > 0.9 and (rows[0]["train_size"], rows[0]["test_size"]) == (rows[1]["train_size"], rows[1]["test_size"])
+
+
 @pytest.mark.parametrize("head, extra", [("mlp", ["--hidden", "8,4"]), ("cnn", ["--channels", "4,4"]),
                                          ("attention", ["--depth", "1", "--lr", "0.001", "--optimizer", "adam"])])
 def test_other_heads_on_two_arrays(toy, head, extra):

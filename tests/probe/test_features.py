@@ -6,7 +6,10 @@ import torch
 
 from extract.cache import CacheSpec, cache_path, create_cache, open_cache, write_shard
 from extract.errors import CacheError
-from probe.features import in_shapes, iter_feature_batches, load_features, resolve_backbone_id
+import probe.train as train_module
+from probe.features import StreamedFeatures, in_shapes, iter_feature_batches, load_features, resolve_backbone_id
+from probe.heads import create_head
+from probe.train import evaluate, fit, tensor_batches
 
 
 def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3, 17), backbone_id="32x32_small-random0",
@@ -66,3 +69,58 @@ def test_resolve_backbone_id(tmp_path):
     make_cache(tmp_path, backbone_id="32x32_small-random1")
     with pytest.raises(CacheError, match="several .* --backbone-id"):
         resolve_backbone_id(tmp_path, "toy", "train", "32x32_small")
+
+
+def test_streamed_epochs_cover_every_valid_row_once_in_a_seeded_order(tmp_path):
+    cache, data, labels, valid = make_cache(tmp_path, n=41)
+    stream = StreamedFeatures(cache, [(24, 150)], window_rows=12)
+    eager = load_features(cache, [(24, 150)])
+
+    def rows(seed, epoch):
+        batches = list(stream.batches(5, seed=seed, epoch=epoch))
+        assert all(len(y) == 5 for _, y in batches[:-1])
+        return torch.cat([f[(24, 150)] for f, _ in batches]), torch.cat([y for _, y in batches])
+
+    x0, y0 = rows(0, 0)
+    x1, _ = rows(0, 1)
+    assert stream.num_images == eager.num_images == len(y0)
+    assert torch.equal(x0, rows(0, 0)[0]) and not torch.equal(x0, x1)
+    key = lambda x: x.flatten(1)[:, 0]  # noqa: E731 - rows are distinct random draws
+    assert torch.equal(x0[key(x0).argsort()], eager.features[(24, 150)][key(eager.features[(24, 150)]).argsort()])
+    x_ordered, y_ordered = rows(None, 0)
+    assert torch.equal(x_ordered, eager.features[(24, 150)]) and torch.equal(y_ordered, eager.labels)
+
+
+def test_fit_on_streamed_splits_learns_and_resumes_bit_exact(tmp_path, monkeypatch):
+    train_cache, *_ = make_cache(tmp_path, n=60, split="train", signal=4.0)
+    test_cache, *_ = make_cache(tmp_path, n=30, split="test", signal=4.0, seed=1)
+    keys = [(24, 150)]
+    train, test = StreamedFeatures(train_cache, keys, window_rows=16), StreamedFeatures(test_cache, keys)
+    options = dict(epochs=4, lr=0.2, batch_size=8, step_size=2, progress=False)
+
+    def head():
+        torch.manual_seed(0)
+        return create_head("linear", in_shapes(train_cache, keys), 3)
+
+    straight = head()
+    result = fit(straight, train, None, test, None, **options)
+    eager = load_features(test_cache, keys)
+    assert result.top1 > 0.9
+    assert result.top1 == evaluate(straight, tensor_batches(eager.features, eager.labels, torch.arange(eager.num_images), 7))["top1"]
+
+    real, calls = train_module.train_one_epoch, []
+
+    def dies_in_epoch_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        fit(head(), train, None, test, None, **options, checkpoint_dir=tmp_path / "ckpt")
+    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    resumed = create_head("linear", in_shapes(train_cache, keys), 3)
+    fit(resumed, train, None, test, None, **options, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

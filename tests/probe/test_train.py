@@ -8,7 +8,7 @@ import torch
 import probe.train as train_module
 from extract.errors import ProbeError
 from probe.heads import create_head
-from probe.train import TrainConfig, evaluate, fit
+from probe.train import TrainConfig, evaluate, fit, tensor_batches
 
 torch.set_num_threads(1)
 
@@ -100,7 +100,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_evaluate_top5_and_odd_sizes():
     head = _head()
     test, labels = _data(7, 2)
-    scores = evaluate(head, test, labels, batch_size=3)
+    scores = evaluate(head, tensor_batches(test, labels, torch.arange(7), batch_size=3))
     logits = head(test)
     assert scores["top1"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     assert scores["top5"] == 1.0  # 4 classes: top-5 is top-4
