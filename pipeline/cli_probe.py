@@ -16,7 +16,7 @@ import click
 
 from .cli import main
 from .options import (
-    BlockList, PoolList, TimestepList, cache_dir_option, config_option, dataset_option, device_option,
+    BlockList, IntList, PoolList, TimestepList, cache_dir_option, config_option, dataset_option, device_option,
 )
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,12 @@ def run_probe(*, dataset, cache_dir, config_name, backbone_id, train_split, test
     read_pool = {key: _read_pool(train_cache, key, head_pool) for key in keys}
     need = sum(feature_bytes(train_cache, [key], read_pool[key]) for key in keys)
     if stream or need > train_cache.ram_cap_bytes:
-        pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None
+        stream_pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None
         log.warning("streaming %s from the cache every epoch (%.1f GiB of float32 features, RAM cap %.1f GiB)",
                     dataset, need / 2**30, train_cache.ram_cap_bytes / 2**30)
-        train, test = StreamedFeatures(train_cache, keys, pool), StreamedFeatures(test_cache, keys, pool)
-        shapes, train_y, test_y = in_shapes(train_cache, keys, pool), None, None
+        train = StreamedFeatures(train_cache, keys, stream_pool)
+        test = StreamedFeatures(test_cache, keys, stream_pool)
+        shapes, train_y, test_y = in_shapes(train_cache, keys, stream_pool), None, None
         train_x, test_x = train, test
     else:
         train, test = _load(train_cache, keys, read_pool), _load(test_cache, keys, read_pool)
@@ -184,9 +185,10 @@ def _load(cache, keys, read_pool):
 def probe(**options) -> None:
     """Train a head on cached train-split features and report test top-1/top-5.
 
-    Reads the arrays b<b>/t<t> written by `diffrep extract` (never the backbone), holds them in RAM
-    as float32 once (or streams them when they exceed the RAM cap), trains by the protocol (28 epochs, StepLR 7/0.1, cross-entropy) with a
-    checkpoint every epoch, and appends one row to the results table.
+    Reads the arrays b<b>/t<t> written by `diffrep extract` (never the backbone), holds them in
+    RAM as float32 once (or streams them when they exceed the RAM cap), trains by the protocol
+    (28 epochs, StepLR 7/0.1, cross-entropy) with a checkpoint every epoch, and appends one row
+    to the results table.
 
     \b
     Example:
@@ -217,8 +219,8 @@ def run_knn(*, dataset, cache_dir, config_name, backbone_id, train_split, test_s
     num_classes = len(test.class_names) or int(test.labels.max()) + 1
     began = time.perf_counter()
     train_size = int(train_cache.valid.sum())
-    scores = knn_classify(_iter_multi(train_cache, keys, read_pool, batch_size), None, test_x, test.labels, num_classes, ks=k, temperature=temperature,
-                          test_chunk=1024, device=resolve_device(device))
+    scores = knn_classify(_iter_multi(train_cache, keys, read_pool, batch_size), None, test_x, test.labels,
+                          num_classes, ks=k, temperature=temperature, device=resolve_device(device))
     seconds = time.perf_counter() - began
     rows = [dict(dataset=dataset, train_size=train_size, test_size=test.num_images, backbone_id=backbone_id,
                  head="knn", blocks=list(blocks), timesteps=list(timesteps), pool=int(pool or 0), k=kk, parameters=0,
@@ -229,22 +231,14 @@ def run_knn(*, dataset, cache_dir, config_name, backbone_id, train_split, test_s
 
 
 def _iter_multi(cache, keys, read_pool, batch_size):
-    """Stream (N, sum of flattened widths) batches of several keys, each read at its own pool."""
+    """Stream ((n, sum of flattened widths), (n,) labels) batches of several keys, each read at its own pool."""
     import torch
 
     from probe.features import iter_feature_batches
 
-    pools = set(read_pool.values())
-    if len(pools) == 1:
-        streams = [iter_feature_batches(cache, keys, batch_size, pool=pools.pop())]
-        groups = [keys]
-    else:
-        streams = [iter_feature_batches(cache, [key], batch_size, pool=read_pool[key]) for key in keys]
-        groups = [[key] for key in keys]
+    streams = [iter_feature_batches(cache, [key], batch_size, pool=read_pool[key]) for key in keys]
     for parts in zip(*streams):
-        labels = parts[0][1]
-        flat = [part[0][key].flatten(1) for part, group in zip(parts, groups) for key in group]
-        yield torch.cat(flat, dim=1), labels
+        yield torch.cat([features[key].flatten(1) for (features, _), key in zip(parts, keys)], dim=1), parts[0][1]
 
 
 @main.command("knn")
@@ -252,7 +246,7 @@ def _iter_multi(cache, keys, read_pool, batch_size):
 @click.option("--blocks", type=BlockList(), required=True, help="Block(s) b, e.g. 24 (several are concatenated).")
 @click.option("--timesteps", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
 @click.option("--pool", type=int, default=2, show_default=True, help="Pooled side of the maps before flattening.")
-@click.option("--k", type=BlockList(), default="10,20,100,200", show_default=True, help="Neighbour counts.")
+@click.option("--k", type=IntList(), default="10,20,100,200", show_default=True, help="Neighbour counts.")
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="Votes weigh exp(cosine / T).")
 @click.option("--batch-size", type=int, default=4096, show_default=True, help="Train rows per similarity block.")
 @device_option()

@@ -18,6 +18,8 @@ from torch.nn import functional as F
 
 from extract.errors import ProbeError
 
+from .attention_head import AttentionHead
+
 __all__ = [
     "FeatureKey", "InShapes", "HeadSpec", "HEADS", "register_head", "list_heads", "create_head",
     "default_lr", "count_parameters", "LinearHead", "MLPHead", "CNNHead",
@@ -237,13 +239,5 @@ register_head(HeadSpec("mlp", MLPHead, dict(hidden=(1024,), pool=2), lr=1e-2,
                        description="pool to 2x2, flatten, hidden Linear+ReLU layers, Linear"))
 register_head(HeadSpec("cnn", CNNHead, dict(channels=(256, 256), pool=16), lr=1e-2,
                        description="two 3x3 convolutions with ReLU, global average pool, Linear"))
-
-
-def _register_attention() -> None:
-    from .attention_head import AttentionHead
-
-    register_head(HeadSpec("attention", AttentionHead.from_kwargs, {}, lr=5e-2,
-                           description="per-block tokenizer, CLS token, pre-norm transformer (the paper's attention head)"))
-
-
-_register_attention()
+register_head(HeadSpec("attention", AttentionHead.from_kwargs, {}, lr=5e-2,
+                       description="per-block tokenizer, CLS token, pre-norm transformer (the paper's attention head)"))
