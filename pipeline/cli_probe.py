@@ -115,8 +115,8 @@ def run_probe(*, dataset, cache_dir, config_name, backbone_id, train_split, test
     need = sum(feature_bytes(train_cache, [key], read_pool[key]) for key in keys)
     if stream or need > train_cache.ram_cap_bytes:
         stream_pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None
-        log.warning("streaming %s from the cache every epoch (%.1f GiB of float32 features, RAM cap %.1f GiB)",
-                    dataset, need / 2**30, train_cache.ram_cap_bytes / 2**30)
+        log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float32 features, RAM cap %.1f GiB)",
+                    dataset, "--stream" if stream else "over the RAM cap", need / 2**30, train_cache.ram_cap_bytes / 2**30)
         train = StreamedFeatures(train_cache, keys, stream_pool)
         test = StreamedFeatures(test_cache, keys, stream_pool)
         shapes, train_y, test_y = in_shapes(train_cache, keys, stream_pool), None, None
