@@ -138,8 +138,16 @@ def run_shard_job(job: ShardJob) -> ShardResult:
     Returns:
         ShardResult with the rows that could not be decoded and why (their features are zeros, valid=False).
     """
-    began = time.perf_counter()
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, job.num_threads))
+    try:
+        return _run(job)
+    finally:  # in-process runs must not leave the caller's thread count changed
+        torch.set_num_threads(previous_threads)
+
+
+def _run(job: ShardJob) -> ShardResult:
+    began = time.perf_counter()
     device = resolve_device(job.device)
     model = _backbone(job, device)
     schedule = get_schedule(job.noise_schedule, job.diffusion_steps)

@@ -235,7 +235,8 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> Extr
         noise_seed=int(request.noise_seed), flip=bool(request.flip), pool=int(request.pool),
         precision=request.precision, subset=subset, num_images=index.num_images, shard_size=int(request.shard_size),
     )
-    path = cache_path(request.cache_dir, spec.dataset, spec.split, spec.backbone_id)
+    # absolute: workers of a remote cluster (and the disk check) must not depend on our cwd
+    path = cache_path(os.path.abspath(request.cache_dir), spec.dataset, spec.split, spec.backbone_id)
     native = {b: block_shapes[b][1] for b in blocks}
     shapes = {
         (b, t): (block_shapes[b][0], pooled_size(native[b], spec.pool), pooled_size(native[b], spec.pool))

@@ -105,7 +105,7 @@ def dataset_option(default: str | None = None):
 
 def cache_dir_option():
     return click.option(
-        "--cache-dir", type=click.Path(file_okay=False), default=default_cache_dir, show_default="$DIFFREP_CACHE or ~/.cache/diffrep/features",
+        "--cache-dir", type=click.Path(file_okay=False, resolve_path=True), default=default_cache_dir, show_default="$DIFFREP_CACHE or ~/.cache/diffrep/features",
         help="Root of the feature cache.",
     )
 
