@@ -139,11 +139,27 @@ def get_config(name: str) -> BackboneConfig:
         raise ConfigError(f"unknown configuration {name!r}: choose one of {', '.join(NAMED_CONFIGS)}") from None
 
 
-def create_backbone(name: str, checkpoint: str | None = None, **overrides: Any) -> nn.Module:
-    """Build a named backbone in eval mode, loading ``checkpoint`` strictly when given."""
+def create_backbone(name: str, checkpoint: str | None = None, weight_seed: int | None = None, **overrides: Any) -> nn.Module:
+    """Build a named backbone in eval mode.
+
+    Args:
+        name: a named configuration. checkpoint: an official ``.pt`` file, loaded strictly.
+        weight_seed: without a checkpoint, draw every weight from this seed with
+            ``init_random_weights`` (blocks then do real work); None keeps ADM's own
+            initialisation (zeroed residual branches, drawn from the global RNG).
+        overrides: flags that win over the named ones.
+
+    Raises:
+        ConfigError: unknown name or flag. CheckpointError: unreadable or mismatching checkpoint.
+    """
     cfg = get_config(name)
     if checkpoint is None:
-        return cfg.build(**overrides).eval()
+        model = cfg.build(**overrides)
+        if weight_seed is not None:
+            from .random_init import init_random_weights
+
+            init_random_weights(model, weight_seed)
+        return model.eval()
     from .checkpoint import compare_state_dict, read_state_dict
 
     state = read_state_dict(checkpoint)

@@ -94,13 +94,9 @@ class ShardResult:
 
 
 def build_backbone(config_name: str, checkpoint: str | None = None, weight_seed: int | None = 0) -> nn.Module:
-    """A backbone in eval mode: loaded from ``checkpoint``, or random weights drawn after ``torch.manual_seed(weight_seed)``.
-
-    The global RNG state is restored afterwards.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(weight_seed or 0))
-        return create_backbone(config_name, checkpoint=checkpoint).eval()
+    """A backbone in eval mode: loaded from ``checkpoint``, or random weights from ``weight_seed``
+    (``extract.random_init``: a pure function of the seed; the global RNG is untouched)."""
+    return create_backbone(config_name, checkpoint=checkpoint, weight_seed=None if checkpoint else int(weight_seed or 0))
 
 
 def _backbone(job: ShardJob, device: torch.device) -> nn.Module:

@@ -45,3 +45,4 @@ def main(verbose: int) -> None:
 from . import cli_info  # noqa: E402,F401
 from . import cli_extract  # noqa: E402,F401
 from . import cli_probe  # noqa: E402,F401
+from . import cli_demo  # noqa: E402,F401
