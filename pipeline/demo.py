@@ -29,6 +29,9 @@ class DemoSettings:
     pool: int = 8
     probe_pools: tuple[int, ...] = (1, 2, 4)
     epochs: int = 28
+    optimizer: str = "adam"  # the paper's; on 1000 images SGD at 1e-2 takes too few steps to converge
+    lr: float = 1e-3
+    batch_size: int = 64
     synchronous: bool = False
     device: str = "auto"
     progress: bool = True
@@ -69,11 +72,12 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
         dataset="cifar10", cache_dir=settings.cache_dir, config_name=settings.config_name, backbone_id=None,
         train_split="train", test_split="test", results_path=results_path, ram_cap_gb=None,
         blocks=list(settings.blocks), timesteps=list(settings.timesteps), pools=list(settings.probe_pools),
-        epochs=settings.epochs, lr=None, optimizer="sgd", batch_size=256, seed=0, device=settings.device,
+        epochs=settings.epochs, lr=settings.lr, optimizer=settings.optimizer, batch_size=settings.batch_size, seed=0, device=settings.device,
         out_dir=settings.out_dir, progress=False,
     )
     echo(f"linear probes over {len(settings.blocks)} blocks x {len(settings.timesteps)} timesteps x "
-         f"{len(settings.probe_pools)} pools ({settings.epochs} epochs each, features in RAM)")
+         f"{len(settings.probe_pools)} pools ({settings.epochs} epochs of {settings.optimizer} at lr {settings.lr:g}, "
+         "features in RAM)")
     linear, written = run_sweep(head="linear", **common)
     echo("kNN (k=20) over the same grid")
     knn, written_knn = run_sweep(head="knn", **common)
