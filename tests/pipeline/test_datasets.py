@@ -246,16 +246,21 @@ def test_torchvision_layout_is_read_without_download(tmp_path):
         build_index("aircraft", "train", manifest=manifest, root=tmp_path / "empty")
 
 
-def test_stanford_dogs_without_scipy_says_so(tmp_path):
-    try:
-        import scipy  # noqa: F401
-        pytest.skip("scipy is installed here")
-    except ImportError:
-        pass
-    (tmp_path / "stanford-dogs" / "lists").mkdir(parents=True)
-    (tmp_path / "stanford-dogs" / "lists" / "train_list.mat").write_bytes(b"")
-    with pytest.raises(DatasetError, match="need scipy: install scipy"):
-        build_index("dogs", "train", root=tmp_path)
+def test_stanford_dogs_reads_its_mat_split_lists(tmp_path):
+    from scipy.io import savemat
+
+    root = tmp_path / "stanford-dogs"
+    names = ["n02085620-Chihuahua/a.jpg", "n02085620-Chihuahua/b.jpg", "n02086240-Shih-Tzu/c.jpg"]
+    for name in names:
+        _image(root / "Images" / name)
+    (root / "lists").mkdir()
+    savemat(str(root / "lists" / "train_list.mat"), {"file_list": np.array(names, dtype=object)})
+    savemat(str(root / "lists" / "test_list.mat"), {"file_list": np.array(names[2:], dtype=object)})
+    train = build_index("dogs", "train", root=tmp_path)
+    assert train.class_names == ["n02085620-Chihuahua", "n02086240-Shih-Tzu"]
+    assert [Path(p).name for p in train.paths] == ["a.jpg", "b.jpg", "c.jpg"] and train.labels.tolist() == [0, 0, 1]
+    test = build_index("dogs", "test", root=tmp_path)
+    assert [Path(p).name for p in test.paths] == ["c.jpg"]
 
 
 # --- unpacking an archive once -----------------------------------------------------------------
