@@ -91,6 +91,17 @@ def test_plain_zarr_and_dask_read_the_cache(tmp_path):
     np.testing.assert_array_equal(lazy.mean(axis=(2, 3)).compute(), _data(12, 300, 0, N).mean(axis=(2, 3)))
 
 
+def test_xarray_opens_a_block_group_as_a_dataset(tmp_path):
+    xr = pytest.importorskip("xarray")
+    cache = _create(tmp_path)
+    _fill(cache)
+    block = xr.open_zarr(cache.path, group="b4", consolidated=False, zarr_format=3)
+    assert block["t90"].dims == ("image", "channel", "y", "x")
+    np.testing.assert_array_equal(block["t90"].values, _data(4, 90, 0, N))
+    labels = xr.open_zarr(cache.path, group="index", consolidated=False, zarr_format=3)["label"].values
+    assert list(labels) == [i % 3 for i in range(N)]
+
+
 def test_incomplete_and_missing_arrays_are_named(tmp_path):
     cache = _create(tmp_path)
     write_shard(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
