@@ -4,7 +4,7 @@
 
 PYTHON ?= python3.11
 VENV_ROOT ?= $(HOME)/.cache/diffrep
-PINS := $(shell $(PYTHON) .ci/pins_hash.py)
+PINS := $(shell $(PYTHON) .ci/pins.py)
 VENV ?= $(VENV_ROOT)/venv-$(PINS)
 PY := $(VENV)/bin/python
 DIFFREP := $(VENV)/bin/diffrep
@@ -18,18 +18,14 @@ EXTRA ?=
 
 .PHONY: install demo test test-fast bench extract probe info clean-venv
 
+# The venv's name carries the hash of the pins, so an existing one is complete: never redone.
 $(VENV)/.pins-installed:
 	@echo "creating $(VENV) (first time only: about 2 minutes, 5.8 GB)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "setuptools>=64" wheel
-	$(PY) -m pip install --quiet -r .ci/requirements.txt
+	$(PYTHON) .ci/pins.py --requirements > $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet -r $(VENV)/requirements.txt
 	touch $@
-
-# The requirements file is derived from pyproject.toml so the pins live in one place.
-.ci/requirements.txt: pyproject.toml
-	$(PYTHON) -c "import tomllib;p=tomllib.load(open('pyproject.toml','rb'))['project'];print('\n'.join(p['dependencies']+p['optional-dependencies']['test']))" > $@
-
-$(VENV)/.pins-installed: .ci/requirements.txt
 
 # Registers this checkout's packages in the shared environment (seconds; no dependencies touched).
 install: $(VENV)/.pins-installed

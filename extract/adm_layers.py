@@ -176,43 +176,44 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over (B*heads, ch, length) tensors, scaled on q and k separately as ADM.
+class _QKVAttentionBase(nn.Module):
+    """Softmax attention over (B, 3*heads*ch, length) packed qkv; subclasses say how qkv is packed.
 
-    The softmax runs in float32 so half-precision autocast does not overflow.
+    q and k are each scaled by ch**-1/4 (as ADM does), and the softmax runs in float32 so that
+    half-precision autocast does not overflow.
     """
-    scale = 1.0 / math.sqrt(math.sqrt(q.shape[1]))
-    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-    return torch.einsum("bts,bcs->bct", weight, v)
-
-
-class QKVAttentionLegacy(nn.Module):
-    """Attention whose qkv channels are laid out head-first: (heads, 3, ch) ("legacy" order)."""
 
     def __init__(self, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
 
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        bs, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return _attend(q, k, v).reshape(bs, -1, length)
-
-
-class QKVAttention(nn.Module):
-    """Attention whose qkv channels are laid out qkv-first: (3, heads, ch) ("new" order)."""
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.n_heads = n_heads
+    def _split(self, qkv: torch.Tensor, ch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = (part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
-        return _attend(q, k, v).reshape(bs, -1, length)
+        q, k, v = self._split(qkv, ch)  # each (B*heads, ch, length)
+        scale = 1.0 / math.sqrt(math.sqrt(ch))
+        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+        return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
+
+
+class QKVAttentionLegacy(_QKVAttentionBase):
+    """qkv channels laid out head-first: (heads, 3, ch) ("legacy" order, most checkpoints)."""
+
+    def _split(self, qkv, ch):
+        bs, _, length = qkv.shape
+        return qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+
+
+class QKVAttention(_QKVAttentionBase):
+    """qkv channels laid out qkv-first: (3, heads, ch) ("new" order: 64x64 model, attention pool)."""
+
+    def _split(self, qkv, ch):
+        bs, _, length = qkv.shape
+        return tuple(part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
 
 
 class AttentionBlock(nn.Module):
