@@ -9,10 +9,13 @@ shows a progress bar, records the run in the cache attributes, and returns a ``R
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +24,7 @@ import torch
 from extract.adm import normalize_blocks
 from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run
 from extract.configs import get_config
-from extract.errors import CheckpointError, ConfigError, DiskSpaceError
+from extract.errors import CacheError, CheckpointError, ConfigError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, run_shard_job
 from extract.pooling import pooled_size
 from extract.schedule import get_schedule
@@ -312,6 +315,39 @@ def run_extraction(plan: ExtractionPlan, runner: TaskRunner, progress: bool = Tr
         RunSummary; shards that failed after their retries are listed in ``failed`` (their markers
         stay unset, so running the same command again finishes them).
     """
+    with _exclusive(plan.path):
+        return _run_locked(plan, runner, progress, retries)
+
+
+@contextmanager
+def _exclusive(path: str):
+    """Hold ``<cache>.lock`` for a whole run: two runs on one cache would plan and write the same shards.
+
+    Raises:
+        CacheError: another process holds it.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock_path = path.rstrip(os.sep) + ".lock"
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise CacheError(
+                f"another diffrep extract ({holder}) is writing {path}: wait for it to finish, or use another --cache-dir"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retries: int) -> RunSummary:
     from tqdm import tqdm
 
     began = time.perf_counter()

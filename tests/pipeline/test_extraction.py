@@ -219,3 +219,25 @@ def test_plain_zarr_sees_the_cache(reference):
     group = zarr.open_group(os.path.join(reference[0], "cifar10", "test", BACKBONE), mode="r")
     assert group["b10/t90"].shape == (300, 64, 4, 4) and group["b10/t90"].dtype == np.float16
     assert group.attrs["diffrep"]["spec"]["pool"] == 4
+
+
+def test_a_second_run_on_the_same_cache_is_refused_while_the_first_holds_it(data_root, tmp_path):
+    import fcntl
+
+    from extract.errors import CacheError
+    from pipeline.cluster import TaskRunner
+    from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+
+    request = ExtractionRequest(dataset="cifar10", split="test", timesteps=(90,), blocks=(4,), cache_dir=str(tmp_path),
+                                config_name="32x32_small", pool=4, limit=10, data_root=str(data_root))
+    plan = plan_extraction(request)
+    os.makedirs(os.path.dirname(plan.path))
+    with open(plan.path + ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345 on elsewhere")
+        held.flush()
+        with pytest.raises(CacheError, match=r"another diffrep extract \(pid 12345 on elsewhere\) is writing .*another --cache-dir"):
+            run_extraction(plan, TaskRunner(), progress=False)
+        assert not os.path.exists(plan.path), "nothing may be written while another run holds the cache"
+    summary = run_extraction(plan, TaskRunner(), progress=False)
+    assert summary.shards_done == 1 and open_cache(tmp_path, "cifar10", "test", BACKBONE).is_complete(4, 90)
