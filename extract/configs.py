@@ -15,7 +15,7 @@ from torch import nn
 from .adm import create_classifier, create_model
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["BackboneConfig", "NAMED_CONFIGS", "get_config", "list_configs", "create_backbone"]
+__all__ = ["BackboneConfig", "NAMED_CONFIGS", "get_config", "list_configs", "create_backbone", "check_checkpoint"]
 
 _RELEASE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 
@@ -160,13 +160,27 @@ def create_backbone(name: str, checkpoint: str | None = None, weight_seed: int |
 
             init_random_weights(model, weight_seed)
         return model.eval()
+    model, state = _checked_state(cfg, checkpoint, overrides)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _checked_state(cfg: BackboneConfig, checkpoint: str, overrides: dict) -> tuple[nn.Module, dict]:
+    """(model on the meta device, state dict) once the file is known to fit the configuration exactly."""
     from .checkpoint import compare_state_dict, read_state_dict
 
     state = read_state_dict(checkpoint)
     with torch.device("meta"):  # no random init of 550M parameters only to overwrite them
         model = cfg.build(**overrides)
-    problem = compare_state_dict(model, state, config_name=name)
+    problem = compare_state_dict(model, state, config_name=cfg.name)
     if problem:
         raise CheckpointError(f"{problem} (file {checkpoint})")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
+    return model, state
+
+
+def check_checkpoint(name: str, checkpoint: str, **overrides: Any) -> None:
+    """Raise CheckpointError unless ``checkpoint`` loads strictly into configuration ``name``.
+
+    For planners: a run checks its checkpoint once, before any task starts.
+    """
+    _checked_state(get_config(name), checkpoint, overrides)

@@ -114,7 +114,7 @@ def open_runner(
     count = workers or max(1, gpus)
     cluster = LocalCluster(
         n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=logging.ERROR,
+        silence_logs=logging.CRITICAL,  # task errors come back with their shard and are reported once
     )
     client = Client(cluster)
     try:

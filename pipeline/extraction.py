@@ -10,6 +10,7 @@ shows a progress bar, records the run in the cache attributes, and returns a ``R
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ import torch
 from extract.adm import normalize_blocks
 from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run
 from extract.configs import get_config
-from extract.errors import CacheError, CheckpointError, ConfigError, DiskSpaceError
+from extract.errors import CacheError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, run_shard_job
 from extract.pooling import pooled_size
 from extract.schedule import get_schedule
@@ -189,6 +190,19 @@ def _existing_parent(path: str) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def _verified_checkpoint(config_name: str, path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a checkpoint that loads strictly into the configuration (checked once per file version).
+
+    A bad file fails here, before any task starts, instead of once per shard on the workers.
+    """
+    from extract.checkpoint import file_sha256
+    from extract.configs import check_checkpoint
+
+    check_checkpoint(config_name, path)
+    return file_sha256(path)
+
+
 def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> ExtractionPlan:
     """Work out what is missing in the cache for a request, without writing anything.
 
@@ -220,9 +234,8 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> Extr
     if request.checkpoint:
         if not os.path.isfile(request.checkpoint):
             raise CheckpointError(f"checkpoint {request.checkpoint} does not exist: pass the path of the official .pt file")
-        from extract.checkpoint import file_sha256
-
-        sha256 = file_sha256(request.checkpoint)
+        stat = os.stat(request.checkpoint)
+        sha256 = _verified_checkpoint(config.name, os.path.abspath(request.checkpoint), stat.st_size, stat.st_mtime_ns)
     index = build_index(
         request.dataset, request.split, root=request.data_root, per_class=request.per_class, limit=request.limit
     )
@@ -357,6 +370,7 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
     )
     summary = RunSummary(path=plan.path, shards_skipped=plan.spec.num_shards - len(plan.jobs))
     jobs = plan.jobs
+    fatal: DiffrepError | None = None
     bar = tqdm(total=plan.images_to_run, unit="img", desc=f"{plan.spec.dataset}/{plan.spec.split}",
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
     try:
@@ -371,6 +385,9 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
             else:
                 summary.failed[job.shard] = f"{type(result).__name__}: {' '.join(str(result).split())}"[:300]
                 logger.error("shard %d failed: %s", job.shard, summary.failed[job.shard])
+                if isinstance(result, DiffrepError):  # a bad setting fails every shard alike: stop now
+                    fatal = result
+                    break
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - began
@@ -381,4 +398,6 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
             "where": runner.description, "threads": plan.request.num_threads,
             "batch_size": plan.request.batch_size,
         })
+    if fatal is not None:
+        raise fatal
     return summary

@@ -202,6 +202,29 @@ def test_bad_blocks_timesteps_and_datasets_fail_in_one_line(tmp_path, extra, mes
     assert not any(tmp_path.iterdir()), "nothing is written before the checks pass"
 
 
+def test_a_bad_checkpoint_is_refused_before_any_task_runs(tmp_path):
+    import torch
+
+    from extract.configs import get_config
+
+    wrong = tmp_path / "wrong.pt"
+    torch.save(get_config("32x32_small").build(learn_sigma=False).state_dict(), wrong)
+    cache_dir = tmp_path / "cache"
+    result = CliRunner().invoke(main, [*ARGS, "--cache-dir", str(cache_dir), "--checkpoint", str(wrong)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint does not fit 32x32_small" in lines[0] and "learn_sigma=False" in lines[0]
+    assert not cache_dir.exists()
+
+
+def test_a_setting_that_fails_every_shard_stops_the_run(data_root, tmp_path):
+    result = _extract(data_root, tmp_path, "--synchronous", "--precision", "fp16", "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == "Error: precision fp16 needs a GPU: use --precision bf16 or fp32 on the CPU"
+    cache = open_cache(tmp_path, "cifar10", "test", BACKBONE)
+    assert cache.missing_shards(4, 90) == list(range(cache.num_shards)), "no shard is written, none is marked done"
+
+
 def test_disk_too_small_is_refused_before_anything_is_written(data_root, tmp_path, monkeypatch):
     import pipeline.extraction as extraction
 
