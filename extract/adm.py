@@ -82,7 +82,7 @@ def _parse_channel_mult(channel_mult: str | Iterable[float] | None, image_size: 
         try:
             values = [float(v) for v in channel_mult.split(",")]
         except ValueError:
-            raise ConfigError(f"channel_mult {channel_mult!r} is not a comma-separated list of numbers, e.g. '1,2,2'")
+            raise ConfigError(f"channel_mult {channel_mult!r} is not a comma-separated list of numbers, e.g. '1,2,2'") from None
     else:
         values = [float(v) for v in channel_mult]
     return tuple(int(v) if v.is_integer() else v for v in values)
@@ -97,7 +97,7 @@ def _parse_attention_ds(attention_resolutions: str | Iterable[int], image_size: 
         except ValueError:
             raise ConfigError(
                 f"attention_resolutions {attention_resolutions!r} is not a comma-separated list of integers, e.g. '32,16,8'"
-            )
+            ) from None
     else:
         resolutions = [int(r) for r in attention_resolutions]
     return tuple(image_size // r for r in resolutions)

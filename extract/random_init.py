@@ -29,7 +29,7 @@ def init_random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
     with n standard normal. Returns the model.
     """
     generator = torch.Generator().manual_seed(int(seed))
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             n = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             if isinstance(module, nn.GroupNorm):
