@@ -1,7 +1,8 @@
 """``make bench``: performance figures as ratios measured in one run (never asserted in tests).
 
 Sections: backbone (full vs truncated forwards of 256x256_uncond), extract (cache and
-extraction throughput), probe (seconds per epoch on the cache vs live backbone vs in memory).
+extraction throughput), probe (seconds per epoch on the cache vs live backbone vs in memory),
+gpu (bf16 images/s of the real 256x256 model and its share of the GPU's peak; skipped without CUDA).
 Run one with ``python -m tests.bench backbone``.
 """
 
@@ -52,9 +53,78 @@ def bench_backbone(config: str = "256x256_uncond", blocks=(19, 24, 30), repeats:
     return lines
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, by a substring of the device name.
+_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 64, 128, 256), repeats: int = 3) -> list[str]:
+    """bf16 extraction throughput of the real configuration (random weights) on a CUDA GPU.
+
+    For each batch size that fits: images/s of the truncated single pass capturing ``blocks`` and
+    of the official way (a full forward whose hooks capture them), and the truncated pass's
+    achieved FLOP/s as a share of the GPU's bf16 peak.
+    """
+    if not torch.cuda.is_available():
+        return ["gpu: no CUDA device on this machine; skipped"]
+    from extract.block_table import block_table
+    from extract.configs import create_backbone
+    from extract.precision import autocast
+
+    torch.backends.cudnn.benchmark = True
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in _BF16_PEAK.items() if k in name), None)
+    model = create_backbone(config, weight_seed=0).to(device).eval()
+    flops = {r.b: r.flops_cum for r in block_table(config)}
+    size = model.image_size
+    lines = [f"gpu: {name}, {config} random weights, bf16 autocast, blocks {','.join(map(str, blocks))}"]
+
+    captured = {}  # the official way keeps the hooked block outputs
+
+    def timed(fn, batch):
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        fn()
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return batch * repeats / (start.elapsed_time(end) / 1000)
+
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size, device=device)
+        t = torch.full((batch,), 150, device=device, dtype=torch.long)
+        try:
+            with torch.inference_mode(), autocast(device, "bf16"):
+                truncated = timed(lambda: model.features(x, t, list(blocks)), batch)
+                hooks = [model.block_module(b).register_forward_hook(
+                    lambda m, i, o, b=b: captured.__setitem__(b, o)) for b in blocks]
+                try:
+                    official = timed(lambda: model(x, t), batch)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+        except torch.OutOfMemoryError:
+            lines.append(f"  batch {batch}: out of memory")
+            torch.cuda.empty_cache()
+            break
+        achieved = truncated * flops[max(blocks)]
+        share = f"{achieved / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else "peak unknown"
+        lines.append(
+            f"  batch {batch:4d}: truncated {truncated:8.1f} images/s, full forward + hooks {official:8.1f} images/s "
+            f"({truncated / official:.2f}x); {achieved / 1e12:.0f} TFLOP/s = {share}; "
+            f"max memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        )
+        del x, t
+        torch.cuda.reset_peak_memory_stats()
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", default=["backbone", "extract", "probe"])
+    parser.add_argument("sections", nargs="*", default=["backbone", "extract", "probe", "gpu"])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     for section in args.sections:
@@ -64,12 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             from tests.bench_extract import bench_extract
 
             lines = bench_extract()
+        elif section == "gpu":
+            lines = bench_gpu()
         elif section == "probe":
             from tests.bench_probe import bench_probe
 
             lines = bench_probe()
         else:
-            parser.error(f"unknown section {section!r}: choose backbone, extract or probe")
+            parser.error(f"unknown section {section!r}: choose backbone, extract, probe or gpu")
         sys.stdout.write("\n".join(lines) + "\n\n")
         sys.stdout.flush()
     return 0
