@@ -117,7 +117,6 @@ def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 
             f"({truncated / official:.2f}x); {achieved / 1e12:.0f} TFLOP/s = {share}; "
             f"max memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
         )
-        del x, t
         torch.cuda.reset_peak_memory_stats()
     return lines
 
