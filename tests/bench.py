@@ -57,22 +57,24 @@ def bench_backbone(config: str = "256x256_uncond", blocks=(19, 24, 30), repeats:
 _BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
-def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 64, 128, 256), repeats: int = 3) -> list[str]:
+def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 64, 128, 256), repeats: int = 3,
+              device: str = "cuda") -> list[str]:
     """bf16 extraction throughput of the real configuration (random weights) on a CUDA GPU.
 
     For each batch size that fits: images/s of the truncated single pass capturing ``blocks`` and
     of the official way (a full forward whose hooks capture them), and the truncated pass's
     achieved FLOP/s as a share of the GPU's bf16 peak.
     """
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return ["gpu: no CUDA device on this machine; skipped"]
     from extract.block_table import block_table
     from extract.configs import create_backbone
     from extract.precision import autocast
 
     torch.backends.cudnn.benchmark = True
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "cpu (a dry run of this section)"
     peak = next((v for k, v in _BF16_PEAK.items() if k in name), None)
     model = create_backbone(config, weight_seed=0).to(device).eval()
     flops = {r.b: r.flops_cum for r in block_table(config)}
@@ -81,17 +83,18 @@ def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 
 
     captured = {}  # the official way keeps the hooked block outputs
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     def timed(fn, batch):
-        torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
         fn()
-        start.record()
+        sync()
+        start = time.perf_counter()
         for _ in range(repeats):
             fn()
-        end.record()
-        torch.cuda.synchronize()
-        return batch * repeats / (start.elapsed_time(end) / 1000)
+        sync()
+        return batch * repeats / (time.perf_counter() - start)
 
     for batch in batches:
         x = torch.randn(batch, 3, size, size, device=device)
@@ -114,10 +117,11 @@ def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 
         share = f"{achieved / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else "peak unknown"
         lines.append(
             f"  batch {batch:4d}: truncated {truncated:8.1f} images/s, full forward + hooks {official:8.1f} images/s "
-            f"({truncated / official:.2f}x); {achieved / 1e12:.0f} TFLOP/s = {share}; "
-            f"max memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            f"({truncated / official:.2f}x); {achieved / 1e12:.2f} TFLOP/s = {share}; "
+            + (f"max memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "")
         )
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
     return lines
 
 
