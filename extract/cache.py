@@ -409,6 +409,11 @@ class FeatureCache:
         """``[{index, path, reason}]`` recorded by finished runs."""
         return list(self._group.attrs.get("invalid_images", []))
 
+    @property
+    def runs(self) -> list[dict]:
+        """What each extraction run recorded (where, threads, batch size, shards written, ...)."""
+        return list(self._group.attrs.get("runs", []))
+
     def shard_bounds(self, shard: int) -> tuple[int, int]:
         """(start, stop) rows of a shard."""
         start = shard * self.spec.shard_size

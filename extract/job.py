@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 2
 _BACKBONES: dict[tuple, nn.Module] = {}
+_ONE_JOB_AT_A_TIME = threading.Lock()
 _CRASH_ENV = "DIFFREP_TEST_CRASH_AFTER_WRITES"
 _writes_in_process = 0
 
@@ -90,7 +92,6 @@ class ShardResult:
     forwards: int
     seconds: float
     invalid: dict[int, str] = field(default_factory=dict)
-    arrays: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def build_backbone(config_name: str, checkpoint: str | None = None, weight_seed: int | None = 0) -> nn.Module:
@@ -134,12 +135,15 @@ def run_shard_job(job: ShardJob) -> ShardResult:
     Returns:
         ShardResult with the rows that could not be decoded and why (their features are zeros, valid=False).
     """
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, job.num_threads))
-    try:
-        return _run(job)
-    finally:  # in-process runs must not leave the caller's thread count changed
-        torch.set_num_threads(previous_threads)
+    # The thread count is process-wide: jobs sharing a process (a dask worker with --nthreads > 1)
+    # run one at a time, or they would change each other's count mid-forward and break bit-identity.
+    with _ONE_JOB_AT_A_TIME:
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, job.num_threads))
+        try:
+            return _run(job)
+        finally:  # in-process runs must not leave the caller's thread count changed
+            torch.set_num_threads(previous_threads)
 
 
 def _run(job: ShardJob) -> ShardResult:
@@ -195,7 +199,7 @@ def _run(job: ShardJob) -> ShardResult:
     invalid = {job.start + row: reasons[row] for row in range(count) if not ok[row]}
     return ShardResult(
         shard=job.shard, images=count, forwards=job.forwards, seconds=time.perf_counter() - began,
-        invalid=invalid, arrays=[(b, int(t), view) for view, t, blocks in job.todo for b in blocks],
+        invalid=invalid,
     )
 
 

@@ -15,15 +15,17 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto``: $DIFFREP_DEVICE if set (one GPU per Dask worker), else cuda when available, else cpu.
+    """``auto`` and ``cuda``: $DIFFREP_DEVICE if set (one GPU per Dask worker); else ``auto`` is cuda when available, else cpu.
 
     Anything else is passed to torch.device.
 
     Raises:
         ConfigError: an unknown device string, or cuda asked for where there is none.
     """
-    if device == "auto":
-        device = os.environ.get("DIFFREP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device in ("auto", "cuda") and os.environ.get("DIFFREP_DEVICE"):
+        device = os.environ["DIFFREP_DEVICE"]  # set per worker by a multi-GPU local cluster
+    elif device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except RuntimeError:

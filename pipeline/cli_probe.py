@@ -55,16 +55,16 @@ def _cache_options(fn):
 @click.option("--timesteps", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
 @click.option("--head", type=click.Choice(["linear", "mlp", "cnn", "attention"]), default="linear", show_default=True,
               help="Head architecture.")
-@click.option("--pool", type=int, default=None,
+@click.option("--pool", type=click.IntRange(min=1), default=None,
               help="Pooled side the head sees: linear/MLP 2, CNN 16, attention token grid 16 by default.")
 @click.option("--hidden", callback=_int_tuple, default=None, help="MLP hidden sizes, e.g. 2048,1024 [default: 1024].")
 @click.option("--channels", callback=_int_tuple, default=None, help="CNN channels of its two convolutions [default: 256,256].")
-@click.option("--depth", type=int, default=None, help="Attention head transformer blocks [default: 2].")
-@click.option("--epochs", type=int, default=28, show_default=True, help="Epochs (StepLR divides the lr by 10 every 7).")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="Attention head transformer blocks [default: 2].")
+@click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True, help="Epochs (StepLR divides the lr by 10 every 7).")
 @click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-2 linear/MLP/CNN, 5e-2 attention].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
               help="SGD (momentum 0, weight decay 0, the official code) or Adam (the paper).")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head's initialisation and batch order.")
 @device_option()
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
@@ -96,10 +96,10 @@ def probe(**options) -> None:
 @_cache_options
 @click.option("--blocks", type=BlockList(), required=True, help="Block(s) b, e.g. 24 (several are concatenated).")
 @click.option("--timesteps", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
-@click.option("--pool", type=int, default=2, show_default=True, help="Pooled side of the maps before flattening.")
+@click.option("--pool", type=click.IntRange(min=1), default=2, show_default=True, help="Pooled side of the maps before flattening.")
 @click.option("--k", type=IntList(), default="10,20,100,200", show_default=True, help="Neighbour counts.")
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="Votes weigh exp(cosine / T).")
-@click.option("--batch-size", type=int, default=4096, show_default=True, help="Train rows per similarity block.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Train rows per similarity block.")
 @device_option()
 def knn(**options) -> None:
     """Weighted kNN (cosine, T=0.07) of test features against the train features, at every k.
@@ -123,12 +123,13 @@ def knn(**options) -> None:
 @click.option("--timesteps", type=TimestepList(), required=True, help="Timesteps of the timestep x timestep matrix.")
 @click.option("--at-t", type=int, default=None, help="Fixed t of the block matrix [default: first of --timesteps].")
 @click.option("--at-b", type=int, default=None, help="Fixed b of the timestep matrix [default: first of --blocks].")
-@click.option("--pool", type=int, default=None, help="Pool the maps to this side first [default: as stored].")
+@click.option("--pool", type=click.IntRange(min=1), default=None, help="Pool the maps to this side first [default: as stored].")
 @click.option("--estimator", type=click.Choice(["minibatch", "linear"]), default="minibatch", show_default=True,
               help="Minibatch unbiased-HSIC CKA (streams, bounded memory) or full-batch linear CKA (in RAM).")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per minibatch.")
-@click.option("--limit", type=int, default=None, help="Use only the first N valid images.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/cka", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per minibatch.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N valid images.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/cka", show_default=True,
+              help="Folder for the CKA Parquet table and heatmaps.")
 @click.option("--ram-cap-gb", type=float, default=None, help="RAM cap for whole-array reads.")
 def cka(**options) -> None:
     """Linear CKA between cached arrays: block x block at a fixed t, timestep x timestep at a fixed b.
@@ -146,13 +147,14 @@ def cka(**options) -> None:
 @click.option("--pools", type=PoolList(), default="1,2,4", show_default=True, help="Pool sizes, one heatmap panel each.")
 @click.option("--head", type=click.Choice(["linear", "knn"]), default="linear", show_default=True,
               help="Linear probe by the protocol, or kNN (k=20).")
-@click.option("--epochs", type=int, default=28, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True, help="Epochs of each probe (StepLR every 7).")
 @click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-2].")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the heads' initialisation and batch order.")
 @device_option()
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/sweeps", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/sweeps", show_default=True,
+              help="Folder for the sweep table (Parquet, Markdown) and heatmaps.")
 @click.option("--progress/--no-progress", default=False, show_default=True)
 def sweep(**options) -> None:
     """Linear probes (or kNN) over every cached (b, t) and pool size: the paper's Figures 3 and 4.

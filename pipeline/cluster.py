@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from extract.errors import DiffrepError
+
 __all__ = ["TaskRunner", "open_runner", "count_gpus"]
 
 logger = logging.getLogger(__name__)
@@ -28,11 +30,28 @@ def count_gpus() -> int:
         return 0
 
 
+class _Refused:
+    """A task's DiffrepError carried back as a value: a bad setting fails the same way on every try,
+    so it must not be retried (Dask retries whatever a task raises)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _call(fn: Callable[[Any], Any], item: Any) -> Any:
+    try:
+        return fn(item)
+    except DiffrepError as exc:
+        return _Refused(exc)
+
+
 class TaskRunner:
-    """Runs a function over picklable items; ``description`` says where (for the plan printout)."""
+    """Runs a function over picklable items; ``description`` says where (for the plan printout).
+
+    Failures other than a DiffrepError (a killed worker, an I/O hiccup) are retried ``retries`` times.
+    """
 
     description = "in-process"
-    workers = 1
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any], retries: int = 2,
             name: str = "task") -> Iterator[tuple[Any, Any]]:
@@ -40,34 +59,44 @@ class TaskRunner:
         for item in items:
             for attempt in range(retries + 1):
                 try:
-                    result = fn(item)
-                    break
+                    result = _unwrap(_call(fn, item))
                 except Exception as exc:  # noqa: BLE001 - reported with the item, after retries
                     logger.warning("%s failed (attempt %d of %d): %s", name, attempt + 1, retries + 1, exc)
                     result = exc
+                if not isinstance(result, Exception) or isinstance(result, DiffrepError):
+                    break
             yield item, result
+
+
+def _unwrap(result: Any) -> Any:
+    return result.error if isinstance(result, _Refused) else result
 
 
 class _DaskRunner(TaskRunner):
     def __init__(self, client, description: str):
         self.client = client
         self.description = description
-        self.workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
 
     def run(self, fn, items, retries=2, name="task"):
         from distributed import as_completed
 
         futures = {}
         for i, item in enumerate(items):
-            future = self.client.submit(fn, item, retries=retries, pure=False, key=f"{name}-{i}-{os.urandom(4).hex()}")
+            future = self.client.submit(_call, fn, item, retries=retries, pure=False,
+                                        key=f"{name}-{i}-{os.urandom(4).hex()}")
             futures[future] = item
-        for future in as_completed(list(futures)):
-            item = futures.pop(future)
-            try:
-                yield item, future.result()
-            except Exception as exc:  # noqa: BLE001 - KilledWorker, task errors: reported with the item
-                yield item, exc
-            future.release()
+        try:
+            for future in as_completed(list(futures)):
+                item = futures.pop(future)
+                try:
+                    result = _unwrap(future.result())
+                except Exception as exc:  # noqa: BLE001 - KilledWorker, task errors: reported with the item
+                    result = exc
+                future.release()
+                yield item, result
+        finally:  # a caller that stops early (a fatal error) leaves no task running behind it
+            if futures:
+                self.client.cancel(list(futures))
 
 
 def _pin_gpus(client, count: int) -> None:

@@ -16,16 +16,16 @@ import os
 import shutil
 import tarfile
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from extract.errors import DatasetError
 from extract.images import IMAGE_EXTENSIONS
 
+from .locks import file_lock
 from .manifest import DatasetSpec, Manifest, SplitSpec, get_dataset, repo_root
 
 __all__ = ["ImageIndex", "build_index", "ensure_unpacked"]
@@ -122,22 +122,6 @@ def _verify_checksum(archive: Path, checksums: Path) -> None:
         )
 
 
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an advisory lock on ``lock_path`` (a no-op where fcntl does not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename below still keeps the result whole
-        yield
-        return
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_unpacked(
     archive: str | os.PathLike,
     data_root: str | os.PathLike,
@@ -184,7 +168,7 @@ def ensure_unpacked(
     except OSError as exc:
         raise DatasetError(f"cannot create data root {data_root} ({exc.strerror or exc}): {_WHERE_HINT}") from exc
 
-    with _exclusive(data_root / f".{folder}.lock"):
+    with file_lock(data_root / f".{folder}.lock"):
         if target.is_dir():
             return target
         if checksums is not None:

@@ -57,7 +57,7 @@ def run_probe(*, dataset, cache_dir, config_name, backbone_id, train_split, test
     from probe.heads import HEADS, count_parameters, create_head, default_lr
     from probe.train import fit
 
-    from .results import append_result
+    from .results import append_result, default_results_path
 
     backbone_id, train_cache, test_cache = _open_pair(cache_dir, dataset, config_name, backbone_id,
                                                       train_split, test_split, ram_cap_gb)
@@ -71,7 +71,12 @@ def run_probe(*, dataset, cache_dir, config_name, backbone_id, train_split, test
         overrides["channels"] = channels
     if depth is not None:
         overrides["depth"] = depth
-    head_pool = overrides.get("token_pool", overrides.get("pool", HEADS[head].defaults.get("pool", 16)))
+    if head == "attention":
+        from probe.attention_head import AttentionHeadConfig
+
+        head_pool = overrides.get("token_pool", AttentionHeadConfig().token_pool)
+    else:
+        head_pool = overrides.get("pool", HEADS[head].defaults["pool"])
     read_pool = {key: _read_pool(train_cache, key, head_pool) for key in keys}
     need = sum(feature_bytes(train_cache, [key], read_pool[key]) for key in keys)
     if stream or need > train_cache.ram_cap_bytes:
@@ -90,8 +95,10 @@ def run_probe(*, dataset, cache_dir, config_name, backbone_id, train_split, test
     module = create_head(head, shapes, len(train.class_names) or len(train_cache.class_names), **overrides)
     lr = lr if lr is not None else default_lr(head)
     if checkpoint_dir is None:
-        name = f"{dataset}_{backbone_id}_{head}_b{fmt_keys(blocks)}_t{fmt_keys(timesteps)}_s{seed}"
-        checkpoint_dir = Path(results_path or "results/results.parquet").parent / "checkpoints" / name
+        # every choice that shapes the head is in the name, so --resume finds only a matching checkpoint
+        shaped = "".join(f"_{k}{fmt_keys(v) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(overrides.items()))
+        name = f"{dataset}_{backbone_id}_{head}_b{fmt_keys(blocks)}_t{fmt_keys(timesteps)}{shaped}_s{seed}"
+        checkpoint_dir = Path(results_path or default_results_path()).parent / "checkpoints" / name
     result = fit(module, train_x, train_y, test_x, test_y, epochs=epochs, lr=lr,
                  optimizer=optimizer, batch_size=batch_size, seed=seed, device=resolve_device(device),
                  checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
@@ -237,12 +244,18 @@ def run_sweep(*, dataset, cache_dir, config_name, backbone_id, train_split, test
     from probe.train import fit
 
     from .report import markdown_table, plot_sweep_heatmaps
-    from .results import append_results, results_table
+    from .results import append_result, results_table
 
     backbone_id, train_cache, test_cache = _open_pair(cache_dir, dataset, config_name, backbone_id,
                                                       train_split, test_split, ram_cap_gb)
-    cached = [key for key in train_cache.arrays() if key in set(test_cache.arrays())]
+    in_test = set(test_cache.arrays())
+    cached = [key for key in train_cache.arrays() if key in in_test]
     keys = [key for key in cached if (not blocks or key[0] in blocks) and (not timesteps or key[1] in timesteps)]
+    incomplete = [key for key in keys if not (train_cache.is_complete(*key) and test_cache.is_complete(*key))]
+    if incomplete:
+        log.warning("sweep skips arrays still being extracted: %s (finish them with diffrep extract)",
+                    ", ".join(f"b{b}/t{t}" for b, t in incomplete))
+        keys = [key for key in keys if key not in incomplete]
     if not keys:
         raise ProbeError(f"no cached (b, t) arrays of {dataset} match the sweep: cached are "
                          f"{', '.join(f'b{b}/t{t}' for b, t in cached) or 'none'}; run diffrep extract first")
@@ -272,8 +285,8 @@ def run_sweep(*, dataset, cache_dir, config_name, backbone_id, train_split, test
                            optimizer=optimizer, batch_size=batch_size, seed=seed, top1=result.top1, top5=result.top5,
                            train_seconds=result.train_seconds)
             log.info("sweep b=%d t=%d pool=%d: top-1 %.4f", key[0], key[1], pool, row["top1"])
+            append_result(row, results_path)  # one row at a time: an interrupted sweep keeps what it measured
             rows.append(row)
-    append_results(rows, results_path)
     table = results_table(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,14 +9,11 @@ shows a progress bar, records the run in the cache attributes, and returns a ``R
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import os
 import shutil
-import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,13 +22,14 @@ import torch
 from extract.adm import normalize_blocks
 from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run
 from extract.configs import get_config
-from extract.errors import CacheError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
+from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, run_shard_job
 from extract.pooling import pooled_size
 from extract.schedule import get_schedule
 
 from .cluster import TaskRunner
 from .datasets import build_index
+from .locks import LockHeld, file_lock
 
 __all__ = [
     "ExtractionRequest", "ExtractionPlan", "RunSummary", "dataset_splits", "plan_extraction", "run_extraction",
@@ -124,6 +122,9 @@ class ExtractionPlan:
             f"pool {spec.pool or 'none'}, float16{', + flipped view' if spec.flip else ''}",
             f"  cache {self.path}",
         ]
+        if not spec.checkpoint_sha256 and get_config(spec.config_name).checkpoint_file:
+            lines.append(f"  note: no --checkpoint, so the weights are random: pass the official "
+                         f"{get_config(spec.config_name).checkpoint_file} to measure what diffusion training learned")
         for (b, t), (c, h, w) in sorted(self.shapes.items()):
             if (b, t) in self.complete_arrays:
                 state = "complete, skipped"
@@ -188,6 +189,30 @@ def _existing_parent(path: str) -> str:
             break
         path = parent
     return path
+
+
+def _require_same_compute(existing: FeatureCache, request: ExtractionRequest) -> None:
+    """Refuse to extend a cache with another --batch-size or --threads than it was written with.
+
+    CPU float results depend on both in their last bits, so mixing them would break the
+    bit-for-bit reproducibility of the cache.
+
+    Raises:
+        CacheMismatchError: the earlier runs that wrote shards used other values.
+    """
+    asked = {"batch_size": int(request.batch_size), "threads": int(request.num_threads)}
+    flags = {"batch_size": "--batch-size", "threads": "--threads"}
+    for run in existing.runs:
+        if not run.get("shards_written"):
+            continue
+        written = {key: run.get(key) for key in asked}
+        if any(written[key] is not None and written[key] != asked[key] for key in asked):
+            was = " ".join(f"{flags[k]} {v}" for k, v in written.items())
+            now = " ".join(f"{flags[k]} {v}" for k, v in asked.items())
+            raise CacheMismatchError(
+                f"cache {existing.path} was written with {was}, asked for {now}: results depend on them bit for bit; "
+                f"pass {was} or use a new --cache-dir"
+            )
 
 
 @functools.lru_cache(maxsize=4)
@@ -263,6 +288,7 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> Extr
     if os.path.exists(os.path.join(path, "zarr.json")):
         existing = FeatureCache(path)
         existing.spec.require_match(spec)
+        _require_same_compute(existing, request)
     missing: dict[tuple[int, int, int], set[int]] = {}
     for (b, t) in shapes:
         for view in range(spec.views):
@@ -328,36 +354,13 @@ def run_extraction(plan: ExtractionPlan, runner: TaskRunner, progress: bool = Tr
         RunSummary; shards that failed after their retries are listed in ``failed`` (their markers
         stay unset, so running the same command again finishes them).
     """
-    with _exclusive(plan.path):
-        return _run_locked(plan, runner, progress, retries)
-
-
-@contextmanager
-def _exclusive(path: str):
-    """Hold ``<cache>.lock`` for a whole run: two runs on one cache would plan and write the same shards.
-
-    Raises:
-        CacheError: another process holds it.
-    """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    lock_path = path.rstrip(os.sep) + ".lock"
-    with open(lock_path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise CacheError(
-                f"another diffrep extract ({holder}) is writing {path}: wait for it to finish, or use another --cache-dir"
-            ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        lock.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    try:
+        with file_lock(plan.path.rstrip(os.sep) + ".lock", blocking=False):
+            return _run_locked(plan, runner, progress, retries)
+    except LockHeld as held:  # two runs on one cache would plan and write the same shards
+        raise CacheError(
+            f"another diffrep extract ({held.holder}) is writing {plan.path}: wait for it to finish, or use another --cache-dir"
+        ) from None
 
 
 def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retries: int) -> RunSummary:
@@ -373,8 +376,9 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
     fatal: DiffrepError | None = None
     bar = tqdm(total=plan.images_to_run, unit="img", desc=f"{plan.spec.dataset}/{plan.spec.split}",
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    results = runner.run(run_shard_job, jobs, retries=retries, name=f"extract-{plan.spec.split}-shard")
     try:
-        for job, result in runner.run(run_shard_job, jobs, retries=retries, name=f"extract-shard{plan.spec.split}"):
+        for job, result in results:
             if isinstance(result, ShardResult):
                 summary.shards_done += 1
                 summary.images += result.images
@@ -389,6 +393,7 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
                     fatal = result
                     break
     finally:
+        results.close()  # cancels what is still queued before the run is recorded and the lock let go
         bar.close()
         summary.seconds = time.perf_counter() - began
         record_run(plan.path, summary.invalid, {

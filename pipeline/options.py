@@ -29,8 +29,10 @@ class IntList(click.ParamType):
                 continue
             try:
                 if "-" in part[1:]:
-                    lo, hi = part.split("-", 1)
-                    out.extend(range(int(lo), int(hi) + 1))
+                    lo, hi = (int(v) for v in part.split("-", 1))
+                    if lo > hi:
+                        self.fail(f"range {part} runs backwards: write {hi}-{lo}", param, ctx)
+                    out.extend(range(lo, hi + 1))
                 else:
                     out.append(int(part))
             except ValueError:
@@ -91,7 +93,7 @@ def config_option(default: str = "256x256_uncond"):
 
 def checkpoint_option():
     return click.option(
-        "--checkpoint", type=click.Path(dir_okay=False), default=None,
+        "--checkpoint", type=click.Path(dir_okay=False, resolve_path=True), default=None,
         help="Official guided-diffusion .pt file for --config; without it the weights are random (for tests and benchmarks).",
     )
 

@@ -8,10 +8,8 @@ file, rename) while holding ``results.parquet.lock``, so concurrent runs never l
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import os
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from extract.errors import ProbeError
+
+from .locks import file_lock
 
 __all__ = [
     "RESULTS_SCHEMA", "REQUIRED", "default_results_path", "results_table", "append_result", "append_results", "read_results",
@@ -69,17 +69,6 @@ def _normalize(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def results_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     """Rows (as for ``append_results``) as a table with ``RESULTS_SCHEMA``, without writing them."""
     return pa.Table.from_pylist([_normalize(row) for row in rows], schema=RESULTS_SCHEMA)
@@ -101,7 +90,8 @@ def append_results(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike | 
     """
     path = Path(path) if path is not None else default_results_path()
     new = results_table(rows)
-    with _locked(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_name(path.name + ".lock")):
         table = pa.concat_tables([read_results(path), new]) if path.exists() else new
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         pq.write_table(table, tmp)

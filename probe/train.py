@@ -289,7 +289,8 @@ def fit(
     start_epoch = 0
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if resume and path is not None and path.exists():
-        state = torch.load(path, map_location=device, weights_only=False)
+        # CPU first: the saved RNG states must stay CPU ByteTensors; load_state_dict moves the rest
+        state = torch.load(path, map_location="cpu", weights_only=False)
         if state["config"] != asdict(config):
             changed = {k: (state["config"].get(k), v) for k, v in asdict(config).items() if state["config"].get(k) != v}
             raise ProbeError(
@@ -303,9 +304,9 @@ def fit(
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"]) + 1
         log.info("resuming from %s at epoch %d of %d", path, start_epoch + 1, config.epochs)
-    elif resume:
-        log.info("no checkpoint to resume in %s: starting from epoch 1", checkpoint_dir)
     else:
+        if resume:
+            log.info("no checkpoint to resume in %s: starting from epoch 1", checkpoint_dir)
         torch.manual_seed(config.seed)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,3 +25,10 @@ def test_bad_value_names_the_option():
     result = CliRunner().invoke(main, ["extract", "--dataset", "cifar10", "--timesteps", "9o", "--blocks", "19"])
     assert result.exit_code == 2
     assert "--timesteps" in result.output and "90,150,300" in result.output
+
+
+def test_ranges_expand_and_backwards_ranges_are_refused():
+    ok = CliRunner().invoke(main, ["extract", "--dataset", "nosuch", "--timesteps", "90", "--blocks", "20-22,30"])
+    assert "unknown dataset 'nosuch'" in ok.output  # the blocks parsed; the dataset is the first error
+    bad = CliRunner().invoke(main, ["extract", "--dataset", "cifar10", "--timesteps", "90", "--blocks", "19,30-24"])
+    assert bad.exit_code == 2 and "range 30-24 runs backwards: write 24-30" in bad.output

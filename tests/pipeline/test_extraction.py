@@ -264,3 +264,21 @@ def test_a_second_run_on_the_same_cache_is_refused_while_the_first_holds_it(data
         assert not os.path.exists(plan.path), "nothing may be written while another run holds the cache"
     summary = run_extraction(plan, TaskRunner(), progress=False)
     assert summary.shards_done == 1 and open_cache(tmp_path, "cifar10", "test", BACKBONE).is_complete(4, 90)
+
+
+def test_resuming_with_another_batch_size_or_thread_count_is_refused(data_root, tmp_path):
+    from extract.errors import CacheMismatchError
+    from pipeline.cluster import TaskRunner
+    from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+
+    def request(**changes):
+        base = dict(dataset="cifar10", split="test", timesteps=(90,), blocks=(4,), cache_dir=str(tmp_path),
+                    config_name="32x32_small", pool=4, limit=12, data_root=str(data_root), batch_size=4, num_threads=1)
+        return ExtractionRequest(**{**base, **changes})
+
+    run_extraction(plan_extraction(request()), TaskRunner(), progress=False)
+    with pytest.raises(CacheMismatchError, match=r"written with --batch-size 4 --threads 1, asked for --batch-size 8 --threads 1"):
+        plan_extraction(request(batch_size=8, timesteps=(90, 300)))
+    with pytest.raises(CacheMismatchError, match=r"asked for --batch-size 4 --threads 2"):
+        plan_extraction(request(num_threads=2))
+    assert plan_extraction(request(timesteps=(90, 300))).new_arrays == [(4, 300)]

@@ -44,15 +44,16 @@ def test_votes_match_brute_force(n_test, train_chunk, test_chunk):
 
 
 def test_accuracy_matches_brute_force_and_streamed_chunks_equal_tensor():
-    train, labels, test, test_labels = _data(300, 77, classes=5, seed=1)
-    scores = knn_classify(train, labels, test, test_labels, 5, train_chunk=64, test_chunk=10)
+    train, labels, test, test_labels = _data(300, 77, classes=10, seed=1)
+    scores = knn_classify(train, labels, test, test_labels, 10, train_chunk=64, test_chunk=10)
     streamed = knn_classify(((train[s:s + 50], labels[s:s + 50]) for s in range(0, 300, 50)), None,
-                            test, test_labels, 5, test_chunk=33)
+                            test, test_labels, 10, test_chunk=33)
     for k in (10, 20, 100, 200):
-        ref = _reference_votes(train, labels, test, 5, k)
+        ref = _reference_votes(train, labels, test, 10, k)
         top = ref.topk(5, dim=1).indices
         assert scores[k]["top1"] == pytest.approx((top[:, 0] == test_labels).double().mean().item())
-        assert scores[k]["top5"] == pytest.approx(1.0)
+        top5 = (top == test_labels[:, None]).any(dim=1).double().mean().item()
+        assert scores[k]["top5"] == pytest.approx(top5) and top5 < 1.0
         assert scores[k] == streamed[k]
 
 
