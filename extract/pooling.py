@@ -11,9 +11,10 @@ from .errors import CacheError
 __all__ = ["pooled_size", "pool_features", "derive_pool"]
 
 
-def pooled_size(native: int, pool: int) -> int:
-    """Side of the stored map: ``min(native, pool)``, or ``native`` for pool 0 (keep full maps)."""
-    return native if pool == 0 else min(native, pool)
+def pooled_size(native: int, pool: int | None) -> int:
+    """Side of an adaptive average pool to ``pool`` that never upsamples: ``min(native, pool)``;
+    pool 0 or None keeps the full map."""
+    return native if not pool else min(native, int(pool))
 
 
 def pool_features(x: torch.Tensor, pool: int) -> torch.Tensor:

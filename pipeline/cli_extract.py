@@ -42,6 +42,7 @@ _CONFIRM_BYTES = 100e9
 @click.option("--synchronous", is_flag=True, help="Run every shard in this process (no Dask).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Local worker processes (default: one per GPU, or one on CPU).")
+# default 2 = extract.job.DEFAULT_THREADS, not imported so that --help does not load torch
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Torch CPU threads per task, the same wherever it runs (CPU results depend on it bit for bit).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before writing more than 100 GB.")

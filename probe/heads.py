@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from extract.errors import ProbeError
+from extract.pooling import pooled_size
 
 from .attention_head import AttentionHead
 
@@ -30,11 +31,6 @@ FeatureKey = tuple[int, int]
 
 InShapes = Mapping[FeatureKey, tuple[int, int, int]]
 """``{(b, t): (C, h, w)}`` of the features a head will see."""
-
-
-def _pooled_size(size: int, pool: int | None) -> int:
-    """Side of an adaptive average pool to ``pool`` (never upsampling); ``None`` or 0 keeps it."""
-    return size if not pool else min(size, int(pool))
 
 
 def _check_inputs(features: Mapping[FeatureKey, torch.Tensor], keys: Sequence[FeatureKey]) -> None:
@@ -55,7 +51,7 @@ class _PooledFlatten(nn.Module):
             raise ProbeError("a head needs at least one (b, t) input: pass in_shapes from the cache")
         self.keys = sorted(in_shapes)
         self.pool = pool
-        self.sizes = [_pooled_size(in_shapes[k][1], pool) for k in self.keys]
+        self.sizes = [pooled_size(in_shapes[k][1], pool) for k in self.keys]
         self.out_features = sum(in_shapes[k][0] * s * s for k, s in zip(self.keys, self.sizes))
 
     def forward(self, features: Mapping[FeatureKey, torch.Tensor]) -> torch.Tensor:
@@ -142,7 +138,7 @@ class CNNHead(nn.Module):
         if not in_shapes:
             raise ProbeError("a head needs at least one (b, t) input: pass in_shapes from the cache")
         self.keys = sorted(in_shapes)
-        self.size = min(_pooled_size(in_shapes[k][1], pool) for k in self.keys)
+        self.size = min(pooled_size(in_shapes[k][1], pool) for k in self.keys)
         in_channels = sum(in_shapes[k][0] for k in self.keys)
         c1, c2 = (int(c) for c in channels)
         self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
