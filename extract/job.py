@@ -11,6 +11,7 @@ batches are cut the same way inside a shard, and torch's thread count is fixed b
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ from torch import nn
 
 from .cache import write_shard
 from .configs import create_backbone
+from .errors import DiskSpaceError
 from .images import load_batch
 from .noise import seeded_noise
 from .pooling import pool_features
@@ -204,5 +206,13 @@ def _run(job: ShardJob) -> ShardResult:
 
 
 def _write(path: str, shard: int, features: dict, view: int, index: dict) -> None:
-    write_shard(path, shard, features, view=view, **index)
+    try:
+        write_shard(path, shard, features, view=view, **index)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # every later shard would fail the same way
+            raise DiskSpaceError(
+                f"disk full while writing shard {shard} of {path}: free space and run the same command again "
+                "(completed shards are kept)"
+            ) from exc
+        raise
     _maybe_crash()

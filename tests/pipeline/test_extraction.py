@@ -282,3 +282,32 @@ def test_resuming_with_another_batch_size_or_thread_count_is_refused(data_root, 
     with pytest.raises(CacheMismatchError, match=r"asked for --batch-size 4 --threads 2"):
         plan_extraction(request(num_threads=2))
     assert plan_extraction(request(timesteps=(90, 300))).new_arrays == [(4, 300)]
+
+
+@pytest.mark.e2e
+def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_finished_shards(reference, data_root, tmp_path, monkeypatch):
+    import errno
+
+    import extract.job as job
+
+    real_write, calls = job.write_shard, []
+
+    def fill_up_after_two(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(job, "write_shard", fill_up_after_two)
+    result = _extract(data_root, tmp_path, "--synchronous")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("Error: disk full while writing shard ")
+    assert "free space and run the same command again" in result.output
+    assert len(calls) == 3, "the run stops at the first full-disk write, without retries"
+    cache = open_cache(tmp_path, "cifar10", "test", BACKBONE)
+    # shard 0 wrote t=90 and t=300 (two writes); shard 1's first write hit the full disk
+    assert cache.missing_shards(4, 90) == cache.missing_shards(4, 300) == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(job, "write_shard", real_write)
+    resumed = _extract(data_root, tmp_path, "--synchronous")
+    assert resumed.exit_code == 0, resumed.output
+    _assert_same_cache(reference[0], tmp_path)
