@@ -10,6 +10,7 @@ the running best ``max(ks)`` similarities and labels per test row are kept.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -109,23 +110,19 @@ def knn_classify(
     test_features: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    ks: Sequence[int] = DEFAULT_KS,
-    temperature: float = 0.07,
-    train_chunk: int = 8192,
-    test_chunk: int = 1024,
-    device: str | torch.device = "cpu",
+    **vote_options: Any,
 ) -> dict[int, dict[str, float]]:
     """Top-1 and top-5 accuracy of the weighted kNN classifier at every k.
 
     Args:
-        train, train_labels, test_features, num_classes, ks, temperature, train_chunk, test_chunk,
-            device: as in ``knn_votes``.
+        train, train_labels, test_features, num_classes: as in ``knn_votes``.
         test_labels: (M,) int64.
+        vote_options: ``ks``, ``temperature``, ``train_chunk``, ``test_chunk``, ``device`` of ``knn_votes``.
 
     Returns:
         ``{k: {"top1": fraction, "top5": fraction}}`` (top-5 is top-min(5, classes)).
     """
-    votes = knn_votes(train, train_labels, test_features, num_classes, ks, temperature, train_chunk, test_chunk, device)
+    votes = knn_votes(train, train_labels, test_features, num_classes, **vote_options)
     test_labels = test_labels.cpu().long()
     if test_labels.shape[0] != test_features.shape[0]:
         raise ProbeError("test features and test labels have different numbers of rows: load them from one split")
