@@ -78,7 +78,8 @@ class CacheSpec:
         noise_schedule, diffusion_steps: the schedule and T; noise_seed: seed of the per-image noise.
         flip: whether a horizontally flipped view is stored too (same noise as view 0).
         pool: stored side is min(native, pool); 0 keeps full maps. precision: fp32, bf16 or fp16 compute.
-        dtype: storage dtype (float16); shard_size: images per shard; format_version: layout version.
+        dtype: storage dtype (float16); shard_size: images per shard. (The layout version is kept
+        beside the spec, in ``attrs["diffrep"]["format_version"]``, so it is read before the spec.)
     """
 
     dataset: str
@@ -100,7 +101,6 @@ class CacheSpec:
     num_images: int
     shard_size: int = 256
     dtype: str = "float16"
-    format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_flags", json.loads(json.dumps(dict(self.config_flags), sort_keys=True)))
@@ -360,11 +360,11 @@ class FeatureCache:
         meta = self._group.attrs.get("diffrep")
         if not meta or "spec" not in meta:
             raise CacheError(f"{path} is not a diffrep cache: point --cache-dir at the folder extract wrote")
-        if expect is not None:
-            _check_spec(self._group, expect, ignore=("pool", "shard_size", "format_version"))
-        self.spec = CacheSpec.from_attrs(meta["spec"])
         if meta.get("format_version") != FORMAT_VERSION:
             raise _mismatch_error("format_version", meta.get("format_version"), FORMAT_VERSION)
+        if expect is not None:
+            _check_spec(self._group, expect, ignore=("pool", "shard_size"))
+        self.spec = CacheSpec.from_attrs(meta["spec"])
         self.class_names: list[str] = list(self._group.attrs.get("class_names", []))
         self._index: dict[str, np.ndarray] = {}
 

@@ -97,9 +97,8 @@ def knn_votes(
     weights = (best_sim / temperature).exp()  # exp(-inf) = 0 where fewer than max_k train rows exist
     votes = {}
     for k in ks:
-        k_used = min(k, max_k)
         out = torch.zeros((num_test, num_classes), device=device)
-        out.scatter_add_(1, best_label[:, :k_used], weights[:, :k_used])
+        out.scatter_add_(1, best_label[:, :k], weights[:, :k])
         votes[k] = out.cpu()
     return votes
 

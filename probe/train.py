@@ -186,10 +186,14 @@ def evaluate(head: nn.Module, batches: Iterable[tuple[Features, torch.Tensor]]) 
     return {"top1": top1 / num_rows, "top5": top5 / num_rows, "loss": loss / num_rows}
 
 
+def _as_inputs(features: Features, labels: torch.Tensor, device: torch.device) -> tuple[Features, torch.Tensor]:
+    """What a head trains on: float32 features and int64 labels on ``device``."""
+    return {key: value.to(device, torch.float32) for key, value in features.items()}, labels.to(device, torch.long)
+
+
 def _on_device(batches, device: torch.device):
     for features, labels in batches:
-        yield ({key: value.to(device, torch.float32) for key, value in features.items()},
-               labels.to(device, torch.long))
+        yield _as_inputs(features, labels, device)
 
 
 def _save(path: Path, state: dict) -> None:
@@ -234,7 +238,7 @@ def _to_device(data, labels, device: torch.device):
     if not isinstance(data, Mapping):
         return data, None
     _num_rows(data, labels)
-    return ({key: value.to(device, torch.float32) for key, value in data.items()}, labels.to(device, torch.long))
+    return _as_inputs(data, labels, device)
 
 
 def fit(
