@@ -179,8 +179,8 @@ class ResBlock(TimestepBlock):
 class _QKVAttentionBase(nn.Module):
     """Softmax attention over (B, 3*heads*ch, length) packed qkv; subclasses say how qkv is packed.
 
-    q and k are each scaled by ch**-1/4 (as ADM does), and the softmax runs in float32 so that
-    half-precision autocast does not overflow.
+    ADM scales q and k each by ch**-1/4 before q k^T; ``scaled_dot_product_attention`` scales the
+    product by ch**-1/2, the same attention, in a fused kernel whose softmax accumulates in float32.
     """
 
     def __init__(self, n_heads: int):
@@ -194,10 +194,11 @@ class _QKVAttentionBase(nn.Module):
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
         q, k, v = self._split(qkv, ch)  # each (B*heads, ch, length)
-        scale = 1.0 / math.sqrt(math.sqrt(ch))
-        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-        return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
+        # softmax(q k^T / sqrt(ch)) v in one fused kernel (flash attention on CPU and GPU): the same
+        # product as ADM's two einsums with q and k each scaled by ch**-1/4, in a fraction of the time
+        q, k, v = (part.reshape(bs, self.n_heads, ch, length).transpose(2, 3).contiguous() for part in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, length, ch)
+        return out.transpose(2, 3).reshape(bs, -1, length)
 
 
 class QKVAttentionLegacy(_QKVAttentionBase):

@@ -9,9 +9,7 @@ __all__ = [
     "CacheError",
     "CacheMismatchError",
     "CacheIncompleteError",
-    "DatasetError",
     "DiskSpaceError",
-    "ProbeError",
 ]
 
 
@@ -47,13 +45,5 @@ class CacheIncompleteError(CacheError):
     """A cache array some of whose shards are not written yet."""
 
 
-class DatasetError(DiffrepError, FileNotFoundError):
-    """An unknown dataset, a missing folder or an empty class."""
-
-
 class DiskSpaceError(DiffrepError, OSError):
     """Not enough free disk for what was asked."""
-
-
-class ProbeError(DiffrepError, ValueError):
-    """A probe, kNN, CKA or results request that cannot run as asked."""

@@ -46,3 +46,4 @@ from . import cli_info  # noqa: E402,F401
 from . import cli_extract  # noqa: E402,F401
 from . import cli_probe  # noqa: E402,F401
 from . import cli_demo  # noqa: E402,F401
+from . import cli_pretrain  # noqa: E402,F401

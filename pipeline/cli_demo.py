@@ -24,7 +24,6 @@ def _default_demo_cache() -> str:
               help="Blocks of 32x32_small (1..19; 10 is the middle block).")
 @click.option("--pools", "probe_pools", type=PoolList(), default="1,2,4", show_default=True,
               help="Pool sizes of the linear-probe sweep.")
-@click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False, resolve_path=True), default=_default_demo_cache,
               show_default="~/.cache/diffrep/demo")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/demo", show_default=True,
@@ -32,7 +31,7 @@ def _default_demo_cache() -> str:
 @click.option("--synchronous", is_flag=True, help="Extract in this process instead of a local Dask cluster.")
 @device_option()
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(train_per_class, test_per_class, timesteps, blocks, probe_pools, epochs, cache_dir, out_dir, synchronous,
+def demo(train_per_class, test_per_class, timesteps, blocks, probe_pools, cache_dir, out_dir, synchronous,
          device, no_progress) -> None:
     """Extract CIFAR-10 features with the small ADM (32x32_small, random weights) on a local
     Dask cluster, then sweep linear probes and kNN over block x timestep x pool.
@@ -45,7 +44,7 @@ def demo(train_per_class, test_per_class, timesteps, blocks, probe_pools, epochs
 
     settings = DemoSettings(
         cache_dir=cache_dir, out_dir=out_dir, train_per_class=train_per_class, test_per_class=test_per_class,
-        timesteps=tuple(timesteps), blocks=tuple(blocks), probe_pools=tuple(probe_pools), epochs=epochs,
+        timesteps=tuple(timesteps), blocks=tuple(blocks), probe_pools=tuple(probe_pools),
         synchronous=synchronous, device=device, progress=not no_progress,
     )
     out = run_demo(settings, echo=click.echo)

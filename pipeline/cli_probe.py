@@ -11,9 +11,9 @@ import functools
 import click
 
 from .cli import main
-from .evaluation import fmt_keys, run_cka, run_knn, run_probe, run_sweep
 from .options import (
-    BlockList, IntList, PoolList, TimestepList, cache_dir_option, config_option, dataset_option, device_option,
+    BlockList, FloatList, IntList, PoolList, TimestepList, cache_dir_option, config_option, dataset_option,
+    device_option,
 )
 
 
@@ -30,8 +30,14 @@ def _int_tuple(ctx, param, value):
     return sizes
 
 
+# Kept literal so that `--help` does not import torch; tests hold them equal to the library's.
+SOLVER_CHOICES = ("lbfgs", "sgd", "adam")  # pipeline.evaluation.SOLVERS
+L2_DEFAULT = "1e-4,1e-3,1e-2"  # probe.logistic.DEFAULT_L2_GRID
+
+
 def _cache_options(fn):
-    """--dataset, --cache-dir, --config, --backbone-id, --train-split/--test-split, --results, --ram-cap-gb."""
+    """--dataset, --cache-dir, --config, --backbone-id, --train-split/--test-split, --allow-same-split, --results,
+    --ram-cap-gb: gathered into one ``CacheSelection`` passed as ``cache``."""
     decorators = [
         dataset_option(),
         cache_dir_option(),
@@ -41,18 +47,53 @@ def _cache_options(fn):
                           "cache of --config for this dataset."),
         click.option("--train-split", default="train", show_default=True, help="Split to train on (or the kNN memory)."),
         click.option("--test-split", default="test", show_default=True, help="Split to score."),
+        click.option("--allow-same-split", is_flag=True, help="Allow --test-split equal to --train-split (scores on training rows)."),
         click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None,
                      help="Results table to append to [default: $DIFFREP_RESULTS or results/results.parquet]."),
         click.option("--ram-cap-gb", type=float, default=None,
                      help="Most RAM one cached array may take when read whole (default: the cache's, half the RAM)."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(dataset, cache_dir, config_name, backbone_id, train_split, test_split, allow_same_split, results_path,
+                ram_cap_gb, **options):
+        from .evaluation import CacheSelection
+
+        cache = CacheSelection(dataset=dataset, cache_dir=cache_dir, config_name=config_name, backbone_id=backbone_id,
+                               train_split=train_split, test_split=test_split, allow_same_split=allow_same_split,
+                               results_path=results_path, ram_cap_gb=ram_cap_gb)
+        return fn(cache=cache, **options)
+
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)
+
+
+def _protocol_options(fn):
+    """--solver, --lr, --l2, --heldout-fraction, --epochs, --batch-size, --seed: how a linear probe is fitted."""
+    decorators = [
+        click.option("--solver", type=click.Choice(SOLVER_CHOICES), default=None,
+                     help="lbfgs: the converged probe (standardised features, logistic regression to its optimum, "
+                          "L2 chosen on held-out rows; linear head only, the default for it). sgd / adam: the "
+                          "paper's protocol (28 epochs, StepLR 7); the default for the other heads."),
+        click.option("--lr", type=FloatList(), default=None,
+                     help="Learning rate(s) of sgd/adam; several (e.g. 1e-3,1e-2,1e-1) train in one pass and the best "
+                          "on the held-out rows is scored [default: 1e-2 linear/MLP/CNN, 5e-2 attention]."),
+        click.option("--l2", type=FloatList(allow_zero=True), default=L2_DEFAULT,
+                     show_default=True, help="L2 weights the converged probe chooses from on the held-out rows."),
+        click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+                     show_default=True, help="Share of every class held out of the train split to choose L2 / lr."),
+        click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True,
+                     help="Epochs of sgd/adam (StepLR divides the lr by 10 every 7)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step (sgd/adam)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the held-out rows, the heads' initialisation and the batch order."),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
 
 
 @main.command("probe")
 @_cache_options
-@click.option("--blocks", type=BlockList(), required=True, help="Block(s) b whose cached features the head reads, e.g. 24 or 19,24.")
-@click.option("--timesteps", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
+@click.option("--blocks", "-b", type=BlockList(), required=True, help="Block(s) b whose cached features the head reads, e.g. 24 or 19,24.")
+@click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
 @click.option("--head", type=click.Choice(["linear", "mlp", "cnn", "attention"]), default="linear", show_default=True,
               help="Head architecture.")
 @click.option("--pool", type=click.IntRange(min=1), default=None,
@@ -60,54 +101,67 @@ def _cache_options(fn):
 @click.option("--hidden", callback=_int_tuple, default=None, help="MLP hidden sizes, e.g. 2048,1024 [default: 1024].")
 @click.option("--channels", callback=_int_tuple, default=None, help="CNN channels of its two convolutions [default: 256,256].")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Attention head transformer blocks [default: 2].")
-@click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True, help="Epochs (StepLR divides the lr by 10 every 7).")
-@click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-2 linear/MLP/CNN, 5e-2 attention].")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True,
-              help="SGD (momentum 0, weight decay 0, the official code) or Adam (the paper).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head's initialisation and batch order.")
+@_protocol_options
 @device_option()
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
-              help="Where checkpoint.pth is written each epoch [default: results/checkpoints/<run>].")
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+              help="Where checkpoint.pth is written each epoch (sgd/adam) [default: results/checkpoints/<run>].")
+@click.option("--resume", is_flag=True,
+              help="Continue from the checkpoint in --checkpoint-dir; refused if it was trained on other features, "
+                   "head or settings (without a checkpoint it says so and starts at epoch 1).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar per epoch.")
 @click.option("--stream", is_flag=True,
               help="Read the features from the cache every epoch instead of holding them in RAM "
-                   "(automatic when they exceed the RAM cap).")
-def probe(**options) -> None:
+                   "(sgd/adam; automatic when they exceed the RAM cap).")
+def probe(cache, **options) -> None:
     """Train a head on cached train-split features and report test top-1/top-5.
 
-    Reads the arrays b<b>/t<t> written by `diffrep extract` (never the backbone), holds them in
-    RAM as float32 once (or streams them when they exceed the RAM cap), trains by the protocol
-    (28 epochs, StepLR 7/0.1, cross-entropy) with a checkpoint every epoch, and appends one row
-    to the results table.
+    Reads the arrays b<b>/t<t> written by `diffrep extract` (never the backbone). The linear head
+    is fitted to convergence by default (--solver lbfgs); --solver sgd|adam runs the paper's
+    protocol (28 epochs, StepLR 7/0.1, a checkpoint every epoch). One row goes to the results table.
 
     \b
-    Example:
-      diffrep probe --dataset cifar10 --blocks 24 --timesteps 150 --head linear
+    Examples:
+      diffrep probe --dataset cifar10 -b 24 -t 150                        # converged linear probe
+      diffrep probe --dataset cifar10 -b 24 -t 150 --solver sgd --lr 1e-3,1e-2,1e-1
+      diffrep probe --dataset cifar10 -b 24 -t 150 --head attention
     """
-    row = run_probe(**options)
-    click.echo(f"{row['head']} on {row['dataset']} b={fmt_keys(options['blocks'])} t={fmt_keys(options['timesteps'])}"
-               f" ({row['parameters']:,} parameters, {row['train_size']} train / {row['test_size']} test images): "
-               f"top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% in {row['train_seconds']:.1f} s")
+    from .evaluation import ProbeRequest, fmt_keys, run_probe
+
+    row = run_probe(ProbeRequest(cache=cache, **options))
+    click.echo(f"{row['head']} ({_protocol_text(row)}) on {row['dataset']} b={fmt_keys(options['blocks'])} "
+               f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
+               f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
+               f"in {row['train_seconds']:.1f} s")
+
+
+def _protocol_text(row: dict) -> str:
+    if row.get("protocol") == "converged":
+        return f"converged, L2 {row['l2']:g}"
+    return f"{row.get('solver')}, lr {row.get('lr'):g}"
 
 
 @main.command("knn")
 @_cache_options
-@click.option("--blocks", type=BlockList(), required=True, help="Block(s) b, e.g. 24 (several are concatenated).")
-@click.option("--timesteps", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
+@click.option("--blocks", "-b", type=BlockList(), required=True, help="Block(s) b, e.g. 24 (several are concatenated).")
+@click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
 @click.option("--pool", type=click.IntRange(min=1), default=2, show_default=True, help="Pooled side of the maps before flattening.")
-@click.option("--k", type=IntList(), default="10,20,100,200", show_default=True, help="Neighbour counts.")
+@click.option("--k", type=IntList(), default="10,20,100,200", show_default=True,
+              help="Neighbour counts (a k above the training rows uses them all, with a warning).")
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="Votes weigh exp(cosine / T).")
+@click.option("--standardize/--no-standardize", default=True, show_default=True,
+              help="Standardise features with the training split's mean and std before the cosine.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Train rows per similarity block.")
 @device_option()
-def knn(**options) -> None:
+def knn(cache, **options) -> None:
     """Weighted kNN (cosine, T=0.07) of test features against the train features, at every k.
 
     The train side is streamed shard by shard, so memory stays bounded whatever its size;
     one row per k goes to the results table.
     """
-    rows = run_knn(**options)
+    from .evaluation import KnnRequest, run_knn
+
+    options["k"] = tuple(options["k"])
+    rows = run_knn(KnnRequest(cache=cache, **options))
     for row in rows:
         click.echo(f"knn k={row['k']:<4} top-1 {100 * row['top1']:.2f}%  top-5 {100 * row['top5']:.2f}%"
                    f"  ({row['train_size']} train / {row['test_size']} test images)")
@@ -119,15 +173,17 @@ def knn(**options) -> None:
 @config_option()
 @click.option("--backbone-id", default=None, help="Cache folder of the backbone; default: the one cache of --config.")
 @click.option("--split", default="test", show_default=True, help="Split whose images are compared.")
-@click.option("--blocks", type=BlockList(), required=True, help="Blocks of the block x block matrix, e.g. 19,24,30.")
-@click.option("--timesteps", type=TimestepList(), required=True, help="Timesteps of the timestep x timestep matrix.")
+@click.option("--blocks", "-b", type=BlockList(), required=True, help="Blocks of the block x block matrix, e.g. 19,24,30.")
+@click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Timesteps of the timestep x timestep matrix.")
 @click.option("--at-t", type=int, default=None, help="Fixed t of the block matrix [default: first of --timesteps].")
 @click.option("--at-b", type=int, default=None, help="Fixed b of the timestep matrix [default: first of --blocks].")
 @click.option("--pool", type=click.IntRange(min=1), default=None, help="Pool the maps to this side first [default: as stored].")
 @click.option("--estimator", type=click.Choice(["minibatch", "linear"]), default="minibatch", show_default=True,
               help="Minibatch unbiased-HSIC CKA (streams, bounded memory) or full-batch linear CKA (in RAM).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per minibatch.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N valid images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use N valid images, drawn class-balanced with --seed (indexes are sorted by class).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --limit's draw and of the minibatch order.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/cka", show_default=True,
               help="Folder for the CKA Parquet table and heatmaps.")
 @click.option("--ram-cap-gb", type=float, default=None, help="RAM cap for whole-array reads.")
@@ -136,36 +192,39 @@ def cka(**options) -> None:
 
     Writes the matrices as one Parquet table and each as a heatmap PNG.
     """
-    for path in run_cka(**options):
+    from .evaluation import CkaRequest, run_cka
+
+    for path in run_cka(CkaRequest(**options)):
         click.echo(f"wrote {path}")
 
 
 @main.command("sweep")
 @_cache_options
-@click.option("--blocks", type=BlockList(), default=None, help="Only these blocks [default: every cached block].")
-@click.option("--timesteps", type=TimestepList(), default=None, help="Only these timesteps [default: every cached one].")
+@click.option("--blocks", "-b", type=BlockList(), default=None, help="Only these blocks [default: every cached block].")
+@click.option("--timesteps", "-t", type=TimestepList(), default=None, help="Only these timesteps [default: every cached one].")
 @click.option("--pools", type=PoolList(), default="1,2,4", show_default=True, help="Pool sizes, one heatmap panel each.")
 @click.option("--head", type=click.Choice(["linear", "knn"]), default="linear", show_default=True,
-              help="Linear probe by the protocol, or kNN (k=20).")
-@click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True, help="Epochs of each probe (StepLR every 7).")
-@click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-2].")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the heads' initialisation and batch order.")
+              help="Linear probe, or kNN (k=20).")
+@_protocol_options
+@click.option("--standardize/--no-standardize", default=True, show_default=True,
+              help="kNN: standardise features with the training split's statistics first.")
 @device_option()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/sweeps", show_default=True,
               help="Folder for the sweep table (Parquet, Markdown) and heatmaps.")
 @click.option("--progress/--no-progress", default=False, show_default=True)
-def sweep(**options) -> None:
+def sweep(cache, solver, **options) -> None:
     """Linear probes (or kNN) over every cached (b, t) and pool size: the paper's Figures 3 and 4.
 
     Appends one results row per (b, t, pool) and writes the sweep table (Parquet, Markdown) and
-    heatmaps of accuracy over block x timestep, one panel per pool size.
+    heatmaps of accuracy over block x timestep, one panel per pool size. Linear probes are the
+    converged probe unless --solver sgd|adam asks for the paper's protocol.
     """
+    from .evaluation import SweepRequest, run_sweep
     from .report import format_table
 
-    table, written = run_sweep(**options)
-    click.echo(format_table(table, columns=("blocks", "timesteps", "pool", "head", "top1", "top5", "train_seconds")))
+    table, written = run_sweep(SweepRequest(cache=cache, solver=solver or "lbfgs", **options))
+    click.echo(format_table(table, columns=("blocks", "timesteps", "pool", "head", "protocol", "l2", "lr", "top1",
+                                            "top5", "train_seconds")))
     for path in written:
         click.echo(f"wrote {path}")
 

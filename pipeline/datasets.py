@@ -22,9 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from extract.errors import DatasetError
 from extract.images import IMAGE_EXTENSIONS
 
+from .errors import DatasetError
 from .locks import file_lock
 from .manifest import DatasetSpec, Manifest, SplitSpec, get_dataset, repo_root
 

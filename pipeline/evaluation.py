@@ -1,120 +1,246 @@
 """Evaluation runs on cached features: one probe, kNN, CKA matrices, and (b, t, pool) sweeps.
 
-Library functions with plain keyword arguments, called by ``diffrep probe | knn | cka | sweep``
-and by the demo; each opens the train/test caches written by ``diffrep extract``, calls the
-probe library (``probe.train.fit``, ``probe.knn.knn_classify``, ``probe.cka``), appends its rows
-to the results table and returns what it measured. Nothing here knows click.
+Each run takes one request object (what the user asked, as ``ExtractionRequest`` does for
+extraction), opens the train/test caches written by ``diffrep extract``, checks that they can be
+compared, calls the probe library, records its rows in the results table and returns them.
+Nothing here knows click.
+
+Linear probes are measured two ways:
+
+- ``converged`` (default, ``solver="lbfgs"``): standardised features, multinomial logistic
+  regression solved to its optimum, L2 weight chosen on a held-out part of the train split
+  (``probe.logistic``). It measures the features whatever the dataset size.
+- ``paper`` (``solver="sgd"|"adam"``): the official code's 28 epochs with StepLR(7, 0.1); several
+  learning rates train in one pass (``probe.grid.HeadGrid``) and the best on the held-out part is
+  scored. On small datasets it stops short of the optimum: that is why it is not the default.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from extract.cache import FeatureCache
+from extract.errors import CacheError
+from extract.precision import resolve_device
+from probe.cka import cka_matrix
+from probe.errors import ProbeError
+from probe.features import (
+    StreamedFeatures, feature_bytes, in_shapes, iter_feature_batches, load_features, open_split, resolve_backbone_id,
+)
+from probe.grid import HeadGrid
+from probe.heads import HEADS, count_parameters, create_head, default_lr
+from probe.knn import knn_classify
+from probe.logistic import DEFAULT_L2_GRID, Standardizer, converged_linear_probe, heldout_split
+from probe.train import fit
+
+from .errors import DatasetError, ResultsError
+from .manifest import get_dataset
+from .report import markdown_table, plot_cka_heatmap, plot_sweep_heatmaps
+from .results import append_results, default_results_path, results_table
+
+__all__ = [
+    "CacheSelection", "ProbeRequest", "KnnRequest", "CkaRequest", "SweepRequest",
+    "run_probe", "run_knn", "run_cka", "run_sweep", "fmt_keys", "SOLVERS",
+]
 
 log = logging.getLogger(__name__)
 
 Key = tuple[int, int]
+SOLVERS = ("lbfgs", "sgd", "adam")
+
+# Spec fields a train and a test cache may differ in; every other one changes the numbers.
+_PER_SPLIT_FIELDS = ("split", "num_images", "subset", "shard_size", "pool", "flip")
 
 
-def _open_pair(cache_dir, dataset, config_name, backbone_id, train_split, test_split, ram_cap_gb):
-    from probe.features import open_split, resolve_backbone_id
+@dataclass(frozen=True)
+class CacheSelection:
+    """Which cached features a run reads: the dataset's train and test caches of one backbone.
 
-    backbone_id = resolve_backbone_id(cache_dir, dataset, train_split, config_name, backbone_id)
-    cap = int(ram_cap_gb * 2**30) if ram_cap_gb else None
-    train = open_split(cache_dir, dataset, train_split, backbone_id, cap)
-    test = open_split(cache_dir, dataset, test_split, backbone_id, cap)
-    if list(train.class_names) != list(test.class_names):
-        from extract.errors import CacheError
+    Args:
+        dataset: manifest name. cache_dir: cache root. config_name / backbone_id: which backbone's
+            cache (the id wins; without it, the one cache of the configuration).
+        train_split, test_split: splits to train on and to score. allow_same_split: permit scoring
+            on the training split. results_path: results table (None: the default one).
+        ram_cap_gb: most RAM one array may take when read whole (None: the cache's default).
+    """
 
-        raise CacheError(f"{train_split} and {test_split} caches of {dataset} have different classes: extract both from one manifest")
-    return backbone_id, train, test
+    dataset: str
+    cache_dir: str
+    config_name: str = "256x256_uncond"
+    backbone_id: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    allow_same_split: bool = False
+    results_path: str | None = None
+    ram_cap_gb: float | None = None
 
 
-def _read_pool(cache, key: Key, pool: int | None) -> int | None:
-    """Pool to read at: ``pool`` when the stored maps are larger, else as stored (never finer)."""
-    if not pool:
-        return None
-    return pool if cache.shape(*key)[-1] > pool else None
+@dataclass(frozen=True)
+class ProbeRequest:
+    """One head on (b, t) arrays. ``solver`` None: lbfgs for the linear head, sgd for the others.
+
+    ``lr`` holds one or several learning rates (several: one-pass grid, chosen on the held-out part;
+    None: the head's default). ``l2`` holds the L2 weights the converged probe chooses from.
+    """
+
+    cache: CacheSelection
+    blocks: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    head: str = "linear"
+    solver: str | None = None
+    pool: int | None = None
+    hidden: tuple[int, ...] | None = None
+    channels: tuple[int, ...] | None = None
+    depth: int | None = None
+    epochs: int = 28
+    lr: tuple[float, ...] | None = None
+    l2: tuple[float, ...] = DEFAULT_L2_GRID
+    heldout_fraction: float = 0.2
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+    stream: bool = False
 
 
-def _keys(blocks, timesteps) -> list[Key]:
-    return [(int(b), int(t)) for b in blocks for t in timesteps]
+@dataclass(frozen=True)
+class KnnRequest:
+    """Weighted kNN of the test split against the train split at every k."""
+
+    cache: CacheSelection
+    blocks: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    pool: int | None = 2
+    k: tuple[int, ...] = (10, 20, 100, 200)
+    temperature: float = 0.07
+    batch_size: int = 4096
+    standardize: bool = True
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class CkaRequest:
+    """Block x block CKA at t=at_t and timestep x timestep CKA at b=at_b, on one split."""
+
+    dataset: str
+    cache_dir: str
+    blocks: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    config_name: str = "256x256_uncond"
+    backbone_id: str | None = None
+    split: str = "test"
+    at_t: int | None = None
+    at_b: int | None = None
+    pool: int | None = None
+    estimator: str = "minibatch"
+    batch_size: int = 256
+    limit: int | None = None
+    seed: int = 0
+    out_dir: str = "results/cka"
+    ram_cap_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    """Linear probes (or kNN) over every cached (b, t) and pool."""
+
+    cache: CacheSelection
+    blocks: tuple[int, ...] | None = None
+    timesteps: tuple[int, ...] | None = None
+    pools: tuple[int, ...] = (1, 2, 4)
+    head: str = "linear"
+    solver: str = "lbfgs"
+    epochs: int = 28
+    lr: tuple[float, ...] | None = None
+    l2: tuple[float, ...] = DEFAULT_L2_GRID
+    heldout_fraction: float = 0.2
+    batch_size: int = 256
+    seed: int = 0
+    standardize: bool = True
+    device: str = "auto"
+    out_dir: str = "results/sweeps"
+    progress: bool = False
+
+
+@dataclass
+class _Pair:
+    backbone_id: str
+    train: FeatureCache
+    test: FeatureCache
 
 
 def fmt_keys(values) -> str:
     return ",".join(str(v) for v in values)
 
 
-def run_probe(*, dataset, cache_dir, config_name, backbone_id, train_split, test_split, results_path, ram_cap_gb,
-              blocks, timesteps, head, pool, hidden, channels, depth, epochs, lr, optimizer, batch_size, seed, device,
-              checkpoint_dir, resume, progress, stream=False) -> dict:
-    """Train one head on cached train features, score it on the test features, append the row; returns it."""
-    import torch
-
-    from extract.precision import resolve_device
-    from probe.features import StreamedFeatures, feature_bytes, in_shapes
-    from probe.heads import HEADS, count_parameters, create_head, default_lr
-    from probe.train import fit
-
-    from .results import append_result, default_results_path
-
-    backbone_id, train_cache, test_cache = _open_pair(cache_dir, dataset, config_name, backbone_id,
-                                                      train_split, test_split, ram_cap_gb)
-    keys = _keys(blocks, timesteps)
-    overrides = {}
-    if pool is not None:
-        overrides["token_pool" if head == "attention" else "pool"] = pool
-    if hidden is not None:
-        overrides["hidden"] = hidden
-    if channels is not None:
-        overrides["channels"] = channels
-    if depth is not None:
-        overrides["depth"] = depth
-    if head == "attention":
-        from probe.attention_head import AttentionHeadConfig
-
-        head_pool = overrides.get("token_pool", AttentionHeadConfig().token_pool)
-    else:
-        head_pool = overrides.get("pool", HEADS[head].defaults["pool"])
-    read_pool = {key: _read_pool(train_cache, key, head_pool) for key in keys}
-    need = sum(feature_bytes(train_cache, [key], read_pool[key]) for key in keys)
-    if stream or need > train_cache.ram_cap_bytes:
-        stream_pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None
-        log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float32 features, RAM cap %.1f GiB)",
-                    dataset, "--stream" if stream else "over the RAM cap", need / 2**30, train_cache.ram_cap_bytes / 2**30)
-        train = StreamedFeatures(train_cache, keys, stream_pool)
-        test = StreamedFeatures(test_cache, keys, stream_pool)
-        shapes, train_y, test_y = in_shapes(train_cache, keys, stream_pool), None, None
-        train_x, test_x = train, test
-    else:
-        train, test = _load(train_cache, keys, read_pool), _load(test_cache, keys, read_pool)
-        shapes = {key: tuple(train.features[key].shape[1:]) for key in keys}
-        train_x, train_y, test_x, test_y = train.features, train.labels, test.features, test.labels
-    torch.manual_seed(seed)
-    module = create_head(head, shapes, len(train.class_names) or len(train_cache.class_names), **overrides)
-    lr = lr if lr is not None else default_lr(head)
-    if checkpoint_dir is None:
-        # every choice that shapes the head is in the name, so --resume finds only a matching checkpoint
-        shaped = "".join(f"_{k}{fmt_keys(v) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(overrides.items()))
-        name = f"{dataset}_{backbone_id}_{head}_b{fmt_keys(blocks)}_t{fmt_keys(timesteps)}{shaped}_s{seed}"
-        checkpoint_dir = Path(results_path or default_results_path()).parent / "checkpoints" / name
-    result = fit(module, train_x, train_y, test_x, test_y, epochs=epochs, lr=lr,
-                 optimizer=optimizer, batch_size=batch_size, seed=seed, device=resolve_device(device),
-                 checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
-    row = dict(dataset=dataset, train_size=train.num_images, test_size=test.num_images, backbone_id=backbone_id,
-               head=head, blocks=list(blocks), timesteps=list(timesteps), pool=int(head_pool or 0),
-               parameters=count_parameters(module), epochs=epochs, lr=lr, optimizer=optimizer,
-               batch_size=batch_size, seed=seed, top1=result.top1, top5=result.top5,
-               train_seconds=result.train_seconds)
-    append_result(row, results_path)
-    return row
+def _keys(blocks, timesteps) -> list[Key]:
+    return [(int(b), int(t)) for b in blocks for t in timesteps]
 
 
-def _load(cache, keys, read_pool):
+def _check_split(dataset: str, split: str) -> None:
+    """A split the manifest does not have gets the manifest's list, not advice to extract it."""
+    try:
+        spec = get_dataset(dataset)
+    except DatasetError:
+        return  # a cache of a dataset outside this manifest: the cache itself is the authority
+    spec.split(split)
+
+
+def _open_pair(selection: CacheSelection) -> _Pair:
+    """Open the train and test caches and refuse any pair that cannot be compared."""
+    if selection.train_split == selection.test_split and not selection.allow_same_split:
+        raise ProbeError(f"train and test split are both '{selection.train_split}': scoring on the training rows "
+                         f"overstates accuracy; pass another --test-split, or --allow-same-split on purpose")
+    for split in (selection.train_split, selection.test_split):
+        _check_split(selection.dataset, split)
+    backbone_id = resolve_backbone_id(selection.cache_dir, selection.dataset, selection.train_split,
+                                      selection.config_name, selection.backbone_id)
+    cap = int(selection.ram_cap_gb * 2**30) if selection.ram_cap_gb else None
+    train = open_split(selection.cache_dir, selection.dataset, selection.train_split, backbone_id, cap)
+    test = open_split(selection.cache_dir, selection.dataset, selection.test_split, backbone_id, cap)
+    differ = train.spec.mismatches(test.spec, ignore=_PER_SPLIT_FIELDS)
+    if differ:
+        name, a, b = differ[0]
+        raise CacheError(f"the {selection.train_split} and {selection.test_split} caches differ in {name} "
+                         f"({a} vs {b}): extract both splits with the same settings")
+    if list(train.class_names) != list(test.class_names):
+        only_train = sorted(set(train.class_names) - set(test.class_names))
+        only_test = sorted(set(test.class_names) - set(train.class_names))
+        raise CacheError(
+            f"the {selection.train_split} and {selection.test_split} caches of {selection.dataset} have different classes"
+            + (f"; missing from {selection.test_split}: {', '.join(only_train[:10])}" if only_train else "")
+            + (f"; missing from {selection.train_split}: {', '.join(only_test[:10])}" if only_test else "")
+            + ": add the missing classes' images, or extract both splits with the same class list")
+    return _Pair(backbone_id, train, test)
+
+
+def _provenance(selection: CacheSelection, pair: _Pair) -> dict:
+    """Columns that tell apart rows of different caches: splits, backbone, noise seed, stored pool."""
+    return dict(dataset=selection.dataset, backbone_id=pair.backbone_id, train_split=selection.train_split,
+                test_split=selection.test_split, noise_seed=int(pair.train.spec.noise_seed),
+                cache_pool=int(pair.train.spec.pool))
+
+
+def _read_pool(cache: FeatureCache, key: Key, pool: int | None) -> int | None:
+    """Pool to read at: ``pool`` when the stored maps are larger, else as stored (never finer)."""
+    if not pool:
+        return None
+    return pool if cache.shape(*key)[-1] > pool else None
+
+
+def _load(cache: FeatureCache, keys, read_pool):
     """Load every key at its read pool into one FeatureSet."""
-    from probe.features import load_features
-
     first = None
     for key in keys:
         part = load_features(cache, [key], pool=read_pool[key])
@@ -125,176 +251,351 @@ def _load(cache, keys, read_pool):
     return first
 
 
-def run_knn(*, dataset, cache_dir, config_name, backbone_id, train_split, test_split, results_path, ram_cap_gb,
-            blocks, timesteps, pool, k, temperature, batch_size, device) -> list[dict]:
-    """kNN of the test split against the train split (streamed); one results row per k."""
-    import torch
+def _flat(features: dict, keys, pool: int | None) -> torch.Tensor:
+    """The linear probe's input: each (b, t) map average-pooled to ``pool`` and flattened, concatenated."""
+    parts = []
+    for key in keys:
+        x = features[key]
+        if pool and x.shape[-1] > pool:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, pool)
+        parts.append(x.flatten(1))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
-    from extract.precision import resolve_device
-    from probe.knn import knn_classify
 
-    from .results import append_results
+def _record(rows: list[dict], results_path) -> None:
+    """Append rows to the results table; if that fails, keep them in a JSON file beside it and say so."""
+    try:
+        append_results(rows, results_path)
+    except (OSError, ResultsError) as exc:
+        path = Path(results_path or default_results_path())
+        keep = path.with_name(f"{path.name}.unsaved-{int(time.time())}.json")
+        try:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            keep.write_text(json.dumps(rows, default=str, indent=1))
+            where = f"the rows are in {keep}"
+        except OSError:
+            where = "the rows are printed above"
+        raise ResultsError(f"could not write the results table {path} ({exc}); {where}") from None
 
-    backbone_id, train_cache, test_cache = _open_pair(cache_dir, dataset, config_name, backbone_id,
-                                                      train_split, test_split, ram_cap_gb)
-    keys = _keys(blocks, timesteps)
-    read_pool = {key: _read_pool(train_cache, key, pool) for key in keys}
-    test = _load(test_cache, keys, read_pool)
-    test_x = torch.cat([test.features[key].flatten(1) for key in keys], dim=1)
+
+def _solver(head: str, solver: str | None) -> str:
+    solver = solver or ("lbfgs" if head == "linear" else "sgd")
+    if solver not in SOLVERS:
+        raise ProbeError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    if solver == "lbfgs" and head != "linear":
+        raise ProbeError(f"the lbfgs solver fits the linear probe only: pass --solver sgd or adam for the {head} head")
+    return solver
+
+
+def _converged(train_x, train_y, test_x, test_y, num_classes, l2, heldout_fraction, seed, device) -> dict:
+    result = converged_linear_probe(train_x, train_y, test_x, test_y, num_classes, l2_grid=l2,
+                                    heldout_fraction=heldout_fraction, seed=seed, device=device)
+    return dict(protocol="converged", solver="lbfgs", standardize=True, l2=result.l2,
+                heldout_size=result.heldout_size, top1=result.top1, top5=result.top5,
+                parameters=int(train_x.shape[1] * num_classes + num_classes), train_seconds=result.train_seconds)
+
+
+def _paper(build, lrs, optimizer, train, test, epochs, batch_size, heldout_fraction, seed, device, progress,
+           checkpoint_dir=None, resume=False, identity=None) -> dict:
+    """The paper's protocol on in-RAM features: one lr on all rows, or a one-pass grid chosen on held-out rows."""
+    train_x, train_y = train.features, train.labels
+    held_x = held_y = None
+    heldout = 0
+    if len(lrs) > 1:
+        fit_rows, held_rows = heldout_split(train_y, heldout_fraction, seed)
+        fit_index, held_index = torch.from_numpy(fit_rows), torch.from_numpy(held_rows)
+        held_x = {key: value[held_index] for key, value in train_x.items()}
+        held_y = train_y[held_index]
+        train_x = {key: value[fit_index] for key, value in train_x.items()}
+        train_y = train_y[fit_index]
+        heldout = len(held_rows)
+        module = HeadGrid(build, lrs, seed=seed)
+    else:
+        torch.manual_seed(seed)
+        module = build()
+    result = fit(module, train_x, train_y, test.features, test.labels, epochs=epochs, lr=lrs[0], optimizer=optimizer,
+                 batch_size=batch_size, seed=seed, device=device, checkpoint_dir=checkpoint_dir, resume=resume,
+                 identity=identity, heldout_features=held_x, heldout_labels=held_y, progress=progress)
+    member = module.heads["0"] if isinstance(module, HeadGrid) else module
+    return dict(protocol="paper", solver=optimizer, lr=result.lr, heldout_size=heldout, top1=result.top1,
+                top5=result.top5, parameters=count_parameters(member), epochs=epochs, batch_size=batch_size,
+                train_seconds=result.train_seconds)
+
+
+def run_probe(request: ProbeRequest) -> dict:
+    """Train one head on cached train features, score it on the test features, record the row; returns it."""
+    selection = request.cache
+    head, solver = request.head, _solver(request.head, request.solver)
+    pair = _open_pair(selection)
+    keys = _keys(request.blocks, request.timesteps)
+    overrides = {}
+    if request.pool is not None:
+        overrides["token_pool" if head == "attention" else "pool"] = request.pool
+    for name in ("hidden", "channels", "depth"):
+        if getattr(request, name) is not None:
+            overrides[name] = getattr(request, name)
+    if head == "attention":
+        from probe.attention_head import AttentionHeadConfig
+
+        head_pool = overrides.get("token_pool", AttentionHeadConfig().token_pool)
+    else:
+        head_pool = overrides.get("pool", HEADS[head].defaults["pool"])
+    read_pool = {key: _read_pool(pair.train, key, head_pool) for key in keys}
+    device = resolve_device(request.device)
+    num_classes = len(pair.train.class_names) or int(np.asarray(pair.train.labels).max()) + 1
+    row = dict(**_provenance(selection, pair), head=head, blocks=list(request.blocks),
+               timesteps=list(request.timesteps), pool=int(head_pool or 0), seed=request.seed)
+    need = sum(feature_bytes(pair.train, [key], read_pool[key]) for key in keys)
+    streamed = request.stream or need > pair.train.ram_cap_bytes
+    if solver == "lbfgs":
+        if streamed:
+            raise ProbeError(f"the converged probe holds the features in memory ({need / 2**30:.1f} GiB as float32, over "
+                             f"the RAM cap): raise --ram-cap-gb, use a coarser --pool, or pass --solver sgd to stream")
+        train, test = _load(pair.train, keys, read_pool), _load(pair.test, keys, read_pool)
+        row.update(train_size=train.num_images, test_size=test.num_images)
+        row.update(_converged(_flat(train.features, keys, head_pool), train.labels, _flat(test.features, keys, head_pool),
+                              test.labels, num_classes, request.l2, request.heldout_fraction, request.seed, device))
+        _record([row], selection.results_path)
+        return row
+    lrs = tuple(request.lr) if request.lr else (default_lr(head),)
+    identity = dict(_provenance(selection, pair), head=head, options={k: list(v) if isinstance(v, tuple) else v
+                                                                       for k, v in sorted(overrides.items())},
+                    blocks=list(request.blocks), timesteps=list(request.timesteps))
+    checkpoint_dir = request.checkpoint_dir
+    if checkpoint_dir is None:
+        shaped = "".join(f"_{k}{fmt_keys(v) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(overrides.items()))
+        name = (f"{selection.dataset}_{pair.backbone_id}_{head}_b{fmt_keys(request.blocks)}_t{fmt_keys(request.timesteps)}"
+                f"{shaped}_{solver}_s{request.seed}")
+        checkpoint_dir = Path(selection.results_path or default_results_path()).parent / "checkpoints" / name
+    if streamed:
+        if len(lrs) > 1:
+            raise ProbeError("a learning-rate grid holds the features in memory: pass one --lr to stream, or raise --ram-cap-gb")
+        log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float32 features, RAM cap %.1f GiB)",
+                    selection.dataset, "--stream" if request.stream else "over the RAM cap", need / 2**30,
+                    pair.train.ram_cap_bytes / 2**30)
+        stream_pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None
+        train_x, test_x = StreamedFeatures(pair.train, keys, stream_pool), StreamedFeatures(pair.test, keys, stream_pool)
+        shapes = in_shapes(pair.train, keys, stream_pool)
+        torch.manual_seed(request.seed)
+        module = create_head(head, shapes, num_classes, **overrides)
+        result = fit(module, train_x, None, test_x, None, epochs=request.epochs, lr=lrs[0], optimizer=solver,
+                     batch_size=request.batch_size, seed=request.seed, device=device, checkpoint_dir=checkpoint_dir,
+                     resume=request.resume, identity=identity, progress=request.progress)
+        row.update(train_size=train_x.num_images, test_size=test_x.num_images, protocol="paper", solver=solver,
+                   lr=result.lr, heldout_size=0, top1=result.top1, top5=result.top5,
+                   parameters=count_parameters(module), epochs=request.epochs, batch_size=request.batch_size,
+                   train_seconds=result.train_seconds)
+    else:
+        train, test = _load(pair.train, keys, read_pool), _load(pair.test, keys, read_pool)
+        shapes = {key: tuple(train.features[key].shape[1:]) for key in keys}
+        row.update(train_size=train.num_images, test_size=test.num_images)
+        row.update(_paper(lambda: create_head(head, shapes, num_classes, **overrides), lrs, solver, train, test,
+                          request.epochs, request.batch_size, request.heldout_fraction, request.seed, device,
+                          request.progress, checkpoint_dir, request.resume, identity))
+    _record([row], selection.results_path)
+    return row
+
+
+def _standardizer_of(batches) -> Standardizer:
+    """Training-set mean and std from a stream of (n, D) batches (float64 sums)."""
+    total = squares = None
+    count = 0
+    for x, _ in batches:
+        x = x.double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+        count += x.shape[0]
+    if count == 0:
+        raise ProbeError("no training rows for kNN: the train split is empty or every image was invalid")
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    return Standardizer(mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float())
+
+
+def run_knn(request: KnnRequest) -> list[dict]:
+    """kNN of the test split against the (streamed) train split; one results row per k."""
+    selection = request.cache
+    pair = _open_pair(selection)
+    keys = _keys(request.blocks, request.timesteps)
+    read_pool = {key: _read_pool(pair.train, key, request.pool) for key in keys}
+    test = _load(pair.test, keys, read_pool)
+    test_x = _flat(test.features, keys, request.pool)
     num_classes = len(test.class_names) or int(test.labels.max()) + 1
+    train_size = int(np.asarray(pair.train.valid).sum())
+    ks = sorted({int(k) for k in request.k})
+    capped = [k for k in ks if k > train_size]
+    if capped:
+        log.warning("k=%s exceeds the %d training rows: those k use all %d rows", fmt_keys(capped), train_size, train_size)
+
+    def train_stream():
+        return _iter_multi(pair.train, keys, read_pool, request.batch_size, request.pool)
+
     began = time.perf_counter()
-    train_size = int(train_cache.valid.sum())
-    scores = knn_classify(_iter_multi(train_cache, keys, read_pool, batch_size), None, test_x, test.labels,
-                          num_classes, ks=k, temperature=temperature, device=resolve_device(device))
+    transform = None
+    if request.standardize:
+        transform = _standardizer_of(train_stream())
+        test_x = transform(test_x)
+    train = train_stream() if transform is None else ((transform(x), y) for x, y in train_stream())
+    scores = knn_classify(train, None, test_x, test.labels, num_classes, ks=ks, temperature=request.temperature,
+                          device=resolve_device(request.device))
     seconds = time.perf_counter() - began
-    rows = [dict(dataset=dataset, train_size=train_size, test_size=test.num_images, backbone_id=backbone_id,
-                 head="knn", blocks=list(blocks), timesteps=list(timesteps), pool=int(pool or 0), k=kk, parameters=0,
+    rows = [dict(**_provenance(selection, pair), train_size=train_size, test_size=test.num_images, head="knn",
+                 protocol="knn", standardize=request.standardize, blocks=list(request.blocks),
+                 timesteps=list(request.timesteps), pool=int(request.pool or 0), k=min(k, train_size), parameters=0,
                  epochs=0, seed=0, top1=s["top1"], top5=s["top5"], train_seconds=seconds)
-            for kk, s in scores.items()]
-    append_results(rows, results_path)
+            for k, s in scores.items()]
+    _record(rows, selection.results_path)
     return rows
 
 
-def _iter_multi(cache, keys, read_pool, batch_size):
+def _iter_multi(cache, keys, read_pool, batch_size, pool):
     """Stream ((n, sum of flattened widths), (n,) labels) batches of several keys, each read at its own pool."""
-    import torch
-
-    from probe.features import iter_feature_batches
-
     streams = [iter_feature_batches(cache, [key], batch_size, pool=read_pool[key]) for key in keys]
     for parts in zip(*streams):
-        yield torch.cat([features[key].flatten(1) for (features, _), key in zip(parts, keys)], dim=1), parts[0][1]
+        features = {key: part[0][key] for part, key in zip(parts, keys)}
+        yield _flat(features, keys, pool), parts[0][1]
 
 
-def run_cka(*, dataset, cache_dir, config_name, backbone_id, split, blocks, timesteps, at_t, at_b, pool, estimator,
-            batch_size, limit, out_dir, ram_cap_gb) -> list[Path]:
+def cka_rows(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray | None:
+    """Rows a CKA run reads: all (None), or ``limit`` rows drawn seeded and class-balanced, sorted.
+
+    Dataset indexes are sorted by class, so the first N rows would cover only the first classes.
+    """
+    if not limit or limit >= len(labels):
+        return None
+    fraction = limit / len(labels)
+    _, held = heldout_split(labels, fraction, seed)
+    return held[:limit]
+
+
+def run_cka(request: CkaRequest) -> list[Path]:
     """Block x block CKA at t=at_t and timestep x timestep CKA at b=at_b; Parquet and PNG under out_dir."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from extract.errors import ProbeError
-    from probe.cka import cka_matrix
-    from probe.features import iter_feature_batches, open_split, resolve_backbone_id
-
-    from .report import plot_cka_heatmap
-
-    backbone_id = resolve_backbone_id(cache_dir, dataset, split, config_name, backbone_id)
-    cache = open_split(cache_dir, dataset, split, backbone_id, int(ram_cap_gb * 2**30) if ram_cap_gb else None)
-    at_t = at_t if at_t is not None else timesteps[0]
-    at_b = at_b if at_b is not None else blocks[0]
+    backbone_id = resolve_backbone_id(request.cache_dir, request.dataset, request.split, request.config_name,
+                                      request.backbone_id)
+    cache = open_split(request.cache_dir, request.dataset, request.split, backbone_id,
+                       int(request.ram_cap_gb * 2**30) if request.ram_cap_gb else None)
+    at_t = request.at_t if request.at_t is not None else request.timesteps[0]
+    at_b = request.at_b if request.at_b is not None else request.blocks[0]
     panels = []
-    if len(blocks) > 1:
-        panels.append(("blocks", f"t{at_t}", [(b, at_t) for b in blocks], [f"b{b}" for b in blocks]))
-    if len(timesteps) > 1:
-        panels.append(("timesteps", f"b{at_b}", [(at_b, t) for t in timesteps], [f"t{t}" for t in timesteps]))
+    if len(request.blocks) > 1:
+        panels.append(("blocks", f"t{at_t}", [(b, at_t) for b in request.blocks], [f"b{b}" for b in request.blocks]))
+    if len(request.timesteps) > 1:
+        panels.append(("timesteps", f"b{at_b}", [(at_b, t) for t in request.timesteps],
+                       [f"t{t}" for t in request.timesteps]))
     if not panels:
         raise ProbeError("CKA needs at least two blocks or two timesteps: pass e.g. --blocks 19,24,30 --timesteps 150")
     keys = sorted({key for _, _, ks, _ in panels for key in ks})
-    read_pool = {key: _read_pool(cache, key, pool) for key in keys}
-    if estimator == "linear" or len(set(read_pool.values())) > 1:
+    read_pool = {key: _read_pool(cache, key, request.pool) for key in keys}
+    valid = np.asarray(cache.valid, dtype=bool)
+    rows = cka_rows(np.asarray(cache.labels)[valid], request.limit, request.seed)
+    if request.estimator == "linear" or len(set(read_pool.values())) > 1 or rows is not None:
         loaded = _load(cache, keys, read_pool)
-        arrays = [loaded.features[key][:limit] if limit else loaded.features[key] for key in keys]
-        matrix = cka_matrix(arrays, estimator=estimator, batch_size=batch_size)
+        index = torch.from_numpy(rows) if rows is not None else None
+        arrays = [loaded.features[key] if index is None else loaded.features[key][index] for key in keys]
+        if request.estimator == "minibatch":
+            # minibatches of a class-sorted split would each hold one class: shuffle rows once, seeded
+            order = torch.randperm(arrays[0].shape[0], generator=torch.Generator().manual_seed(request.seed))
+            arrays = [a[order] for a in arrays]
+        matrix = cka_matrix(arrays, estimator=request.estimator, batch_size=request.batch_size)
     else:
-        stream = iter_feature_batches(cache, keys, batch_size, pool=next(iter(read_pool.values())))
-        taken = 0
+        matrix = _streamed_minibatch_cka(cache, keys, next(iter(read_pool.values())), request)
+    return _write_cka(matrix, keys, panels, request, backbone_id)
 
-        def batches():
-            nonlocal taken
-            for features, labels in stream:
-                if limit and taken >= limit:
-                    return
-                rows = min(len(labels), limit - taken) if limit else len(labels)
-                taken += rows
-                yield [features[key][:rows] for key in keys]
 
-        matrix = cka_matrix(batches=batches(), estimator="minibatch")
-    out_dir = Path(out_dir)
-    written = []
-    records = []
+def _streamed_minibatch_cka(cache, keys, pool, request) -> np.ndarray:
+    """Minibatch CKA over the whole split, streamed; each window of shards is shuffled before it is cut into batches."""
+    window = max(request.batch_size * 32, request.batch_size)
+    generator = torch.Generator().manual_seed(request.seed)
+
+    def batches():
+        for features, _ in iter_feature_batches(cache, keys, window, pool=pool):
+            order = torch.randperm(next(iter(features.values())).shape[0], generator=generator)
+            for start in range(0, order.shape[0], request.batch_size):
+                index = order[start:start + request.batch_size]
+                if index.shape[0] >= 4:  # the unbiased estimator needs n > 3
+                    yield [features[key][index] for key in keys]
+
+    return cka_matrix(batches=batches(), estimator="minibatch")
+
+
+def _write_cka(matrix, keys, panels, request, backbone_id) -> list[Path]:
+    out_dir = Path(request.out_dir)
+    written, records = [], []
     for kind, fixed, panel_keys, labels in panels:
         index = [keys.index(key) for key in panel_keys]
         sub = matrix[np.ix_(index, index)]
         for i, (bi, ti) in enumerate(panel_keys):
             for j, (bj, tj) in enumerate(panel_keys):
-                records.append(dict(dataset=dataset, split=split, backbone_id=backbone_id, kind=kind, fixed=fixed,
-                                    b_row=bi, t_row=ti, b_col=bj, t_col=tj, pool=int(pool or 0),
-                                    estimator=estimator, cka=float(sub[i, j])))
-        stem = f"cka_{dataset}_{split}_{backbone_id}_{kind}_{fixed}"
+                records.append(dict(dataset=request.dataset, split=request.split, backbone_id=backbone_id, kind=kind,
+                                    fixed=fixed, b_row=bi, t_row=ti, b_col=bj, t_col=tj, pool=int(request.pool or 0),
+                                    estimator=request.estimator, cka=float(sub[i, j])))
+        stem = f"cka_{request.dataset}_{request.split}_{backbone_id}_{kind}_{fixed}"
         written.append(plot_cka_heatmap(sub, labels, out_dir / f"{stem}.png",
-                                        title=f"CKA over {kind} at {fixed} ({dataset} {split})"))
+                                        title=f"CKA over {kind} at {fixed} ({request.dataset} {request.split})"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    table_path = out_dir / f"cka_{dataset}_{split}_{backbone_id}.parquet"
+    table_path = out_dir / f"cka_{request.dataset}_{request.split}_{backbone_id}.parquet"
     pq.write_table(pa.Table.from_pylist(records), table_path)
     return [table_path, *written]
 
 
-def run_sweep(*, dataset, cache_dir, config_name, backbone_id, train_split, test_split, results_path, ram_cap_gb,
-              blocks, timesteps, pools, head, epochs, lr, optimizer, batch_size, seed, device, out_dir,
-              progress) -> tuple[object, list[Path]]:
+def run_sweep(request: SweepRequest) -> tuple[pa.Table, list[Path]]:
     """Linear probes (or kNN) over every (b, t, pool); results rows, sweep table, heatmaps."""
-    import pyarrow.parquet as pq
-    import torch
-
-    from extract.errors import ProbeError
-    from extract.precision import resolve_device
-    from probe.heads import count_parameters, create_head, default_lr
-    from probe.knn import knn_classify
-    from probe.train import fit
-
-    from .report import markdown_table, plot_sweep_heatmaps
-    from .results import append_result, results_table
-
-    backbone_id, train_cache, test_cache = _open_pair(cache_dir, dataset, config_name, backbone_id,
-                                                      train_split, test_split, ram_cap_gb)
-    in_test = set(test_cache.arrays())
-    cached = [key for key in train_cache.arrays() if key in in_test]
-    keys = [key for key in cached if (not blocks or key[0] in blocks) and (not timesteps or key[1] in timesteps)]
-    incomplete = [key for key in keys if not (train_cache.is_complete(*key) and test_cache.is_complete(*key))]
+    selection = request.cache
+    pair = _open_pair(selection)
+    solver = _solver("linear", request.solver) if request.head == "linear" else None
+    in_test = set(pair.test.arrays())
+    cached = [key for key in pair.train.arrays() if key in in_test]
+    keys = [key for key in cached
+            if (not request.blocks or key[0] in request.blocks) and (not request.timesteps or key[1] in request.timesteps)]
+    incomplete = [key for key in keys if not (pair.train.is_complete(*key) and pair.test.is_complete(*key))]
     if incomplete:
         log.warning("sweep skips arrays still being extracted: %s (finish them with diffrep extract)",
                     ", ".join(f"b{b}/t{t}" for b, t in incomplete))
         keys = [key for key in keys if key not in incomplete]
     if not keys:
-        raise ProbeError(f"no cached (b, t) arrays of {dataset} match the sweep: cached are "
+        raise ProbeError(f"no cached (b, t) arrays of {selection.dataset} match the sweep: cached are "
                          f"{', '.join(f'b{b}/t{t}' for b, t in cached) or 'none'}; run diffrep extract first")
-    lr = lr if lr is not None else default_lr("linear")
+    device = resolve_device(request.device)
+    lrs = tuple(request.lr) if request.lr else (default_lr("linear"),)
     rows = []
     for key in keys:
-        for pool in pools:
-            read_pool = {key: _read_pool(train_cache, key, pool)}
-            train, test = _load(train_cache, [key], read_pool), _load(test_cache, [key], read_pool)
+        for pool in request.pools:
+            read_pool = {key: _read_pool(pair.train, key, pool)}
+            train, test = _load(pair.train, [key], read_pool), _load(pair.test, [key], read_pool)
             num_classes = len(train.class_names) or int(train.labels.max()) + 1
-            row = dict(dataset=dataset, train_size=train.num_images, test_size=test.num_images,
-                       backbone_id=backbone_id, blocks=[key[0]], timesteps=[key[1]], pool=int(pool))
-            if head == "knn":
+            row = dict(**_provenance(selection, pair), train_size=train.num_images, test_size=test.num_images,
+                       blocks=[key[0]], timesteps=[key[1]], pool=int(pool), seed=request.seed)
+            train_x, test_x = _flat(train.features, [key], pool), _flat(test.features, [key], pool)
+            if request.head == "knn":
                 began = time.perf_counter()
-                scores = knn_classify(train.features[key], train.labels, test.features[key], test.labels,
-                                      num_classes, ks=(20,), device=resolve_device(device))[20]
-                row.update(head="knn", k=20, parameters=0, epochs=0, top1=scores["top1"], top5=scores["top5"],
+                if request.standardize:
+                    scale = Standardizer.fit(train_x)
+                    train_x, test_x = scale(train_x), scale(test_x)
+                scores = knn_classify(train_x, train.labels, test_x, test.labels, num_classes, ks=(20,),
+                                      device=device)[20]
+                row.update(head="knn", protocol="knn", standardize=request.standardize, k=min(20, train.num_images),
+                           parameters=0, epochs=0, top1=scores["top1"], top5=scores["top5"],
                            train_seconds=time.perf_counter() - began)
+            elif solver == "lbfgs":
+                row.update(head="linear", **_converged(train_x, train.labels, test_x, test.labels, num_classes,
+                                                       request.l2, request.heldout_fraction, request.seed, device))
             else:
-                torch.manual_seed(seed)
                 shapes = {key: tuple(train.features[key].shape[1:])}
-                module = create_head("linear", shapes, num_classes, pool=pool or None)
-                result = fit(module, train.features, train.labels, test.features, test.labels, epochs=epochs, lr=lr,
-                             optimizer=optimizer, batch_size=batch_size, seed=seed, device=resolve_device(device),
-                             progress=progress)
-                row.update(head="linear", parameters=count_parameters(module), epochs=epochs, lr=lr,
-                           optimizer=optimizer, batch_size=batch_size, seed=seed, top1=result.top1, top5=result.top5,
-                           train_seconds=result.train_seconds)
+                row.update(head="linear", **_paper(lambda: create_head("linear", shapes, num_classes, pool=pool or None),
+                                                   lrs, solver, train, test, request.epochs, request.batch_size,
+                                                   request.heldout_fraction, request.seed, device, request.progress))
             log.info("sweep b=%d t=%d pool=%d: top-1 %.4f", key[0], key[1], pool, row["top1"])
-            append_result(row, results_path)  # one row at a time: an interrupted sweep keeps what it measured
+            _record([row], selection.results_path)  # one row at a time: an interrupted sweep keeps what it measured
             rows.append(row)
     table = results_table(rows)
-    out_dir = Path(out_dir)
+    out_dir = Path(request.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"sweep_{dataset}_{backbone_id}_{head}"
+    stem = f"sweep_{selection.dataset}_{pair.backbone_id}_{request.head}"
     pq.write_table(table, out_dir / f"{stem}.parquet")
-    (out_dir / f"{stem}.md").write_text(f"# sweep {dataset} {backbone_id} {head}\n\n" + markdown_table(table) + "\n")
+    (out_dir / f"{stem}.md").write_text(f"# sweep {selection.dataset} {pair.backbone_id} {request.head}\n\n"
+                                        + markdown_table(table) + "\n")
     written = [out_dir / f"{stem}.parquet", out_dir / f"{stem}.md"]
     for metric in ("top1", "top5"):
         written.append(plot_sweep_heatmaps(table, out_dir / f"{stem}_{metric}.png", metric=metric,
-                                           title=f"{dataset} {backbone_id} {head} {metric}"))
+                                           title=f"{selection.dataset} {pair.backbone_id} {request.head} {metric}"))
     return table, written

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from extract.errors import DatasetError
+from .errors import DatasetError
 
 __all__ = [
     "FORMATS",

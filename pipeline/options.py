@@ -7,7 +7,7 @@ import os
 import click
 
 __all__ = [
-    "IntList", "BlockList", "TimestepList", "PoolList",
+    "IntList", "BlockList", "TimestepList", "PoolList", "FloatList",
     "config_option", "checkpoint_option", "dataset_option", "cache_dir_option", "device_option",
     "default_cache_dir",
 ]
@@ -117,3 +117,26 @@ def device_option():
         "--device", default="auto", show_default=True,
         help="Torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...",
     )
+
+
+class FloatList(click.ParamType):
+    """A comma-separated list of positive numbers such as ``1e-3,1e-2,1e-1`` (learning rates, L2 weights)."""
+
+    name = "numbers"
+
+    def __init__(self, allow_zero: bool = False):
+        self.allow_zero = allow_zero
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return tuple(float(v) for v in value)
+        try:
+            out = tuple(float(part) for part in str(value).split(",") if part.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers, e.g. 1e-3,1e-2", param, ctx)
+        if not out:
+            self.fail("give at least one number, e.g. 1e-3,1e-2", param, ctx)
+        bad = [v for v in out if v < 0 or (v == 0 and not self.allow_zero)]
+        if bad:
+            self.fail(f"{bad[0]:g} is not {'non-negative' if self.allow_zero else 'positive'}", param, ctx)
+        return tuple(dict.fromkeys(out))

@@ -2,12 +2,15 @@
 
 ``results/results.parquet`` (or ``$DIFFREP_RESULTS``) holds every run with the columns of
 ``RESULTS_SCHEMA``; ``append_results`` adds rows atomically (read, concatenate, write to a temporary
-file, rename) while holding ``results.parquet.lock``, so concurrent runs never lose a row.
+file, rename) while holding ``results.parquet.lock``, so concurrent runs never lose a row. A table
+that cannot be read is never the end of a finished run: it is moved aside (renamed, with a
+warning) and a new table is started with the row.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -16,8 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from extract.errors import ProbeError
-
+from .errors import ResultsError
 from .locks import file_lock
 
 __all__ = [
@@ -30,14 +32,22 @@ RESULTS_SCHEMA = pa.schema([
     ("test_size", pa.int64()),
     ("backbone_id", pa.string()),
     ("head", pa.string()),          # linear, mlp, cnn, attention, knn
+    ("protocol", pa.string()),      # converged (standardised L-BFGS), paper (28 epochs StepLR), knn
+    ("solver", pa.string()),        # lbfgs, sgd, adam (null for knn)
+    ("l2", pa.float64()),           # L2 weight chosen (converged probe)
+    ("heldout_size", pa.int64()),   # train rows held out to choose l2 / lr (0: none)
+    ("standardize", pa.bool_()),    # features standardised with training statistics
+    ("train_split", pa.string()),
+    ("test_split", pa.string()),
+    ("noise_seed", pa.int64()),     # of the cache
+    ("cache_pool", pa.int64()),     # stored pool of the cache (0: full maps)
     ("blocks", pa.string()),        # "24" or "19,24"
     ("timesteps", pa.string()),     # "150" or "90,150"
     ("pool", pa.int64()),           # pooled side the head saw (0: full maps)
     ("k", pa.int64()),              # kNN neighbours (null for trained heads)
     ("parameters", pa.int64()),
     ("epochs", pa.int64()),
-    ("lr", pa.float64()),
-    ("optimizer", pa.string()),
+    ("lr", pa.float64()),           # lr chosen (paper protocol)
     ("batch_size", pa.int64()),
     ("seed", pa.int64()),
     ("top1", pa.float64()),         # fractions in [0, 1]
@@ -46,6 +56,8 @@ RESULTS_SCHEMA = pa.schema([
     ("date", pa.string()),          # ISO 8601, UTC
 ])
 REQUIRED = ("dataset", "backbone_id", "head", "blocks", "timesteps", "top1")
+
+log = logging.getLogger(__name__)
 
 
 def default_results_path() -> Path:
@@ -56,10 +68,10 @@ def default_results_path() -> Path:
 def _normalize(row: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(row) - set(RESULTS_SCHEMA.names))
     if unknown:
-        raise ProbeError(f"results rows have no column {', '.join(unknown)}: columns are {', '.join(RESULTS_SCHEMA.names)}")
+        raise ResultsError(f"results rows have no column {', '.join(unknown)}: columns are {', '.join(RESULTS_SCHEMA.names)}")
     missing = [name for name in REQUIRED if row.get(name) is None]
     if missing:
-        raise ProbeError(f"a results row needs {', '.join(missing)}: fill them before appending")
+        raise ResultsError(f"a results row needs {', '.join(missing)}: fill them before appending")
     out = {name: row.get(name) for name in RESULTS_SCHEMA.names}
     for name in ("blocks", "timesteps"):
         if not isinstance(out[name], str):
@@ -77,6 +89,10 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
 def append_results(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike | None = None) -> Path:
     """Append rows to the results table (created on first use).
 
+    An existing table that cannot be read (truncated, not Parquet) is renamed to
+    ``<name>.unreadable-<time>`` with a one-line warning and a new table starts with these rows:
+    a finished run never loses its row to a damaged table.
+
     Args:
         rows: dicts keyed by ``RESULTS_SCHEMA`` names; missing optional columns are null, ``date``
             defaults to now, ``blocks``/``timesteps`` may be lists of ints.
@@ -86,13 +102,21 @@ def append_results(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike | 
         The path written.
 
     Raises:
-        ProbeError: an unknown column or a missing required one.
+        ResultsError: an unknown column or a missing required one.
     """
     path = Path(path) if path is not None else default_results_path()
     new = results_table(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.with_name(path.name + ".lock")):
-        table = pa.concat_tables([read_results(path), new]) if path.exists() else new
+        table = new
+        if path.exists():
+            try:
+                table = pa.concat_tables([read_results(path), new])
+            except ResultsError as exc:
+                stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+                aside = path.with_name(f"{path.name}.unreadable-{stamp}")
+                os.replace(path, aside)
+                log.warning("%s; moved it to %s and started a new table", exc, aside)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, path)
@@ -108,12 +132,19 @@ def read_results(path: str | os.PathLike | None = None) -> pa.Table:
     """The results table with ``RESULTS_SCHEMA`` columns (columns added later read as null).
 
     Raises:
-        ProbeError: the file does not exist.
+        ResultsError: the file does not exist or is not a readable Parquet table.
     """
     path = Path(path) if path is not None else default_results_path()
     if not path.exists():
-        raise ProbeError(f"no results table at {path}: run diffrep probe, knn or sweep first, or pass --results")
-    table = pq.read_table(path)
+        raise ResultsError(f"no results table at {path}: run diffrep probe, knn or sweep first, or pass --results")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise ResultsError(f"results table {path} is not readable Parquet ({reason}): move it away, or pass "
+                           f"--results to use another table") from None
+    if "optimizer" in table.column_names and "solver" not in table.column_names:  # tables before the solver column
+        table = table.append_column("solver", table.column("optimizer"))
     columns = [
         table.column(field.name).cast(field.type) if field.name in table.column_names
         else pa.nulls(table.num_rows, field.type)

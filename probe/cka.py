@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from extract.errors import ProbeError
+from .errors import ProbeError
 
 __all__ = ["linear_cka", "gram", "hsic_unbiased", "MinibatchCKA", "cka_matrix"]
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from extract.errors import ProbeError
+from .errors import ProbeError
 from extract.pooling import pooled_size
 
 from .attention_head import AttentionHead

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from extract.errors import ProbeError
+from .errors import ProbeError
 
 __all__ = ["DEFAULT_KS", "knn_classify", "knn_votes"]
 

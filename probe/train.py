@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from extract.errors import ProbeError
+from .errors import ProbeError
+from .grid import HeadGrid
 
 __all__ = [
     "TrainConfig", "FitResult", "BatchSource", "epoch_order", "tensor_batches", "train_one_epoch", "evaluate", "fit",
@@ -77,6 +78,8 @@ class FitResult:
     train_seconds: float
     epochs: int
     history: list[dict] = field(default_factory=list)
+    lr: float | None = None  # the lr trained (a grid's choice)
+    heldout_top1: dict[float, float] = field(default_factory=dict)  # a grid's held-out top-1 per lr
 
 
 def _num_rows(features: Features, labels: torch.Tensor) -> int:
@@ -87,7 +90,11 @@ def _num_rows(features: Features, labels: torch.Tensor) -> int:
 
 
 def _make_optimizer(head: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in head.parameters() if p.requires_grad]
+    """SGD or Adam over the head; a ``HeadGrid`` gets one parameter group per head at its own lr."""
+    if isinstance(head, HeadGrid):
+        params = head.param_groups()
+    else:
+        params = [p for p in head.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.0, weight_decay=0.0)
     return torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
@@ -132,20 +139,24 @@ def train_one_epoch(
         description, progress: the tqdm bar's label, and whether to show it.
 
     Returns:
-        ``{"loss": mean cross-entropy, "acc": top-1 training accuracy}`` over the epoch.
+        ``{"loss": mean cross-entropy, "acc": top-1 training accuracy}`` over the epoch (averaged over
+        the heads of a ``HeadGrid``).
     """
     head.train()
     total_loss = correct = None
     seen = 0
     bar = tqdm(batches, total=num_batches, desc=description, leave=False, disable=not progress, unit="batch")
     for features, target in bar:
-        logits = head(features)
-        loss = F.cross_entropy(logits, target)
+        outputs = head(features)
+        outputs = outputs if isinstance(outputs, Mapping) else {"": outputs}
+        # a HeadGrid's heads share no parameter: the summed loss gives each exactly its own gradient
+        losses = [F.cross_entropy(logits, target) for logits in outputs.values()]
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        batch_loss = loss.detach() * target.shape[0]
-        batch_correct = (logits.detach().argmax(dim=1) == target).sum()
+        batch_loss = loss.detach() / len(losses) * target.shape[0]
+        batch_correct = sum((logits.detach().argmax(dim=1) == target).sum() for logits in outputs.values()) / len(losses)
         total_loss = batch_loss if total_loss is None else total_loss + batch_loss
         correct = batch_correct if correct is None else correct + batch_correct
         seen += target.shape[0]
@@ -157,33 +168,40 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(head: nn.Module, batches: Iterable[tuple[Features, torch.Tensor]]) -> dict[str, float]:
+def evaluate(head: nn.Module, batches: Iterable[tuple[Features, torch.Tensor]]) -> dict:
     """Top-1 / top-5 accuracy and mean cross-entropy of ``head`` over every batch.
 
     Args:
-        head: the module, on the batches' device.
+        head: the module, on the batches' device (a ``HeadGrid`` is scored head by head).
         batches: ``({(b, t): (n, C, h, w)}, (n,) int64 labels)``, e.g. ``tensor_batches(...)``.
 
     Returns:
         ``{"top1", "top5", "loss"}`` as fractions / mean; top-5 is top-k with k = min(5, classes).
+        For a module returning ``{key: logits}``, ``{key: {"top1", "top5", "loss"}}``.
 
     Raises:
         ProbeError: no rows at all.
     """
     head.eval()
-    num_rows = top1 = top5 = 0
-    loss = 0.0
+    totals: dict[str, list[float]] = {}
+    num_rows = 0
+    single = True
     for features, target in batches:
-        logits = head(features).float()
-        loss += F.cross_entropy(logits, target, reduction="sum").item()
-        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = best == target[:, None]
-        top1 += hits[:, 0].sum().item()
-        top5 += hits.any(dim=1).sum().item()
+        outputs = head(features)
+        single = not isinstance(outputs, Mapping)
+        for key, logits in ({"": outputs} if single else outputs).items():
+            logits = logits.float()
+            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = best == target[:, None]
+            sums = totals.setdefault(key, [0.0, 0.0, 0.0])
+            sums[0] += hits[:, 0].sum().item()
+            sums[1] += hits.any(dim=1).sum().item()
+            sums[2] += F.cross_entropy(logits, target, reduction="sum").item()
         num_rows += target.shape[0]
     if num_rows == 0:
         raise ProbeError("no rows to evaluate: the test split is empty or every image was invalid")
-    return {"top1": top1 / num_rows, "top5": top5 / num_rows, "loss": loss / num_rows}
+    scores = {key: {"top1": a / num_rows, "top5": b / num_rows, "loss": c / num_rows} for key, (a, b, c) in totals.items()}
+    return scores[""] if single else scores
 
 
 def _as_inputs(features: Features, labels: torch.Tensor, device: torch.device) -> tuple[Features, torch.Tensor]:
@@ -241,6 +259,24 @@ def _to_device(data, labels, device: torch.device):
     return _as_inputs(data, labels, device)
 
 
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint dict, or one line saying the file is damaged and what to do."""
+    try:
+        # CPU first: the saved RNG states must stay CPU ByteTensors; load_state_dict moves the rest
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncated, garbage or foreign files all mean the same
+        raise ProbeError(f"checkpoint {path} is damaged or not a diffrep probe checkpoint ({type(exc).__name__}): "
+                         f"delete it to train from the start, or pass another --checkpoint-dir") from None
+    if not isinstance(state, dict) or not {"head", "optimizer", "scheduler", "epoch", "config"} <= set(state):
+        raise ProbeError(f"checkpoint {path} is not a diffrep probe checkpoint: delete it or pass another --checkpoint-dir")
+    return state
+
+
+def _differences(saved: Mapping, asked: Mapping) -> dict:
+    return {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v} | \
+        {k: (v, None) for k, v in saved.items() if k not in asked}
+
+
 def fit(
     head: nn.Module,
     train_features: Features | BatchSource,
@@ -258,29 +294,45 @@ def fit(
     device: str | torch.device = "cpu",
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    identity: Mapping | None = None,
+    heldout_features: Features | None = None,
+    heldout_labels: torch.Tensor | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Train ``head`` on the train features by the protocol, then score it on the test features.
 
     Args:
-        head: a module from ``create_head`` (moved to ``device`` here; trained in place).
+        head: a module from ``create_head`` (moved to ``device`` here; trained in place), or a
+            ``HeadGrid`` (one head per lr, trained in one pass; the best on the held-out rows is scored).
         train_features, test_features: ``{(b, t): (N, C, h, w)}`` float tensors (any device; moved to
             ``device`` once), or a ``BatchSource`` streamed from the cache each epoch (labels None).
         train_labels, test_labels: (N,) int64 class indices for tensors; None for a ``BatchSource``.
-        epochs, lr, optimizer, step_size, gamma, batch_size, seed: see ``TrainConfig``.
+        epochs, lr, optimizer, step_size, gamma, batch_size, seed: see ``TrainConfig`` (a grid's lrs are its own).
         device: where the head and the features live during training.
         checkpoint_dir: folder for ``checkpoint.pth`` written after every epoch (None: no checkpoints).
         resume: continue from ``checkpoint_dir/checkpoint.pth`` when it exists.
+        identity: what the features are (cache, splits, backbone, blocks, timesteps, head and its
+            options); stored in the checkpoint, and a resume with any difference is refused.
+        heldout_features, heldout_labels: rows to choose a grid's best head on (required with a grid).
         progress: show a tqdm bar with running loss and accuracy.
 
     Returns:
-        ``FitResult`` with test top-1 / top-5, train seconds (this call), history of every epoch.
+        ``FitResult`` with test top-1 / top-5, train seconds (this call), history of every epoch; for a
+        grid also the chosen lr and every lr's held-out top-1.
 
     Raises:
-        ProbeError: invalid options, mismatched rows, or a checkpoint written with another config.
+        ProbeError: invalid options, mismatched rows, a damaged checkpoint, or one written with other
+            settings or for other features.
     """
+    grid = isinstance(head, HeadGrid)
+    if grid:
+        lr = max(head.lrs.values())
+        if heldout_features is None:
+            raise ProbeError("a learning-rate grid needs held-out rows to choose on: pass heldout_features")
     config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, step_size=step_size, gamma=gamma,
                          batch_size=batch_size, seed=seed)
+    saved_config = {**asdict(config), **({"lr_grid": sorted(head.lrs.values())} if grid else {})}
+    identity = dict(identity or {})
     device = torch.device(device)
     if isinstance(test_features, Mapping):
         _num_rows(test_features, test_labels)
@@ -293,15 +345,19 @@ def fit(
     start_epoch = 0
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if resume and path is not None and path.exists():
-        # CPU first: the saved RNG states must stay CPU ByteTensors; load_state_dict moves the rest
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(config):
-            changed = {k: (state["config"].get(k), v) for k, v in asdict(config).items() if state["config"].get(k) != v}
-            raise ProbeError(
-                f"checkpoint {path} was trained with other settings {changed} (saved, asked): "
-                f"pass the saved settings or another --checkpoint-dir"
-            )
-        head.load_state_dict(state["head"])
+        state = _read_checkpoint(path)
+        for what, saved, asked in (("settings", state["config"], saved_config),
+                                   ("features or head", state.get("identity", {}), identity)):
+            changed = _differences(saved, asked)
+            if changed:
+                raise ProbeError(
+                    f"checkpoint {path} was trained with other {what} {changed} (saved, asked): "
+                    f"pass the saved ones, or another --checkpoint-dir to train anew"
+                )
+        try:
+            head.load_state_dict(state["head"])
+        except RuntimeError:
+            raise ProbeError(f"checkpoint {path} holds another head's weights: pass another --checkpoint-dir") from None
         opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -310,7 +366,7 @@ def fit(
         log.info("resuming from %s at epoch %d of %d", path, start_epoch + 1, config.epochs)
     else:
         if resume:
-            log.info("no checkpoint to resume in %s: starting from epoch 1", checkpoint_dir)
+            log.warning("--resume: no checkpoint in %s, training from epoch 1", checkpoint_dir)
         torch.manual_seed(config.seed)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,10 +382,21 @@ def fit(
         log.info("epoch %d/%d: loss %.4f, train acc %.4f", epoch + 1, config.epochs, stats["loss"], stats["acc"])
         if path is not None:
             _save(path, {"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch, "config": asdict(config), "rng": _rng_state(), "history": history})
+                         "epoch": epoch, "config": saved_config, "identity": identity, "rng": _rng_state(),
+                         "history": history})
     train_seconds = time.perf_counter() - began
     del train_x, train_y
+    chosen_lr, heldout_top1 = config.lr, {}
+    if grid:
+        held_x, held_y = _to_device(heldout_features, heldout_labels, device)
+        held = evaluate(head, _epoch_batches(held_x, held_y, max(config.batch_size, 1024), None, 0, device)[0])
+        heldout_top1 = {head.lrs[key]: value["top1"] for key, value in held.items()}
+        best = max(held, key=lambda key: (held[key]["top1"], -int(key)))  # ties: the first lr given
+        chosen_lr = head.lrs[best]
+        head = head.heads[best]
+        del held_x, held_y
     test_x, test_y = _to_device(test_features, test_labels, device)
     scores = evaluate(head, _epoch_batches(test_x, test_y, max(config.batch_size, 1024), None, 0, device)[0])
     return FitResult(top1=scores["top1"], top5=scores["top5"], test_loss=scores["loss"],
-                     train_seconds=train_seconds, epochs=config.epochs, history=history)
+                     train_seconds=train_seconds, epochs=config.epochs, history=history, lr=chosen_lr,
+                     heldout_top1=heldout_top1)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.errors import DatasetError
+from pipeline.errors import DatasetError
 from pipeline.datasets import build_index, ensure_unpacked
 from pipeline.manifest import load_manifest, repo_root
 

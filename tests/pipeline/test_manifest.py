@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from extract.errors import DatasetError, DiffrepError
+from extract.errors import DiffrepError
+from pipeline.errors import DatasetError
 from pipeline.manifest import FORMATS, default_data_root, default_shared_dir, get_dataset, load_manifest, repo_root
 
 PAPER_DATASETS = [

@@ -4,11 +4,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from extract.errors import ProbeError
+from pipeline.errors import ResultsError
 from pipeline.results import RESULTS_SCHEMA, append_result, append_results, read_results
 
 ROW = dict(dataset="cifar10", train_size=500, test_size=200, backbone_id="32x32_small-random0", head="linear",
-           blocks=[24], timesteps=[150, 90], pool=2, parameters=1234, epochs=28, lr=0.01, optimizer="sgd",
+           blocks=[24], timesteps=[150, 90], pool=2, parameters=1234, epochs=28, lr=0.01, solver="sgd",
            batch_size=256, seed=0, top1=0.41, top5=0.88, train_seconds=1.5)
 
 
@@ -33,9 +33,9 @@ def test_older_files_without_a_column_read_as_null(tmp_path):
 
 
 def test_bad_rows_and_missing_file(tmp_path):
-    with pytest.raises(ProbeError, match="no column accuracy"):
+    with pytest.raises(ResultsError, match="no column accuracy"):
         append_result(dict(ROW, accuracy=1), tmp_path / "r.parquet")
-    with pytest.raises(ProbeError, match="needs top1"):
+    with pytest.raises(ResultsError, match="needs top1"):
         append_result(dict(ROW, top1=None), tmp_path / "r.parquet")
-    with pytest.raises(ProbeError, match="no results table"):
+    with pytest.raises(ResultsError, match="no results table"):
         read_results(tmp_path / "none.parquet")

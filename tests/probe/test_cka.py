@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.errors import ProbeError
+from probe.errors import ProbeError
 from probe.cka import MinibatchCKA, cka_matrix, hsic_unbiased, linear_cka
 
 torch.set_num_threads(1)

@@ -38,11 +38,11 @@ def test_every_command_explains_itself():
 
 
 def test_probe_trains_appends_a_row_and_resumes(toy):
-    args = ["probe", "--blocks", "24", "--timesteps", "150", "--epochs", "3", "--lr", "0.5", "--batch-size", "8",
-            "--no-progress", "--checkpoint-dir", str(toy / "ckpt"), *_results(toy)]
+    args = ["probe", "--blocks", "24", "--timesteps", "150", "--solver", "sgd", "--epochs", "3", "--lr", "0.5",
+            "--batch-size", "8", "--no-progress", "--checkpoint-dir", str(toy / "ckpt"), *_results(toy)]
     result = _invoke(args, toy)
     assert result.exit_code == 0, result.output
-    assert "linear on toy b=24 t=150" in result.output and "59 train / 30 test images" in result.output
+    assert "linear (sgd, lr 0.5) on toy b=24 t=150" in result.output and "59 train / 30 test images" in result.output
     assert (toy / "ckpt" / "checkpoint.pth").exists()
     row = read_results(toy / "results" / "results.parquet").to_pylist()[-1]
     assert row["top1"] > 0.9 and row["parameters"] == 3 * 4 * 3 + 3 and row["pool"] == 2
@@ -52,7 +52,7 @@ def test_probe_trains_appends_a_row_and_resumes(toy):
 
 
 def test_probe_streams_when_features_exceed_the_ram_cap(toy):
-    args = ["probe", "--blocks", "24,19", "--timesteps", "150", "--epochs", "3", "--lr", "0.5", "--batch-size", "8",
+    args = ["probe", "--blocks", "24,19", "--timesteps", "150", "--solver", "sgd", "--epochs", "3", "--lr", "0.5", "--batch-size", "8",
             "--no-progress", "--checkpoint-dir", str(toy / "ckpt"), *_results(toy)]
     in_ram = _invoke(args, toy)
     streamed = _invoke([*args, "--ram-cap-gb", "1e-6", "--checkpoint-dir", str(toy / "ckpt2")], toy)
@@ -62,7 +62,7 @@ def test_probe_streams_when_features_exceed_the_ram_cap(toy):
 
 
 @pytest.mark.parametrize("head, extra", [("mlp", ["--hidden", "8,4"]), ("cnn", ["--channels", "4,4"]),
-                                         ("attention", ["--depth", "1", "--lr", "0.001", "--optimizer", "adam"])])
+                                         ("attention", ["--depth", "1", "--lr", "0.001", "--solver", "adam"])])
 def test_other_heads_on_two_arrays(toy, head, extra):
     result = _invoke(["probe", "--head", head, "--blocks", "19,24", "--timesteps", "90", "--epochs", "1",
                       "--no-progress", "--checkpoint-dir", str(toy / head), *extra, *_results(toy)], toy)
@@ -125,7 +125,7 @@ def test_linear_probe_on_cifar10_beats_chance(cifar10_root, tmp_path):
     assert extract.exit_code == 0, extract.output
     common = ["--dataset", "cifar10", "--config", "32x32_small", "--cache-dir", str(cache), *_results(tmp_path),
               "--blocks", "9", "--timesteps", "50", "--pool", "4"]
-    probe = runner.invoke(main, ["probe", *common, "--lr", "0.1", "--batch-size", "16", "--no-progress",
+    probe = runner.invoke(main, ["probe", *common, "--solver", "sgd", "--lr", "0.1", "--batch-size", "16", "--no-progress",
                                  "--checkpoint-dir", str(tmp_path / "ckpt")], catch_exceptions=False)
     assert probe.exit_code == 0, probe.output
     knn = runner.invoke(main, ["knn", *common], catch_exceptions=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from extract.configs import get_config
-from extract.errors import ProbeError
+from probe.errors import ProbeError
 from probe.heads import HEADS, count_parameters, create_head, default_lr
 
 torch.set_num_threads(1)

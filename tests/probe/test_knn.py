@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from extract.errors import ProbeError
+from probe.errors import ProbeError
 from probe.knn import knn_classify, knn_votes
 
 torch.set_num_threads(1)

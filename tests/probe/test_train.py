@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import probe.train as train_module
-from extract.errors import ProbeError
+from probe.errors import ProbeError
 from probe.heads import create_head
 from probe.train import TrainConfig, evaluate, fit, tensor_batches
 

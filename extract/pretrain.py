@@ -1,0 +1,423 @@
+"""Text-free diffusion pretraining of an ADM: noise-prediction loss (+ the VLB term when sigma is learned), EMA, resume.
+
+The loop follows guided-diffusion's training where it matters for the weights: uniform
+timesteps, the simple eps-MSE loss plus, for models that learn their variance, the variational
+bound term on a stop-gradient mean (the "hybrid" objective); Adam with a linear warm-up,
+gradient clipping and an exponential moving average of the weights, which is what gets probed.
+Labels are never read.
+
+Every random draw of a step (which images, flips, timesteps, noise) comes from a generator
+seeded by (seed, step), and the batch order of an epoch from (seed, epoch), so a run killed and
+resumed from its last checkpoint ends with the same weights, bit for bit on a CPU, as a run
+straight through. Checkpoints are plain state dicts with the official parameter names
+(``ema.pt`` and ``model.pt``, loadable by ``--checkpoint``), each with a JSON of its provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from queue import Queue
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .configs import create_backbone, get_config
+from .errors import CheckpointError, ConfigError
+from .images import load_batch
+from .precision import autocast
+from .schedule import NoiseSchedule, get_schedule
+
+__all__ = ["PretrainConfig", "PretrainResult", "diffusion_loss", "pretrain", "STATE_NAME", "EMA_NAME", "MODEL_NAME",
+           "LOSS_CSV"]
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "train_state.pt"
+EMA_NAME = "ema.pt"
+MODEL_NAME = "model.pt"
+LOSS_CSV = "loss.csv"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that changes the trained weights (stored with every checkpoint; resume must match).
+
+    Args:
+        config_name: a named backbone configuration (e.g. ``32x32_small``).
+        batch_size: images per step. lr: Adam's rate after warm-up. warmup_steps: linear warm-up.
+        grad_clip: max gradient norm (0: none). ema_decay: EMA of the weights, updated every step.
+        seed: data order, flips, timesteps and noise. weight_seed: fan-in scaled random init of
+            every tensor (``extract.random_init``); None keeps ADM's own initialisation.
+        flip: random horizontal flips. channels_last: memory format of the convolutions.
+        precision: ``fp32`` (CPU default) or ``bf16``/``fp16`` autocast on GPUs.
+        threads: torch CPU threads (CPU bits depend on it).
+    """
+
+    config_name: str = "32x32_small"
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    seed: int = 0
+    weight_seed: int | None = None
+    flip: bool = True
+    channels_last: bool = True
+    precision: str = "fp32"
+    threads: int = 2
+
+    def __post_init__(self):
+        if self.batch_size < 1 or not self.lr > 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError(f"batch_size >= 1, lr > 0, warmup_steps >= 0 and grad_clip >= 0 are needed, got "
+                              f"{self.batch_size}, {self.lr}, {self.warmup_steps}, {self.grad_clip}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class PretrainResult:
+    """Where the run stopped and what it wrote."""
+
+    step: int
+    images_seen: int
+    seconds: float
+    loss: float
+    out_dir: Path
+    stopped_by: str  # "steps" or "minutes"
+    written: list[Path] = field(default_factory=list)
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-likelihood of 8-bit images in [-1, 1] under a Gaussian discretised to bins of width 2/255."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def _gather(array: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    values = torch.from_numpy(array)[t.cpu()].float().to(like.device)
+    return values.view((-1,) + (1,) * (like.ndim - 1))
+
+
+def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor, learn_sigma: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """guided-diffusion's training loss for eps-prediction: MSE, plus the VLB term when sigma is learned.
+
+    Args:
+        model: the U-Net. schedule: its noise schedule. x0: (N, 3, H, W) images in [-1, 1].
+        t: (N,) int64 timesteps. noise: like x0. learn_sigma: the model outputs (eps, v) with 6 channels.
+
+    Returns:
+        (scalar loss, ``{"mse": (N,), "vb": (N,)}`` per-image terms; vb is zero without learned sigma).
+    """
+    x_t = schedule.q_sample(x0, t, noise)
+    output = model(x_t, t).float()
+    if not learn_sigma:
+        mse = _mean_flat((noise - output) ** 2)
+        return mse.mean(), {"mse": mse.detach(), "vb": torch.zeros_like(mse)}
+    eps, var_values = output.split(x0.shape[1], dim=1)
+    mse = _mean_flat((noise - eps) ** 2)
+    # the VLB term learns the variance only: the mean is taken as fixed (stop-gradient), as the official code does
+    eps = eps.detach()
+    min_log = _gather(schedule.posterior_log_variance_clipped, t, x0)
+    max_log = _gather(np.log(schedule.betas), t, x0)
+    frac = (var_values + 1) / 2
+    model_log_variance = frac * max_log + (1 - frac) * min_log
+    pred_x0 = _gather(np.sqrt(1.0 / schedule.alphas_cumprod), t, x0) * x_t \
+        - _gather(np.sqrt(1.0 / schedule.alphas_cumprod - 1), t, x0) * eps
+    coef1 = _gather(schedule.posterior_mean_coef1, t, x0)
+    coef2 = _gather(schedule.posterior_mean_coef2, t, x0)
+    model_mean = coef1 * pred_x0 + coef2 * x_t
+    true_mean = coef1 * x0 + coef2 * x_t
+    true_log_variance = _gather(schedule.posterior_log_variance_clipped, t, x0)
+    kl = _mean_flat(_normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)) / math.log(2.0)
+    nll = -_mean_flat(_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)) / math.log(2.0)
+    vb = torch.where(t == 0, nll, kl)
+    return (mse + vb).mean(), {"mse": mse.detach(), "vb": vb.detach()}
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7919 + 0x5EED) % (2**63)
+
+
+def _batch_rows(num_images: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Rows of step ``step``: positions step*B .. step*B+B-1 of the concatenated seeded epoch permutations."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    epochs, within = positions // num_images, positions % num_images
+    rows = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([int(seed), int(epoch), 0xDA7A]).permutation(num_images)
+        rows[epochs == epoch] = order[within[epochs == epoch]]
+    return rows
+
+
+class _BatchFeed:
+    """Decodes the batches of steps start, start+1, ... ahead on a background thread, so the forward never waits."""
+
+    def __init__(self, paths: Sequence[str], image_size: int, batch_size: int, seed: int, start: int,
+                 decode_threads: int, depth: int = 4):
+        self._paths, self._size, self._batch, self._seed = list(paths), image_size, batch_size, seed
+        self._threads = max(1, decode_threads)
+        self._queue: Queue = Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True, name="diffrep-pretrain-feed")
+        self._thread.start()
+
+    def _run(self, step: int) -> None:
+        while not self._stop.is_set():
+            rows = _batch_rows(len(self._paths), self._batch, self._seed, step)
+            try:
+                images, ok, errors = load_batch([self._paths[r] for r in rows], self._size, num_threads=self._threads)
+            except Exception as exc:  # noqa: BLE001 - handed to the training thread and raised there
+                self._queue.put(exc)
+                return
+            self._queue.put((images[torch.from_numpy(ok)], errors))  # an unreadable image leaves its batch
+            step += 1
+
+    def next(self) -> tuple[torch.Tensor, dict]:
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+
+def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as contiguous CPU tensors: the official layout, whatever the memory format."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def pretrain(
+    config: PretrainConfig,
+    paths: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    steps: int | None = None,
+    minutes: float | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 100,
+    log_every: int = 10,
+    device: str | torch.device = "cpu",
+    decode_threads: int = 1,
+    data: dict | None = None,
+    on_checkpoint: Callable[[nn.Module, int], str | None] | None = None,
+    progress: bool = True,
+) -> PretrainResult:
+    """Train ``config.config_name`` on the images at ``paths`` (labels are never read) until ``steps`` or ``minutes``.
+
+    Args:
+        config: the recipe. paths: image files (any size; resized and center-cropped as extract does).
+        out_dir: where ``train_state.pt`` (resume), ``ema.pt``, ``model.pt``, their JSONs and ``loss.csv`` go.
+        steps: stop after this many optimizer steps in all (counting resumed ones).
+        minutes: or stop after this much wall time of this call (a checkpoint is written either way).
+        resume: continue from ``out_dir/train_state.pt`` (its config must equal ``config``).
+        checkpoint_every: steps between checkpoints. log_every: steps between loss.csv rows.
+        device: training device. decode_threads: image-decoding threads ahead of the forward.
+        data: what the images are (dataset, split, count), recorded in the JSONs.
+        on_checkpoint: called with the EMA model and the step after each checkpoint; may return a line to log
+            (e.g. a quick linear-probe check).
+
+    Returns:
+        :class:`PretrainResult`.
+
+    Raises:
+        ConfigError: neither steps nor minutes, no images, or a resume with another config.
+    """
+    if steps is None and minutes is None:
+        raise ConfigError("pretraining needs a stopping point: pass --steps N or --minutes M")
+    if not paths:
+        raise ConfigError("no images to pretrain on: check the dataset and split")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    previous_threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(config.threads)
+    try:
+        return _pretrain(config, list(paths), out_dir, steps, minutes, resume, checkpoint_every, log_every, device,
+                         decode_threads, data or {}, on_checkpoint, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _pretrain(config, paths, out_dir, steps, minutes, resume, checkpoint_every, log_every, device, decode_threads,
+              data, on_checkpoint, progress) -> PretrainResult:
+    backbone = get_config(config.config_name)
+    if backbone.kind != "unet":
+        raise ConfigError(f"{config.config_name} is a classifier: diffusion pretraining trains a U-Net configuration")
+    if backbone.flags.get("class_cond"):
+        raise ConfigError(f"{config.config_name} is class-conditional: text-free pretraining needs an unconditional configuration")
+    learn_sigma = bool(backbone.flags.get("learn_sigma", False))
+    schedule = get_schedule(backbone.noise_schedule, backbone.diffusion_steps)
+    model = create_backbone(config.config_name, weight_seed=config.weight_seed)
+    if config.weight_seed is None:
+        # ADM's own init draws from the global RNG: make it a function of the seed too
+        torch.manual_seed(config.seed)
+        model = create_backbone(config.config_name)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).train()
+    ema = create_backbone(config.config_name).to(device, memory_format=memory_format).eval()
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    params = [p for p in model.parameters()]
+    ema_params = [p for p in ema.parameters()]
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(params, lr=config.lr, fused=fused)
+    warmup = max(config.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+    state_path = out_dir / STATE_NAME
+    step, images_seen, trained_seconds, loss_value = 0, 0, 0.0, float("nan")
+    if resume and state_path.exists():
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to a user
+            raise CheckpointError(f"{state_path} is not a readable pretraining checkpoint ({type(exc).__name__}): "
+                                  f"delete it to start over, or pass another --out") from None
+        if state.get("config") != asdict(config):
+            changed = {k: (state.get("config", {}).get(k), v) for k, v in asdict(config).items()
+                       if state.get("config", {}).get(k) != v}
+            raise ConfigError(f"{state_path} was trained with other settings {changed} (saved, asked): "
+                              f"pass the saved settings or another --out")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, images_seen = int(state["step"]), int(state["images_seen"])
+        trained_seconds, loss_value = float(state["seconds"]), float(state["loss"])
+        log.info("resuming pretraining from %s at step %d", state_path, step)
+    elif resume:
+        log.warning("no pretraining checkpoint in %s: starting from step 0", out_dir)
+    curve = out_dir / LOSS_CSV
+    header = "step,images_seen,seconds,lr,loss,mse,vb\n"
+    if step == 0 or not curve.exists():
+        curve.write_text(header)
+    else:  # rows a killed run logged after its last checkpoint are redone: drop them
+        kept = [line for line in curve.read_text().splitlines(keepends=True)[1:] if int(line.split(",")[0]) <= step]
+        curve.write_text(header + "".join(kept))
+
+    size = backbone.image_size
+    feed = _BatchFeed(paths, size, config.batch_size, config.seed, step, decode_threads)
+    began = time.perf_counter()
+    deadline = began + minutes * 60 if minutes is not None else None
+    total = steps if steps is not None else None
+    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    window: list[torch.Tensor] = []
+    stopped_by = "steps"
+    written: list[Path] = []
+
+    def save() -> None:
+        seconds = trained_seconds + (time.perf_counter() - began)
+        _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "step": step, "images_seen": images_seen,
+                      "seconds": seconds, "loss": loss_value, "config": asdict(config)}, state_path)
+        meta = {"config": asdict(config), "flags": dict(backbone.flags), "noise_schedule": backbone.noise_schedule,
+                "diffusion_steps": backbone.diffusion_steps, "data": data, "steps": step, "images_seen": images_seen,
+                "wall_seconds": round(seconds, 1), "final_loss": loss_value, "device": str(device),
+                "torch": torch.__version__}
+        for name, module in ((EMA_NAME, ema), (MODEL_NAME, model)):
+            path = out_dir / name
+            _save_atomic(_plain_state(module), path)
+            _write_json(path.with_suffix(".json"), {**meta, "weights": "ema" if module is ema else "model"})
+            written.append(path)
+        if on_checkpoint is not None:
+            line = on_checkpoint(ema, step)
+            if line:
+                tqdm.write(line)
+
+    try:
+        while True:
+            if steps is not None and step >= steps:
+                break
+            if deadline is not None and time.perf_counter() >= deadline:
+                stopped_by = "minutes"
+                break
+            x0, _errors = feed.next()
+            generator = torch.Generator().manual_seed(_step_seed(config.seed, step))
+            n = x0.shape[0]
+            if config.flip:
+                flips = torch.rand(n, generator=generator) < 0.5
+                x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+            t = torch.randint(0, schedule.num_steps, (n,), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            x0 = x0.to(device).contiguous(memory_format=memory_format)
+            noise = noise.to(device).contiguous(memory_format=memory_format)
+            t = t.to(device)
+            with autocast(device, config.precision):
+                loss, terms = diffusion_loss(model, schedule, x0, t, noise, learn_sigma)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1.0 - config.ema_decay)
+            step += 1
+            images_seen += n
+            window.append(torch.stack([loss.detach(), terms["mse"].mean(), terms["vb"].mean()]))
+            if step % log_every == 0 or (steps is not None and step >= steps):
+                means = torch.stack(window).mean(0).tolist()
+                window.clear()
+                loss_value = means[0]
+                seconds = trained_seconds + (time.perf_counter() - began)
+                with open(curve, "a") as f:
+                    f.write(f"{step},{images_seen},{seconds:.1f},{optimizer.param_groups[0]['lr']:.6g},"
+                            f"{means[0]:.6f},{means[1]:.6f},{means[2]:.6f}\n")
+                bar.set_postfix(loss=f"{means[0]:.4f}", mse=f"{means[1]:.4f}")
+            bar.update(1)
+            if step % checkpoint_every == 0:
+                save()
+    finally:
+        feed.close()
+        bar.close()
+    if window:
+        loss_value = torch.stack(window).mean(0)[0].item()
+    if step % checkpoint_every or not written:  # the last step's checkpoint is not written yet
+        save()
+    seconds = trained_seconds + (time.perf_counter() - began)
+    return PretrainResult(step=step, images_seen=images_seen, seconds=seconds, loss=loss_value, out_dir=out_dir,
+                          stopped_by=stopped_by, written=sorted(set(written)))

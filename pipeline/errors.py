@@ -1,0 +1,13 @@
+"""The pipeline's errors (datasets and manifest, results table, runs): one line each, what is wrong and what to do."""
+
+from extract.errors import DiffrepError
+
+__all__ = ["DatasetError", "ResultsError"]
+
+
+class DatasetError(DiffrepError, FileNotFoundError):
+    """An unknown dataset, a missing folder or an empty class."""
+
+
+class ResultsError(DiffrepError, ValueError):
+    """A results table that cannot be read or written as asked."""
