@@ -13,10 +13,10 @@ from probe.train import evaluate, fit, tensor_batches
 
 
 def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3, 17), backbone_id="32x32_small-random0",
-               split="train", signal=0.0, seed=0):
+               split="train", signal=0.0, seed=0, dataset="toy", class_names=("a", "b", "c"), **spec_fields):
     """A real cache on disk: random float16 features (plus ``signal`` on channel = label), a few rows invalid."""
-    spec = CacheSpec(dataset="toy", split=split, backbone_id=backbone_id, config_name="32x32_small",
-                     image_size=32, num_images=n, shard_size=shard_size, pool=4)
+    spec = CacheSpec(dataset=dataset, split=split, backbone_id=backbone_id, config_name="32x32_small",
+                     image_size=32, num_images=n, shard_size=shard_size, pool=4, **spec_fields)
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 3
     data = {}
@@ -24,16 +24,16 @@ def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3,
         values = rng.normal(size=(n, 3, 4, 4))
         values[np.arange(n), labels] += signal
         data[key] = values.astype(np.float16)
-    create_cache(root, spec, [f"img/{i}.jpg" for i in range(n)], labels, ["a", "b", "c"],
+    create_cache(root, spec, [f"img/{i}.jpg" for i in range(n)], labels, list(class_names),
                  arrays={key: (3, 4, 4) for key in keys}, native_sizes={b: 8 for b, _ in keys})
-    path = cache_path(root, "toy", split, backbone_id)
+    path = cache_path(root, dataset, split, backbone_id)
     valid = np.ones(n, bool)
     valid[list(invalid)] = False
     for shard in range(-(-n // shard_size)):
         rows = slice(shard * shard_size, min(n, (shard + 1) * shard_size))
         write_shard(path, shard, {key: value[rows] for key, value in data.items()}, valid=valid[rows],
                     errors=["" if v else "broken" for v in valid[rows]])
-    return open_cache(root, "toy", split, backbone_id), data, labels, valid
+    return open_cache(root, dataset, split, backbone_id), data, labels, valid
 
 
 def test_load_drops_invalid_rows_and_converts_once(tmp_path):
