@@ -9,11 +9,15 @@ Layout of ``<root>/<dataset>/<split>/<backbone-id>`` (plain Zarr v3, readable wi
     index/error (N,) str      why, for those images ('' otherwise)
     b<b>/t<t>   (N, C, h, w)  float16, h = w = min(native size, pool); sharded by shard_size images
     b<b>/t<t>_flip            the same for the horizontally flipped view (caches written with flip)
-    done/b<b>/t<t>[...]       (num_shards,) uint8 completion markers, one object per shard
+    done/b<b>/t<t>[...]       (num_shards,) uint64 completion markers, one object per shard:
+                              2**32 + the CRC-32 of the shard's values once it is written (format 1: uint8, 1)
 
 Writers (extraction jobs) write whole shards only, so two jobs never touch one Zarr object;
-a shard's marker is set after its data, and readers refuse arrays with unmarked shards.
-Use ``load`` to get a whole array in RAM (under ``ram_cap_bytes``), ``iter_shards`` to stream.
+a shard's marker is set after its data, and readers refuse arrays with unmarked shards. A marker
+is not proof: every object is stored even when it is all zeros, so a marked shard (or an index
+chunk) whose object is missing or short counts as not written (``extract.integrity``), readers
+refuse it by name, and ``diffrep extract`` re-runs it. Use ``load`` to get a whole array in RAM
+(under ``ram_cap_bytes``), ``iter_shards`` to stream.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +36,7 @@ import numpy as np
 import zarr
 
 from .errors import CacheError, CacheIncompleteError, CacheMismatchError
+from .integrity import WRITE_CONFIG, marker_checksum, marker_value, object_problems, remove_objects, shard_checksum
 from .pooling import derive_pool
 
 __all__ = [
@@ -42,10 +48,16 @@ __all__ = [
     "create_cache",
     "write_shard",
     "record_run",
+    "reset_shards",
     "open_cache",
 ]
 
-FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+"""2: every chunk object is stored (even all zeros) and markers carry shard checksums; 1 is still read."""
+READABLE_VERSIONS = (1, 2)
+_INDEX_NAMES = ("path", "label", "valid", "error")
 _VIEWS = ("", "_flip")
 _INNER_CHUNK_BYTES = 16 << 20
 
@@ -243,48 +255,53 @@ def create_cache(
     if len(paths) != spec.num_images or labels.shape != (spec.num_images,):
         raise CacheError(f"the index has {len(paths)} paths and {labels.shape[0]} labels for num_images={spec.num_images}")
     if os.path.exists(os.path.join(path, "zarr.json")):
-        group = zarr.open_group(path, mode="r+")
-        _check_spec(group, spec, ignore=())
-        stored_keys = _path_keys([str(p) for p in group["index/path"][:]])
-        if stored_keys != _path_keys([str(p) for p in paths]) or not np.array_equal(group["index/label"][:], labels):
-            raise CacheMismatchError(
-                f"cache at {path} indexes other images than this dataset selection "
-                f"(the image folder or manifest changed): use a new --cache-dir"
-            )
+        with _readable(path):
+            group = zarr.open_group(path, mode="r+")
+            version = _check_version(group, path)
+            _check_spec(group, spec, ignore=())
+            _check_or_repair_index(group, path, spec, [str(p) for p in paths], labels, strict=version >= 2)
     else:
+        version = FORMAT_VERSION
         os.makedirs(path, exist_ok=True)
         group = zarr.open_group(path, mode="w", zarr_format=3)
         n, shard = spec.num_images, spec.shard_size
         index = group.require_group("index")
         kw = dict(chunks=(shard,), compressors=None, dimension_names=("image",))
-        index.create_array("path", shape=(n,), dtype=str, **kw)[:] = np.asarray([str(p) for p in paths])
-        index.create_array("label", shape=(n,), dtype="int64", **kw)[:] = labels
+        index.create_array("path", shape=(n,), dtype=str, **kw)
+        index.create_array("label", shape=(n,), dtype="int64", **kw)
         index.create_array("valid", shape=(n,), dtype="bool", fill_value=True, **kw)
         index.create_array("error", shape=(n,), dtype=str, **kw)
+        # every chunk is stored now, so a missing index object always means lost data
+        _writable(index["path"])[:] = np.asarray([str(p) for p in paths])
+        _writable(index["label"])[:] = labels
+        _writable(index["valid"])[:] = np.ones(n, dtype=bool)
+        _writable(index["error"])[:] = np.full(n, "", dtype=object).astype(str)
         group.attrs.update({
             "diffrep": {"spec": spec.to_attrs(), "format_version": FORMAT_VERSION},
             "class_names": list(class_names),
             "invalid_images": [],
             "runs": [],
         })
-    for (b, t), (channels, h, w) in sorted((arrays or {}).items()):
-        for view in range(spec.views):
-            name = _array_name(b, t, view)
-            if name in group:
-                continue
-            image_bytes = channels * h * w * 2
-            inner = _inner_chunk(spec.shard_size, image_bytes)
-            array = group.create_array(
-                name, shape=(spec.num_images, channels, h, w), dtype="float16", fill_value=0,
-                chunks=(inner, channels, h, w), shards=(spec.shard_size, channels, h, w),
-                compressors=None, dimension_names=("image", "channel", "y", "x"),
-            )
-            native = (native_sizes or {}).get(b, h)
-            array.attrs.update({"b": int(b), "t": int(t), "view": view, "native_size": int(native), "pool": spec.pool})
-            group.create_array(
-                _marker_name(b, t, view), shape=(spec.num_shards,), dtype="uint8", fill_value=0,
-                chunks=(1,), compressors=None, dimension_names=("shard",),
-            )
+    marker_dtype = "uint64" if version >= 2 else "uint8"
+    with _readable(path):
+        for (b, t), (channels, h, w) in sorted((arrays or {}).items()):
+            for view in range(spec.views):
+                name = _array_name(b, t, view)
+                if name not in group:
+                    image_bytes = channels * h * w * 2
+                    inner = _inner_chunk(spec.shard_size, image_bytes)
+                    array = group.create_array(
+                        name, shape=(spec.num_images, channels, h, w), dtype="float16", fill_value=0,
+                        chunks=(inner, channels, h, w), shards=(spec.shard_size, channels, h, w),
+                        compressors=None, dimension_names=("image", "channel", "y", "x"),
+                    )
+                    native = (native_sizes or {}).get(b, h)
+                    array.attrs.update({"b": int(b), "t": int(t), "view": view, "native_size": int(native), "pool": spec.pool})
+                if _marker_name(b, t, view) not in group:  # a deleted marker array: every shard is redone
+                    group.create_array(
+                        _marker_name(b, t, view), shape=(spec.num_shards,), dtype=marker_dtype, fill_value=0,
+                        chunks=(1,), compressors=None, dimension_names=("shard",),
+                    )
     return FeatureCache(path, ram_cap_bytes=DEFAULT_RAM_CAP_BYTES)
 
 
@@ -297,6 +314,9 @@ def write_shard(
     errors: Sequence[str] | None = None,
 ) -> None:
     """Write whole shards of (b, t) arrays of one cache, then set their completion markers.
+
+    Every object is stored, zeros included, and each marker records the CRC-32 of its shard
+    (format 2), so that readers can tell written data from lost data.
 
     Args:
         path: the cache group (``cache_path(...)``).
@@ -313,8 +333,10 @@ def write_shard(
     start = shard * spec.shard_size
     stop = min(start + spec.shard_size, spec.num_images)
     if valid is not None:
-        group["index/valid"][start:stop] = np.asarray(valid, dtype=bool)
-        group["index/error"][start:stop] = np.asarray(list(errors) if errors is not None else [""] * (stop - start))
+        _writable(group["index/valid"])[start:stop] = np.asarray(valid, dtype=bool)
+        _writable(group["index/error"])[start:stop] = np.asarray(
+            list(errors) if errors is not None else [""] * (stop - start))
+    markers = {}
     for (b, t), data in features.items():
         name = _array_name(b, t, view)
         if name not in group:
@@ -322,9 +344,16 @@ def write_shard(
         array = group[name]
         if data.shape != (stop - start, *array.shape[1:]):
             raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
-        array[start:stop] = np.asarray(data, dtype=np.float16)
-    for b, t in features:
-        group[_marker_name(b, t, view)][shard] = 1
+        data = np.asarray(data, dtype=np.float16)
+        _writable(array)[start:stop] = data
+        marker = group[_marker_name(b, t, view)]
+        markers[(b, t)] = (marker, marker_value(data, marker.dtype))
+    for marker, value in markers.values():
+        marker[shard] = value
+
+
+def _writable(array: zarr.Array) -> zarr.Array:
+    return array.with_config(WRITE_CONFIG)
 
 
 def record_run(path: str, invalid: Mapping[int, tuple[str, str]], info: Mapping[str, Any]) -> None:
@@ -341,6 +370,47 @@ def record_run(path: str, invalid: Mapping[int, tuple[str, str]], info: Mapping[
     group.attrs.update({"invalid_images": [known[k] for k in sorted(known)], "runs": runs})
 
 
+def reset_shards(
+    path: str,
+    shards: Mapping[tuple[int, int, int], Iterable[int]] | None = None,
+    index_chunks: Mapping[str, Iterable[int]] | None = None,
+) -> None:
+    """Forget damaged shards so that the next run writes them again: delete their objects, unset their markers.
+
+    Only objects already found missing or short (or failing ``verify``) belong here: nothing
+    sound is deleted, and the data objects go before their markers are unset.
+
+    Args:
+        path: the cache group.
+        shards: ``{(b, t, view): shard numbers}``.
+        index_chunks: ``{"valid" or "error": chunk numbers}`` of the image index (rewritten with their shards).
+    """
+    with _readable(path):
+        group = zarr.open_group(path, mode="r+")
+        for name, chunks in (index_chunks or {}).items():
+            if name not in ("valid", "error"):
+                raise CacheError(f"index/{name} is rebuilt by create_cache, not reset: a bug in the caller")
+            remove_objects(group[f"index/{name}"], chunks)
+        for (b, t, view), numbers in (shards or {}).items():
+            numbers = sorted(int(s) for s in numbers)
+            if _array_name(b, t, view) in group:
+                remove_objects(group[_array_name(b, t, view)], numbers)
+            if numbers and _marker_name(b, t, view) in group:
+                marker = group[_marker_name(b, t, view)]
+                for shard in numbers:
+                    marker[shard] = 0
+
+
+def _check_version(group: zarr.Group, path: str) -> int:
+    meta = group.attrs.get("diffrep")
+    if not meta or "spec" not in meta:
+        raise CacheError(f"{path} is a Zarr group but not a diffrep cache: point --cache-dir at the folder extract wrote")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise _mismatch_error("format_version", version, FORMAT_VERSION)
+    return int(version)
+
+
 def _check_spec(group: zarr.Group, expect: CacheSpec, ignore: Sequence[str]) -> CacheSpec:
     meta = group.attrs.get("diffrep")
     if not meta or "spec" not in meta:
@@ -350,18 +420,148 @@ def _check_spec(group: zarr.Group, expect: CacheSpec, ignore: Sequence[str]) -> 
     return stored
 
 
+def _read_chunkwise(array: zarr.Array, bad: dict[int, str], fallback: np.ndarray) -> np.ndarray:
+    """Read a chunked 1-D index array; chunks in ``bad`` (and any that cannot be decoded, added to it)
+    come from ``fallback``."""
+    rows = int(array.metadata.chunk_grid.chunk_shape[0])
+    if not bad:
+        try:
+            return array[:]
+        except ValueError:
+            pass
+    parts = []
+    for chunk in range(-(-array.shape[0] // rows)):
+        lo, hi = chunk * rows, min((chunk + 1) * rows, array.shape[0])
+        if chunk not in bad:
+            try:
+                parts.append(np.asarray(array[lo:hi]))
+                continue
+            except ValueError as exc:
+                bad[chunk] = f"cannot be decoded: {_first_line(exc)}"
+        parts.append(np.asarray(fallback[lo:hi]))
+    return np.concatenate(parts) if parts else np.asarray(fallback[:0])
+
+
+def _check_or_repair_index(
+    group: zarr.Group, path: str, spec: CacheSpec, paths: list[str], labels: np.ndarray, strict: bool
+) -> None:
+    """Compare an existing cache's image index with this selection, and rewrite its lost chunks from it.
+
+    Chunks whose objects are missing or short are left out of the comparison (they prove nothing)
+    and, when every sound chunk matches, rewritten from ``paths`` and ``labels``.
+
+    Raises:
+        CacheMismatchError: a sound chunk names other images or labels.
+    """
+    new = {"path": np.asarray(paths), "label": labels}
+    bad, stored = {}, {}
+    for name in ("path", "label"):
+        array = group[f"index/{name}"]
+        bad[name] = object_problems(array, range(spec.num_shards), strict=strict)
+        stored[name] = _read_chunkwise(array, bad[name], new[name])
+    if _path_keys([str(p) for p in stored["path"]]) != _path_keys(paths) or not np.array_equal(stored["label"], labels):
+        raise CacheMismatchError(
+            f"cache at {path} indexes other images than this dataset selection "
+            f"(the image folder or manifest changed): use a new --cache-dir"
+        )
+    for name, chunks in bad.items():
+        if not chunks:
+            continue
+        array = group[f"index/{name}"]
+        remove_objects(array, chunks)
+        for chunk in sorted(chunks):
+            lo, hi = chunk * spec.shard_size, min((chunk + 1) * spec.shard_size, spec.num_images)
+            _writable(array)[lo:hi] = new[name][lo:hi]
+        logger.warning("rewrote index/%s chunks %s of %s from the dataset index (%s)",
+                       name, _numbers(chunks), path, "; ".join(f"{c}: {why}" for c, why in sorted(chunks.items())[:3]))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text if len(text) <= 120 else text[:117] + "...") or type(exc).__name__
+
+
+def _numbers(items: Iterable[int], limit: int = 8) -> str:
+    """``3, 5, 9`` (and ``... (+12 more)`` past ``limit``)."""
+    items = sorted(int(i) for i in items)
+    text = ", ".join(str(i) for i in items[:limit])
+    return text + (f" ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+# -- damaged metadata ------------------------------------------------------------------------
+
+def _metadata_problem(document: Any) -> str | None:
+    if not isinstance(document, dict):
+        return "not a JSON object"
+    if document.get("zarr_format") != 3 or document.get("node_type") not in ("group", "array"):
+        return "no zarr_format 3 / node_type"
+    return None
+
+
+def _find_bad_metadata(path: str) -> tuple[str, str] | None:
+    """(relative folder, why) of the first zarr.json under a cache that does not parse, skipping chunk folders."""
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not (d == "c" and "zarr.json" in files))
+        if "zarr.json" not in files:
+            continue
+        try:
+            with open(os.path.join(folder, "zarr.json"), "rb") as handle:
+                problem = _metadata_problem(json.loads(handle.read() or b"null"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            problem = f"not JSON: {_first_line(exc)}"
+        if problem:
+            return os.path.relpath(folder, path), problem
+    return None
+
+
+def _metadata_fix(relative: str) -> str:
+    """What to do about a damaged zarr.json, by the node it describes."""
+    parts = relative.replace(os.sep, "/").split("/")
+    if relative == os.curdir:
+        return "it holds the cache's settings and cannot be rebuilt: restore it from a backup or extract into a new --cache-dir"
+    if re.fullmatch(r"b\d+/t\d+(_flip)?", "/".join(parts)) or (parts[0] == "done" and len(parts) == 3):
+        array = "/".join(parts[-2:])
+        return (f"delete the folders {array} and done/{array} of the cache and run the same diffrep extract "
+                f"command again: it writes that array again")
+    if parts[0] == "index" and len(parts) == 2:
+        return "the image index cannot be rebuilt in place: extract into a new --cache-dir"
+    return 'replace its content with {"zarr_format": 3, "node_type": "group", "attributes": {}}'
+
+
+class _readable:
+    """Turn Zarr's errors about unreadable metadata into one CacheError that names the file and the fix."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, CacheError) or not isinstance(exc, (ValueError, TypeError)):
+            return False
+        found = _find_bad_metadata(self.path)
+        if found is None:
+            return False
+        relative, why = found
+        where = os.path.join(self.path, "zarr.json" if relative == os.curdir else os.path.join(relative, "zarr.json"))
+        raise CacheError(f"cache metadata {where} is damaged ({why}): {_metadata_fix(relative)}") from exc
+
+
 class FeatureCache:
     """A cache opened for reading: index, labels, and its (b, t) arrays (see ``open_cache``)."""
 
     def __init__(self, path: str, expect: CacheSpec | None = None, ram_cap_bytes: int = DEFAULT_RAM_CAP_BYTES):
         self.path = path
         self.ram_cap_bytes = int(ram_cap_bytes)
-        self._group = zarr.open_group(path, mode="r")
-        meta = self._group.attrs.get("diffrep")
+        with _readable(path):
+            self._group = zarr.open_group(path, mode="r")
+            meta = self._group.attrs.get("diffrep")
         if not meta or "spec" not in meta:
             raise CacheError(f"{path} is not a diffrep cache: point --cache-dir at the folder extract wrote")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise _mismatch_error("format_version", meta.get("format_version"), FORMAT_VERSION)
+        self.format_version = int(meta["format_version"])
         if expect is not None:
             _check_spec(self._group, expect, ignore=("pool", "shard_size"))
         self.spec = CacheSpec.from_attrs(meta["spec"])
@@ -371,10 +571,47 @@ class FeatureCache:
     def __repr__(self) -> str:
         return f"FeatureCache({self.path!r}, images={self.num_images}, arrays={len(self.arrays())})"
 
+    @property
+    def _strict(self) -> bool:
+        """Format 2 stores every object, so a missing one is lost data (format 1 skipped all-zero ones)."""
+        return self.format_version >= 2
+
+    def _node(self, name: str) -> Any:
+        with _readable(self.path):
+            return self._group[name]
+
+    def _rerun_hint(self) -> str:
+        return "run the same diffrep extract command again: it re-runs exactly those shards"
+
     # -- index ---------------------------------------------------------------------------------
+    def index_damage(self) -> dict[str, dict[int, str]]:
+        """``{name: {chunk: why}}`` for index arrays (path, label, valid, error) whose chunk objects are missing or short.
+
+        Chunk i holds the index rows of shard i.
+        """
+        damage = {}
+        for name in _INDEX_NAMES:
+            problems = object_problems(self._node(f"index/{name}"), range(self.num_shards), strict=self._strict)
+            if problems:
+                damage[name] = problems
+        return damage
+
     def _index_array(self, name: str) -> np.ndarray:
         if name not in self._index:
-            self._index[name] = self._group[f"index/{name}"][:]
+            array = self._node(f"index/{name}")
+            problems = object_problems(array, range(self.num_shards), strict=self._strict)
+            if not problems:
+                try:
+                    self._index[name] = array[:]
+                except ValueError as exc:
+                    problems = {-1: f"cannot be decoded: {_first_line(exc)}"}
+            if problems:
+                where = "" if -1 in problems else f" {_numbers(problems)}"
+                raise CacheError(
+                    f"index/{name} of cache {self.path} has damaged chunks{where} "
+                    f"({'; '.join(sorted(set(problems.values())))}): run the same diffrep extract command again: "
+                    f"it rewrites them"
+                )
         return self._index[name]
 
     @property
@@ -423,28 +660,30 @@ class FeatureCache:
     def arrays(self) -> list[tuple[int, int]]:
         """Every (b, t) with an array (view 0), sorted."""
         found = []
-        for bname, bgroup in self._group.groups():
-            if not re.fullmatch(r"b\d+", bname):
-                continue
-            for tname, _ in bgroup.arrays():
-                if re.fullmatch(r"t\d+", tname):
-                    found.append((int(bname[1:]), int(tname[1:])))
+        with _readable(self.path):
+            for bname, bgroup in self._group.groups():
+                if not re.fullmatch(r"b\d+", bname):
+                    continue
+                for tname, _ in bgroup.arrays():
+                    if re.fullmatch(r"t\d+", tname):
+                        found.append((int(bname[1:]), int(tname[1:])))
         return sorted(found)
 
     def has_array(self, b: int, t: int, view: int = 0) -> bool:
-        return _array_name(b, t, view) in self._group
+        with _readable(self.path):
+            return _array_name(b, t, view) in self._group
 
     def _array(self, b: int, t: int, view: int = 0) -> zarr.Array:
         if view not in range(self.spec.views):
             hint = "it has no flipped view (extract with --flip)" if view == 1 else "views are 0 and 1"
             raise CacheError(f"view {view} is not in this cache: {hint}")
         name = _array_name(b, t, view)
-        if name not in self._group:
+        if not self.has_array(b, t, view):
             raise CacheError(
                 f"cache has no array {_array_name(b, t)}: run diffrep extract --dataset {self.spec.dataset} "
                 f"--timesteps {t} --blocks {b}"
             )
-        return self._group[name]
+        return self._node(name)
 
     def shape(self, b: int, t: int, pool: int | None = None) -> tuple[int, int, int, int]:
         """(N, C, h, w) of an array as stored, or as ``load(b, t, pool)`` would return it."""
@@ -459,27 +698,78 @@ class FeatureCache:
     def _native(array: zarr.Array) -> int:
         return int(array.attrs.get("native_size", array.shape[-1]))
 
-    def missing_shards(self, b: int, t: int, view: int = 0) -> list[int]:
-        """Shards of an array whose completion marker is not set (all of them if the array is absent)."""
+    def _markers(self, b: int, t: int, view: int) -> np.ndarray | None:
         name = _marker_name(b, t, view)
-        if name not in self._group:
+        with _readable(self.path):
+            if not self.has_array(b, t, view) or name not in self._group:
+                return None
+            return self._group[name][:]
+
+    def damaged_shards(self, b: int, t: int, view: int = 0) -> dict[int, str]:
+        """``{shard: why}`` for shards marked complete whose data object is missing or short.
+
+        Costs one ``stat`` per marked shard; ``verify_shards`` also reads the data and checks it.
+        """
+        done = self._markers(b, t, view)
+        if done is None:
+            return {}
+        marked = [int(s) for s in np.flatnonzero(done != 0)]
+        return object_problems(self._node(_array_name(b, t, view)), marked, strict=self._strict)
+
+    def missing_shards(self, b: int, t: int, view: int = 0) -> list[int]:
+        """Shards of an array that are not written: unmarked, or marked but damaged (all of them if the array is absent)."""
+        done = self._markers(b, t, view)
+        if done is None:
             return list(range(self.num_shards))
-        done = self._group[name][:]
-        return [int(s) for s in np.flatnonzero(done == 0)]
+        unmarked = {int(s) for s in np.flatnonzero(done == 0)}
+        return sorted(unmarked | set(self.damaged_shards(b, t, view)))
 
     def is_complete(self, b: int, t: int, view: int | None = None) -> bool:
-        """Whether every shard of (b, t) is written (every view when view is None)."""
+        """Whether every shard of (b, t) is written and present (every view when view is None)."""
         views = range(self.spec.views) if view is None else [view]
         return all(self.has_array(b, t, v) and not self.missing_shards(b, t, v) for v in views)
 
-    def _check_complete(self, b: int, t: int, view: int) -> None:
+    def _check_complete(self, b: int, t: int, view: int) -> list[int]:
+        name = _array_name(b, t, view)
+        damaged = self.damaged_shards(b, t, view)
+        if damaged:
+            raise CacheIncompleteError(
+                f"array {name} of {self.path} has {len(damaged)} damaged shard(s) {_numbers(damaged)} "
+                f"(data object {'; '.join(sorted(set(damaged.values())))}): {self._rerun_hint()}"
+            )
         missing = self.missing_shards(b, t, view)
         if missing:
             raise CacheIncompleteError(
-                f"array {_array_name(b, t, view)} is missing {len(missing)} of {self.num_shards} shards: "
-                f"run diffrep extract --dataset {self.spec.dataset} --timesteps {t} --blocks {b} again to finish it "
-                f"(or pass allow_incomplete=True)"
+                f"array {name} is missing {len(missing)} of {self.num_shards} shards: "
+                f"run diffrep extract --dataset {self.spec.dataset} --timesteps {t} --blocks {b} again to finish it"
             )
+        return missing
+
+    def _read_shard(self, array: zarr.Array, name: str, shard: int) -> np.ndarray:
+        start, stop = self.shard_bounds(shard)
+        try:
+            return array[start:stop]
+        except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
+            root = os.path.dirname(os.path.dirname(os.path.dirname(self.path)))
+            raise CacheError(
+                f"shard {shard} of {name} in {self.path} cannot be decoded ({_first_line(exc)}): run diffrep verify "
+                f"--cache-dir {root} --dataset {self.spec.dataset} --split {self.spec.split} --repair, then the same "
+                f"diffrep extract command again"
+            ) from exc
+
+    def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool):
+        """(start, stop, shard data or None for a shard that is not written) for every shard in order."""
+        array = self._array(b, t, view)
+        skip = set(self.missing_shards(b, t, view)) if allow_incomplete else set(self._check_complete(b, t, view))
+        name = _array_name(b, t, view)
+        native = self._native(array)
+        _, c, h, w = self.shape(b, t, pool)
+        for shard in range(self.num_shards):
+            start, stop = self.shard_bounds(shard)
+            if shard in skip:
+                yield start, stop, np.zeros((stop - start, c, h, w), dtype=np.float16)
+            else:
+                yield start, stop, derive_pool(self._read_shard(array, name, shard), native, pool)
 
     def iter_shards(
         self, b: int, t: int, pool: int | None = None, view: int = 0, allow_incomplete: bool = False
@@ -488,21 +778,16 @@ class FeatureCache:
 
         Args:
             b, t: the array; pool: None (as stored) or a coarser pool derived exactly; view: 0 or 1 (flip).
-            allow_incomplete: also yield unwritten shards (zeros) instead of raising.
+            allow_incomplete: yield zeros for shards that are not written (or damaged) instead of raising.
 
         Yields:
             (start, stop, (stop - start, C, h, w) float16) in row order.
 
         Raises:
-            CacheError: no such array or view, or a pool that cannot be derived; CacheIncompleteError.
+            CacheError: no such array or view, a pool that cannot be derived, a shard that cannot be decoded;
+            CacheIncompleteError: unwritten or damaged shards (names them and the command that re-runs them).
         """
-        array = self._array(b, t, view)
-        if not allow_incomplete:
-            self._check_complete(b, t, view)
-        native = self._native(array)
-        for shard in range(self.num_shards):
-            start, stop = self.shard_bounds(shard)
-            yield start, stop, derive_pool(array[start:stop], native, pool)
+        yield from self._shards(b, t, pool, view, allow_incomplete)
 
     def load(
         self, b: int, t: int, pool: int | None = None, view: int = 0, allow_incomplete: bool = False
@@ -513,16 +798,16 @@ class FeatureCache:
 
         Args:
             b, t: the array; pool: None (as stored) or a coarser pool derived exactly; view: 0 or 1 (flip).
-            allow_incomplete: return unwritten shards as zeros instead of raising.
+            allow_incomplete: return zeros for shards that are not written (or damaged) instead of raising.
 
         Returns:
             (N, C, h, w) float16.
 
         Raises:
-            CacheError: no such array, over the RAM cap, or a pool finer than stored;
-            CacheIncompleteError: unwritten shards and not allow_incomplete.
+            CacheError: no such array, over the RAM cap, a pool finer than stored, a shard that cannot be decoded;
+            CacheIncompleteError: unwritten or damaged shards and not allow_incomplete.
         """
-        array = self._array(b, t, view)
+        self._array(b, t, view)
         n, c, h, w = self.shape(b, t, pool)
         need = n * c * h * w * 2
         if need > self.ram_cap_bytes:
@@ -530,14 +815,58 @@ class FeatureCache:
                 f"{_array_name(b, t, view)} needs {need / 2**30:.1f} GiB in RAM, over the "
                 f"{self.ram_cap_bytes / 2**30:.1f} GiB cap: stream it with iter_shards or raise ram_cap_bytes"
             )
-        if not allow_incomplete:
-            self._check_complete(b, t, view)
         out = np.empty((n, c, h, w), dtype=np.float16)
-        native = self._native(array)
-        for shard in range(self.num_shards):
-            start, stop = self.shard_bounds(shard)
-            out[start:stop] = derive_pool(array[start:stop], native, pool)
+        for start, stop, data in self._shards(b, t, pool, view, allow_incomplete):
+            out[start:stop] = data
         return out
+
+    # -- verify ------------------------------------------------------------------------------
+    def verify_shards(self, b: int, t: int, view: int = 0) -> dict[int, str]:
+        """``{shard: why}`` for marked shards that are missing, short, undecodable, or fail their recorded checksum.
+
+        Reads every marked shard: use it to check a cache (``diffrep verify``), not before each read.
+        """
+        done = self._markers(b, t, view)
+        if done is None:
+            return {}
+        name = _array_name(b, t, view)
+        array = self._node(name)
+        problems = self.damaged_shards(b, t, view)
+        for shard in (int(s) for s in np.flatnonzero(done != 0)):
+            if shard in problems:
+                continue
+            start, stop = self.shard_bounds(shard)
+            try:
+                data = array[start:stop]
+            except ValueError as exc:
+                problems[shard] = f"cannot be decoded: {_first_line(exc)}"
+                continue
+            expected = marker_checksum(done[shard])
+            if expected is not None and shard_checksum(data) != expected:
+                problems[shard] = "checksum mismatch (the data changed after it was written)"
+        return dict(sorted(problems.items()))
+
+    def verify_index(self) -> dict[str, dict[int, str]]:
+        """``{name: {chunk: why}}`` for index chunks that are missing, short, or cannot be decoded (reads them all)."""
+        damage = self.index_damage()
+        for name in _INDEX_NAMES:
+            array = self._node(f"index/{name}")
+            problems = damage.get(name, {})
+            for chunk in range(self.num_shards):
+                start, stop = self.shard_bounds(chunk)
+                if chunk not in problems:
+                    try:
+                        array[start:stop]
+                    except ValueError as exc:
+                        problems[chunk] = f"cannot be decoded: {_first_line(exc)}"
+            if problems:
+                damage[name] = dict(sorted(problems.items()))
+        return damage
+
+    def has_checksums(self, b: int, t: int, view: int = 0) -> bool:
+        """Whether the markers of (b, t) record shard checksums (caches of format 2)."""
+        done = self._markers(b, t, view)
+        return done is not None and done.dtype.itemsize >= 8
 
 
 def open_cache(

@@ -2,7 +2,7 @@
 
 A checkpoint either fits the configuration exactly (every key, every shape) and loads with
 ``strict=True``, or nothing is loaded and one line names the first mismatching keys and shapes
-and the flag that most likely differs.
+and the flag that most likely differs. The load itself is ``extract.configs.create_backbone``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["read_state_dict", "compare_state_dict", "load_checkpoint", "file_sha256", "state_dict_layout"]
+__all__ = ["read_state_dict", "compare_state_dict", "file_sha256", "state_dict_layout"]
 
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "ema")
 
@@ -49,10 +49,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; all mean the same to a user
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch file (truncated or another format: {reason[:160]}): "
-            "download it again"
+            f"checkpoint {path} is not a readable PyTorch file: {_what_file(path)}; pass the official .pt file "
+            "(download it again if it was cut short)"
         ) from exc
     for key in _CONTAINER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -65,6 +64,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _what_file(path: str) -> str:
+    """What an unreadable checkpoint looks like, in a whole clause (torch's own messages run long)."""
+    with open(path, "rb") as handle:
+        head = handle.read(256)
+    if head.startswith(b"PK\x03\x04"):
+        return "it is a zip archive, as PyTorch writes them, but truncated or damaged"
+    if head[:1] == b"\x80":
+        return "it is a pickle, as old PyTorch versions write them, but truncated or damaged"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "its first bytes are of no format PyTorch writes"
+    first = " ".join(text.split())
+    return f"it is a text file (starting {first[:40]!r}{'...' if len(first) > 40 else ''})"
 
 
 def state_dict_layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -138,17 +153,3 @@ def compare_state_dict(
     if other:
         hint = f"it fits {other}: use --config {other}"
     return f"checkpoint does not fit {config_name}: {'; '.join(details)}; {hint}"
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, config_name: str = "the model") -> nn.Module:
-    """Load an official checkpoint into ``model`` strictly, or change nothing and raise.
-
-    Raises:
-        CheckpointError: unreadable file, or keys/shapes that do not fit (message names the flag).
-    """
-    state = read_state_dict(path)
-    problem = compare_state_dict(model, state, config_name)
-    if problem:
-        raise CheckpointError(f"{problem} (file {os.fspath(path)})")
-    model.load_state_dict(state, strict=True)
-    return model

@@ -1,12 +1,13 @@
 """Named backbone configurations: every official ADM checkpoint, plus small ones for tests and demos.
 
 Architecture flags (what ``create_model`` / ``create_classifier`` take) live here apart from
-checkpoint metadata (file name, URL), as timm keeps ``default_cfgs`` apart from the modules.
+checkpoint metadata (the official file name), as timm keeps ``default_cfgs`` apart from the modules.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,10 +16,11 @@ from torch import nn
 from .adm import create_classifier, create_model
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["BackboneConfig", "NAMED_CONFIGS", "get_config", "list_configs", "create_backbone", "check_checkpoint"]
+__all__ = ["BackboneConfig", "NAMED_CONFIGS", "get_config", "list_configs", "create_backbone", "check_checkpoint",
+           "bundled_checkpoint", "WEIGHTS_DIR"]
 
-_RELEASE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
-
+#: Checkpoints diffrep trained itself and ships (``<config>.pt`` with ``<config>.json`` beside it).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -39,15 +41,10 @@ class BackboneConfig:
     diffusion_steps: int = 1000
     checkpoint_file: str = ""
     description: str = ""
-    use_fp16: bool = field(default=False)
 
     @property
     def image_size(self) -> int:
         return int(self.flags["image_size"])
-
-    @property
-    def checkpoint_url(self) -> str:
-        return _RELEASE + self.checkpoint_file if self.checkpoint_file else ""
 
     def build(self, **overrides: Any) -> nn.Module:
         """Instantiate the module (random init); overrides win over the named flags."""
@@ -77,23 +74,23 @@ NAMED_CONFIGS: dict[str, BackboneConfig] = {
             "64x64_cond", "unet",
             dict(_ADM_256, image_size=64, num_channels=192, num_res_blocks=3, dropout=0.1,
                  use_new_attention_order=True, class_cond=True),
-            noise_schedule="cosine", checkpoint_file="64x64_diffusion.pt", use_fp16=True,
+            noise_schedule="cosine", checkpoint_file="64x64_diffusion.pt",
             description="ImageNet 64x64 class-conditional (new attention order, cosine schedule)",
         ),
         BackboneConfig(
             "128x128_cond", "unet",
             dict(_ADM_256, image_size=128, num_head_channels=-1, class_cond=True),
-            checkpoint_file="128x128_diffusion.pt", use_fp16=True,
+            checkpoint_file="128x128_diffusion.pt",
             description="ImageNet 128x128 class-conditional",
         ),
         BackboneConfig(
             "256x256_cond", "unet", dict(_ADM_256, class_cond=True),
-            checkpoint_file="256x256_diffusion.pt", use_fp16=True,
+            checkpoint_file="256x256_diffusion.pt",
             description="ImageNet 256x256 class-conditional",
         ),
         BackboneConfig(
             "256x256_uncond", "unet", dict(_ADM_256, class_cond=False),
-            checkpoint_file="256x256_diffusion_uncond.pt", use_fp16=True,
+            checkpoint_file="256x256_diffusion_uncond.pt",
             description="ImageNet 256x256 unconditional: the paper's main backbone",
         ),
         BackboneConfig(
@@ -184,3 +181,13 @@ def check_checkpoint(name: str, checkpoint: str, **overrides: Any) -> None:
     For planners: a run checks its checkpoint once, before any task starts.
     """
     _checked_state(get_config(name), checkpoint, overrides)
+
+
+def bundled_checkpoint(name: str) -> str | None:
+    """The checkpoint diffrep ships for configuration ``name`` (EMA weights it trained), or None.
+
+    ``extract/weights/32x32_small.pt`` is ``32x32_small`` trained text-free on the CIFAR-10 training
+    images by ``make pretrain``; its JSON records the command, steps, data and time.
+    """
+    path = WEIGHTS_DIR / f"{name}.pt"
+    return str(path) if path.is_file() else None

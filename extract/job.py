@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,8 +38,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_THREADS = 2
 _BACKBONES: dict[tuple, nn.Module] = {}
 _ONE_JOB_AT_A_TIME = threading.Lock()
-_CRASH_ENV = "DIFFREP_TEST_CRASH_AFTER_WRITES"
-_writes_in_process = 0
 
 
 @dataclass(frozen=True)
@@ -112,20 +109,6 @@ def _backbone(job: ShardJob, device: torch.device) -> nn.Module:
             param.requires_grad_(False)
         _BACKBONES[key] = model
     return _BACKBONES[key]
-
-
-def _maybe_crash() -> None:
-    """Test hook: $DIFFREP_TEST_CRASH_AFTER_WRITES='k[:sentinel]' kills the process after k writes (once per sentinel)."""
-    global _writes_in_process
-    _writes_in_process += 1
-    setting = os.environ.get(_CRASH_ENV)
-    if not setting:
-        return
-    count, _, sentinel = setting.partition(":")
-    if _writes_in_process >= int(count) and not (sentinel and os.path.exists(sentinel)):
-        if sentinel:
-            open(sentinel, "w").close()
-        os._exit(3)
 
 
 def run_shard_job(job: ShardJob) -> ShardResult:
@@ -215,4 +198,3 @@ def _write(path: str, shard: int, features: dict, view: int, index: dict) -> Non
                 "(completed shards are kept)"
             ) from exc
         raise
-    _maybe_crash()

@@ -35,6 +35,7 @@ def main(verbose: int) -> None:
       extract  run the backbone once per (image, t) and cache block features (Zarr)
       probe    train linear / MLP / CNN / attention heads on cached features
       knn, cka, sweep, report   evaluate and compare cached features
+      verify   read a cache back and check every shard against its checksum
     Start with `diffrep info` (the backbone's block table) or `make demo`.
     """
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -47,3 +48,4 @@ from . import cli_extract  # noqa: E402,F401
 from . import cli_probe  # noqa: E402,F401
 from . import cli_demo  # noqa: E402,F401
 from . import cli_pretrain  # noqa: E402,F401
+from . import cli_verify  # noqa: E402,F401

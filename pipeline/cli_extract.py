@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -34,6 +35,8 @@ _CONFIRM_BYTES = 100e9
 @click.option("--per-class", type=click.IntRange(min=1), default=None, help="Keep the first N images of each class.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep the first N images (after --per-class).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Root of the image folders.")
+@click.option("--split-dir", type=click.Path(file_okay=False), default=None,
+              help="The folder of the one --split asked for, overriding the manifest (e.g. a val set kept elsewhere).")
 @cache_dir_option()
 @device_option()
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
@@ -46,20 +49,20 @@ _CONFIRM_BYTES = 100e9
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Torch CPU threads per task, the same wherever it runs (CPU results depend on it bit for bit).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before writing more than 100 GB.")
-@click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and stop; writes nothing (a packed dataset is listed, not unpacked).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, weight_seed, noise_seed, flip,
-            shard_size, batch_size, per_class, limit, data_root, cache_dir, device, precision, scheduler,
+            shard_size, batch_size, per_class, limit, data_root, split_dir, cache_dir, device, precision, scheduler,
             synchronous, workers, threads, yes, dry_run, no_progress) -> None:
     """Run the backbone once per (image, t), capture every requested block in that pass, and cache them.
 
-    The same command again resumes (completed shards are skipped); adding timesteps or blocks
-    writes only the new arrays. Unreadable images are reported and marked invalid.
+    The same command again resumes (completed shards are skipped, shards whose files were lost
+    are redone); adding timesteps or blocks writes only the new arrays. Unreadable images are
+    reported and marked invalid. Ctrl-C stops it with every finished shard kept.
     """
     from extract.errors import CacheIncompleteError, ConfigError
 
-    from .cluster import open_runner
-    from .extraction import ExtractionRequest, dataset_splits, plan_extraction, run_extraction
+    from .extraction import ExtractionRequest, dataset_splits, plan_extraction
 
     if len(pool) != 1:
         raise ConfigError(f"extract stores one pool size, got {len(pool)}: pass --pool 16 (coarser pools derive at read time)")
@@ -68,14 +71,17 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
         split_names = dataset_splits(dataset, data_root)
     else:
         split_names = [s.strip() for s in splits.split(",") if s.strip()]
+    if split_dir is not None and len(split_names) != 1:
+        raise click.UsageError(f"--split-dir is the folder of one split: pass --split too (one of {', '.join(split_names)})")
     for split in split_names:
         request = ExtractionRequest(
             dataset=dataset, split=split, timesteps=tuple(timesteps), blocks=tuple(blocks), cache_dir=cache_dir,
             pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,
             noise_seed=noise_seed, flip=flip, shard_size=shard_size, batch_size=batch_size, per_class=per_class,
-            limit=limit, data_root=data_root, device=device, precision=precision, num_threads=threads,
+            limit=limit, data_root=data_root, split_dir=split_dir, device=device, precision=precision,
+            num_threads=threads,
         )
-        plan = plan_extraction(request, check_disk=not dry_run)
+        plan = plan_extraction(request, dry_run=dry_run)
         click.echo(plan.describe())
         plans.append(plan)
     if dry_run:
@@ -83,20 +89,49 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
     total = sum(plan.bytes_new for plan in plans)
     if total > _CONFIRM_BYTES and not yes and sys.stdin.isatty():
         click.confirm(f"write {total / 1e9:.0f} GB?", abort=True)
-    if not any(plan.jobs for plan in plans):
+    if not any(plan.jobs or plan.index_damage for plan in plans):
         click.echo("nothing to do: every requested array is complete")
         return
-    failed = 0
-    with open_runner(scheduler=scheduler, synchronous=synchronous, workers=workers, device=device) as runner:
-        click.echo(f"running on {runner.description}")
-        for plan in plans:
-            if not plan.jobs:
-                click.echo(f"{plan.spec.dataset}/{plan.spec.split}: every requested array is complete")
-                continue
-            summary = run_extraction(plan, runner, progress=not no_progress)
-            click.echo(summary.describe())
-            failed += len(summary.failed)
+    failed = _run_plans(plans, scheduler, synchronous, workers, device, no_progress)
     if failed:
         raise CacheIncompleteError(
             f"{failed} shard(s) failed after retries (listed above): run the same command again to finish them"
         )
+
+
+def _run_plans(plans, scheduler, synchronous, workers, device, no_progress) -> int:
+    """Lock every cache, then start the cluster and run the plans; returns the failed shard count.
+
+    Ctrl-C prints one line (what finished, how to resume) and exits with status 130.
+    """
+    from .cluster import TaskRunner, open_runner
+    from .extraction import ExtractionInterrupted, lock_cache, run_extraction
+
+    failed, finished = 0, 0
+    total = sum(len(plan.jobs) for plan in plans)
+    try:
+        with contextlib.ExitStack() as locks:
+            for plan in plans:  # refuse a busy cache before any cluster starts
+                locks.enter_context(lock_cache(plan))
+            for plan in plans:
+                if plan.index_damage and not plan.jobs:  # only index chunks to rewrite: no cluster needed
+                    click.echo(run_extraction(plan, TaskRunner(), progress=False).describe())
+            plans = [plan for plan in plans if plan.jobs]
+            if not plans:
+                return 0
+            with open_runner(scheduler=scheduler, synchronous=synchronous, workers=workers, device=device) as runner:
+                click.echo(f"running on {runner.description}")
+                for plan in plans:
+                    summary = run_extraction(plan, runner, progress=not no_progress)
+                    click.echo(summary.describe())
+                    failed += len(summary.failed)
+                    finished += summary.shards_done
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, ExtractionInterrupted):
+            finished += stop.summary.shards_done
+        click.echo(
+            f"\ninterrupted: {finished} of {total} shards finished and are kept; run the same command again "
+            f"to do the other {total - finished}", err=True,
+        )
+        raise SystemExit(130) from None
+    return failed

@@ -28,7 +28,7 @@ from .errors import DatasetError
 from .locks import file_lock
 from .manifest import DatasetSpec, Manifest, SplitSpec, get_dataset, repo_root
 
-__all__ = ["ImageIndex", "build_index", "ensure_unpacked"]
+__all__ = ["ImageIndex", "build_index", "ensure_unpacked", "list_archive"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class ImageIndex:
         paths: absolute image paths, one per row.
         labels: int64 array ``(num_images,)``, indices into ``class_names``.
         class_names: class name of each label.
+        pending_unpack: ``(archive, destination folder, bytes)`` when the images are still packed
+            (an index built with ``unpack=False`` from the archive's listing), else None.
     """
 
     dataset: str
@@ -54,6 +56,7 @@ class ImageIndex:
     paths: list[str]
     labels: np.ndarray
     class_names: list[str]
+    pending_unpack: tuple[str, str, int] | None = None
 
     @property
     def num_images(self) -> int:
@@ -89,7 +92,7 @@ class ImageIndex:
         return ImageIndex(
             dataset=self.dataset, split=self.split, root=self.root,
             paths=[self.paths[i] for i in rows], labels=self.labels[rows].copy(),
-            class_names=list(self.class_names),
+            class_names=list(self.class_names), pending_unpack=self.pending_unpack,
         )
 
 
@@ -195,6 +198,62 @@ def ensure_unpacked(
     return target
 
 
+def list_archive(archive: str | os.PathLike, folder: str) -> tuple[list[str], int]:
+    """The files an archive would unpack under its top-level ``folder``, without unpacking anything.
+
+    Args:
+        archive: ``.tar``, ``.tar.gz`` ...; folder: its top-level folder name.
+
+    Returns:
+        (member paths relative to the data root, e.g. ``cifar10-jpg/test/cat/0001.jpg``; their total bytes).
+
+    Raises:
+        DatasetError: the archive is missing or damaged.
+    """
+    names, size = [], 0
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                if member.isfile() and member.name.split("/", 1)[0] == folder:
+                    names.append(member.name)
+                    size += member.size
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DatasetError(f"cannot read {archive} ({' '.join(str(exc).split())}): the archive is damaged, restore it") from exc
+    return names, size
+
+
+class _ArchiveTree:
+    """A folder tree known from an archive's listing: what ``_read_folder`` sees, before unpacking."""
+
+    def __init__(self, root: Path, names: Sequence[str]):
+        self.files = sorted(str(root / name) for name in names)
+
+    def _below(self, folder: Path) -> list[str]:
+        prefix = str(folder) + os.sep
+        return [path for path in self.files if path.startswith(prefix)]
+
+    def subfolders(self, folder: Path) -> list[str]:
+        relative = [path[len(str(folder)) + 1:] for path in self._below(folder)]
+        return sorted({rel.split(os.sep, 1)[0] for rel in relative if os.sep in rel and not rel.startswith(".")})
+
+    def images_under(self, folder: Path) -> list[str]:
+        found = [path for path in self._below(folder) if _is_image(os.path.basename(path))
+                 and not any(part.startswith(".") for part in Path(path).relative_to(folder).parts)]
+        return sorted(found, key=lambda path: Path(os.path.relpath(path, folder)).as_posix())
+
+
+class _DiskTree:
+    """The folder tree on disk (the usual case)."""
+
+    @staticmethod
+    def subfolders(folder: Path) -> list[str]:
+        return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+
+    @staticmethod
+    def images_under(folder: Path) -> list[str]:
+        return _images_under(folder)
+
+
 # ---------------------------------------------------------------------------------------------
 # One reader per layout: each returns (paths, labels, class_names) with paths grouped by label.
 
@@ -227,28 +286,38 @@ def _images_under(folder: Path) -> list[str]:
     return sorted(found, key=lambda path: Path(os.path.relpath(path, folder)).as_posix())
 
 
-def _read_folder(spec: DatasetSpec, split: SplitSpec) -> Entries:
-    """Class-per-folder tree: classes are the sorted sub-folders (or the class list), files sorted within each."""
+def _read_folder(spec: DatasetSpec, split: SplitSpec, tree: _DiskTree | _ArchiveTree = _DiskTree()) -> Entries:
+    """Class-per-folder tree: classes are the sorted sub-folders (or the class list), files sorted within each.
+
+    Images in sub-folders of a class folder count in that class (one warning names such a folder).
+    """
     path = split.path
+    present = tree.subfolders(path)
     if spec.classes_file is not None:
         class_names = _read_class_list(spec.classes_file)
         for name in class_names:
-            if not (path / name).is_dir():
+            if name not in present:
                 raise DatasetError(f"class '{name}' listed in {spec.classes_file} has no folder in {path}: fix the list or the tree")
     else:
-        class_names = sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
+        class_names = present
     if not class_names:
         raise DatasetError(f"no class folders in {path}: a folder dataset needs one sub-folder of images per class")
     paths: list[str] = []
     labels: list[int] = []
+    nested: set[str] = set()
     for label, name in enumerate(class_names):
-        files = _images_under(path / name)
+        files = tree.images_under(path / name)
         if not files:
             raise DatasetError(
                 f"class '{name}' in {path} has no images: add images ({', '.join(IMAGE_EXTENSIONS[:3])} ...) or remove the folder"
             )
+        nested.update(os.path.dirname(f) for f in files if os.path.dirname(f) != str(path / name))
         paths.extend(files)
         labels.extend([label] * len(files))
+    if nested:
+        logger.warning(
+            "images in %d sub-folder(s) of class folders count in their class, e.g. %s: move them up or out "
+            "if they are not of that class", len(nested), sorted(nested)[0])
     return paths, labels, class_names
 
 
@@ -428,6 +497,7 @@ def build_index(
     split_dir: str | os.PathLike | None = None,
     per_class: int | None = None,
     limit: int | None = None,
+    unpack: bool = True,
 ) -> ImageIndex:
     """List the images of one dataset split in their reproducible order, checking everything first.
 
@@ -444,6 +514,9 @@ def build_index(
         split_dir: the split's folder (``--split-dir``), overriding the manifest.
         per_class: keep the first n images of every class (a deterministic class-balanced subset).
         limit: keep the first n rows (after ``per_class``); for quick runs.
+        unpack: unpack a packed dataset into the data root; False (a dry run) writes nothing and
+            lists the archive instead: the index then names the files as they would be unpacked
+            and ``pending_unpack`` says what would be unpacked where.
 
     Returns:
         The :class:`ImageIndex`.
@@ -463,16 +536,24 @@ def build_index(
     spec = get_dataset(dataset_name, manifest, overrides)
     split_spec = spec.split(split)
 
+    pending = None
+    tree: _DiskTree | _ArchiveTree = _DiskTree()
     if spec.source_archive is not None and split_dir is None and not spec.root.exists():
-        ensure_unpacked(spec.source_archive, spec.data_root, spec.root.name)
-    if not split_spec.path.is_dir():
+        if unpack:
+            ensure_unpacked(spec.source_archive, spec.data_root, spec.root.name)
+        else:
+            pending, tree = _listed_archive(dataset_name, spec, split_spec)
+    if pending is None and not split_spec.path.is_dir():
         raise DatasetError(f"dataset '{dataset_name}' split '{split}': folder {split_spec.path} does not exist; {_WHERE_HINT}")
 
-    paths, labels, class_names = _READERS[split_spec.format](spec, split_spec)
+    if pending is None:
+        paths, labels, class_names = _READERS[split_spec.format](spec, split_spec)
+    else:
+        paths, labels, class_names = _read_folder(spec, split_spec, tree)
     index = ImageIndex(
         dataset=dataset_name, split=split, root=str(split_spec.path),
         paths=[str(path) for path in paths], labels=np.asarray(labels, dtype=np.int64),
-        class_names=list(class_names),
+        class_names=list(class_names), pending_unpack=pending,
     )
     if per_class is not None:
         index = index.subset(_take_per_class(index.labels, per_class, index.class_names))
@@ -480,3 +561,20 @@ def build_index(
         index = index.subset(np.arange(limit))
     logger.info("%s/%s: %d images in %d classes", dataset_name, split, index.num_images, index.num_classes)
     return index
+
+
+def _listed_archive(dataset_name: str, spec: DatasetSpec, split: SplitSpec) -> tuple[tuple[str, str, int], _ArchiveTree]:
+    """What unpacking would give, read from the archive's listing: ((archive, destination, bytes), tree)."""
+    archive = Path(spec.source_archive).expanduser()
+    if not archive.is_file():
+        raise DatasetError(f"{spec.root} does not exist and its source archive {archive} is missing: {_WHERE_HINT} or set DIFFREP_SHARED")
+    if split.format != "folder":
+        raise DatasetError(
+            f"dataset '{dataset_name}' is still packed in {archive} and a dry run cannot list a '{split.format}' "
+            f"dataset from its archive: run once without --dry-run to unpack it into {spec.data_root}"
+        )
+    names, size = list_archive(archive, spec.root.name)
+    tree = _ArchiveTree(Path(spec.data_root).expanduser(), names)
+    if not tree._below(split.path):
+        raise DatasetError(f"dataset '{dataset_name}' split '{split.name}': {archive} has no folder {split.path.relative_to(spec.data_root)}; {_WHERE_HINT}")
+    return (str(archive), str(spec.root), size), tree

@@ -14,13 +14,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from extract.adm import normalize_blocks
-from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run
+from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run, reset_shards
 from extract.configs import get_config
 from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, run_shard_job
@@ -32,8 +34,8 @@ from .datasets import build_index
 from .locks import LockHeld, file_lock
 
 __all__ = [
-    "ExtractionRequest", "ExtractionPlan", "RunSummary", "dataset_splits", "plan_extraction", "run_extraction",
-    "format_bytes",
+    "ExtractionRequest", "ExtractionPlan", "RunSummary", "ExtractionInterrupted", "dataset_splits", "plan_extraction",
+    "lock_cache", "run_extraction", "format_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class ExtractionRequest:
     per_class: int | None = None
     limit: int | None = None
     data_root: str | None = None
+    split_dir: str | None = None
     device: str = "auto"
     precision: str = "fp32"
     num_threads: int = DEFAULT_THREADS
@@ -106,6 +109,9 @@ class ExtractionPlan:
     bytes_new: int
     bytes_free: int
     forwards: int
+    damaged: dict[tuple[int, int, int], dict[int, str]] = field(default_factory=dict)
+    index_damage: dict[str, dict[int, str]] = field(default_factory=dict)
+    unpack: tuple[str, str, int] | None = None
 
     @property
     def images_to_run(self) -> int:
@@ -122,6 +128,9 @@ class ExtractionPlan:
             f"pool {spec.pool or 'none'}, float16{', + flipped view' if spec.flip else ''}",
             f"  cache {self.path}",
         ]
+        if self.unpack is not None:
+            archive, destination, size = self.unpack
+            lines.append(f"  would unpack {archive} ({format_bytes(size)}) into {destination} first")
         if not spec.checkpoint_sha256 and get_config(spec.config_name).checkpoint_file:
             lines.append(f"  note: no --checkpoint, so the weights are random: pass the official "
                          f"{get_config(spec.config_name).checkpoint_file} to measure what diffusion training learned")
@@ -134,6 +143,13 @@ class ExtractionPlan:
                 state = "resume"
             size = spec.num_images * c * h * w * 2 * spec.views
             lines.append(f"  b{b}/t{t}: ({spec.num_images}, {c}, {h}, {w}) float16, {format_bytes(size)}  [{state}]")
+        for (b, t, view), shards in sorted(self.damaged.items()):
+            lines.append(f"  b{b}/t{t}{_VIEW_NAMES[view]}: {len(shards)} shard(s) marked done but damaged, re-run: "
+                         + "; ".join(f"{s} {why}" for s, why in sorted(shards.items())[:4]))
+        for name, chunks in sorted(self.index_damage.items()):
+            action = "rewritten from the dataset index" if name in ("path", "label") else "re-run with their shards"
+            lines.append(f"  index/{name}: {len(chunks)} chunk(s) damaged, {action}: "
+                         + "; ".join(f"{c} {why}" for c, why in sorted(chunks.items())[:4]))
         lines.append(
             f"  to do: {len(self.jobs)} shard tasks, {self.images_to_run} images, {self.forwards} forwards "
             f"(one per image, timestep and view, each stopping at the deepest block asked for that timestep)"
@@ -191,6 +207,34 @@ def _existing_parent(path: str) -> str:
     return path
 
 
+def _check_cache_dir(cache_dir: str, path: str) -> None:
+    """Refuse a --cache-dir that cannot hold a cache, before anything is written (and in a dry run too).
+
+    Raises:
+        CacheError: a regular file on the way, a pseudo-filesystem such as /proc, or a folder this
+            user cannot write.
+    """
+    parent = _existing_parent(path)
+    if not os.path.isdir(parent):
+        raise CacheError(
+            f"--cache-dir {cache_dir} lies below {parent}, which is a file, not a folder: pass a --cache-dir in a folder"
+        )
+    try:
+        stats = os.statvfs(parent)
+    except OSError as exc:
+        raise CacheError(f"cannot read --cache-dir {cache_dir} ({exc.strerror or exc}): pass another --cache-dir") from None
+    if stats.f_blocks == 0:
+        raise CacheError(
+            f"--cache-dir {cache_dir} is on {parent}, which is not a writable filesystem (a pseudo-filesystem "
+            f"with no storage, like /proc): pass a --cache-dir on a disk"
+        )
+    if stats.f_flag & os.ST_RDONLY or not os.access(parent, os.W_OK | os.X_OK):
+        raise CacheError(
+            f"--cache-dir {cache_dir} cannot be written here ({parent} is read-only for this user): "
+            f"pass a --cache-dir you can write"
+        )
+
+
 def _require_same_compute(existing: FeatureCache, request: ExtractionRequest) -> None:
     """Refuse to extend a cache with another --batch-size or --threads than it was written with.
 
@@ -228,18 +272,22 @@ def _verified_checkpoint(config_name: str, path: str, size: int, mtime_ns: int) 
     return file_sha256(path)
 
 
-def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> ExtractionPlan:
+def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run: bool = False) -> ExtractionPlan:
     """Work out what is missing in the cache for a request, without writing anything.
 
     Args:
         request: what to extract; check_disk: refuse when the free disk cannot hold the new data.
+        dry_run: only look: a dataset that is still packed is listed from its archive instead of
+            unpacked (the plan says what would be unpacked), and the disk is not checked.
 
     Returns:
-        The plan: its ``jobs`` cover exactly the (shard, view, t, blocks) not yet marked complete.
+        The plan: its ``jobs`` cover exactly the (shard, view, t, blocks) not yet written, counting
+        shards marked complete whose objects are missing or short (listed in ``damaged``).
 
     Raises:
         ConfigError, BlockRangeError, TimestepRangeError: bad backbone, blocks or timesteps;
         DatasetError: unknown dataset or missing images; CheckpointError: missing checkpoint file;
+        CacheError: a --cache-dir that cannot hold a cache, damaged cache metadata;
         CacheMismatchError: the cache was written with other settings; DiskSpaceError: not enough space.
     """
     config = get_config(request.config_name)
@@ -262,7 +310,8 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> Extr
         stat = os.stat(request.checkpoint)
         sha256 = _verified_checkpoint(config.name, os.path.abspath(request.checkpoint), stat.st_size, stat.st_mtime_ns)
     index = build_index(
-        request.dataset, request.split, root=request.data_root, per_class=request.per_class, limit=request.limit
+        request.dataset, request.split, root=request.data_root, split_dir=request.split_dir,
+        per_class=request.per_class, limit=request.limit, unpack=not dry_run,
     )
     subset = "all"
     if request.per_class is not None or request.limit is not None:
@@ -278,6 +327,7 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> Extr
     )
     # absolute: workers of a remote cluster (and the disk check) must not depend on our cwd
     path = cache_path(os.path.abspath(request.cache_dir), spec.dataset, spec.split, spec.backbone_id)
+    _check_cache_dir(request.cache_dir, path)
     native = {b: block_shapes[b][1] for b in blocks}
     shapes = {
         (b, t): (block_shapes[b][0], pooled_size(native[b], spec.pool), pooled_size(native[b], spec.pool))
@@ -290,10 +340,17 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> Extr
         existing.spec.require_match(spec)
         _require_same_compute(existing, request)
     missing: dict[tuple[int, int, int], set[int]] = {}
+    damaged: dict[tuple[int, int, int], dict[int, str]] = {}
+    index_damage = existing.index_damage() if existing is not None else {}
+    # index rows of valid/error are written by a shard's job: a lost chunk re-runs that shard
+    rerun = {chunk for name in ("valid", "error") for chunk in index_damage.get(name, {})}
     for (b, t) in shapes:
         for view in range(spec.views):
             if existing is not None and existing.has_array(b, t, view):
-                missing[(view, t, b)] = set(existing.missing_shards(b, t, view))
+                damaged_here = existing.damaged_shards(b, t, view)
+                if damaged_here:
+                    damaged[(b, t, view)] = damaged_here
+                missing[(view, t, b)] = set(existing.missing_shards(b, t, view)) | rerun
             else:
                 missing[(view, t, b)] = set(range(spec.num_shards))
     new_arrays = [(b, t) for (b, t) in shapes if existing is None or not existing.has_array(b, t)]
@@ -322,11 +379,13 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True) -> Extr
                 decode_threads=int(request.decode_threads),
             ))
     bytes_free = shutil.disk_usage(_existing_parent(path)).free
+    check_disk = check_disk and not dry_run
     plan = ExtractionPlan(
         request=request, spec=spec, path=path, paths=list(index.paths), labels=index.labels,
         class_names=list(index.class_names), shapes=shapes, native_sizes=native, jobs=jobs,
         new_arrays=new_arrays, complete_arrays=complete, bytes_new=bytes_new, bytes_free=bytes_free,
-        forwards=sum(job.forwards for job in jobs),
+        forwards=sum(job.forwards for job in jobs), damaged=damaged, index_damage=index_damage,
+        unpack=index.pending_unpack,
     )
     if check_disk and bytes_new * DISK_MARGIN > bytes_free:
         raise DiskSpaceError(
@@ -343,8 +402,48 @@ def _prod(shape: tuple[int, ...]) -> int:
     return out
 
 
+class ExtractionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the shards finished so far are written and marked, the rest left to the next run.
+
+    A KeyboardInterrupt, so that library callers still stop; ``summary`` is what the run did.
+    """
+
+    def __init__(self, summary: "RunSummary", total: int):
+        super().__init__(f"{summary.shards_done} of {total} shards finished")
+        self.summary, self.total = summary, total
+
+
+_HELD: set[str] = set()
+
+
+@contextmanager
+def lock_cache(plan: ExtractionPlan) -> Iterator[None]:
+    """Hold ``<cache>.lock`` for a run (re-entrant in this process), so two runs never write the same shards.
+
+    Take it before starting any cluster: a refused run then starts nothing.
+
+    Raises:
+        CacheError: another process holds the lock (names it).
+    """
+    lock_path = plan.path.rstrip(os.sep) + ".lock"
+    if lock_path in _HELD:
+        yield
+        return
+    try:
+        with file_lock(lock_path, blocking=False):
+            _HELD.add(lock_path)
+            try:
+                yield
+            finally:
+                _HELD.discard(lock_path)
+    except LockHeld as held:  # two runs on one cache would plan and write the same shards
+        raise CacheError(
+            f"another diffrep extract ({held.holder}) is writing {plan.path}: wait for it to finish, or use another --cache-dir"
+        ) from None
+
+
 def run_extraction(plan: ExtractionPlan, runner: TaskRunner, progress: bool = True, retries: int = 2) -> RunSummary:
-    """Create the cache metadata, then run the plan's shard jobs and record the run.
+    """Create the cache metadata, forget damaged shards, then run the plan's shard jobs and record the run.
 
     Args:
         plan: from ``plan_extraction``; runner: from ``pipeline.cluster.open_runner``.
@@ -353,30 +452,31 @@ def run_extraction(plan: ExtractionPlan, runner: TaskRunner, progress: bool = Tr
     Returns:
         RunSummary; shards that failed after their retries are listed in ``failed`` (their markers
         stay unset, so running the same command again finishes them).
+
+    Raises:
+        CacheError: another run holds the cache; ExtractionInterrupted: Ctrl-C (finished shards are kept).
     """
-    try:
-        with file_lock(plan.path.rstrip(os.sep) + ".lock", blocking=False):
-            return _run_locked(plan, runner, progress, retries)
-    except LockHeld as held:  # two runs on one cache would plan and write the same shards
-        raise CacheError(
-            f"another diffrep extract ({held.holder}) is writing {plan.path}: wait for it to finish, or use another --cache-dir"
-        ) from None
+    with lock_cache(plan):
+        return _run_locked(plan, runner, progress, retries)
 
 
 def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retries: int) -> RunSummary:
     from tqdm import tqdm
 
     began = time.perf_counter()
-    create_cache(
+    create_cache(  # also rewrites lost chunks of index/path and index/label
         plan.request.cache_dir, plan.spec, plan.paths, plan.labels, plan.class_names,
         arrays=plan.shapes, native_sizes=plan.native_sizes,
     )
+    if plan.damaged or plan.index_damage:  # their markers lie: unset them (and drop the remains) before rerunning
+        reset_shards(plan.path, plan.damaged, {k: v for k, v in plan.index_damage.items() if k in ("valid", "error")})
     summary = RunSummary(path=plan.path, shards_skipped=plan.spec.num_shards - len(plan.jobs))
     jobs = plan.jobs
     fatal: DiffrepError | None = None
     bar = tqdm(total=plan.images_to_run, unit="img", desc=f"{plan.spec.dataset}/{plan.spec.split}",
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
     results = runner.run(run_shard_job, jobs, retries=retries, name=f"extract-{plan.spec.split}-shard")
+    interrupted = False
     try:
         for job, result in results:
             if isinstance(result, ShardResult):
@@ -392,6 +492,8 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
                 if isinstance(result, DiffrepError):  # a bad setting fails every shard alike: stop now
                     fatal = result
                     break
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         results.close()  # cancels what is still queued before the run is recorded and the lock let go
         bar.close()
@@ -403,6 +505,8 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
             "where": runner.description, "threads": plan.request.num_threads,
             "batch_size": plan.request.batch_size,
         })
+    if interrupted:
+        raise ExtractionInterrupted(summary, len(jobs))
     if fatal is not None:
         raise fatal
     return summary

@@ -57,7 +57,10 @@ class TimestepList(IntList):
 
 
 class PoolList(click.ParamType):
-    """Pool sizes: ``16``, ``1,2,4`` or ``none`` (keep full maps, stored as 0)."""
+    """Pool sizes: ``16``, ``1,2,4`` or ``none`` (keep full maps, stored as 0).
+
+    ``0`` is refused rather than read as ``none``: it looks like "pool to nothing", not "keep everything".
+    """
 
     name = "pool"
 
@@ -67,7 +70,7 @@ class PoolList(click.ParamType):
         out = []
         for part in str(value).split(","):
             part = part.strip().lower()
-            if part in ("none", "full", "0"):
+            if part in ("none", "full"):
                 out.append(0)
                 continue
             try:
@@ -75,7 +78,7 @@ class PoolList(click.ParamType):
             except ValueError:
                 self.fail(f"{value!r} is not a pool size: give integers like 16 or 1,2,4, or 'none'", param, ctx)
             if size < 1:
-                self.fail(f"pool size {size} must be at least 1 (or 'none')", param, ctx)
+                self.fail(f"pool size {size} must be at least 1: write 'none' to keep full maps", param, ctx)
             out.append(size)
         return out
 

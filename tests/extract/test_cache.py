@@ -1,13 +1,17 @@
 """The Zarr cache: metadata first, whole-shard writes with markers, the reader's checks, plain-Zarr readability."""
 
+import json
 import os
 import threading
+import zlib
 
 import numpy as np
 import pytest
 import zarr
 
-from extract.cache import CacheSpec, cache_path, create_cache, make_backbone_id, open_cache, record_run, write_shard
+from extract.cache import (
+    CacheSpec, cache_path, create_cache, make_backbone_id, open_cache, record_run, reset_shards, write_shard,
+)
 from extract.errors import CacheError, CacheIncompleteError, CacheMismatchError
 
 N, SHARD = 10, 4
@@ -106,7 +110,7 @@ def test_incomplete_and_missing_arrays_are_named(tmp_path):
     cache = _create(tmp_path)
     write_shard(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
     assert not cache.is_complete(4, 90) and cache.missing_shards(4, 90) == [0, 2]
-    with pytest.raises(CacheIncompleteError, match=r"array b4/t90 is missing 2 of 3 shards: run diffrep extract --dataset toy --timesteps 90 --blocks 4"):
+    with pytest.raises(CacheIncompleteError, match=r"^array b4/t90 is missing 2 of 3 shards: run diffrep extract --dataset toy --timesteps 90 --blocks 4 again to finish it$"):
         cache.load(4, 90)
     with pytest.raises(CacheIncompleteError):
         next(cache.iter_shards(4, 90))
@@ -182,3 +186,159 @@ def test_flipped_view_and_invalid_rows(tmp_path):
     assert list(np.flatnonzero(~cache.valid)) == [1] and cache.errors[1] == "OSError: truncated"
     assert cache.invalid_images == [{"index": 1, "path": cache.paths[1], "reason": "OSError: truncated"}]
     assert zarr.open_group(cache.path).attrs["runs"][-1]["images"] == 4
+
+
+# -- a marker is not proof: lost objects are found, named, and redone ------------------------
+
+def _shard_file(cache, name, shard):
+    return os.path.join(cache.path, name, "c", str(shard), "0", "0", "0")
+
+
+def _full_shard_bytes(rows=SHARD, c=3, h=8, w=8, inner_chunks=1):
+    """An uncompressed shard of b4/t90: its rows' float16 values, then 16 index bytes per inner chunk and a CRC-32C."""
+    return rows * c * h * w * 2 + 16 * inner_chunks + 4
+
+
+@pytest.mark.parametrize("tamper,why", [
+    ("delete", "missing"),
+    ("empty", "empty (0 bytes)"),
+    ("half", f"{_full_shard_bytes() // 2} bytes, expected {_full_shard_bytes()}"),
+])
+def test_a_marked_shard_whose_object_is_lost_is_not_complete(tmp_path, tamper, why):
+    cache = _create(tmp_path)
+    _fill(cache)
+    target = _shard_file(cache, "b4/t90", 1)
+    assert os.path.getsize(target) == _full_shard_bytes(), "the layout this check relies on"
+    if tamper == "delete":
+        os.remove(target)
+    else:
+        with open(target, "r+b") as handle:
+            handle.truncate(0 if tamper == "empty" else _full_shard_bytes() // 2)
+    cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
+    assert cache.damaged_shards(4, 90) == {1: why}
+    assert cache.missing_shards(4, 90) == [1] and not cache.is_complete(4, 90)
+    assert cache.is_complete(12, 90), "other arrays are untouched"
+    message = (f"array b4/t90 of {cache.path} has 1 damaged shard(s) 1 (data object {why}): "
+               "run the same diffrep extract command again: it re-runs exactly those shards")
+    with pytest.raises(CacheIncompleteError) as info:
+        cache.load(4, 90)
+    assert str(info.value) == message
+    with pytest.raises(CacheIncompleteError, match="damaged shard"):
+        next(cache.iter_shards(4, 90))
+    partial = cache.load(4, 90, allow_incomplete=True)
+    np.testing.assert_array_equal(partial[:4], _data(4, 90, 0, 4))
+    assert not partial[4:8].any(), "a lost shard reads as zeros only when asked for"
+    reset_shards(cache.path, {(4, 90, 0): [1]})
+    assert not os.path.exists(target) and cache.damaged_shards(4, 90) == {} and cache.missing_shards(4, 90) == [1]
+    write_shard(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
+    np.testing.assert_array_equal(cache.load(4, 90), _data(4, 90, 0, N))
+
+
+def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path):
+    cache = _create(tmp_path)
+    _fill(cache)
+    zeros = np.zeros((2, 3, 8, 8), np.float16)  # e.g. two images that could not be decoded
+    write_shard(cache.path, 2, {(4, 90): zeros}, valid=np.zeros(2, bool), errors=["bad", "bad"])
+    assert os.path.getsize(_shard_file(cache, "b4/t90", 2)) == _full_shard_bytes(), "zeros are stored, not skipped"
+    assert os.path.getsize(os.path.join(cache.path, "index", "valid", "c", "2")) == SHARD
+    assert cache.damaged_shards(4, 90) == {} and cache.index_damage() == {}
+    np.testing.assert_array_equal(cache.load(4, 90)[8:], zeros)
+
+
+def test_lost_index_chunks_are_refused_by_name(tmp_path):
+    cache = _create(tmp_path)
+    _fill(cache)
+    for chunk in range(3):
+        os.remove(os.path.join(cache.path, "index", "label", "c", str(chunk)))
+    with open(os.path.join(cache.path, "index", "valid", "c", "1"), "r+b") as handle:
+        handle.truncate(1)
+    cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
+    assert cache.index_damage() == {"label": {0: "missing", 1: "missing", 2: "missing"}, "valid": {1: "1 bytes, expected 4"}}
+    with pytest.raises(CacheError, match=r"^index/label of cache .* has damaged chunks 0, 1, 2 \(missing\): "
+                                         r"run the same diffrep extract command again: it rewrites them$"):
+        cache.labels
+    with pytest.raises(CacheError, match=r"index/valid of cache .* has damaged chunks 1 \(1 bytes, expected 4\)"):
+        cache.valid
+    assert cache.paths[0].endswith("c0/0000.jpg"), "sound index arrays still read"
+
+
+def test_reopening_with_the_same_index_rewrites_lost_label_and_path_chunks(tmp_path):
+    cache = _create(tmp_path)
+    _fill(cache)
+    os.remove(os.path.join(cache.path, "index", "label", "c", "0"))
+    with open(os.path.join(cache.path, "index", "path", "c", "2"), "r+b") as handle:
+        handle.truncate(3)
+    cache = _create(tmp_path)
+    assert cache.index_damage() == {}
+    assert list(cache.labels) == [i % 3 for i in range(N)] and cache.paths[9].endswith("c0/0009.jpg")
+    os.remove(os.path.join(cache.path, "index", "label", "c", "1"))
+    with pytest.raises(CacheMismatchError, match="indexes other images"):  # the sound chunks still have to match
+        create_cache(tmp_path, _spec(), [f"/data/toy/train/c{i % 3}/{i:04d}.jpg" for i in range(N)],
+                     (np.arange(N) + 1) % 3, ["c0", "c1", "c2"], arrays=SHAPES)
+    assert os.path.exists(os.path.join(cache.path, "index", "label", "c", "1")) is False, "nothing written on a mismatch"
+
+
+def test_markers_carry_the_crc32_of_their_shard_and_verify_finds_flipped_bits(tmp_path):
+    cache = _create(tmp_path)
+    _fill(cache)
+    markers = zarr.open_group(cache.path)["done/b4/t90"][:]
+    expected = [zlib.crc32(_data(4, 90, *cache.shard_bounds(s)).astype("<f2").tobytes()) for s in range(3)]
+    assert [int(m) - 2**32 for m in markers] == expected
+    assert cache.verify_shards(4, 90) == {} and cache.verify_index() == {}
+    target = _shard_file(cache, "b4/t90", 2)
+    with open(target, "r+b") as handle:  # one byte of shard 2's values; size and zarr's index stay valid
+        handle.seek(10)
+        byte = handle.read(1)
+        handle.seek(10)
+        handle.write(bytes([byte[0] ^ 0x40]))
+    assert cache.damaged_shards(4, 90) == {}, "the cheap check cannot see this"
+    assert cache.verify_shards(4, 90) == {2: "checksum mismatch (the data changed after it was written)"}
+    with open(target, "r+b") as handle:  # now the shard index at the end: zarr's own CRC-32C fails
+        handle.seek(-2, os.SEEK_END)
+        handle.write(b"\xff\xff")
+    assert cache.verify_shards(4, 90)[2].startswith("cannot be decoded: ")
+    with pytest.raises(CacheError, match=r"shard 2 of b4/t90 in .* cannot be decoded .*: run diffrep verify --cache-dir "
+                                         r".* --dataset toy --split train --repair, then the same diffrep extract command"):
+        cache.load(4, 90)
+
+
+def test_format_1_caches_are_read_with_the_checks_they_allow(tmp_path):
+    cache = _create(tmp_path)
+    _fill(cache)
+    group = zarr.open_group(cache.path, mode="r+")
+    group.attrs["diffrep"] = {**group.attrs["diffrep"], "format_version": 1}
+    os.remove(_shard_file(cache, "b12/t90", 0))  # format 1 skipped all-zero shards: absence proves nothing
+    with open(_shard_file(cache, "b4/t90", 1), "r+b") as handle:
+        handle.truncate(_full_shard_bytes() // 2)
+    cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
+    assert cache.damaged_shards(12, 90) == {}
+    assert cache.damaged_shards(4, 90) == {1: f"{_full_shard_bytes() // 2} bytes, expected 20 + a multiple of 1536"}
+
+
+@pytest.mark.parametrize("node,fix", [
+    ("", "it holds the cache's settings and cannot be rebuilt: restore it from a backup or extract into a new --cache-dir"),
+    ("b4/t90", "delete the folders b4/t90 and done/b4/t90 of the cache and run the same diffrep extract command "
+               "again: it writes that array again"),
+    ("done/b4/t90", "delete the folders b4/t90 and done/b4/t90 of the cache and run the same diffrep extract "
+                    "command again: it writes that array again"),
+    ("b4", 'replace its content with {"zarr_format": 3, "node_type": "group", "attributes": {}}'),
+    ("index/label", "the image index cannot be rebuilt in place: extract into a new --cache-dir"),
+])
+def test_garbage_metadata_is_named_with_its_fix(tmp_path, node, fix):
+    cache = _create(tmp_path)
+    _fill(cache)
+    target = os.path.join(cache.path, node, "zarr.json")
+    with open(target, "w") as handle:
+        handle.write("{garbage")
+    with pytest.raises(CacheError) as info:
+        cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
+        cache.arrays(), cache.labels, cache.load(4, 90)
+    assert str(info.value).startswith(f"cache metadata {os.path.normpath(target)} is damaged (not JSON: ")
+    assert str(info.value).endswith(f"): {fix}")
+    if not node:
+        return  # a root that parses but holds no settings is "not a diffrep cache" (see test_no_cache_there)
+    with open(target, "w") as handle:
+        json.dump({"zarr_format": 3}, handle)
+    with pytest.raises(CacheError, match=r"is damaged \(no zarr_format 3 / node_type\)"):
+        cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
+        cache.arrays(), cache.labels, cache.load(4, 90)

@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from extract.checkpoint import compare_state_dict, load_checkpoint, read_state_dict
-from extract.configs import create_backbone, get_config
+from extract.checkpoint import compare_state_dict, read_state_dict
+from extract.configs import check_checkpoint, create_backbone, get_config
 from extract.errors import CheckpointError
 
 
@@ -45,14 +45,12 @@ def test_containers_and_module_prefix_are_unwrapped(tmp_path):
 def test_mismatch_names_keys_shapes_and_the_flag(tmp_path, override, message):
     other = get_config("32x32_small").build(**override)
     path = _save(tmp_path, other.state_dict())
-    target = get_config("32x32_small").build()
-    before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"checkpoint does not fit 32x32_small: ") as err:
-        load_checkpoint(target, path, "32x32_small")
+        create_backbone("32x32_small", checkpoint=str(path))
     assert len(str(err.value).splitlines()) == 1
     assert re.search(message, str(err.value)), str(err.value)
-    after = target.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), "nothing may be loaded on a mismatch"
+    with pytest.raises(CheckpointError, match=r"checkpoint does not fit 32x32_small: "):
+        check_checkpoint("32x32_small", str(path))
 
 
 def test_a_checkpoint_of_another_named_configuration_is_recognised():
@@ -65,17 +63,30 @@ def test_a_checkpoint_of_another_named_configuration_is_recognised():
 
 def test_missing_empty_truncated_and_foreign_files(tmp_path):
     model = get_config("32x32_small").build()
+
+    def load(name):
+        return create_backbone("32x32_small", checkpoint=str(tmp_path / name))
+
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(model, tmp_path / "nope.pt")
+        load("nope.pt")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty"):
-        load_checkpoint(model, tmp_path / "empty.pt")
+        load("empty.pt")
     good = _save(tmp_path, model.state_dict(), "good.pt").read_bytes()
     (tmp_path / "half.pt").write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="not a readable PyTorch file"):
-        load_checkpoint(model, tmp_path / "half.pt")
-    (tmp_path / "notes.pt").write_text("these are not weights\n")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch file"):
-        load_checkpoint(model, tmp_path / "notes.pt")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch file: it is a zip archive, as PyTorch writes "
+                                              "them, but truncated or damaged; pass the official .pt file"):
+        load("half.pt")
     with pytest.raises(CheckpointError, match="no state dict of tensors"):
-        load_checkpoint(model, _save(tmp_path, [1, 2, 3], "list.pt"))
+        create_backbone("32x32_small", checkpoint=str(_save(tmp_path, [1, 2, 3], "list.pt")))
+
+
+def test_a_text_file_as_checkpoint_gets_a_whole_sentence(tmp_path):
+    notes = "these are not weights but notes " * 20
+    (tmp_path / "notes.pt").write_text(notes + "\n")
+    with pytest.raises(CheckpointError) as err:
+        create_backbone("32x32_small", checkpoint=str(tmp_path / "notes.pt"))
+    message = str(err.value)
+    assert message == (f"checkpoint {tmp_path / 'notes.pt'} is not a readable PyTorch file: it is a text file "
+                       f"(starting {notes[:40]!r}...); pass the official .pt file (download it again if it was cut short)")
+

@@ -24,6 +24,7 @@ ARGS = ["extract", "--dataset", "cifar10", "--split", "test", "--config", "32x32
         "--blocks", "4,10,12", "--pool", "4", "--shard-size", "50", "--batch-size", "25", "--threads", "1",
         "--no-progress"]
 BIN = Path(sys.executable).parent
+CRASH = Path(__file__).resolve().parents[1] / "crash_after_writes.py"
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,8 @@ def test_two_worker_local_cluster_writes_the_same_bits(reference, data_root, tmp
 
 @pytest.mark.e2e
 def test_a_run_killed_half_way_resumes_to_the_same_bits(reference, data_root, tmp_path):
-    command = [str(BIN / "diffrep"), *ARGS, "--data-root", str(data_root), "--cache-dir", str(tmp_path), "--synchronous"]
+    command = [sys.executable, str(CRASH), *ARGS, "--data-root", str(data_root), "--cache-dir", str(tmp_path),
+               "--synchronous"]
     env = {**os.environ, "DIFFREP_TEST_CRASH_AFTER_WRITES": "5"}
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == 3, killed.stderr
@@ -114,8 +116,11 @@ def test_a_run_killed_half_way_resumes_to_the_same_bits(reference, data_root, tm
 def test_a_killed_worker_loses_only_its_shard(reference, data_root, tmp_path):
     sentinel = tmp_path / "crashed"
     cache_dir = tmp_path / "cache"
-    result = _extract(data_root, cache_dir, "--workers", "2",
-                      env={"DIFFREP_TEST_CRASH_AFTER_WRITES": f"3:{sentinel}"})
+    import dask
+
+    with dask.config.set({"distributed.worker.preload": [str(CRASH)]}):  # workers wrap write_shard at start
+        result = _extract(data_root, cache_dir, "--workers", "2",
+                          env={"DIFFREP_TEST_CRASH_AFTER_WRITES": f"3:{sentinel}"})
     assert sentinel.exists(), "a worker process was killed mid-shard"
     assert result.exit_code == 0, result.output
     _assert_same_cache(reference[0], cache_dir)

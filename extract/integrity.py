@@ -1,0 +1,139 @@
+"""Whether the objects behind a cache's completion markers are really there: object sizes and shard checksums.
+
+A completion marker says a shard was written; it does not prove that the bytes are still on
+disk. Zarr reads a missing object as its fill value (zeros), so a deleted or emptied shard would
+pass for data. The cache is uncompressed, so the byte size of every stored object is known from
+the array metadata alone: checking existence and size costs one ``stat`` per object and catches
+missing, emptied and truncated objects. Bit-level damage needs the data itself: each marker of a
+format-2 cache carries the CRC-32 of its shard's values (``marker_value``), which ``diffrep
+verify`` recomputes.
+
+Zarr 3 lays a sharded array out as one object per shard, ``c/<s>/0/0/0`` (chunk-key encoding
+``/``), holding its inner chunks back to back and, at its end, an index of 16 bytes per inner
+chunk plus a 4-byte CRC-32C. Inner chunks lying wholly past the last row are not stored; every
+other inner chunk is, as long as the writer sets ``write_empty_chunks`` (``WRITE_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterable
+
+import numpy as np
+import zarr
+
+__all__ = [
+    "WRITE_CONFIG", "MARKER_DONE", "shard_checksum", "marker_value", "marker_checksum", "object_path",
+    "object_problems", "remove_objects",
+]
+
+WRITE_CONFIG = {"write_empty_chunks": True}
+"""Array config for every diffrep write: all-zero chunks (invalid images, class 0 labels) are stored too,
+so a missing object always means lost data (Zarr would otherwise skip them and read them back as zeros)."""
+
+MARKER_DONE = 1 << 32
+"""A format-2 marker is MARKER_DONE + the CRC-32 of its shard: nonzero whatever the checksum."""
+
+
+def shard_checksum(data: np.ndarray) -> int:
+    """CRC-32 of a shard's values as stored (little-endian bytes, C order).
+
+    Args:
+        data: the shard's rows, e.g. (n, C, h, w) float16.
+
+    Returns:
+        An int in [0, 2**32).
+    """
+    array = np.ascontiguousarray(data)
+    return zlib.crc32(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()) & 0xFFFFFFFF
+
+
+def marker_value(data: np.ndarray, marker_dtype: np.dtype) -> int:
+    """The completion marker to store for a shard: 1 in a uint8 marker array (format 1), else MARKER_DONE + CRC."""
+    if np.dtype(marker_dtype).itemsize < 8:
+        return 1
+    return MARKER_DONE + shard_checksum(data)
+
+
+def marker_checksum(value: int) -> int | None:
+    """The CRC-32 a marker records, or None when it records none (format-1 markers, unset markers)."""
+    value = int(value)
+    return value - MARKER_DONE if value >= MARKER_DONE else None
+
+
+def object_path(array: zarr.Array, index: int) -> str | None:
+    """File of chunk (or shard) ``index`` along the first axis, or None for a store that is not a local folder."""
+    root = getattr(array.store_path.store, "root", None)
+    if root is None:
+        return None
+    key = array.metadata.encode_chunk_key((int(index),) + (0,) * (array.ndim - 1))
+    return os.path.join(os.fspath(root), array.store_path.path, key)
+
+
+def _layout(array: zarr.Array) -> tuple[int, int, int, int | None, bool]:
+    """(rows per object, rows per inner chunk, bytes per inner chunk, index bytes or None, fixed size).
+
+    ``fixed size`` is False for variable-length strings, whose objects only have a minimum size.
+    """
+    codec = array.metadata.codecs[0]
+    outer = int(array.metadata.chunk_grid.chunk_shape[0])
+    fixed = array.dtype.kind not in "OTU"  # T: numpy 2 variable-length strings
+    if type(codec).__name__ == "ShardingCodec":
+        inner_shape = tuple(int(n) for n in codec.chunk_shape)
+        per_shard = int(np.prod([o // i for o, i in zip(array.metadata.chunk_grid.chunk_shape, inner_shape)]))
+        crc = any(type(c).__name__ == "Crc32cCodec" for c in codec.index_codecs)
+        inner_bytes = int(np.prod(inner_shape)) * array.dtype.itemsize
+        return outer, inner_shape[0], inner_bytes, 16 * per_shard + (4 if crc else 0), fixed
+    row_bytes = int(np.prod(array.metadata.chunk_grid.chunk_shape[1:])) * (array.dtype.itemsize if fixed else 0)
+    return outer, outer, outer * row_bytes, None, fixed
+
+
+def object_problems(array: zarr.Array, indexes: Iterable[int], strict: bool = True) -> dict[int, str]:
+    """Objects (shards of a sharded array, chunks otherwise) along the first axis that are missing or short.
+
+    Args:
+        array: an uncompressed array of a local cache, chunked or sharded along its first axis only.
+        indexes: which objects must hold data (e.g. the shards whose markers are set).
+        strict: every object was written with ``WRITE_CONFIG``, so each must exist with its exact size;
+            False (format-1 caches) lets a missing object pass (it may have been all zeros) and only
+            refuses sizes that no set of whole inner chunks gives.
+
+    Returns:
+        ``{index: why}`` for each bad object, e.g. ``{3: "missing"}``, ``{5: "778 bytes, expected 1556"}``.
+    """
+    problems: dict[int, str] = {}
+    rows_per_object, inner_rows, inner_bytes, index_bytes, fixed = _layout(array)
+    rows = int(array.shape[0])
+    for index in indexes:
+        path = object_path(array, index)
+        if path is None:
+            return {}
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            if strict:
+                problems[int(index)] = "missing"
+            continue
+        stored_rows = min(rows_per_object, rows - index * rows_per_object)
+        if index_bytes is not None:  # a shard: its in-bounds inner chunks, then its index
+            full = -(-stored_rows // inner_rows) * inner_bytes + index_bytes
+            body = size - index_bytes
+            ok = size == full if strict else (0 <= body <= full - index_bytes and body % inner_bytes == 0)
+            expected = f"{full}" if strict else f"{index_bytes} + a multiple of {inner_bytes}"
+        elif fixed:
+            ok, expected = size == inner_bytes, f"{inner_bytes}"
+        else:  # variable-length strings: a count, then one length per row
+            floor = 4 + 4 * rows_per_object
+            ok, expected = size >= floor, f"at least {floor}"
+        if not ok:
+            problems[int(index)] = f"{size} bytes, expected {expected}" if size else "empty (0 bytes)"
+    return problems
+
+
+def remove_objects(array: zarr.Array, indexes: Iterable[int]) -> None:
+    """Delete damaged objects so that rewriting them does not first read (and choke on) their remains."""
+    for index in indexes:
+        path = object_path(array, index)
+        if path is not None and os.path.lexists(path):
+            os.remove(path)

@@ -1,0 +1,114 @@
+"""Checking caches at rest: every marked shard read back and compared with the checksum recorded when it was written.
+
+Readers and ``diffrep extract`` check what is cheap (each object is there with its full size);
+``verify_caches`` also decodes every marked shard and compares its CRC-32 with the one in its
+marker, which catches damage that keeps sizes (a flipped bit, a file overwritten in place). With
+``repair`` it forgets the bad shards (their objects go, their markers are unset), so that the
+same ``diffrep extract`` command writes exactly those shards again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from extract.cache import FeatureCache, reset_shards
+from extract.errors import CacheError
+
+__all__ = ["CacheReport", "find_caches", "verify_cache", "verify_caches"]
+
+_VIEWS = ("", "_flip")
+
+
+@dataclass
+class CacheReport:
+    """What ``verify_cache`` found in one cache.
+
+    Attributes:
+        path: the cache group; arrays: (b, t) arrays checked; shards: marked shards read.
+        bad: one line per bad shard or index chunk; unwritten: shards not written yet (not an error);
+        unchecked: arrays whose markers record no checksum (format 1: decoded, not compared);
+        repaired: whether the bad shards were reset.
+    """
+
+    path: str
+    arrays: int = 0
+    shards: int = 0
+    bad: list[str] = field(default_factory=list)
+    unwritten: int = 0
+    unchecked: list[str] = field(default_factory=list)
+    repaired: bool = False
+
+
+def find_caches(root: str | os.PathLike, dataset: str | None = None, split: str | None = None) -> list[str]:
+    """Cache groups ``<root>/<dataset>/<split>/<backbone-id>`` below a root, sorted (filtered by dataset and split)."""
+    root = os.fspath(root)
+    found = []
+    for current, dirs, files in os.walk(root):
+        depth = 0 if current == root else len(os.path.relpath(current, root).split(os.sep))
+        if depth == 3:
+            dirs[:] = []
+            if "zarr.json" in files:
+                dataset_name, split_name, _ = os.path.relpath(current, root).split(os.sep)
+                if dataset in (None, dataset_name) and split in (None, split_name):
+                    found.append(current)
+        else:
+            dirs.sort()
+    return found
+
+
+def verify_cache(path: str, repair: bool = False) -> CacheReport:
+    """Check one cache: index chunks, then every marked shard of every array (decoded, checksum compared).
+
+    Args:
+        path: the cache group; repair: reset what is bad so that ``diffrep extract`` redoes it.
+
+    Returns:
+        The report (``bad`` empty when everything read back as written).
+
+    Raises:
+        CacheError: the cache's metadata cannot be read (names the file and the fix).
+    """
+    cache = FeatureCache(path)
+    report = CacheReport(path=path)
+    index = cache.verify_index()
+    for name, chunks in sorted(index.items()):
+        for chunk, why in chunks.items():
+            report.bad.append(f"{path}: index/{name} chunk {chunk}: {why}")
+    # lost valid/error rows come back when their shard runs again (path and label: extract rewrites them)
+    rerun = sorted({chunk for name in ("valid", "error") for chunk in index.get(name, {})})
+    damaged: dict[tuple[int, int, int], list[int]] = {}
+    for b, t in cache.arrays():
+        for view in range(cache.spec.views):
+            if not cache.has_array(b, t, view):
+                continue
+            report.arrays += 1
+            name = f"b{b}/t{t}{_VIEWS[view]}"
+            problems = cache.verify_shards(b, t, view)
+            unmarked = set(cache.missing_shards(b, t, view)) - set(problems)
+            report.unwritten += len(unmarked)
+            report.shards += cache.num_shards - len(unmarked)
+            if not cache.has_checksums(b, t, view):
+                report.unchecked.append(name)
+            for shard, why in problems.items():
+                report.bad.append(f"{path}: {name} shard {shard}: {why}")
+            if problems or rerun:
+                damaged[(b, t, view)] = sorted(set(problems) | set(rerun))
+    if repair and report.bad:
+        reset_shards(path, damaged, {name: list(index[name]) for name in ("valid", "error") if name in index})
+        report.repaired = True
+    return report
+
+
+def verify_caches(root: str | os.PathLike, dataset: str | None = None, split: str | None = None,
+                  repair: bool = False) -> list[CacheReport]:
+    """``verify_cache`` for every cache below ``root`` (see ``find_caches``).
+
+    Raises:
+        CacheError: no cache there (names what was looked for), or unreadable metadata.
+    """
+    paths = find_caches(root, dataset, split)
+    if not paths:
+        what = "/".join(part for part in (dataset, split) if part) or "any dataset"
+        raise CacheError(f"no feature cache of {what} under {os.fspath(root)}: pass the --cache-dir that diffrep extract wrote")
+    return [verify_cache(path, repair=repair) for path in paths]
