@@ -101,6 +101,7 @@ def _protocol_options(fn):
 @click.option("--hidden", callback=_int_tuple, default=None, help="MLP hidden sizes, e.g. 2048,1024 [default: 1024].")
 @click.option("--channels", callback=_int_tuple, default=None, help="CNN channels of its two convolutions [default: 256,256].")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Attention head transformer blocks [default: 2].")
+@click.option("--dim", type=click.IntRange(min=8), default=None, help="Attention head token width [default: 1024].")
 @_protocol_options
 @device_option()
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,

@@ -101,6 +101,7 @@ class ProbeRequest:
     hidden: tuple[int, ...] | None = None
     channels: tuple[int, ...] | None = None
     depth: int | None = None
+    dim: int | None = None
     epochs: int = 28
     lr: tuple[float, ...] | None = None
     l2: tuple[float, ...] = DEFAULT_L2_GRID
@@ -331,7 +332,7 @@ def run_probe(request: ProbeRequest) -> dict:
     overrides = {}
     if request.pool is not None:
         overrides["token_pool" if head == "attention" else "pool"] = request.pool
-    for name in ("hidden", "channels", "depth"):
+    for name in ("hidden", "channels", "depth", "dim"):
         if getattr(request, name) is not None:
             overrides[name] = getattr(request, name)
     if head == "attention":
