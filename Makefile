@@ -16,7 +16,11 @@ HEAD ?= linear
 CONFIG ?=
 EXTRA ?=
 
-.PHONY: install demo test test-fast bench extract probe info clean-venv
+# The bundled checkpoint (extract/weights/32x32_small.pt) is `make pretrain` with these settings.
+PRETRAIN_STEPS ?= 1100
+PRETRAIN_OUT ?= runs/pretrain
+
+.PHONY: install demo demo-full test test-fast bench extract probe pretrain info clean-venv
 
 # The venv's name carries the hash of the pins, so an existing one is complete: never redone.
 $(VENV)/.pins-installed:
@@ -36,6 +40,14 @@ info: install
 
 demo: install
 	$(DIFFREP) demo $(EXTRA)
+
+# The same demo with the attention head at the paper's settings (an hour or more on a CPU).
+demo-full: install
+	$(DIFFREP) demo --full $(EXTRA)
+
+# Text-free pretraining of the bundled configuration on the CIFAR-10 training images (labels unused).
+pretrain: install
+	$(DIFFREP) pretrain --config 32x32_small --dataset cifar10 --steps $(PRETRAIN_STEPS) --out $(PRETRAIN_OUT) $(EXTRA)
 
 test: install
 	$(PY) -m pytest -q $(EXTRA)

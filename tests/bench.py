@@ -3,7 +3,8 @@
 Sections: backbone (full vs truncated forwards of 256x256_uncond), extract (cache and
 extraction throughput), probe (seconds per epoch on the cache vs live backbone vs in memory),
 gpu (bf16 images/s of the real 256x256 model and its share of the GPU's peak; skipped without CUDA).
-Run one with ``python -m tests.bench backbone``.
+Run one with ``python -m tests.bench backbone``. Not in the default run (accuracy, not speed, and
+several minutes): protocols (each linear-probe protocol's top-1 and seconds on one cache).
 """
 
 from __future__ import annotations
@@ -143,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             from tests.bench_probe import bench_probe
 
             lines = bench_probe()
+        elif section == "protocols":
+            from tests.bench_protocols import bench_protocols
+
+            lines = bench_protocols()
         else:
-            parser.error(f"unknown section {section!r}: choose backbone, extract, probe or gpu")
+            parser.error(f"unknown section {section!r}: choose backbone, extract, probe, gpu or protocols")
         sys.stdout.write("\n".join(lines) + "\n\n")
         sys.stdout.flush()
     return 0
