@@ -1,28 +1,41 @@
-"""``diffrep demo`` end to end on a tiny CIFAR-10 subset: extract, sweep, report; a rerun only probes."""
+"""``diffrep demo`` end to end on a tiny CIFAR-10 subset: extract, probes, floors, report; a rerun only probes."""
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from extract.configs import bundled_checkpoint
 from pipeline.cli import main
 
 
 @pytest.mark.e2e
-def test_demo_extracts_probes_and_reuses_its_cache(cifar10_root, tmp_path, monkeypatch):
+def test_demo_extracts_probes_reports_and_reuses_its_cache(cifar10_root, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFREP_DATA", str(cifar10_root.parent))
-    args = ["demo", "--per-class", "12", "--test-per-class", "6", "--timesteps", "10", "--blocks", "9,12",
-            "--pools", "2", "--epochs", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
-            "--synchronous", "--no-progress"]
-    first = CliRunner().invoke(main, args)
+    out = tmp_path / "out"
+    args = ["demo", "--per-class", "12", "--test-per-class", "6", "-t", "10,50,150", "-b", "8,10,12",
+            "--pools", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--synchronous", "--no-progress"]
+    first = CliRunner().invoke(main, args, catch_exceptions=False)
     assert first.exit_code == 0, first.output
     assert "120 images (per_class=12)" in first.output and "60 images (per_class=6)" in first.output
-    assert "best linear: b=" in first.output and "best knn: b=" in first.output
-    linear = pq.read_table(tmp_path / "out" / "sweep_cifar10_32x32_small-random0_linear.parquet")
-    assert sorted(zip(linear["blocks"].to_pylist(), linear["pool"].to_pylist())) == [("12", 2), ("9", 2)]
-    assert (tmp_path / "out" / "sweep_cifar10_32x32_small-random0_knn_top1.png").stat().st_size > 0
-    assert pq.read_table(tmp_path / "out" / "results.parquet").num_rows == 4
+    trained = bundled_checkpoint("32x32_small") is not None
+    backbone = first.output.split("cache ")[1].split("/")[-1].split()[0] if trained else "32x32_small-random0"
+    linear = pq.read_table(out / f"sweep_cifar10_{backbone}_linear.parquet")
+    assert sorted(zip(linear["blocks"].to_pylist(), linear["timesteps"].to_pylist())) == sorted(
+        (b, t) for b in ("8", "10", "12") for t in ("10", "50", "150"))
+    assert set(linear["protocol"].to_pylist()) == {"converged"}
+    report = (out / "report.md").read_text()
+    for needle in ("## What held", "Mid timesteps best:", "Middle blocks best:", "Attention head over linear:",
+                   "DifFormer over the attention head: not measured", "## Stage times", "linear probes (converged):"):
+        assert needle in report, needle
+    if trained:  # floors: two random inits and raw pixels, on the same probe
+        assert "floor, random init (fan-in, seed 0)" in report and "floor, raw pixels" in report
+        assert "Pretrained over random init:" in report and "not measured" not in report.split("Pretrained over random init:")[1][:20]
+    rows = pq.read_table(out / "results.parquet").num_rows
+    assert rows == 9 + 9 + 1 + (2 if trained else 0)  # linear sweep, kNN sweep, attention head, floor probes
+    assert (out / f"sweep_cifar10_{backbone}_linear_top1.png").stat().st_size > 0
+    assert len(list(out.glob("cka_*.png"))) == 2
 
-    second = CliRunner().invoke(main, args)
+    second = CliRunner().invoke(main, args, catch_exceptions=False)
     assert second.exit_code == 0, second.output
-    assert "the demo cache is complete: probing only" in second.output
-    assert pq.read_table(tmp_path / "out" / "results.parquet").num_rows == 8
+    assert second.output.count("cache complete: nothing to extract") == (3 if trained else 1)
+    assert pq.read_table(out / "results.parquet").num_rows == 2 * rows
