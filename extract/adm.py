@@ -250,6 +250,9 @@ class _ADMEncoder(nn.Module):
         capture = set(capture)
         captured: dict[int, torch.Tensor] = {}
         skips: list[torch.Tensor] = []
+        # decoder block b reads encoder block 2L+2-b's output: a walk stopping at stop_after reads only the
+        # skips of encoder blocks >= 2L+2-stop_after, so earlier ones are not kept (three 256x256 maps at b=24)
+        first_read = 2 * self._middle - stop_after
         h = x
         for b in range(1, stop_after + 1):
             h = self._run_block(b, h, emb, skips)
@@ -259,7 +262,7 @@ class _ADMEncoder(nn.Module):
                     if extra.shape[-2:] != h.shape[-2:]:
                         extra = F.interpolate(extra, size=h.shape[-2:], mode="bilinear", align_corners=False)
                     h = h + extra.to(h.dtype)
-                skips.append(h)
+                skips.append(h if b >= first_read else None)
             if b in capture:
                 captured[b] = h
         return h, captured

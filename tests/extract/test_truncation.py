@@ -66,3 +66,33 @@ def test_mirror_block_is_computed_from_the_configuration(small):
     assert small.mirror_block(11) == 9 and small.mirror_block(19) == 1
     with torch.device("meta"):
         assert get_config("256x256_uncond").build().mirror_block(24) == 14
+
+
+def test_truncated_walk_keeps_only_the_skips_later_blocks_read():
+    """While block 11 of 32x32_small runs (middle = 10) on the way to block 12, only encoder block 8's
+    output may still be held: block 12 will read it; block 11 took block 9's; blocks 1..7 are read by nobody."""
+    import gc
+    import weakref
+
+    from extract.configs import create_backbone
+
+    model = create_backbone("32x32_small", weight_seed=0)
+    outputs = {}
+    alive_at_11 = []
+
+    def keep(b):
+        def hook(module, args, output):
+            outputs[b] = weakref.ref(output)
+        return hook
+
+    for b in range(1, 10):
+        model.block_module(b).register_forward_hook(keep(b))
+
+    def check(module, args):
+        gc.collect()
+        alive_at_11.extend(b for b, ref in outputs.items() if ref() is not None)
+
+    model.block_module(11).register_forward_pre_hook(check)
+    with torch.no_grad():
+        model.features(torch.randn(2, 3, 32, 32), torch.tensor([5, 5]), [12])
+    assert alive_at_11 == [8]
