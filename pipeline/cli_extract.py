@@ -102,13 +102,12 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
 def _run_plans(plans, scheduler, synchronous, workers, device, no_progress) -> int:
     """Lock every cache, then start the cluster and run the plans; returns the failed shard count.
 
-    Ctrl-C prints one line (what finished, how to resume) and exits with status 130.
+    Ctrl-C prints one line (how many shards are written, how to resume) and exits with status 130.
     """
     from .cluster import TaskRunner, open_runner
-    from .extraction import ExtractionInterrupted, lock_cache, run_extraction
+    from .extraction import finished_shards, lock_cache, run_extraction
 
-    failed, finished = 0, 0
-    total = sum(len(plan.jobs) for plan in plans)
+    failed = 0
     try:
         with contextlib.ExitStack() as locks:
             for plan in plans:  # refuse a busy cache before any cluster starts
@@ -116,19 +115,18 @@ def _run_plans(plans, scheduler, synchronous, workers, device, no_progress) -> i
             for plan in plans:
                 if plan.index_damage and not plan.jobs:  # only index chunks to rewrite: no cluster needed
                     click.echo(run_extraction(plan, TaskRunner(), progress=False).describe())
-            plans = [plan for plan in plans if plan.jobs]
-            if not plans:
+            todo = [plan for plan in plans if plan.jobs]
+            if not todo:
                 return 0
             with open_runner(scheduler=scheduler, synchronous=synchronous, workers=workers, device=device) as runner:
                 click.echo(f"running on {runner.description}")
-                for plan in plans:
+                for plan in todo:
                     summary = run_extraction(plan, runner, progress=not no_progress)
                     click.echo(summary.describe())
                     failed += len(summary.failed)
-                    finished += summary.shards_done
-    except KeyboardInterrupt as stop:
-        if isinstance(stop, ExtractionInterrupted):
-            finished += stop.summary.shards_done
+    except KeyboardInterrupt:  # the cluster is closed by now: count what is on disk
+        total = sum(len(plan.jobs) for plan in plans)
+        finished = sum(finished_shards(plan) for plan in plans)
         click.echo(
             f"\ninterrupted: {finished} of {total} shards finished and are kept; run the same command again "
             f"to do the other {total - finished}", err=True,

@@ -35,7 +35,7 @@ from .locks import LockHeld, file_lock
 
 __all__ = [
     "ExtractionRequest", "ExtractionPlan", "RunSummary", "ExtractionInterrupted", "dataset_splits", "plan_extraction",
-    "lock_cache", "run_extraction", "format_bytes",
+    "lock_cache", "run_extraction", "finished_shards", "format_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -411,6 +411,25 @@ class ExtractionInterrupted(KeyboardInterrupt):
     def __init__(self, summary: "RunSummary", total: int):
         super().__init__(f"{summary.shards_done} of {total} shards finished")
         self.summary, self.total = summary, total
+
+
+def finished_shards(plan: ExtractionPlan) -> int:
+    """How many of the plan's shard jobs are now fully written, read from the cache itself.
+
+    After an interrupt this is the truth a user needs (a result may be lost in flight although
+    its shard is written, or a worker may finish one while the run stops).
+    """
+    if not plan.jobs or not os.path.exists(os.path.join(plan.path, "zarr.json")):
+        return 0
+    cache = FeatureCache(plan.path)
+    missing: dict[tuple[int, int, int], set[int]] = {}
+
+    def written(shard: int, b: int, t: int, view: int) -> bool:
+        if (b, t, view) not in missing:
+            missing[(b, t, view)] = set(cache.missing_shards(b, t, view))
+        return shard not in missing[(b, t, view)]
+
+    return sum(all(written(job.shard, b, t, view) for view, t, blocks in job.todo for b in blocks) for job in plan.jobs)
 
 
 _HELD: set[str] = set()

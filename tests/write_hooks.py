@@ -1,40 +1,45 @@
-"""Kill the process after its k-th shard write, to test resume: a Dask worker preload, or a wrapper of `diffrep`.
+"""Test hooks around shard writes, from outside extract/: crash after the k-th write, or sleep after each.
 
-``$DIFFREP_TEST_CRASH_AFTER_WRITES='k[:sentinel]'`` sets k; with a sentinel file, only the first
-process to reach k dies (it creates the file), so a restarted worker runs on. Used two ways:
+``$DIFFREP_TEST_CRASH_AFTER_WRITES='k[:sentinel]'`` ends the process (exit status 3) after its k-th
+write; with a sentinel file only the first process to get there dies (it creates the file), so a
+restarted worker runs on. ``$DIFFREP_TEST_SLEEP_AFTER_WRITES=s`` sleeps s seconds after each write
+(time to press Ctrl-C). Two ways in:
 
-* ``python tests/crash_after_writes.py extract ...``: the ``diffrep`` command, crashing in-process;
-* ``dask.config.set({"distributed.worker.preload": [__file__]})``: every local worker crashes alike.
+* ``python tests/write_hooks.py extract ...``: the ``diffrep`` command with the hooks in this process;
+* ``distributed.worker.preload`` naming this file: every Dask worker installs them when it starts.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
-_ENV = "DIFFREP_TEST_CRASH_AFTER_WRITES"
+_CRASH = "DIFFREP_TEST_CRASH_AFTER_WRITES"
+_SLEEP = "DIFFREP_TEST_SLEEP_AFTER_WRITES"
 
 
 def install() -> None:
-    """Wrap ``extract.job.write_shard`` so that the k-th completed write ends the process (exit status 3)."""
+    """Wrap ``extract.job.write_shard`` (looked up at each call) with the hooks the environment asks for."""
     import extract.job as job
 
-    setting = os.environ.get(_ENV)
-    if not setting or getattr(job.write_shard, "crashes", False):
+    crash, sleep = os.environ.get(_CRASH), float(os.environ.get(_SLEEP) or 0)
+    if not (crash or sleep) or getattr(job.write_shard, "hooked", False):
         return
-    count, _, sentinel = setting.partition(":")
+    count, _, sentinel = (crash or "0").partition(":")
     real, writes = job.write_shard, [0]
 
-    def write_then_maybe_crash(*args, **kwargs):
+    def hooked_write(*args, **kwargs):
         real(*args, **kwargs)
         writes[0] += 1
-        if writes[0] >= int(count) and not (sentinel and os.path.exists(sentinel)):
+        if crash and writes[0] >= int(count) and not (sentinel and os.path.exists(sentinel)):
             if sentinel:
                 open(sentinel, "w").close()
             os._exit(3)
+        time.sleep(sleep)
 
-    write_then_maybe_crash.crashes = True
-    job.write_shard = write_then_maybe_crash
+    hooked_write.hooked = True
+    job.write_shard = hooked_write
 
 
 def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook

@@ -85,6 +85,25 @@ def test_folder_tree_order_is_sorted_and_ignores_non_images(tmp_path):
     assert subset.relative_paths() == ["cat/sub/x.png", "dog/a.JPG"]
 
 
+def test_images_in_sub_folders_of_a_class_count_in_it_with_one_warning(tmp_path, caplog):
+    split = _tree(tmp_path / "data" / "pets" / "train", {"cat": ["a.png"], "dog": ["a.png"]})
+    _image(split / "cat" / "kittens" / "b.png")
+    _image(split / "cat" / "kittens" / "c.png")
+    _image(split / "dog" / "old" / "d.png")
+    manifest = _manifest(tmp_path, "  pets: {format: folder, root: pets, splits: {train: train}}\n")
+    with caplog.at_level("WARNING", logger="pipeline.datasets"):
+        index = build_index("pets", "train", manifest=manifest, root=tmp_path / "data")
+    assert index.class_counts().tolist() == [3, 2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"images in 2 sub-folder(s) of class folders count in their class, e.g. {split / 'cat' / 'kittens'}: "
+                        "move them up or out if they are not of that class"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.datasets"):
+        flat = _tree(tmp_path / "flat", {"cat": ["a.png"], "dog": ["a.png"]})
+        build_index("pets", "train", manifest=manifest, root=tmp_path / "data", split_dir=flat)
+    assert not caplog.records, "no sub-folders, no warning"
+
+
 def test_split_dir_override(tmp_path):
     elsewhere = _tree(tmp_path / "elsewhere", {"a": ["1.png"], "b": ["1.png", "2.png"]})
     manifest = _manifest(tmp_path, "  pets: {format: folder, root: pets, splits: {train: train}}\n")

@@ -24,7 +24,7 @@ ARGS = ["extract", "--dataset", "cifar10", "--split", "test", "--config", "32x32
         "--blocks", "4,10,12", "--pool", "4", "--shard-size", "50", "--batch-size", "25", "--threads", "1",
         "--no-progress"]
 BIN = Path(sys.executable).parent
-CRASH = Path(__file__).resolve().parents[1] / "crash_after_writes.py"
+CRASH = Path(__file__).resolve().parents[1] / "write_hooks.py"
 
 
 @pytest.fixture(scope="module")
