@@ -705,45 +705,45 @@ class FeatureCache:
                 return None
             return self._group[name][:]
 
+    def _state(self, b: int, t: int, view: int) -> tuple[set[int], dict[int, str]]:
+        """(unmarked shards, ``{marked shard: why}`` for those whose data object is missing or short)."""
+        done = self._markers(b, t, view)
+        if done is None:
+            return set(range(self.num_shards)), {}
+        marked = [int(s) for s in np.flatnonzero(done != 0)]
+        damaged = object_problems(self._node(_array_name(b, t, view)), marked, strict=self._strict)
+        return {int(s) for s in np.flatnonzero(done == 0)}, damaged
+
     def damaged_shards(self, b: int, t: int, view: int = 0) -> dict[int, str]:
         """``{shard: why}`` for shards marked complete whose data object is missing or short.
 
         Costs one ``stat`` per marked shard; ``verify_shards`` also reads the data and checks it.
         """
-        done = self._markers(b, t, view)
-        if done is None:
-            return {}
-        marked = [int(s) for s in np.flatnonzero(done != 0)]
-        return object_problems(self._node(_array_name(b, t, view)), marked, strict=self._strict)
+        return self._state(b, t, view)[1]
 
     def missing_shards(self, b: int, t: int, view: int = 0) -> list[int]:
         """Shards of an array that are not written: unmarked, or marked but damaged (all of them if the array is absent)."""
-        done = self._markers(b, t, view)
-        if done is None:
-            return list(range(self.num_shards))
-        unmarked = {int(s) for s in np.flatnonzero(done == 0)}
-        return sorted(unmarked | set(self.damaged_shards(b, t, view)))
+        unmarked, damaged = self._state(b, t, view)
+        return sorted(unmarked | set(damaged))
 
     def is_complete(self, b: int, t: int, view: int | None = None) -> bool:
         """Whether every shard of (b, t) is written and present (every view when view is None)."""
         views = range(self.spec.views) if view is None else [view]
         return all(self.has_array(b, t, v) and not self.missing_shards(b, t, v) for v in views)
 
-    def _check_complete(self, b: int, t: int, view: int) -> list[int]:
+    def _check_complete(self, b: int, t: int, view: int) -> None:
         name = _array_name(b, t, view)
-        damaged = self.damaged_shards(b, t, view)
+        unmarked, damaged = self._state(b, t, view)
         if damaged:
             raise CacheIncompleteError(
                 f"array {name} of {self.path} has {len(damaged)} damaged shard(s) {_numbers(damaged)} "
                 f"(data object {'; '.join(sorted(set(damaged.values())))}): {self._rerun_hint()}"
             )
-        missing = self.missing_shards(b, t, view)
-        if missing:
+        if unmarked:
             raise CacheIncompleteError(
-                f"array {name} is missing {len(missing)} of {self.num_shards} shards: "
+                f"array {name} is missing {len(unmarked)} of {self.num_shards} shards: "
                 f"run diffrep extract --dataset {self.spec.dataset} --timesteps {t} --blocks {b} again to finish it"
             )
-        return missing
 
     def _read_shard(self, array: zarr.Array, name: str, shard: int) -> np.ndarray:
         start, stop = self.shard_bounds(shard)
@@ -758,9 +758,13 @@ class FeatureCache:
             ) from exc
 
     def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool):
-        """(start, stop, shard data or None for a shard that is not written) for every shard in order."""
+        """(start, stop, shard data) for every shard in order; zeros for shards not written (allow_incomplete only)."""
         array = self._array(b, t, view)
-        skip = set(self.missing_shards(b, t, view)) if allow_incomplete else set(self._check_complete(b, t, view))
+        if allow_incomplete:
+            skip = set(self.missing_shards(b, t, view))
+        else:
+            self._check_complete(b, t, view)
+            skip = set()
         name = _array_name(b, t, view)
         native = self._native(array)
         _, c, h, w = self.shape(b, t, pool)

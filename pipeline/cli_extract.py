@@ -73,17 +73,21 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
         split_names = [s.strip() for s in splits.split(",") if s.strip()]
     if split_dir is not None and len(split_names) != 1:
         raise click.UsageError(f"--split-dir is the folder of one split: pass --split too (one of {', '.join(split_names)})")
-    for split in split_names:
-        request = ExtractionRequest(
-            dataset=dataset, split=split, timesteps=tuple(timesteps), blocks=tuple(blocks), cache_dir=cache_dir,
-            pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,
-            noise_seed=noise_seed, flip=flip, shard_size=shard_size, batch_size=batch_size, per_class=per_class,
-            limit=limit, data_root=data_root, split_dir=split_dir, device=device, precision=precision,
-            num_threads=threads,
-        )
-        plan = plan_extraction(request, dry_run=dry_run)
-        click.echo(plan.describe())
-        plans.append(plan)
+    try:
+        for split in split_names:
+            request = ExtractionRequest(
+                dataset=dataset, split=split, timesteps=tuple(timesteps), blocks=tuple(blocks), cache_dir=cache_dir,
+                pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,
+                noise_seed=noise_seed, flip=flip, shard_size=shard_size, batch_size=batch_size, per_class=per_class,
+                limit=limit, data_root=data_root, split_dir=split_dir, device=device, precision=precision,
+                num_threads=threads,
+            )
+            plan = plan_extraction(request, dry_run=dry_run)
+            click.echo(plan.describe())
+            plans.append(plan)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted while planning, before any shard ran: run the same command again", err=True)
+        raise SystemExit(130) from None
     if dry_run:
         return
     total = sum(plan.bytes_new for plan in plans)
