@@ -288,6 +288,30 @@ def test_pool_zero_is_refused_rather_than_read_as_none(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_ctrl_c_in_process_prints_one_line_and_keeps_finished_shards(reference, data_root, tmp_path, monkeypatch):
+    import extract.job as job
+
+    real, calls = job.write_shard, []
+
+    def interrupt_the_third_write(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "write_shard", interrupt_the_third_write)
+    result = _extract(data_root, tmp_path, "--split", "test", "--synchronous")
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "interrupted: 2 of 4 shards finished and are kept; run the same command again to do the other 2")
+    assert "Traceback" not in result.output
+    assert open_cache(tmp_path, "cifar10", "test", BACKBONE).missing_shards(10, 90) == [2, 3]
+    monkeypatch.setattr(job, "write_shard", real)
+    resumed = _extract(data_root, tmp_path, "--split", "test", "--synchronous")
+    assert resumed.exit_code == 0 and "wrote 2 shards" in resumed.output, resumed.output
+    assert _files(tmp_path / "cifar10" / "test") == _files(reference / "cifar10" / "test")
+
+
 @pytest.mark.e2e
 def test_ctrl_c_stops_extract_in_one_line_and_the_same_command_resumes(reference, data_root, tmp_path):
     cache_dir = tmp_path / "cache"
