@@ -252,13 +252,15 @@ def _load(cache: FeatureCache, keys, read_pool):
     return first
 
 
-def _flat(features: dict, keys, pool: int | None) -> torch.Tensor:
-    """The linear probe's input: each (b, t) map average-pooled to ``pool`` and flattened, concatenated."""
+def _flat(features: dict, keys, pool: int | None, chunk_rows: int = 8192) -> torch.Tensor:
+    """The linear probe's input: each (b, t) map average-pooled to ``pool`` (in float32, a chunk of rows at a
+    time) and flattened, concatenated; the dtype of the features is kept (float16 from the cache)."""
     parts = []
     for key in keys:
         x = features[key]
         if pool and x.shape[-1] > pool:
-            x = torch.nn.functional.adaptive_avg_pool2d(x, pool)
+            x = torch.cat([torch.nn.functional.adaptive_avg_pool2d(x[s:s + chunk_rows].float(), pool).to(x.dtype)
+                           for s in range(0, x.shape[0], chunk_rows)])
         parts.append(x.flatten(1))
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
@@ -350,7 +352,7 @@ def run_probe(request: ProbeRequest) -> dict:
     streamed = request.stream or need > pair.train.ram_cap_bytes
     if solver == "lbfgs":
         if streamed:
-            raise ProbeError(f"the converged probe holds the features in memory ({need / 2**30:.1f} GiB as float32, over "
+            raise ProbeError(f"the converged probe holds the features in memory ({need / 2**30:.1f} GiB as float16, over "
                              f"the RAM cap): raise --ram-cap-gb, use a coarser --pool, or pass --solver sgd to stream")
         train, test = _load(pair.train, keys, read_pool), _load(pair.test, keys, read_pool)
         row.update(train_size=train.num_images, test_size=test.num_images)
@@ -371,7 +373,7 @@ def run_probe(request: ProbeRequest) -> dict:
     if streamed:
         if len(lrs) > 1:
             raise ProbeError("a learning-rate grid holds the features in memory: pass one --lr to stream, or raise --ram-cap-gb")
-        log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float32 features, RAM cap %.1f GiB)",
+        log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float16 features, RAM cap %.1f GiB)",
                     selection.dataset, "--stream" if request.stream else "over the RAM cap", need / 2**30,
                     pair.train.ram_cap_bytes / 2**30)
         stream_pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None

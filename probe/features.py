@@ -1,7 +1,8 @@
-"""Cached (b, t) arrays of one split as float32 tensors for the probes: read once, invalid rows dropped.
+"""Cached (b, t) arrays of one split as tensors for the probes: read once, invalid rows dropped.
 
-``load_features`` reads whole arrays into RAM (``FeatureCache.load``, under its RAM cap) and
-converts them to float32 tensors once; ``iter_feature_batches`` streams the same rows in fixed-size
+Features stay float16, as stored, in RAM and on the training device (half the memory of
+float32, so the RAM cap admits twice as many rows); consumers cast each batch to float32.
+``load_features`` reads whole arrays into RAM (``FeatureCache.load``, under its RAM cap); ``iter_feature_batches`` streams the same rows in fixed-size
 batches (``FeatureCache.iter_shards``) for the consumers that work chunk by chunk (kNN's train
 side, minibatch CKA), and ``StreamedFeatures`` gives training a shuffled stream per epoch when
 the arrays do not fit. ``resolve_backbone_id`` finds the cache folder
@@ -33,7 +34,7 @@ class FeatureSet:
     """The valid rows of one split.
 
     Attributes:
-        features: ``{(b, t): (N, C, h, w) float32}`` on the CPU.
+        features: ``{(b, t): (N, C, h, w) float16}`` on the CPU (as stored; cast per batch).
         labels: (N,) int64. class_names: names of the label values.
         dropped: rows of images the cache marked invalid (not in ``features``).
     """
@@ -86,19 +87,19 @@ def in_shapes(cache: FeatureCache, keys: Sequence[Key], pool: int | None = None)
 
 
 def feature_bytes(cache: FeatureCache, keys: Sequence[Key], pool: int | None = None) -> int:
-    """Bytes ``load_features`` needs for the float32 tensors of ``keys`` (all rows)."""
-    return sum(4 * int(np.prod(cache.shape(b, t, pool))) for b, t in keys)
+    """Bytes ``load_features`` needs for the float16 tensors of ``keys`` (all rows)."""
+    return sum(2 * int(np.prod(cache.shape(b, t, pool))) for b, t in keys)
 
 
 def load_features(cache: FeatureCache, keys: Sequence[Key], pool: int | None = None) -> FeatureSet:
-    """Read the (b, t) arrays of one split into float32 tensors, dropping invalid rows.
+    """Read the (b, t) arrays of one split into float16 tensors, dropping invalid rows.
 
     Args:
         cache: an opened split (``open_split``). keys: the (b, t) arrays to read.
         pool: None (as stored) or a coarser pool derived exactly by the cache.
 
     Returns:
-        ``FeatureSet`` with ``{(b, t): (N_valid, C, h, w) float32}``.
+        ``FeatureSet`` with ``{(b, t): (N_valid, C, h, w) float16}``.
 
     Raises:
         CacheError: a missing or incomplete array, or more than the cache's RAM cap.
@@ -110,7 +111,7 @@ def load_features(cache: FeatureCache, keys: Sequence[Key], pool: int | None = N
         array = cache.load(b, t, pool=pool)
         if keep is not None:
             array = array[keep]
-        features[(b, t)] = torch.from_numpy(np.ascontiguousarray(array)).float()
+        features[(b, t)] = torch.from_numpy(np.ascontiguousarray(array))
     labels = np.asarray(cache.labels, dtype=np.int64)
     labels = labels if keep is None else labels[keep]
     return FeatureSet(features, torch.from_numpy(labels.copy()), list(cache.class_names), int((~valid).sum()))
@@ -124,7 +125,7 @@ def iter_feature_batches(
     Memory stays at about one shard plus one batch per array, whatever N is.
 
     Yields:
-        ``({(b, t): (n, C, h, w) float32}, (n,) int64 labels)``; n = batch_size except the last.
+        ``({(b, t): (n, C, h, w) float16}, (n,) int64 labels)``; n = batch_size except the last.
     """
     valid = np.asarray(cache.valid, dtype=bool)
     labels = np.asarray(cache.labels, dtype=np.int64)
@@ -153,7 +154,7 @@ def _take(keys, pending, pending_labels, n):
     out = {}
     for slot, key in enumerate(keys):
         joined = np.concatenate(pending[slot]) if len(pending[slot]) > 1 else pending[slot][0]
-        out[key] = torch.from_numpy(np.ascontiguousarray(joined[:n])).float()
+        out[key] = torch.from_numpy(np.ascontiguousarray(joined[:n]))
         pending[slot][:] = [joined[n:]] if joined.shape[0] > n else []
     joined = np.concatenate(pending_labels) if len(pending_labels) > 1 else pending_labels[0]
     pending_labels[:] = [joined[n:]] if joined.shape[0] > n else []
@@ -178,7 +179,7 @@ class StreamedFeatures:
         self.class_names = list(cache.class_names)
 
     def batches(self, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[tuple[dict[Key, torch.Tensor], torch.Tensor]]:
-        """Every valid row once: ``({(b, t): (n, C, h, w) float32}, (n,) int64)``; row order when seed is None."""
+        """Every valid row once: ``({(b, t): (n, C, h, w) float16}, (n,) int64)``; row order when seed is None."""
         window = batch_size * max(1, self.window_rows // batch_size)
         for count, (features, labels) in enumerate(iter_feature_batches(self.cache, self.keys, window, self.pool)):
             if seed is not None:

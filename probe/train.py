@@ -108,17 +108,17 @@ def epoch_order(num_rows: int, seed: int, epoch: int, device: torch.device | str
 
 def tensor_batches(features: Features, labels: torch.Tensor, order: torch.Tensor,
                    batch_size: int) -> Iterator[tuple[dict[tuple[int, int], torch.Tensor], torch.Tensor]]:
-    """Batches of tensors already on the device, rows taken in ``order``.
+    """Batches of tensors already on the device, rows taken in ``order``, cast to float32 one batch at a time.
 
     Args:
         features: ``{(b, t): (N, C, h, w)}``. labels: (N,) int64. order: (N,) row indices. batch_size: rows per batch.
 
     Yields:
-        ``({(b, t): (n, C, h, w)}, (n,) labels)``, n = batch_size except the last.
+        ``({(b, t): (n, C, h, w) float32}, (n,) labels)``, n = batch_size except the last.
     """
     for start in range(0, order.shape[0], batch_size):
         index = order[start:start + batch_size]
-        yield {key: value[index] for key, value in features.items()}, labels[index]
+        yield {key: value[index].float() for key, value in features.items()}, labels[index]
 
 
 def train_one_epoch(
@@ -205,13 +205,15 @@ def evaluate(head: nn.Module, batches: Iterable[tuple[Features, torch.Tensor]]) 
 
 
 def _as_inputs(features: Features, labels: torch.Tensor, device: torch.device) -> tuple[Features, torch.Tensor]:
-    """What a head trains on: float32 features and int64 labels on ``device``."""
-    return {key: value.to(device, torch.float32) for key, value in features.items()}, labels.to(device, torch.long)
+    """Features on ``device`` in their own dtype (float16 from the cache stays float16), int64 labels."""
+    return {key: value.to(device) for key, value in features.items()}, labels.to(device, torch.long)
 
 
-def _on_device(batches, device: torch.device):
+def _float_batches(batches, device: torch.device):
     for features, labels in batches:
-        yield _as_inputs(features, labels, device)
+        yield {key: value.to(device).float() for key, value in features.items()}, labels.to(device, torch.long)
+
+
 
 
 def _save(path: Path, state: dict) -> None:
@@ -248,11 +250,11 @@ def _epoch_batches(data, labels, batch_size: int, seed: int | None, epoch: int, 
         num_rows = _num_rows(data, labels)
         order = epoch_order(num_rows, seed, epoch, device) if seed is not None else torch.arange(num_rows, device=device)
         return tensor_batches(data, labels, order, batch_size), -(-num_rows // batch_size)
-    return _on_device(data.batches(batch_size, seed=seed, epoch=epoch), device), -(-data.num_images // batch_size)
+    return _float_batches(data.batches(batch_size, seed=seed, epoch=epoch), device), -(-data.num_images // batch_size)
 
 
 def _to_device(data, labels, device: torch.device):
-    """Tensors move to the device once (float32 features, int64 labels); streamed sources stay as they are."""
+    """Tensors move to the device once (in their dtype, int64 labels); streamed sources stay as they are."""
     if not isinstance(data, Mapping):
         return data, None
     _num_rows(data, labels)
