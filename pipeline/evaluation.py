@@ -31,6 +31,8 @@ import torch
 from extract.cache import FeatureCache
 from extract.errors import CacheError
 from extract.precision import resolve_device
+from fusion.difformer import DifFormer  # noqa: F401 - registers the "difformer" head
+from probe.attention_head import AttentionHeadConfig
 from probe.cka import cka_matrix
 from probe.errors import ProbeError
 from probe.features import (
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[int, int]
 SOLVERS = ("lbfgs", "sgd", "adam")
+_TOKEN_HEADS = ("attention", "difformer")  # heads whose --pool is the token grid
 
 # Spec fields a train and a test cache may differ in; every other one changes the numbers.
 _PER_SPLIT_FIELDS = ("split", "num_images", "subset", "shard_size", "pool", "flip")
@@ -281,6 +284,19 @@ def _record(rows: list[dict], results_path) -> None:
         raise ResultsError(f"could not write the results table {path} ({exc}); {where}") from None
 
 
+def _require_arrays(pair: _Pair, keys, selection: CacheSelection) -> None:
+    """Every (b, t) in both splits, or one line with the extract command that adds all that is missing."""
+    for split, cache in ((selection.train_split, pair.train), (selection.test_split, pair.test)):
+        have = set(cache.arrays())
+        missing = [key for key in keys if key not in have]
+        if missing:
+            blocks = fmt_keys(sorted({b for b, _ in missing}))
+            timesteps = fmt_keys(sorted({t for _, t in missing}))
+            raise CacheError(f"the {split} cache has no array {', '.join(f'b{b}/t{t}' for b, t in missing)}: run "
+                             f"diffrep extract --dataset {selection.dataset} --split {split} --config "
+                             f"{cache.spec.config_name} --timesteps {timesteps} --blocks {blocks}")
+
+
 def _solver(head: str, solver: str | None) -> str:
     solver = solver or ("lbfgs" if head == "linear" else "sgd")
     if solver not in SOLVERS:
@@ -332,17 +348,18 @@ def run_probe(request: ProbeRequest) -> dict:
     pair = _open_pair(selection)
     keys = _keys(request.blocks, request.timesteps)
     overrides = {}
+    tokens = head in _TOKEN_HEADS
     if request.pool is not None:
-        overrides["token_pool" if head == "attention" else "pool"] = request.pool
+        overrides["token_pool" if tokens else "pool"] = request.pool
     for name in ("hidden", "channels", "depth", "dim"):
         if getattr(request, name) is not None:
             overrides[name] = getattr(request, name)
-    if head == "attention":
-        from probe.attention_head import AttentionHeadConfig
-
-        head_pool = overrides.get("token_pool", AttentionHeadConfig().token_pool)
-    else:
-        head_pool = overrides.get("pool", HEADS[head].defaults["pool"])
+    head_pool = overrides.get("token_pool", AttentionHeadConfig().token_pool) if tokens else \
+        overrides.get("pool", HEADS[head].defaults["pool"])
+    _require_arrays(pair, keys, selection)
+    if head == "attention" and len(request.timesteps) > 1:
+        log.warning("the attention head puts every (b, t)'s tokens in one sequence (a joint-token head); the paper's "
+                    "fusion across timesteps is DifFormer: diffrep fuse")
     read_pool = {key: _read_pool(pair.train, key, head_pool) for key in keys}
     device = resolve_device(request.device)
     num_classes = len(pair.train.class_names) or int(np.asarray(pair.train.labels).max()) + 1
