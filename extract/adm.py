@@ -273,6 +273,7 @@ class _ADMEncoder(nn.Module):
         timesteps: torch.Tensor,
         blocks: int | Iterable[int],
         y: torch.Tensor | None = None,
+        inject: Mapping[int, torch.Tensor] | None = None,
     ) -> dict[int, torch.Tensor]:
         """Outputs of the requested blocks from ONE forward that stops after the deepest of them.
 
@@ -281,6 +282,8 @@ class _ADMEncoder(nn.Module):
             timesteps: (N,) integer diffusion steps.
             blocks: paper block numbers, 1..num_blocks.
             y: (N,) class labels, for class-conditional models only.
+            inject: ``{encoder block: (N, C, h, w)}`` maps added to those blocks' outputs, so they also
+                feed the skip connections (DifFeed's second pass); resized when sizes differ.
 
         Returns:
             ``{b: (N, C_b, h_b, w_b)}`` in the model's compute dtype.
@@ -290,7 +293,11 @@ class _ADMEncoder(nn.Module):
         """
         wanted, deepest = normalize_blocks(blocks, self.num_blocks, self.name)
         timesteps = self._check_timesteps(x_t, timesteps)
-        _, captured = self._walk(x_t, timesteps, y, stop_after=deepest, capture=wanted)
+        if inject:
+            outside = sorted(b for b in inject if not 1 <= b < self._middle)
+            if outside:
+                raise BlockRangeError(f"inject targets encoder blocks 1..{self._middle - 1} of {self.name}, got {outside}")
+        _, captured = self._walk(x_t, timesteps, y, stop_after=deepest, capture=wanted, inject=inject)
         return captured
 
     @staticmethod

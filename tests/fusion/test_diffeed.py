@@ -1,0 +1,88 @@
+"""DifFeed: feedback pairs and parameters of the paper, two passes on one x_t, zero feedback = plain forward."""
+
+import pytest
+import torch
+
+from extract.configs import create_backbone, get_config
+from fusion.diffeed import DifFeed, default_readout, feedback_pairs
+from probe.errors import ProbeError
+from probe.heads import count_parameters, create_head
+
+torch.set_num_threads(1)
+
+
+def _meta_256():
+    with torch.device("meta"):
+        return get_config("256x256_uncond").build()
+
+
+def test_strategies_on_the_256_model_are_the_paper_s_pairs():
+    model = _meta_256()
+    assert feedback_pairs(model, "bottleneck") == [(21, 17), (24, 14), (27, 11), (30, 8), (33, 5), (36, 2)]
+    assert feedback_pairs(model, "all") == [(b, 38 - b) for b in range(20, 38)]
+    assert feedback_pairs(model, "windowed") == [(b, 38 - b) for b in range(20, 25)]
+    assert feedback_pairs(model, "multi-scale") == [(b, 18) for b in range(20, 25)]
+    assert default_readout(model) == 24
+    with pytest.raises(ProbeError, match="unknown feedback strategy 'sideways'"):
+        feedback_pairs(model, "sideways")
+
+
+@pytest.mark.parametrize("strategy, millions", [("bottleneck", 2.76), ("all", 7.62), ("windowed", 5.25)])
+def test_feedback_parameters_on_the_256_model(strategy, millions):
+    with torch.device("meta"):
+        model = DifFeed(get_config("256x256_uncond").build(), torch.nn.Identity(), strategy)
+    assert abs(count_parameters(model.feedback) - millions * 1e6) < 0.005e6
+
+
+def test_whole_difffeed_with_the_attention_head_on_50_classes():
+    with torch.device("meta"):
+        backbone = get_config("256x256_uncond").build()
+        head = create_head("attention", {(24, 150): (1024, 16, 16)}, 50)
+        model = DifFeed(backbone, head, "bottleneck")
+    assert abs(count_parameters(model) - 29.57e6) < 0.005e6  # backbone frozen: feedback + head
+
+
+def _small(strategy="bottleneck", readout=None):
+    backbone = create_backbone("32x32_small", weight_seed=0)
+    readout = readout or default_readout(backbone)
+    shape = backbone.block_shapes().get(readout, (8, 4))
+    head = create_head("linear", {(readout, 50): (shape[0], shape[1], shape[1])}, 10)
+    return DifFeed(backbone, head, strategy, readout)
+
+
+def test_zero_feedback_equals_the_plain_truncated_forward():
+    model = _small("all").eval()
+    for layer in model.feedback.values():
+        torch.nn.init.zeros_(layer[0].weight)  # BatchNorm in eval mode with zero mean and bias maps 0 to 0
+    x_t = torch.randn(3, 3, 32, 32)
+    t = torch.full((3,), 50)
+    with torch.no_grad():
+        plain = model.backbone.features(x_t, t, [model.readout])[model.readout]
+        torch.testing.assert_close(model.readout_features(x_t, t), plain, rtol=0, atol=0)
+        for layer in model.feedback.values():
+            torch.nn.init.normal_(layer[0].weight)
+        assert not torch.allclose(model.readout_features(x_t, t), plain)
+
+
+def test_both_passes_see_the_same_noisy_image():
+    model = _small()
+    seen = []
+    model.backbone.input_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    x_t = torch.randn(2, 3, 32, 32)
+    model(x_t, torch.full((2,), 50)).sum().backward()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1]) and torch.equal(seen[0], x_t)
+
+
+def test_gradients_reach_the_feedback_and_the_head_but_not_the_frozen_backbone():
+    model = _small("multi-scale")
+    model(torch.randn(2, 3, 32, 32), torch.full((2,), 50)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.feedback.parameters() if p.ndim > 1)
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+def test_bad_readouts_are_one_line_errors():
+    with pytest.raises(ProbeError, match="read-out block 40 is out of range"):
+        _small(readout=40)
+    with pytest.raises(ProbeError, match=r"feedback into block\(s\) \[8\] cannot change read-out block 7"):
+        _small("bottleneck", readout=7)
