@@ -20,7 +20,7 @@ EXTRA ?=
 PRETRAIN_STEPS ?= 1100
 PRETRAIN_OUT ?= runs/pretrain
 
-.PHONY: install demo demo-full test test-fast bench extract probe fuse pretrain info clean-venv
+.PHONY: install demo demo-full test test-fast bench extract probe fuse feedback pretrain info clean-venv
 
 # The venv's name carries the hash of the pins, so an existing one is complete: never redone.
 $(VENV)/.pins-installed:
@@ -64,6 +64,11 @@ extract: install
 # DifFormer on cached blocks x timesteps (the paper's fusion); T and B as for extract.
 fuse: install
 	$(DIFFREP) fuse --dataset $(DATASET) --timesteps $(T) --blocks $(B) $(if $(CONFIG),--config $(CONFIG)) $(EXTRA)
+
+# DifFeed through the live backbone, e.g. make feedback DATASET=cifar10 T=150 STRATEGY=bottleneck
+STRATEGY ?= bottleneck
+feedback: install
+	$(DIFFREP) feedback --dataset $(DATASET) --timestep $(T) --strategy $(STRATEGY) $(if $(CONFIG),--config $(CONFIG)) $(EXTRA)
 
 probe: install
 	$(DIFFREP) probe --dataset $(DATASET) --timesteps $(T) --blocks $(B) --head $(HEAD) $(if $(CONFIG),--config $(CONFIG)) $(EXTRA)

@@ -121,7 +121,9 @@ class DifFeed(nn.Module):
         inject = self.feedback_maps(sources)
         return self.backbone.features(x_t, timesteps, [self.readout], inject=inject)[self.readout]
 
-    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) noisy images and (N,) timesteps -> (N, classes) logits (one timestep per batch)."""
-        t = int(timesteps.reshape(-1)[0])
-        return self.head({(self.readout, t): self.readout_features(x_t, timesteps).float()})
+    def forward(self, images: Mapping[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+        """``{(0, t): (N, 3, H, W) noisy images at timestep t}`` (as ``fusion.live.LiveImages`` yields) ->
+        (N, classes) logits; like every head, one mapping in."""
+        ((_, t), x_t), = images.items()
+        timesteps = torch.full((x_t.shape[0],), int(t), device=x_t.device)
+        return self.head({(self.readout, int(t)): self.readout_features(x_t, timesteps).float()})

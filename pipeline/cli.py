@@ -49,4 +49,5 @@ from . import cli_probe  # noqa: E402,F401
 from . import cli_demo  # noqa: E402,F401
 from . import cli_pretrain  # noqa: E402,F401
 from . import cli_fuse  # noqa: E402,F401
+from . import cli_feedback  # noqa: E402,F401
 from . import cli_verify  # noqa: E402,F401

@@ -51,7 +51,7 @@ from .results import append_results, default_results_path, results_table
 
 __all__ = [
     "CacheSelection", "ProbeRequest", "KnnRequest", "CkaRequest", "SweepRequest",
-    "run_probe", "run_knn", "run_cka", "run_sweep", "fmt_keys", "SOLVERS",
+    "run_probe", "run_knn", "run_cka", "run_sweep", "record_rows", "fmt_keys", "SOLVERS",
 ]
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def _flat(features: dict, keys, pool: int | None, chunk_rows: int = 8192) -> tor
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
-def _record(rows: list[dict], results_path) -> None:
+def record_rows(rows: list[dict], results_path) -> None:
     """Append rows to the results table; if that fails, keep them in a JSON file beside it and say so."""
     try:
         append_results(rows, results_path)
@@ -375,7 +375,7 @@ def run_probe(request: ProbeRequest) -> dict:
         row.update(train_size=train.num_images, test_size=test.num_images)
         row.update(_converged(_flat(train.features, keys, head_pool), train.labels, _flat(test.features, keys, head_pool),
                               test.labels, num_classes, request.l2, request.heldout_fraction, request.seed, device))
-        _record([row], selection.results_path)
+        record_rows([row], selection.results_path)
         return row
     lrs = tuple(request.lr) if request.lr else (default_lr(head),)
     identity = dict(_provenance(selection, pair), head=head, options={k: list(v) if isinstance(v, tuple) else v
@@ -412,7 +412,7 @@ def run_probe(request: ProbeRequest) -> dict:
         row.update(_paper(lambda: create_head(head, shapes, num_classes, **overrides), lrs, solver, train, test,
                           request.epochs, request.batch_size, request.heldout_fraction, request.seed, device,
                           request.progress, checkpoint_dir, request.resume, identity))
-    _record([row], selection.results_path)
+    record_rows([row], selection.results_path)
     return row
 
 
@@ -464,7 +464,7 @@ def run_knn(request: KnnRequest) -> list[dict]:
                  timesteps=list(request.timesteps), pool=int(request.pool or 0), k=min(k, train_size), parameters=0,
                  epochs=0, seed=0, top1=s["top1"], top5=s["top5"], train_seconds=seconds)
             for k, s in scores.items()]
-    _record(rows, selection.results_path)
+    record_rows(rows, selection.results_path)
     return rows
 
 
@@ -605,7 +605,7 @@ def run_sweep(request: SweepRequest) -> tuple[pa.Table, list[Path]]:
                                                    lrs, solver, train, test, request.epochs, request.batch_size,
                                                    request.heldout_fraction, request.seed, device, request.progress))
             log.info("sweep b=%d t=%d pool=%d: top-1 %.4f", key[0], key[1], pool, row["top1"])
-            _record([row], selection.results_path)  # one row at a time: an interrupted sweep keeps what it measured
+            record_rows([row], selection.results_path)  # one row at a time: an interrupted sweep keeps what it measured
             rows.append(row)
     table = results_table(rows)
     out_dir = Path(request.out_dir)

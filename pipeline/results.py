@@ -31,7 +31,8 @@ RESULTS_SCHEMA = pa.schema([
     ("train_size", pa.int64()),
     ("test_size", pa.int64()),
     ("backbone_id", pa.string()),
-    ("head", pa.string()),          # linear, mlp, cnn, attention, knn
+    ("head", pa.string()),          # linear, mlp, cnn, attention, difformer, diffeed, knn
+    ("strategy", pa.string()),      # DifFeed feedback strategy
     ("protocol", pa.string()),      # converged (standardised L-BFGS), paper (28 epochs StepLR), knn
     ("solver", pa.string()),        # lbfgs, sgd, adam (null for knn)
     ("l2", pa.float64()),           # L2 weight chosen (converged probe)

@@ -1,0 +1,114 @@
+"""Images as training batches for the live-backbone path (DifFeed, live probing): decoded ahead, noised per step.
+
+``LiveImages`` is a ``probe.train.BatchSource``: every epoch it yields ``({(0, t): x_t}, labels)``
+for every image once, in a class-mixed order that is a pure function of (seed, epoch), so
+``probe.train.fit`` trains, checkpoints and resumes on it as on cached features. Batches are
+decoded by a pool of threads on a background thread, a few batches ahead of the forward.
+
+The noise of image i at timestep t is the extract stage's seeded noise, a pure function of
+(noise seed, i, t) — the same x_t the cache holds — unless ``fresh_noise``, when every step draws
+new noise from (seed, epoch, batch), as the official training does. ``augment`` adds the official
+random resized crop (scale 0.8-1.0) and horizontal flip.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from queue import Queue
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from extract.images import load_batch
+from extract.noise import seeded_noise
+from extract.schedule import NoiseSchedule
+from probe.train import epoch_order
+
+__all__ = ["LiveImages", "LIVE_KEY_BLOCK"]
+
+#: The "block" of the images themselves in a live batch's feature dict: ``{(0, t): x_t}``.
+LIVE_KEY_BLOCK = 0
+
+
+def _random_resized_crop(images: torch.Tensor, generator: torch.Generator, scale=(0.8, 1.0)) -> torch.Tensor:
+    """Per image: a square crop of a random area share in ``scale`` at a random place, resized back (bilinear)."""
+    n, _, size, _ = images.shape
+    out = torch.empty_like(images)
+    shares = torch.empty(n).uniform_(*scale, generator=generator)
+    for i in range(n):
+        side = max(1, int(round(size * float(shares[i]) ** 0.5)))
+        top = int(torch.randint(0, size - side + 1, (1,), generator=generator))
+        left = int(torch.randint(0, size - side + 1, (1,), generator=generator))
+        crop = images[i:i + 1, :, top:top + side, left:left + side]
+        out[i:i + 1] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False) if side != size else crop
+    return out
+
+
+class LiveImages:
+    """A split's images as noisy-image batches at one timestep (see the module docstring).
+
+    Args:
+        paths, labels: the split's image files and int labels (row i is image id i).
+        image_size: model resolution. t: the timestep. schedule: the backbone's noise schedule.
+        noise_seed: seed of the seeded noise. fresh_noise: new noise every step instead.
+        augment: random resized crop (0.8-1.0) and flip every step. decode_threads: decoding threads.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, image_size: int, t: int, schedule: NoiseSchedule,
+                 noise_seed: int = 0, fresh_noise: bool = False, augment: bool = False, decode_threads: int = 2,
+                 prefetch: int = 3):
+        self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
+        self.image_size, self.t, self.schedule = image_size, int(t), schedule
+        self.noise_seed, self.fresh_noise, self.augment = noise_seed, fresh_noise, augment
+        self.decode_threads, self.prefetch = decode_threads, prefetch
+        self.num_images = len(self.paths)
+        schedule.check_timesteps([self.t])
+
+    def _batch(self, rows: np.ndarray, seed: int | None, epoch: int, number: int):
+        images, ok, _ = load_batch([self.paths[r] for r in rows], self.image_size, num_threads=self.decode_threads)
+        keep = torch.from_numpy(ok)
+        images, rows = images[keep], rows[ok]
+        generator = torch.Generator().manual_seed(((seed or 0) * 1_000_003 + epoch) * 100_003 + number)
+        if self.augment:
+            images = _random_resized_crop(images, generator)
+            flips = torch.rand(images.shape[0], generator=generator) < 0.5
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        if self.fresh_noise:
+            noise = torch.randn(images.shape, generator=generator)
+        else:
+            noise = seeded_noise(self.noise_seed, rows.tolist(), self.t, tuple(images.shape[1:]))
+        timesteps = torch.full((images.shape[0],), self.t)
+        x_t = self.schedule.q_sample(images, timesteps, noise)
+        return {(LIVE_KEY_BLOCK, self.t): x_t}, torch.from_numpy(self.labels[rows])
+
+    def batches(self, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[tuple[dict, torch.Tensor]]:
+        """Every image once, in a seeded class-mixed order (row order when seed is None), decoded ahead."""
+        order = epoch_order(self.num_images, seed, epoch).numpy() if seed is not None else np.arange(self.num_images)
+        starts = list(range(0, self.num_images, batch_size))
+        queue: Queue = Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            for number, start in enumerate(starts):
+                if stop.is_set():
+                    return
+                try:
+                    queue.put(self._batch(order[start:start + batch_size], seed, epoch, number))
+                except Exception as exc:  # noqa: BLE001 - raised in the training thread
+                    queue.put(exc)
+                    return
+            queue.put(None)
+
+        thread = threading.Thread(target=produce, daemon=True, name="diffrep-live-feed")
+        thread.start()
+        try:
+            while (item := queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while not queue.empty():
+                queue.get_nowait()
