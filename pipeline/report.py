@@ -20,8 +20,9 @@ __all__ = [
     "plot_cka_heatmap", "write_report",
 ]
 
-TABLE_COLUMNS = ("date", "dataset", "backbone_id", "head", "blocks", "timesteps", "pool", "k", "parameters",
-                 "epochs", "lr", "seed", "top1", "top5", "train_seconds")
+TABLE_COLUMNS = ("date", "dataset", "backbone_id", "head", "strategy", "blocks", "timesteps", "pool", "k",
+                 "parameters", "protocol", "solver", "l2", "lr", "epochs", "train_split", "test_split", "top1", "top5",
+                 "train_seconds")
 
 
 def _pyplot():
@@ -40,7 +41,7 @@ def _cell(name: str, value) -> str:
         return f"{100 * value:.2f}"
     if name == "parameters":
         return f"{value / 1e6:.2f}M" if value >= 1e5 else str(value)
-    if name == "lr":
+    if name in ("lr", "l2"):
         return f"{value:g}"
     if name == "train_seconds":
         return f"{value:.1f}"
@@ -50,8 +51,8 @@ def _cell(name: str, value) -> str:
 
 
 def _rows(table: pa.Table, columns: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    columns = [c for c in columns if c in table.column_names]
-    data = table.select(columns).to_pylist()
+    columns = [c for c in columns if c in table.column_names and table.column(c).null_count < table.num_rows]
+    data = table.select(columns).to_pylist()  # columns no row fills (e.g. strategy without DifFeed) are left out
     headers = [f"{c} %" if c in ("top1", "top5") else c for c in columns]
     return headers, [[_cell(c, row[c]) for c in columns] for row in data]
 
