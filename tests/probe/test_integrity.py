@@ -160,3 +160,15 @@ def test_cli_literals_equal_the_library_constants():
 
     assert SOLVER_CHOICES == SOLVERS
     assert tuple(float(v) for v in L2_DEFAULT.split(",")) == DEFAULT_L2_GRID
+
+
+def test_cka_limit_draws_every_class_from_a_class_sorted_split():
+    import numpy as np
+
+    from pipeline.evaluation import cka_rows
+
+    labels = np.repeat(np.arange(100), 30)  # sorted by class, as every dataset index is
+    rows = cka_rows(labels, 500, seed=0)
+    assert len(rows) == 500 and len(np.unique(labels[rows])) == 100  # the first 500 rows would hold 17 classes
+    assert (np.diff(rows) > 0).all() and (cka_rows(labels, 500, seed=0) == rows).all()
+    assert cka_rows(labels, None, seed=0) is None and cka_rows(labels, 5000, seed=0) is None
