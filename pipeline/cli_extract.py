@@ -33,7 +33,7 @@ _CONFIRM_BYTES = 100e9
               help="Images per shard: one task writes one whole shard.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward.")
 @click.option("--per-class", type=click.IntRange(min=1), default=None, help="Keep the first N images of each class.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep the first N images (after --per-class).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Keep N images spread evenly over the classes (the first of each; after --per-class).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Root of the image folders.")
 @click.option("--split-dir", type=click.Path(file_okay=False), default=None,
               help="The folder of the one --split asked for, overriding the manifest (e.g. a val set kept elsewhere).")

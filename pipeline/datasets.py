@@ -488,6 +488,19 @@ def _take_per_class(labels: np.ndarray, per_class: int, class_names: list[str]) 
     return np.asarray(rows, dtype=np.int64)
 
 
+def _take_balanced(labels: np.ndarray, limit: int) -> np.ndarray:
+    """``limit`` rows spread over every class: the first image of each class, then the second, ... (sorted).
+
+    Indexes are sorted by class, so the first ``limit`` rows would cover only the first classes.
+    """
+    rank = np.empty(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        rank[rows] = np.arange(len(rows))
+    order = np.lexsort((labels, rank))  # by rank within the class, then by class
+    return np.sort(order[:limit])
+
+
 def build_index(
     dataset_name: str,
     split: str,
@@ -503,7 +516,7 @@ def build_index(
 
     The order is: classes sorted by name (numerically for integer names), and within a class
     the files sorted by path; ``per_class`` then keeps the first n images of each class, and
-    ``limit`` the first rows of the result. A dataset with a source archive (cifar10) is
+    ``limit`` n rows spread evenly over the classes (the first images of each). A dataset with a source archive (cifar10) is
     unpacked into the data root on first use.
 
     Args:
@@ -513,7 +526,7 @@ def build_index(
         root: the data root (``--data-root``); None uses ``$DIFFREP_DATA`` or ``~/.cache/diffrep/data``.
         split_dir: the split's folder (``--split-dir``), overriding the manifest.
         per_class: keep the first n images of every class (a deterministic class-balanced subset).
-        limit: keep the first n rows (after ``per_class``); for quick runs.
+        limit: keep n rows (after ``per_class``), class-balanced: the first images of every class; for quick runs.
         unpack: unpack a packed dataset into the data root; False (a dry run) writes nothing and
             lists the archive instead: the index then names the files as they would be unpacked
             and ``pending_unpack`` says what would be unpacked where.
@@ -558,7 +571,7 @@ def build_index(
     if per_class is not None:
         index = index.subset(_take_per_class(index.labels, per_class, index.class_names))
     if limit is not None and limit < index.num_images:
-        index = index.subset(np.arange(limit))
+        index = index.subset(_take_balanced(index.labels, limit))
     logger.info("%s/%s: %d images in %d classes", dataset_name, split, index.num_images, index.num_classes)
     return index
 

@@ -64,7 +64,11 @@ def test_cifar10_per_class_subset_is_balanced_and_deterministic(cifar10_root):
         assert [path for path, value in zip(index.paths, index.labels) if value == label] == first
     assert build_index("cifar10", "train", root=cifar10_root.parent, per_class=7).paths == index.paths
     limited = build_index("cifar10", "train", root=cifar10_root.parent, per_class=7, limit=10)
-    assert limited.paths == index.paths[:10]
+    assert limited.class_counts().tolist() == [1] * 10  # not the first 10 rows: those are one class
+    assert limited.paths == [index.paths[7 * label] for label in range(10)]  # the first image of every class
+    uneven = build_index("cifar10", "train", root=cifar10_root.parent, limit=25)
+    assert sorted(uneven.class_counts().tolist()) == [2] * 5 + [3] * 5
+    assert uneven.paths == sorted(uneven.paths, key=full.paths.index)  # rows keep the index order
 
 
 # --- folder trees ------------------------------------------------------------------------------
