@@ -32,7 +32,7 @@ from .options import config_option, dataset_option, device_option
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Steps between checkpoints (and probe checks).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt (same settings); ends bit-identical to a straight run on CPU.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only (smoke tests).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on N images spread over the classes only (smoke tests).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None, help="Root of the image folders.")
 @click.option("--probe-block", "-b", type=click.IntRange(min=1), default=None,
               help="Block of the periodic linear-probe check (default: two above the middle block).")
