@@ -2,7 +2,8 @@
 
 With the bundled checkpoint (``32x32_small`` trained text-free on the CIFAR-10 training images,
 see ``extract/weights``), it extracts a class-balanced subset over a block x timestep grid, fits
-converged linear probes over every (b, t, pool), runs kNN, CKA and an attention head, then the same
+converged linear probes over every (b, t, pool), runs kNN, CKA, an attention head and DifFormer (at a
+reduced width that fits a CPU budget; ``--full``: the paper's settings and DifFeed), then the same
 best probe on the identical architecture at two random initialisations and on raw pixels as
 floors, and writes a report whose sentences follow the measured numbers. Each stage's time is
 printed and recorded; a second run reuses the caches.
@@ -23,7 +24,7 @@ from probe.logistic import converged_linear_probe
 
 from .cluster import open_runner
 from .datasets import build_index
-from .evaluation import CacheSelection, CkaRequest, ProbeRequest, SweepRequest, run_cka, run_probe, run_sweep
+from .evaluation import CacheSelection, CkaRequest, ProbeRequest, SweepRequest, fmt_keys, run_cka, run_probe, run_sweep
 from .extraction import ExtractionRequest, plan_extraction, run_extraction
 from .findings import check_findings, findings_paragraph
 from .report import markdown_table
@@ -38,17 +39,20 @@ class HeadSettings:
 
     dim: int = 256
     depth: int = 1
+    token_pool: int = 4
     epochs: int = 15
     solver: str = "adam"
     lr: float = 1e-3
     batch_size: int = 64
+    diffeed: bool = False  # DifFeed runs the backbone twice per image and step: only at the paper's settings
 
     def describe(self) -> str:
-        return (f"attention head at width {self.dim}, depth {self.depth}, {self.epochs} epochs of {self.solver} "
-                f"(lr {self.lr:g}, batch {self.batch_size})")
+        return (f"width {self.dim}, depth {self.depth}, token grid {self.token_pool}x{self.token_pool}, "
+                f"{self.epochs} epochs of {self.solver} (lr {self.lr:g}, batch {self.batch_size})")
 
 
-PAPER_HEAD = HeadSettings(dim=1024, depth=2, epochs=28, solver="sgd", lr=5e-2, batch_size=256)
+PAPER_HEAD = HeadSettings(dim=1024, depth=2, token_pool=16, epochs=28, solver="sgd", lr=5e-2, batch_size=256,
+                          diffeed=True)
 
 
 @dataclass(frozen=True)
@@ -184,13 +188,22 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
     written += stages.run("CKA", run_cka, cka_request)
 
     head = settings.head
-    attention_row = stages.run(
-        "attention head", run_probe,
-        ProbeRequest(cache=cache, blocks=(best_key[0],), timesteps=(best_key[1],), head="attention", solver=head.solver,
-                     dim=head.dim, depth=head.depth, epochs=head.epochs, lr=(head.lr,), batch_size=head.batch_size,
-                     device=settings.device, checkpoint_dir=str(out_dir / "checkpoints" / f"attention_{backbone_id}"),
-                     resume=True, progress=settings.progress))
-    rows = linear.to_pylist() + knn.to_pylist() + [attention_row]
+
+    def heavy(name, blocks, timesteps):
+        return run_probe(ProbeRequest(
+            cache=cache, blocks=tuple(blocks), timesteps=tuple(timesteps), head=name, solver=head.solver, dim=head.dim,
+            depth=head.depth, pool=head.token_pool, epochs=head.epochs, lr=(head.lr,), batch_size=head.batch_size,
+            device=settings.device, resume=True, progress=settings.progress,
+            checkpoint_dir=str(out_dir / "checkpoints" / f"{name}_{backbone_id}_b{fmt_keys(blocks)}_t{fmt_keys(timesteps)}")))
+
+    attention_row = stages.run("attention head", heavy, "attention", [best_key[0]], [best_key[1]])
+    fused_blocks, fused_timesteps = _fusion_grid(grid)
+    difformer_row = stages.run("DifFormer", heavy, "difformer", fused_blocks, fused_timesteps)
+    rows = linear.to_pylist() + knn.to_pylist() + [attention_row, difformer_row]
+    diffeed_row = None
+    if head.diffeed:
+        diffeed_row = stages.run("DifFeed", _diffeed, settings, checkpoint, best_key[1], results_path)
+        rows.append(diffeed_row)
 
     floors: dict[str, float] = {}
     if settings.floors and checkpoint is not None:
@@ -206,16 +219,39 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
             floors["raw pixels"] = _pixel_floor(settings, 32)
 
         stages.run("floors (random inits, pixels)", floor_rows)
-    findings = check_findings(grid, attention={best_key: attention_row["top1"]}, floors=floors)
+    findings = check_findings(grid, attention={best_key: attention_row["top1"]}, floors=floors,
+                              difformer=difformer_row["top1"], diffeed=diffeed_row["top1"] if diffeed_row else None,
+                              fusion_missing="DifFeed runs the backbone live: make demo-full measures it")
     report = stages.run("report", _write_report, out_dir, settings, weights, rows, grid, best_key, best_pool,
-                        attention_row, floors, findings, stages.times, written)
+                        attention_row, difformer_row, diffeed_row, floors, findings, stages.times, written)
     echo(f"   total: {sum(stages.times.values()):.0f} s")
     return {"linear": linear, "knn": knn, "rows": rows, "findings": findings, "times": dict(stages.times),
             "report": report, "written": [Path(p) for p in written] + [report]}
 
 
+def _fusion_grid(grid) -> tuple[list[int], list[int]]:
+    """DifFormer's inputs: the two best blocks and the three best timesteps of the linear sweep."""
+    blocks = sorted({b for b, _ in grid}, key=lambda b: -max(v for (bb, _), v in grid.items() if bb == b))[:2]
+    timesteps = sorted({t for _, t in grid}, key=lambda t: -max(v for (_, tt), v in grid.items() if tt == t))[:3]
+    return sorted(blocks), sorted(timesteps)
+
+
+def _diffeed(settings: DemoSettings, checkpoint, t: int, results_path: str) -> dict:
+    """DifFeed (bottleneck) through the live backbone on the demo's images, with the paper's head."""
+    from .feedback import FeedbackRequest, plan_feedback, run_feedback
+
+    head = settings.head
+    plan = plan_feedback(FeedbackRequest(
+        dataset="cifar10", timestep=t, config_name=settings.config_name, checkpoint=checkpoint,
+        per_class=settings.train_per_class, test_per_class=settings.test_per_class, dim=head.dim, depth=head.depth,
+        epochs=head.epochs, solver=head.solver, lr=1e-2 if head.solver == "sgd" else head.lr, device=settings.device,
+        resume=True, results_path=results_path, progress=settings.progress,
+        checkpoint_dir=str(Path(settings.out_dir) / "checkpoints" / f"diffeed_t{t}")))
+    return run_feedback(plan)
+
+
 def _write_report(out_dir: Path, settings: DemoSettings, weights: str, rows, grid, best_key, best_pool, attention_row,
-                  floors, findings, times, written) -> Path:
+                  difformer_row, diffeed_row, floors, findings, times, written) -> Path:
     table = results_table(rows)
     pngs = [Path(p) for p in written if str(p).endswith(".png")]
     lines = [
@@ -234,11 +270,15 @@ def _write_report(out_dir: Path, settings: DemoSettings, weights: str, rows, gri
         "",
         f"- best linear probe (converged: standardised features, L-BFGS, L2 chosen on held-out train rows): "
         f"b={best_key[0]}, t={best_key[1]}, pool {best_pool}: **{100 * grid[best_key]:.1f}%** top-1",
-        f"- {settings.head.describe()} at the same (b, t): **{100 * attention_row['top1']:.1f}%**",
+        f"- attention head ({settings.head.describe()}) at the same (b, t): **{100 * attention_row['top1']:.1f}%**",
+        f"- DifFormer (same settings) on b={difformer_row['blocks']} x t={difformer_row['timesteps']}: "
+        f"**{100 * difformer_row['top1']:.1f}%**",
+        (f"- DifFeed (bottleneck, read-out b={diffeed_row['blocks'][0]}, t={diffeed_row['timesteps'][0]}): "
+         f"**{100 * diffeed_row['top1']:.1f}%**") if diffeed_row else
+        "- DifFeed: not run by `make demo` (it runs the backbone twice per image and step); `make demo-full` runs it",
     ]
     lines += [f"- floor, {name} (same probe, same (b, t) and pool): {100 * value:.1f}%" for name, value in floors.items()]
     lines += [
-        "- DifFormer and DifFeed: not there yet (the fusion issue has not landed)",
         "",
         "## Stage times (this machine)",
         "",

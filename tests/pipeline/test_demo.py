@@ -25,13 +25,16 @@ def test_demo_extracts_probes_reports_and_reuses_its_cache(cifar10_root, tmp_pat
     assert set(linear["protocol"].to_pylist()) == {"converged"}
     report = (out / "report.md").read_text()
     for needle in ("## What held", "Mid timesteps best:", "Middle blocks best:", "Attention head over linear:",
-                   "DifFormer over the attention head: not measured", "## Stage times", "linear probes (converged):"):
+                   "DifFormer over the attention head: ", "DifFeed over the attention head: not measured (DifFeed runs",
+                   "## Stage times", "linear probes (converged):", "DifFormer:"):
         assert needle in report, needle
     if trained:  # floors: two random inits and raw pixels, on the same probe
         assert "floor, random init (fan-in, seed 0)" in report and "floor, raw pixels" in report
         assert "Pretrained over random init:" in report and "not measured" not in report.split("Pretrained over random init:")[1][:20]
     rows = pq.read_table(out / "results.parquet").num_rows
-    assert rows == 9 + 9 + 1 + (2 if trained else 0)  # linear sweep, kNN sweep, attention head, floor probes
+    assert rows == 9 + 9 + 2 + (2 if trained else 0)  # linear sweep, kNN sweep, attention head, DifFormer, floors
+    difformer = [r for r in pq.read_table(out / "results.parquet").to_pylist() if r["head"] == "difformer"]
+    assert len(difformer) == 1 and len(difformer[0]["blocks"].split(",")) == 2 and len(difformer[0]["timesteps"].split(",")) == 3
     assert (out / f"sweep_cifar10_{backbone}_linear_top1.png").stat().st_size > 0
     assert len(list(out.glob("cka_*.png"))) == 2
 
