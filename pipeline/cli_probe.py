@@ -83,6 +83,8 @@ def _protocol_options(fn):
                      show_default=True, help="Share of every class held out of the train split to choose L2 / lr."),
         click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True,
                      help="Epochs of sgd/adam (StepLR divides the lr by 10 every 7)."),
+        click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Train on this share of every class's labelled images (e.g. 0.01, 0.1), drawn with --seed."),
         click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step (sgd/adam)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the held-out rows, the heads' initialisation and the batch order."),

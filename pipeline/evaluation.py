@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,8 @@ from probe.features import (
 from probe.grid import HeadGrid
 from probe.heads import HEADS, count_parameters, create_head, default_lr
 from probe.knn import knn_classify
-from probe.logistic import DEFAULT_L2_GRID, Standardizer, converged_linear_probe, heldout_split
+from probe.logistic import DEFAULT_L2_GRID, Standardizer, converged_linear_probe
+from probe.subsets import heldout_split, label_fraction_rows
 from probe.train import fit
 
 from .errors import DatasetError, ResultsError
@@ -109,6 +110,7 @@ class ProbeRequest:
     lr: tuple[float, ...] | None = None
     l2: tuple[float, ...] = DEFAULT_L2_GRID
     heldout_fraction: float = 0.2
+    label_fraction: float | None = None
     batch_size: int = 256
     seed: int = 0
     device: str = "auto"
@@ -169,6 +171,7 @@ class SweepRequest:
     lr: tuple[float, ...] | None = None
     l2: tuple[float, ...] = DEFAULT_L2_GRID
     heldout_fraction: float = 0.2
+    label_fraction: float | None = None
     batch_size: int = 256
     seed: int = 0
     standardize: bool = True
@@ -364,14 +367,15 @@ def run_probe(request: ProbeRequest) -> dict:
     device = resolve_device(request.device)
     num_classes = len(pair.train.class_names) or int(np.asarray(pair.train.labels).max()) + 1
     row = dict(**_provenance(selection, pair), head=head, blocks=list(request.blocks),
-               timesteps=list(request.timesteps), pool=int(head_pool or 0), seed=request.seed)
+               timesteps=list(request.timesteps), pool=int(head_pool or 0), seed=request.seed,
+               label_fraction=request.label_fraction)
     need = sum(feature_bytes(pair.train, [key], read_pool[key]) for key in keys)
     streamed = request.stream or need > pair.train.ram_cap_bytes
     if solver == "lbfgs":
         if streamed:
             raise ProbeError(f"the converged probe holds the features in memory ({need / 2**30:.1f} GiB as float16, over "
                              f"the RAM cap): raise --ram-cap-gb, use a coarser --pool, or pass --solver sgd to stream")
-        train, test = _load(pair.train, keys, read_pool), _load(pair.test, keys, read_pool)
+        train, test = _fraction(_load(pair.train, keys, read_pool), request), _load(pair.test, keys, read_pool)
         row.update(train_size=train.num_images, test_size=test.num_images)
         row.update(_converged(_flat(train.features, keys, head_pool), train.labels, _flat(test.features, keys, head_pool),
                               test.labels, num_classes, request.l2, request.heldout_fraction, request.seed, device))
@@ -380,7 +384,8 @@ def run_probe(request: ProbeRequest) -> dict:
     lrs = tuple(request.lr) if request.lr else (default_lr(head),)
     identity = dict(_provenance(selection, pair), head=head, options={k: list(v) if isinstance(v, tuple) else v
                                                                        for k, v in sorted(overrides.items())},
-                    blocks=list(request.blocks), timesteps=list(request.timesteps))
+                    blocks=list(request.blocks), timesteps=list(request.timesteps),
+                    label_fraction=request.label_fraction)
     checkpoint_dir = request.checkpoint_dir
     if checkpoint_dir is None:
         shaped = "".join(f"_{k}{fmt_keys(v) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(overrides.items()))
@@ -388,6 +393,8 @@ def run_probe(request: ProbeRequest) -> dict:
                 f"{shaped}_{solver}_s{request.seed}")
         checkpoint_dir = Path(selection.results_path or default_results_path()).parent / "checkpoints" / name
     if streamed:
+        if request.label_fraction is not None:
+            raise ProbeError("a label fraction holds its rows in memory: raise --ram-cap-gb or use a coarser --pool")
         if len(lrs) > 1:
             raise ProbeError("a learning-rate grid holds the features in memory: pass one --lr to stream, or raise --ram-cap-gb")
         log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float16 features, RAM cap %.1f GiB)",
@@ -406,7 +413,7 @@ def run_probe(request: ProbeRequest) -> dict:
                    parameters=count_parameters(module), epochs=request.epochs, batch_size=request.batch_size,
                    train_seconds=result.train_seconds)
     else:
-        train, test = _load(pair.train, keys, read_pool), _load(pair.test, keys, read_pool)
+        train, test = _fraction(_load(pair.train, keys, read_pool), request), _load(pair.test, keys, read_pool)
         shapes = {key: tuple(train.features[key].shape[1:]) for key in keys}
         row.update(train_size=train.num_images, test_size=test.num_images)
         row.update(_paper(lambda: create_head(head, shapes, num_classes, **overrides), lrs, solver, train, test,
@@ -414,6 +421,15 @@ def run_probe(request: ProbeRequest) -> dict:
                           request.progress, checkpoint_dir, request.resume, identity))
     record_rows([row], selection.results_path)
     return row
+
+
+def _fraction(train, request: ProbeRequest | SweepRequest):
+    """The training rows of ``--label-fraction``: that share of every class, drawn with the seed."""
+    if request.label_fraction is None:
+        return train
+    rows = torch.from_numpy(label_fraction_rows(train.labels, request.label_fraction, request.seed))
+    return replace(train, features={key: value[rows] for key, value in train.features.items()},
+                   labels=train.labels[rows])
 
 
 def _standardizer_of(batches) -> Standardizer:
@@ -581,10 +597,11 @@ def run_sweep(request: SweepRequest) -> tuple[pa.Table, list[Path]]:
     for key in keys:
         for pool in request.pools:
             read_pool = {key: _read_pool(pair.train, key, pool)}
-            train, test = _load(pair.train, [key], read_pool), _load(pair.test, [key], read_pool)
+            train, test = _fraction(_load(pair.train, [key], read_pool), request), _load(pair.test, [key], read_pool)
             num_classes = len(train.class_names) or int(train.labels.max()) + 1
             row = dict(**_provenance(selection, pair), train_size=train.num_images, test_size=test.num_images,
-                       blocks=[key[0]], timesteps=[key[1]], pool=int(pool), seed=request.seed)
+                       blocks=[key[0]], timesteps=[key[1]], pool=int(pool), seed=request.seed,
+                       label_fraction=request.label_fraction)
             train_x, test_x = _flat(train.features, [key], pool), _flat(test.features, [key], pool)
             if request.head == "knn":
                 began = time.perf_counter()

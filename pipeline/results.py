@@ -37,6 +37,7 @@ RESULTS_SCHEMA = pa.schema([
     ("solver", pa.string()),        # lbfgs, sgd, adam (null for knn)
     ("l2", pa.float64()),           # L2 weight chosen (converged probe)
     ("heldout_size", pa.int64()),   # train rows held out to choose l2 / lr (0: none)
+    ("label_fraction", pa.float64()),  # share of every class's training labels used (null: all)
     ("standardize", pa.bool_()),    # features standardised with training statistics
     ("train_split", pa.string()),
     ("test_split", pa.string()),

@@ -28,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from .errors import ProbeError
+from .subsets import heldout_split
 
 __all__ = [
     "DEFAULT_L2_GRID", "Standardizer", "LogisticModel", "fit_logistic", "logistic_loss", "heldout_split",
@@ -151,26 +152,6 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
     with torch.no_grad():
         final = logistic_loss(weight, bias, x, y, l2, standardizer, chunk_rows)
     return LogisticModel(weight.detach(), bias.detach(), standardizer, float(l2), final, int(state.get("n_iter", evaluations)))
-
-
-def heldout_split(labels: np.ndarray | torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, held-out rows): a seeded class-balanced split, ``fraction`` of every class held out.
-
-    Every class keeps at least one fitting row and, with two or more images, gives one held-out row.
-    Rows are returned sorted, so slices of a class-sorted cache stay cheap to read.
-    """
-    labels = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
-    rng = np.random.default_rng([int(seed), 0x6865_6c64])
-    held = []
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        take = int(round(fraction * len(rows)))
-        take = min(max(take, 1 if len(rows) > 1 else 0), len(rows) - 1)
-        held.append(rng.permutation(rows)[:take])
-    held_rows = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    mask = np.ones(len(labels), dtype=bool)
-    mask[held_rows] = False
-    return np.flatnonzero(mask), held_rows
 
 
 @torch.no_grad()

@@ -172,3 +172,18 @@ def test_cka_limit_draws_every_class_from_a_class_sorted_split():
     assert len(rows) == 500 and len(np.unique(labels[rows])) == 100  # the first 500 rows would hold 17 classes
     assert (np.diff(rows) > 0).all() and (cka_rows(labels, 500, seed=0) == rows).all()
     assert cka_rows(labels, None, seed=0) is None and cka_rows(labels, 5000, seed=0) is None
+
+
+def test_label_fractions_are_class_balanced_seeded_and_recorded(toy):
+    import numpy as np
+
+    from probe.subsets import label_fraction_rows
+
+    labels = np.repeat(np.arange(1000), 13)  # ImageNet-like: class-sorted, 1,000 classes
+    rows = label_fraction_rows(labels, 0.1, seed=0)
+    assert (np.bincount(labels[rows], minlength=1000) == 1).all()  # 10% of 13 rounds to 1 per class
+    assert not (label_fraction_rows(labels, 0.5, seed=0) == label_fraction_rows(labels, 0.5, seed=1)).all()
+    result = _run(toy, "probe", "-b", "24", "-t", "150", "--label-fraction", "0.5", "--results", str(_table(toy)))
+    assert result.exit_code == 0, result.output
+    row = read_results(_table(toy)).to_pylist()[-1]
+    assert row["label_fraction"] == 0.5 and row["train_size"] == 30  # 59 valid rows: 20 + 20 + 19 halved, rounded

@@ -1,0 +1,52 @@
+"""Seeded, class-balanced row subsets: held-out parts of a training split and label fractions.
+
+Dataset indexes are sorted by class (ImageNet: 1,000 classes of about 1,300 rows), so any subset
+taken as "the first rows" holds a few classes. These draws take the same share of every class,
+with a seed, and return rows sorted so that reads of a class-sorted cache stay slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import ProbeError
+
+__all__ = ["heldout_split", "label_fraction_rows"]
+
+
+def heldout_split(labels: np.ndarray | torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-out rows): a seeded class-balanced split, ``fraction`` of every class held out.
+
+    Every class keeps at least one fitting row and, with two or more images, gives one held-out row.
+    Rows are returned sorted, so slices of a class-sorted cache stay cheap to read.
+    """
+    labels = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
+    rng = np.random.default_rng([int(seed), 0x6865_6c64])
+    held = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        take = int(round(fraction * len(rows)))
+        take = min(max(take, 1 if len(rows) > 1 else 0), len(rows) - 1)
+        held.append(rng.permutation(rows)[:take])
+    held_rows = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[held_rows] = False
+    return np.flatnonzero(mask), held_rows
+
+
+
+def label_fraction_rows(labels: np.ndarray | torch.Tensor, fraction: float, seed: int) -> np.ndarray:
+    """Rows of a label fraction (e.g. 0.01, 0.1): ``fraction`` of every class, at least one row each, seeded, sorted."""
+    if not 0 < fraction <= 1:
+        raise ProbeError(f"label fraction {fraction} must be in (0, 1], e.g. 0.01 or 0.1")
+    labels = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
+    if fraction == 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([int(seed), 0x6672_6163])
+    rows = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        take = min(len(members), max(1, int(round(fraction * len(members)))))
+        rows.append(rng.permutation(members)[:take])
+    return np.sort(np.concatenate(rows))
