@@ -42,9 +42,11 @@ def fuse(cache, **options) -> None:
     Example:
       diffrep fuse --dataset imagenet-50 -t 90,150,300 -b 19,24,30
     """
-    from .evaluation import ProbeRequest, fmt_keys, run_probe
+    from .evaluation import FitProtocol, ProbeRequest, fmt_keys, run_probe
 
-    row = run_probe(ProbeRequest(cache=cache, head="difformer", **options))
+    protocol = FitProtocol(**{name: options.pop(name) for name in
+                              ("solver", "lr", "heldout_fraction", "epochs", "batch_size", "seed")})
+    row = run_probe(ProbeRequest(cache=cache, head="difformer", protocol=protocol, **options))
     click.echo(f"DifFormer ({row['solver']}, lr {row['lr']:g}) on {row['dataset']} b={fmt_keys(options['blocks'])} "
                f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
                f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "

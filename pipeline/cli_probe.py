@@ -89,7 +89,16 @@ def _protocol_options(fn):
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the held-out rows, the heads' initialisation and the batch order."),
     ]
-    return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
+
+    @functools.wraps(fn)
+    def wrapper(solver, lr, l2, heldout_fraction, epochs, label_fraction, batch_size, seed, **options):
+        from .evaluation import FitProtocol
+
+        protocol = FitProtocol(solver=solver, lr=lr, l2=l2, heldout_fraction=heldout_fraction, epochs=epochs,
+                               label_fraction=label_fraction, batch_size=batch_size, seed=seed)
+        return fn(protocol=protocol, **options)
+
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)
 
 
 @main.command("probe")
@@ -215,7 +224,7 @@ def cka(**options) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/sweeps", show_default=True,
               help="Folder for the sweep table (Parquet, Markdown) and heatmaps.")
 @click.option("--progress/--no-progress", default=False, show_default=True)
-def sweep(cache, solver, **options) -> None:
+def sweep(cache, **options) -> None:
     """Linear probes (or kNN) over every cached (b, t) and pool size: the paper's Figures 3 and 4.
 
     Appends one results row per (b, t, pool) and writes the sweep table (Parquet, Markdown) and
@@ -225,7 +234,7 @@ def sweep(cache, solver, **options) -> None:
     from .evaluation import SweepRequest, run_sweep
     from .report import format_table
 
-    table, written = run_sweep(SweepRequest(cache=cache, solver=solver or "lbfgs", **options))
+    table, written = run_sweep(SweepRequest(cache=cache, **options))
     click.echo(format_table(table, columns=("blocks", "timesteps", "pool", "head", "protocol", "l2", "lr", "top1",
                                             "top5", "train_seconds")))
     for path in written:

@@ -24,7 +24,9 @@ from probe.logistic import converged_linear_probe
 
 from .cluster import open_runner
 from .datasets import build_index
-from .evaluation import CacheSelection, CkaRequest, ProbeRequest, SweepRequest, fmt_keys, run_cka, run_probe, run_sweep
+from .evaluation import (
+    CacheSelection, CkaRequest, FitProtocol, ProbeRequest, SweepRequest, fmt_keys, run_cka, run_probe, run_sweep,
+)
 from .extraction import ExtractionRequest, plan_extraction, run_extraction
 from .findings import check_findings, findings_paragraph
 from .report import markdown_table
@@ -191,9 +193,9 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
 
     def heavy(name, blocks, timesteps):
         return run_probe(ProbeRequest(
-            cache=cache, blocks=tuple(blocks), timesteps=tuple(timesteps), head=name, solver=head.solver, dim=head.dim,
-            depth=head.depth, pool=head.token_pool, epochs=head.epochs, lr=(head.lr,), batch_size=head.batch_size,
-            device=settings.device, resume=True, progress=settings.progress,
+            cache=cache, blocks=tuple(blocks), timesteps=tuple(timesteps), head=name, dim=head.dim,
+            depth=head.depth, pool=head.token_pool, device=settings.device, resume=True, progress=settings.progress,
+            protocol=FitProtocol(solver=head.solver, epochs=head.epochs, lr=(head.lr,), batch_size=head.batch_size),
             checkpoint_dir=str(out_dir / "checkpoints" / f"{name}_{backbone_id}_b{fmt_keys(blocks)}_t{fmt_keys(timesteps)}")))
 
     attention_row = stages.run("attention head", heavy, "attention", [best_key[0]], [best_key[1]])

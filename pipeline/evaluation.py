@@ -51,7 +51,7 @@ from .report import markdown_table, plot_cka_heatmap, plot_sweep_heatmaps
 from .results import append_results, default_results_path, results_table
 
 __all__ = [
-    "CacheSelection", "ProbeRequest", "KnnRequest", "CkaRequest", "SweepRequest",
+    "CacheSelection", "FitProtocol", "ProbeRequest", "KnnRequest", "CkaRequest", "SweepRequest",
     "run_probe", "run_knn", "run_cka", "run_sweep", "record_rows", "fmt_keys", "SOLVERS",
 ]
 
@@ -89,12 +89,31 @@ class CacheSelection:
 
 
 @dataclass(frozen=True)
-class ProbeRequest:
-    """One head on (b, t) arrays. ``solver`` None: lbfgs for the linear head, sgd for the others.
+class FitProtocol:
+    """How a head is fitted, shared by ``diffrep probe``, ``sweep`` and ``fuse``.
 
-    ``lr`` holds one or several learning rates (several: one-pass grid, chosen on the held-out part;
-    None: the head's default). ``l2`` holds the L2 weights the converged probe chooses from.
+    Args:
+        solver: ``lbfgs`` (the converged linear probe), ``sgd`` or ``adam`` (the paper's protocol);
+            None: lbfgs for the linear head, sgd for the others.
+        epochs, batch_size: of sgd/adam. lr: one or several learning rates (several: a one-pass grid
+            chosen on the held-out rows; None: the head's default). l2: the converged probe's L2 grid.
+        heldout_fraction: share of every class held out to choose l2 / lr.
+        label_fraction: train on this share of every class (None: all). seed: draws, init, batch order.
     """
+
+    solver: str | None = None
+    epochs: int = 28
+    lr: tuple[float, ...] | None = None
+    l2: tuple[float, ...] = DEFAULT_L2_GRID
+    heldout_fraction: float = 0.2
+    label_fraction: float | None = None
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """One head on (b, t) arrays, fitted by ``protocol``."""
 
     cache: CacheSelection
     blocks: tuple[int, ...]
@@ -106,13 +125,7 @@ class ProbeRequest:
     channels: tuple[int, ...] | None = None
     depth: int | None = None
     dim: int | None = None
-    epochs: int = 28
-    lr: tuple[float, ...] | None = None
-    l2: tuple[float, ...] = DEFAULT_L2_GRID
-    heldout_fraction: float = 0.2
-    label_fraction: float | None = None
-    batch_size: int = 256
-    seed: int = 0
+    protocol: FitProtocol = FitProtocol()
     device: str = "auto"
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -166,14 +179,7 @@ class SweepRequest:
     timesteps: tuple[int, ...] | None = None
     pools: tuple[int, ...] = (1, 2, 4)
     head: str = "linear"
-    solver: str = "lbfgs"
-    epochs: int = 28
-    lr: tuple[float, ...] | None = None
-    l2: tuple[float, ...] = DEFAULT_L2_GRID
-    heldout_fraction: float = 0.2
-    label_fraction: float | None = None
-    batch_size: int = 256
-    seed: int = 0
+    protocol: FitProtocol = FitProtocol(solver="lbfgs")
     standardize: bool = True
     device: str = "auto"
     out_dir: str = "results/sweeps"
@@ -347,7 +353,8 @@ def _paper(build, lrs, optimizer, train, test, epochs, batch_size, heldout_fract
 def run_probe(request: ProbeRequest) -> dict:
     """Train one head on cached train features, score it on the test features, record the row; returns it."""
     selection = request.cache
-    head, solver = request.head, _solver(request.head, request.solver)
+    fitting = request.protocol
+    head, solver = request.head, _solver(request.head, fitting.solver)
     pair = _open_pair(selection)
     keys = _keys(request.blocks, request.timesteps)
     overrides = {}
@@ -367,33 +374,33 @@ def run_probe(request: ProbeRequest) -> dict:
     device = resolve_device(request.device)
     num_classes = len(pair.train.class_names) or int(np.asarray(pair.train.labels).max()) + 1
     row = dict(**_provenance(selection, pair), head=head, blocks=list(request.blocks),
-               timesteps=list(request.timesteps), pool=int(head_pool or 0), seed=request.seed,
-               label_fraction=request.label_fraction)
+               timesteps=list(request.timesteps), pool=int(head_pool or 0), seed=fitting.seed,
+               label_fraction=fitting.label_fraction)
     need = sum(feature_bytes(pair.train, [key], read_pool[key]) for key in keys)
     streamed = request.stream or need > pair.train.ram_cap_bytes
     if solver == "lbfgs":
         if streamed:
             raise ProbeError(f"the converged probe holds the features in memory ({need / 2**30:.1f} GiB as float16, over "
                              f"the RAM cap): raise --ram-cap-gb, use a coarser --pool, or pass --solver sgd to stream")
-        train, test = _fraction(_load(pair.train, keys, read_pool), request), _load(pair.test, keys, read_pool)
+        train, test = _fraction(_load(pair.train, keys, read_pool), fitting), _load(pair.test, keys, read_pool)
         row.update(train_size=train.num_images, test_size=test.num_images)
         row.update(_converged(_flat(train.features, keys, head_pool), train.labels, _flat(test.features, keys, head_pool),
-                              test.labels, num_classes, request.l2, request.heldout_fraction, request.seed, device))
+                              test.labels, num_classes, fitting.l2, fitting.heldout_fraction, fitting.seed, device))
         record_rows([row], selection.results_path)
         return row
-    lrs = tuple(request.lr) if request.lr else (default_lr(head),)
+    lrs = tuple(fitting.lr) if fitting.lr else (default_lr(head),)
     identity = dict(_provenance(selection, pair), head=head, options={k: list(v) if isinstance(v, tuple) else v
                                                                        for k, v in sorted(overrides.items())},
                     blocks=list(request.blocks), timesteps=list(request.timesteps),
-                    label_fraction=request.label_fraction)
+                    label_fraction=fitting.label_fraction)
     checkpoint_dir = request.checkpoint_dir
     if checkpoint_dir is None:
         shaped = "".join(f"_{k}{fmt_keys(v) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(overrides.items()))
         name = (f"{selection.dataset}_{pair.backbone_id}_{head}_b{fmt_keys(request.blocks)}_t{fmt_keys(request.timesteps)}"
-                f"{shaped}_{solver}_s{request.seed}")
+                f"{shaped}_{solver}_s{fitting.seed}")
         checkpoint_dir = Path(selection.results_path or default_results_path()).parent / "checkpoints" / name
     if streamed:
-        if request.label_fraction is not None:
+        if fitting.label_fraction is not None:
             raise ProbeError("a label fraction holds its rows in memory: raise --ram-cap-gb or use a coarser --pool")
         if len(lrs) > 1:
             raise ProbeError("a learning-rate grid holds the features in memory: pass one --lr to stream, or raise --ram-cap-gb")
@@ -403,31 +410,31 @@ def run_probe(request: ProbeRequest) -> dict:
         stream_pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None
         train_x, test_x = StreamedFeatures(pair.train, keys, stream_pool), StreamedFeatures(pair.test, keys, stream_pool)
         shapes = in_shapes(pair.train, keys, stream_pool)
-        torch.manual_seed(request.seed)
+        torch.manual_seed(fitting.seed)
         module = create_head(head, shapes, num_classes, **overrides)
-        result = fit(module, train_x, None, test_x, None, epochs=request.epochs, lr=lrs[0], optimizer=solver,
-                     batch_size=request.batch_size, seed=request.seed, device=device, checkpoint_dir=checkpoint_dir,
+        result = fit(module, train_x, None, test_x, None, epochs=fitting.epochs, lr=lrs[0], optimizer=solver,
+                     batch_size=fitting.batch_size, seed=fitting.seed, device=device, checkpoint_dir=checkpoint_dir,
                      resume=request.resume, identity=identity, progress=request.progress)
         row.update(train_size=train_x.num_images, test_size=test_x.num_images, protocol="paper", solver=solver,
                    lr=result.lr, heldout_size=0, top1=result.top1, top5=result.top5,
-                   parameters=count_parameters(module), epochs=request.epochs, batch_size=request.batch_size,
+                   parameters=count_parameters(module), epochs=fitting.epochs, batch_size=fitting.batch_size,
                    train_seconds=result.train_seconds)
     else:
-        train, test = _fraction(_load(pair.train, keys, read_pool), request), _load(pair.test, keys, read_pool)
+        train, test = _fraction(_load(pair.train, keys, read_pool), fitting), _load(pair.test, keys, read_pool)
         shapes = {key: tuple(train.features[key].shape[1:]) for key in keys}
         row.update(train_size=train.num_images, test_size=test.num_images)
         row.update(_paper(lambda: create_head(head, shapes, num_classes, **overrides), lrs, solver, train, test,
-                          request.epochs, request.batch_size, request.heldout_fraction, request.seed, device,
+                          fitting.epochs, fitting.batch_size, fitting.heldout_fraction, fitting.seed, device,
                           request.progress, checkpoint_dir, request.resume, identity))
     record_rows([row], selection.results_path)
     return row
 
 
-def _fraction(train, request: ProbeRequest | SweepRequest):
+def _fraction(train, fitting: FitProtocol):
     """The training rows of ``--label-fraction``: that share of every class, drawn with the seed."""
-    if request.label_fraction is None:
+    if fitting.label_fraction is None:
         return train
-    rows = torch.from_numpy(label_fraction_rows(train.labels, request.label_fraction, request.seed))
+    rows = torch.from_numpy(label_fraction_rows(train.labels, fitting.label_fraction, fitting.seed))
     return replace(train, features={key: value[rows] for key, value in train.features.items()},
                    labels=train.labels[rows])
 
@@ -578,7 +585,8 @@ def run_sweep(request: SweepRequest) -> tuple[pa.Table, list[Path]]:
     """Linear probes (or kNN) over every (b, t, pool); results rows, sweep table, heatmaps."""
     selection = request.cache
     pair = _open_pair(selection)
-    solver = _solver("linear", request.solver) if request.head == "linear" else None
+    fitting = request.protocol
+    solver = _solver("linear", fitting.solver) if request.head == "linear" else None
     in_test = set(pair.test.arrays())
     cached = [key for key in pair.train.arrays() if key in in_test]
     keys = [key for key in cached
@@ -592,16 +600,16 @@ def run_sweep(request: SweepRequest) -> tuple[pa.Table, list[Path]]:
         raise ProbeError(f"no cached (b, t) arrays of {selection.dataset} match the sweep: cached are "
                          f"{', '.join(f'b{b}/t{t}' for b, t in cached) or 'none'}; run diffrep extract first")
     device = resolve_device(request.device)
-    lrs = tuple(request.lr) if request.lr else (default_lr("linear"),)
+    lrs = tuple(fitting.lr) if fitting.lr else (default_lr("linear"),)
     rows = []
     for key in keys:
         for pool in request.pools:
             read_pool = {key: _read_pool(pair.train, key, pool)}
-            train, test = _fraction(_load(pair.train, [key], read_pool), request), _load(pair.test, [key], read_pool)
+            train, test = _fraction(_load(pair.train, [key], read_pool), fitting), _load(pair.test, [key], read_pool)
             num_classes = len(train.class_names) or int(train.labels.max()) + 1
             row = dict(**_provenance(selection, pair), train_size=train.num_images, test_size=test.num_images,
-                       blocks=[key[0]], timesteps=[key[1]], pool=int(pool), seed=request.seed,
-                       label_fraction=request.label_fraction)
+                       blocks=[key[0]], timesteps=[key[1]], pool=int(pool), seed=fitting.seed,
+                       label_fraction=fitting.label_fraction)
             train_x, test_x = _flat(train.features, [key], pool), _flat(test.features, [key], pool)
             if request.head == "knn":
                 began = time.perf_counter()
@@ -615,12 +623,12 @@ def run_sweep(request: SweepRequest) -> tuple[pa.Table, list[Path]]:
                            train_seconds=time.perf_counter() - began)
             elif solver == "lbfgs":
                 row.update(head="linear", **_converged(train_x, train.labels, test_x, test.labels, num_classes,
-                                                       request.l2, request.heldout_fraction, request.seed, device))
+                                                       fitting.l2, fitting.heldout_fraction, fitting.seed, device))
             else:
                 shapes = {key: tuple(train.features[key].shape[1:])}
                 row.update(head="linear", **_paper(lambda: create_head("linear", shapes, num_classes, pool=pool or None),
-                                                   lrs, solver, train, test, request.epochs, request.batch_size,
-                                                   request.heldout_fraction, request.seed, device, request.progress))
+                                                   lrs, solver, train, test, fitting.epochs, fitting.batch_size,
+                                                   fitting.heldout_fraction, fitting.seed, device, request.progress))
             log.info("sweep b=%d t=%d pool=%d: top-1 %.4f", key[0], key[1], pool, row["top1"])
             record_rows([row], selection.results_path)  # one row at a time: an interrupted sweep keeps what it measured
             rows.append(row)

@@ -14,7 +14,7 @@ import tempfile
 
 from extract.configs import bundled_checkpoint
 from pipeline.cluster import open_runner
-from pipeline.evaluation import CacheSelection, ProbeRequest, run_probe
+from pipeline.evaluation import CacheSelection, FitProtocol, ProbeRequest, run_probe
 from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
 
 PROTOCOLS = (
@@ -45,7 +45,8 @@ def bench_protocols(cache_dir: str | None = None, block: int = 8, t: int = 25, t
                                results_path=os.path.join(cache_dir, "results.parquet"))
         for label, options in PROTOCOLS:
             row = run_probe(ProbeRequest(cache=cache, blocks=(block,), timesteps=(t,), pool=2, progress=False,
-                                         checkpoint_dir=os.path.join(cache_dir, "ckpt", f"{name}-{label}"), **options))
+                                         checkpoint_dir=os.path.join(cache_dir, "ckpt", f"{name}-{label}"),
+                                         protocol=FitProtocol(**options)))
             chosen = f"L2 {row['l2']:g}" if row.get("l2") is not None else f"lr {row['lr']:g}"
             lines.append(f"  {name:26s} {label:28s} top-1 {100 * row['top1']:5.1f}%   {row['train_seconds']:6.1f} s"
                          f"   ({chosen}, held out {row['heldout_size']})")
