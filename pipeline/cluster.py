@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -113,6 +115,38 @@ def _pin_gpus(client, count: int) -> None:
 
 
 @contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while local worker processes start, so that they inherit "ignore".
+
+    A terminal's Ctrl-C reaches every process of its group; workers that took it would each
+    print a traceback. Only this process should stop (it then closes the cluster).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ignore_sigint_in_workers(client) -> None:
+    """The same for workers the nanny restarts later (they start from this process's own handler)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class IgnoreSigint(WorkerPlugin):
+        def setup(self, worker):
+            import signal
+            import threading
+
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    client.register_plugin(IgnoreSigint(), name="diffrep-ignore-sigint")
+
+
+@contextmanager
 def open_runner(
     scheduler: str | None = None, synchronous: bool = False, workers: int | None = None, device: str = "auto"
 ) -> Iterator[TaskRunner]:
@@ -141,12 +175,15 @@ def open_runner(
         return
     gpus = count_gpus() if device in ("auto", "cuda") else 0
     count = workers or max(1, gpus)
-    cluster = LocalCluster(
-        n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=logging.CRITICAL,  # task errors come back with their shard and are reported once
-    )
+    with _sigint_ignored():  # inherited by the worker processes: Ctrl-C reaches this process only
+        cluster = LocalCluster(
+            n_workers=count, threads_per_worker=1, processes=True,
+            dashboard_address=":0",  # any free port: no "port 8787 is in use" warning beside another cluster
+            silence_logs=logging.CRITICAL,  # task errors come back with their shard and are reported once
+        )
     client = Client(cluster)
     try:
+        _ignore_sigint_in_workers(client)
         if gpus > 1:
             _pin_gpus(client, gpus)
         yield _DaskRunner(client, f"local Dask cluster, {count} worker process{'es' if count > 1 else ''}")
