@@ -69,13 +69,13 @@ def test_both_passes_see_the_same_noisy_image():
     seen = []
     model.backbone.input_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     x_t = torch.randn(2, 3, 32, 32)
-    model(x_t, torch.full((2,), 50)).sum().backward()
+    model({(0, 50): x_t}).sum().backward()
     assert len(seen) == 2 and torch.equal(seen[0], seen[1]) and torch.equal(seen[0], x_t)
 
 
 def test_gradients_reach_the_feedback_and_the_head_but_not_the_frozen_backbone():
     model = _small("multi-scale")
-    model(torch.randn(2, 3, 32, 32), torch.full((2,), 50)).sum().backward()
+    model({(0, 50): torch.randn(2, 3, 32, 32)}).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.feedback.parameters() if p.ndim > 1)
     assert all(p.grad is not None for p in model.head.parameters())
     assert all(p.grad is None for p in model.backbone.parameters())
@@ -86,3 +86,28 @@ def test_bad_readouts_are_one_line_errors():
         _small(readout=40)
     with pytest.raises(ProbeError, match=r"feedback into block\(s\) \[8\] cannot change read-out block 7"):
         _small("bottleneck", readout=7)
+
+
+@pytest.mark.e2e
+def test_feedback_trains_end_to_end_on_real_images(cifar10_root, tmp_path):
+    """DifFeed on 32x32_small (the bundled weights when present) through diffrep feedback, 300 train / 200 test images."""
+    from click.testing import CliRunner
+
+    from extract.configs import bundled_checkpoint
+    from pipeline.cli import main
+    from pipeline.results import read_results
+
+    checkpoint = bundled_checkpoint("32x32_small")
+    args = ["feedback", "--dataset", "cifar10", "--config", "32x32_small", "-t", "25", "--strategy", "bottleneck",
+            "--per-class", "30", "--test-per-class", "20", "--data-root", str(cifar10_root.parent), "--dim", "64",
+            "--depth", "1", "--epochs", "4", "--solver", "adam", "--lr", "1e-3", "--batch-size", "32",
+            "--device", "cpu", "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--results", str(tmp_path / "results.parquet"), *(["--checkpoint", checkpoint] if checkpoint else [])]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "strategy bottleneck: 12->8, 15->5, 18->2" in result.output
+    row = read_results(tmp_path / "results.parquet").to_pylist()[-1]
+    assert row["head"] == "diffeed" and row["strategy"] == "bottleneck" and row["test_size"] == 200
+    assert row["top1"] > 0.2  # chance is 10%; 200 test images put its 99.9% bound near 17%
+    resumed = CliRunner().invoke(main, [*args, "--resume"], catch_exceptions=False)  # done: scores again, same weights
+    assert resumed.exit_code == 0 and read_results(tmp_path / "results.parquet").to_pylist()[-1]["top1"] == row["top1"]

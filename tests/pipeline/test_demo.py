@@ -18,7 +18,9 @@ def test_demo_extracts_probes_reports_and_reuses_its_cache(cifar10_root, tmp_pat
     assert first.exit_code == 0, first.output
     assert "120 images (per_class=12)" in first.output and "60 images (per_class=6)" in first.output
     trained = bundled_checkpoint("32x32_small") is not None
-    backbone = first.output.split("cache ")[1].split("/")[-1].split()[0] if trained else "32x32_small-random0"
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    backbone = next(r["backbone_id"] for r in table if r["head"] == "linear")
+    assert backbone.startswith("32x32_small-") and (backbone != "32x32_small-random0") == trained
     linear = pq.read_table(out / f"sweep_cifar10_{backbone}_linear.parquet")
     assert sorted(zip(linear["blocks"].to_pylist(), linear["timesteps"].to_pylist())) == sorted(
         (b, t) for b in ("8", "10", "12") for t in ("10", "50", "150"))

@@ -5,19 +5,24 @@ import torch
 
 from extract.configs import get_config
 from probe.errors import ProbeError
+import fusion.difformer  # noqa: F401 - registers the difformer head, so the registry below is complete
 from probe.heads import HEADS, count_parameters, create_head, default_lr
 
 torch.set_num_threads(1)
 
 IN_SHAPES = {(24, 150): (16, 8, 8), (19, 90): (8, 4, 4)}
-SMALL = {"attention": dict(dim=32, num_heads=4, depth=1), "mlp": dict(hidden=(16,)), "cnn": dict(channels=(8, 8))}
+# DifFormer reads every block at every timestep
+GRID_SHAPES = {(b, t): shape for b, shape in ((24, (16, 8, 8)), (19, (8, 4, 4))) for t in (90, 150)}
+SMALL = {"attention": dict(dim=32, num_heads=4, depth=1), "difformer": dict(dim=32, num_heads=4, depth=1),
+         "mlp": dict(hidden=(16,)), "cnn": dict(channels=(8, 8))}
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
-    head = create_head(name, IN_SHAPES, num_classes=5, **SMALL.get(name, {}))
-    x = {key: torch.randn(3, *shape) for key, shape in IN_SHAPES.items()}
+    shapes = GRID_SHAPES if name == "difformer" else IN_SHAPES
+    head = create_head(name, shapes, num_classes=5, **SMALL.get(name, {}))
+    x = {key: torch.randn(3, *shape) for key, shape in shapes.items()}
     logits = head(x)
     assert logits.shape == (3, 5)
     assert torch.isfinite(logits).all()
