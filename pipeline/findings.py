@@ -32,31 +32,33 @@ def _best(grid: Grid) -> tuple[tuple[int, int], float]:
     return key, grid[key]
 
 
+def _interior(grid: Grid, axis: int) -> tuple[list[int], dict[int, float], int, bool | None]:
+    """Along one axis (0: blocks, 1: timesteps): the values, the best top-1 per value over the other axis,
+    the best value, and whether it lies strictly inside the range (None with fewer than three values)."""
+    values = sorted({key[axis] for key in grid})
+    best_of = {v: max(top1 for key, top1 in grid.items() if key[axis] == v) for v in values}
+    best = max(values, key=lambda v: (best_of[v], -v))
+    return values, best_of, best, (values[0] < best < values[-1]) if len(values) >= 3 else None
+
+
 def _mid_timesteps(grid: Grid) -> Finding:
-    timesteps = sorted({t for _, t in grid})
-    by_t = {t: max(v for (b, tt), v in grid.items() if tt == t) for t in timesteps}
-    best_t = max(timesteps, key=lambda t: (by_t[t], -t))
-    if len(timesteps) < 3:
+    ts, by_t, best, held = _interior(grid, 1)
+    if held is None:
         return Finding("mid timesteps best", None, "Mid timesteps best: not measured (fewer than three timesteps).")
-    held = timesteps[0] < best_t < timesteps[-1]
-    verdict = "held" if held else "did not hold"
     return Finding("mid timesteps best", held,
-                   f"Mid timesteps best: {verdict}. The best timestep is t={best_t} ({_pct(by_t[best_t])}, best block), "
-                   f"against {_pct(by_t[timesteps[0]])} at the least noise (t={timesteps[0]}) and "
-                   f"{_pct(by_t[timesteps[-1]])} at the most (t={timesteps[-1]}).")
+                   f"Mid timesteps best: {'held' if held else 'did not hold'}. The best timestep is t={best} "
+                   f"({_pct(by_t[best])}, best block), against {_pct(by_t[ts[0]])} at the least noise (t={ts[0]}) "
+                   f"and {_pct(by_t[ts[-1]])} at the most (t={ts[-1]}).")
 
 
 def _middle_blocks(grid: Grid) -> Finding:
-    blocks = sorted({b for b, _ in grid})
-    by_b = {b: max(v for (bb, _), v in grid.items() if bb == b) for b in blocks}
-    best_b = max(blocks, key=lambda b: (by_b[b], -b))
-    if len(blocks) < 3:
+    bs, by_b, best, held = _interior(grid, 0)
+    if held is None:
         return Finding("middle blocks best", None, "Middle blocks best: not measured (fewer than three blocks).")
-    held = blocks[0] < best_b < blocks[-1]
-    verdict = "held" if held else "did not hold"
     return Finding("middle blocks best", held,
-                   f"Middle blocks best: {verdict}. The best block is b={best_b} ({_pct(by_b[best_b])}, best timestep), "
-                   f"against {_pct(by_b[blocks[0]])} at b={blocks[0]} and {_pct(by_b[blocks[-1]])} at b={blocks[-1]}.")
+                   f"Middle blocks best: {'held' if held else 'did not hold'}. The best block is b={best} "
+                   f"({_pct(by_b[best])}, best timestep), against {_pct(by_b[bs[0]])} at b={bs[0]} and "
+                   f"{_pct(by_b[bs[-1]])} at b={bs[-1]}.")
 
 
 def _head_over_linear(name: str, head: float | None, linear: float, key: tuple[int, int]) -> Finding:
