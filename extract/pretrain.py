@@ -292,11 +292,9 @@ def _pretrain(config, paths, out_dir, steps, minutes, resume, checkpoint_every, 
         raise ConfigError(f"{config.config_name} is class-conditional: text-free pretraining needs an unconditional configuration")
     learn_sigma = bool(backbone.flags.get("learn_sigma", False))
     schedule = get_schedule(backbone.noise_schedule, backbone.diffusion_steps)
-    model = create_backbone(config.config_name, weight_seed=config.weight_seed)
     if config.weight_seed is None:
-        # ADM's own init draws from the global RNG: make it a function of the seed too
-        torch.manual_seed(config.seed)
-        model = create_backbone(config.config_name)
+        torch.manual_seed(config.seed)  # ADM's own init draws from the global RNG: make it a function of the seed
+    model = create_backbone(config.config_name, weight_seed=config.weight_seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).train()
     ema = create_backbone(config.config_name).to(device, memory_format=memory_format).eval()
