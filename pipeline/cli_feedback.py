@@ -52,7 +52,7 @@ def feedback(dry_run, **options) -> None:
     from .feedback import FeedbackRequest, plan_feedback, run_feedback
 
     options["timestep"] = int(options["timestep"])
-    plan = plan_feedback(FeedbackRequest(**options))
+    plan = plan_feedback(FeedbackRequest(**options), dry_run=dry_run)
     click.echo(plan.describe())
     if dry_run:
         return

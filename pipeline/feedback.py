@@ -20,6 +20,7 @@ from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs
 from fusion.live import LiveImages
+from probe.errors import ProbeError
 from probe.heads import count_parameters, create_head
 from probe.train import fit
 
@@ -94,21 +95,24 @@ class FeedbackPlan:
         ])
 
 
-def plan_feedback(request: FeedbackRequest) -> FeedbackPlan:
-    """Index the images, build backbone + feedback + head; nothing runs yet (what ``--dry-run`` prints)."""
+def plan_feedback(request: FeedbackRequest, dry_run: bool = False) -> FeedbackPlan:
+    """Index the images, build backbone + feedback + head; nothing runs yet (what ``--dry-run`` prints).
+
+    With ``dry_run`` nothing is written either: a dataset still packed is listed from its archive.
+    """
     cfg = get_config(request.config_name)
     backbone = create_backbone(request.config_name, checkpoint=request.checkpoint, weight_seed=request.weight_seed)
     readout = request.readout if request.readout is not None else default_readout(backbone)
     feedback_pairs(backbone, request.strategy)  # an unknown strategy fails before any image is read
-    shapes = backbone.block_shapes()
     if not 1 <= readout <= backbone.num_blocks:
-        shape = (1, 1)
-    else:
-        shape = shapes[readout]
+        raise ProbeError(f"read-out block {readout} is out of range for {request.config_name}: "
+                         f"valid blocks are 1..{backbone.num_blocks}")
+    shape = backbone.block_shapes()[readout]
+    DifFeed(backbone, torch.nn.Identity(), request.strategy, readout)  # pairs and read-out checked before any image
     schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
     splits = []
     for split, per_class in ((request.train_split, request.per_class), (request.test_split, request.test_per_class)):
-        index = build_index(request.dataset, split, root=request.data_root, per_class=per_class)
+        index = build_index(request.dataset, split, root=request.data_root, per_class=per_class, unpack=not dry_run)
         splits.append(LiveImages(index.paths, index.labels, cfg.image_size, request.timestep, schedule,
                                  noise_seed=request.noise_seed, fresh_noise=request.fresh_noise and split == request.train_split,
                                  decode_threads=request.decode_threads))
@@ -131,8 +135,7 @@ def run_feedback(plan: FeedbackPlan) -> dict:
                     dim=r.dim, depth=r.depth, per_class=r.per_class, test_per_class=r.test_per_class)
     checkpoint_dir = r.checkpoint_dir or str(Path(r.results_path or default_results_path()).parent / "checkpoints" /
                                              f"{r.dataset}_diffeed_{r.strategy}_b{model.readout}_t{r.timestep}_s{r.seed}")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    result = fit(_Trainable(model, trainable), plan.train, None, plan.test, None, epochs=r.epochs, lr=r.lr,
+    result = fit(_Trainable(model), plan.train, None, plan.test, None, epochs=r.epochs, lr=r.lr,
                  optimizer=r.solver, batch_size=r.batch_size, seed=r.seed, device=device,
                  checkpoint_dir=checkpoint_dir, resume=r.resume, identity=identity, progress=r.progress)
     row = dict(dataset=r.dataset, train_split=r.train_split, test_split=r.test_split,
@@ -149,10 +152,9 @@ def run_feedback(plan: FeedbackPlan) -> dict:
 class _Trainable(torch.nn.Module):
     """DifFeed for ``fit``: its state dict (checkpoints) holds only what trains, not the frozen backbone."""
 
-    def __init__(self, model: DifFeed, trainable):
+    def __init__(self, model: DifFeed):
         super().__init__()
         self.model = model
-        self.names = {id(p) for p in trainable}
 
     def forward(self, batch):
         return self.model(batch)

@@ -111,3 +111,29 @@ def test_feedback_trains_end_to_end_on_real_images(cifar10_root, tmp_path):
     assert row["top1"] > 0.2  # chance is 10%; 200 test images put its 99.9% bound near 17%
     resumed = CliRunner().invoke(main, [*args, "--resume"], catch_exceptions=False)  # done: scores again, same weights
     assert resumed.exit_code == 0 and read_results(tmp_path / "results.parquet").to_pylist()[-1]["top1"] == row["top1"]
+
+
+def test_feedback_command_refuses_bad_readouts_before_reading_images(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    for readout, needle in (("40", "read-out block 40 is out of range for 32x32_small: valid blocks are 1..19"),
+                            ("7", "feedback into block(s) [8] cannot change read-out block 7")):
+        result = CliRunner().invoke(main, ["feedback", "--dataset", "cifar10", "--config", "32x32_small", "--readout",
+                                           readout, "--data-root", str(tmp_path / "nowhere"), "--dry-run"])
+        assert result.exit_code == 1 and needle in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "nowhere").exists()  # refused before any image is listed or unpacked
+
+
+@pytest.mark.e2e
+def test_feedback_dry_run_plans_without_writing(shared_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["feedback", "--dataset", "cifar10", "--config", "32x32_small", "-t", "25",
+                                       "--data-root", str(tmp_path / "fresh"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "50000 train / 10000 test images" in result.output and "feedback parameters 9,536" in result.output
+    assert not (tmp_path / "fresh").exists()
