@@ -439,22 +439,6 @@ def _fraction(train, fitting: FitProtocol):
                    labels=train.labels[rows])
 
 
-def _standardizer_of(batches) -> Standardizer:
-    """Training-set mean and std from a stream of (n, D) batches (float64 sums)."""
-    total = squares = None
-    count = 0
-    for x, _ in batches:
-        x = x.double()
-        total = x.sum(0) if total is None else total + x.sum(0)
-        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
-        count += x.shape[0]
-    if count == 0:
-        raise ProbeError("no training rows for kNN: the train split is empty or every image was invalid")
-    mean = total / count
-    std = (squares / count - mean * mean).clamp_min(0).sqrt()
-    return Standardizer(mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float())
-
-
 def run_knn(request: KnnRequest) -> list[dict]:
     """kNN of the test split against the (streamed) train split; one results row per k."""
     selection = request.cache
@@ -476,7 +460,7 @@ def run_knn(request: KnnRequest) -> list[dict]:
     began = time.perf_counter()
     transform = None
     if request.standardize:
-        transform = _standardizer_of(train_stream())
+        transform = Standardizer.from_batches(x for x, _ in train_stream())
         test_x = transform(test_x)
     train = train_stream() if transform is None else ((transform(x), y) for x, y in train_stream())
     scores = knn_classify(train, None, test_x, test.labels, num_classes, ks=ks, temperature=request.temperature,

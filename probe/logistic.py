@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,16 +50,23 @@ class Standardizer:
 
     @classmethod
     def fit(cls, x: torch.Tensor, chunk_rows: int = 65536) -> "Standardizer":
-        """Mean and std (float64 accumulation) of ``x`` (N, D); a constant feature gets std 1."""
-        total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-        squares = torch.zeros_like(total)
-        for start in range(0, x.shape[0], chunk_rows):
-            part = x[start:start + chunk_rows].double()
-            total += part.sum(0)
-            squares += (part * part).sum(0)
-        mean = total / x.shape[0]
-        var = (squares / x.shape[0] - mean * mean).clamp_min(0)
-        std = var.sqrt()
+        """Mean and std of ``x`` (N, D), a chunk of rows at a time (see :meth:`from_batches`)."""
+        return cls.from_batches(x[start:start + chunk_rows] for start in range(0, x.shape[0], chunk_rows))
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[torch.Tensor]) -> "Standardizer":
+        """Mean and std (float64 accumulation) over a stream of (n, D) batches; a constant feature gets std 1."""
+        total = squares = None
+        count = 0
+        for part in batches:
+            part = part.double()
+            total = part.sum(0) if total is None else total + part.sum(0)
+            squares = (part * part).sum(0) if squares is None else squares + (part * part).sum(0)
+            count += part.shape[0]
+        if count == 0:
+            raise ProbeError("no training rows to standardise with: the train split is empty or every image was invalid")
+        mean = total / count
+        std = (squares / count - mean * mean).clamp_min(0).sqrt()
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
         return cls(mean.float(), std.float())
 

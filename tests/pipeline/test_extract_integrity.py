@@ -131,7 +131,7 @@ def test_lost_objects_are_refused_by_readers_and_redone_by_extract(reference, da
     else:
         shard = 3 if "last" in case else 2
         assert "b10/t90: 1 shard(s) marked done but damaged, re-run" in result.output
-        assert f"wrote 1 shards" in result.output and "3 shards were already complete" in result.output
+        assert "wrote 1 shards" in result.output and "3 shards were already complete" in result.output
         redone = [f"b10/t90/c/{shard}/", f"done/b10/t90/c/{shard}"]
     assert _files(cache_dir) == _files(reference), "the repaired cache equals the untouched one, bit for bit"
     after = _stamps(group)

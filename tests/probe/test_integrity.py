@@ -2,7 +2,6 @@
 
 import logging
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
