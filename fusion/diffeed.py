@@ -28,7 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from extract.adm import UNetModel
+from extract.precision import autocast
 from probe.errors import ProbeError
+from probe.live_head import TunableBackbone
 
 __all__ = ["STRATEGIES", "feedback_pairs", "default_readout", "FeedbackLayer", "DifFeed"]
 
@@ -64,7 +66,7 @@ class FeedbackLayer(nn.Sequential):
         super().__init__(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU())
 
 
-class DifFeed(nn.Module):
+class DifFeed(TunableBackbone):
     """The backbone with feedback layers and a head on the read-out block.
 
     Args:
@@ -72,10 +74,13 @@ class DifFeed(nn.Module):
         head: a module taking ``{(readout, t): (N, C, h, w)}`` (e.g. the attention head).
         strategy: one of ``STRATEGIES``. readout: block whose features the head reads (default: M+5).
         finetune: let gradients reach the backbone in pass 2 (its own lr is the caller's choice).
+        precision: fp32, bf16 or fp16 autocast of both passes.
+        full_passes: run both passes through every block, as the official code does (hooks on a whole
+            forward); the features are the same, only slower. For benchmarks.
     """
 
     def __init__(self, backbone: UNetModel, head: nn.Module, strategy: str = "bottleneck", readout: int | None = None,
-                 finetune: bool = False):
+                 finetune: bool = False, precision: str = "fp32", full_passes: bool = False):
         super().__init__()
         if not isinstance(backbone, UNetModel):
             raise ProbeError("DifFeed needs a diffusion U-Net (its decoder feeds back): pass a unet configuration")
@@ -95,8 +100,13 @@ class DifFeed(nn.Module):
         self.sizes = {target: shapes[target][1] for _, target in self.pairs}
         self.feedback = nn.ModuleDict(
             {f"b{source}": FeedbackLayer(shapes[source][0], shapes[target][0]) for source, target in self.pairs})
-        self.finetune = finetune
-        backbone.requires_grad_(finetune)
+        self.precision, self.full_passes = precision, full_passes
+        self._set_tuning(finetune)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.train(mode and self.finetune)  # frozen: eval (no dropout); tuned: as the official code
+        return self
 
     @property
     def sources(self) -> list[int]:
@@ -113,17 +123,27 @@ class DifFeed(nn.Module):
             maps[target] = maps[target] + m if target in maps else m
         return maps
 
-    def readout_features(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Both passes on the same ``x_t``: (N, C, h, w) features of the read-out block."""
-        self.backbone.eval()  # BatchNorm lives in the feedback layers; the backbone has none, but no dropout either
-        with torch.no_grad():
-            sources = self.backbone.features(x_t, timesteps, self.sources)
-        inject = self.feedback_maps(sources)
-        return self.backbone.features(x_t, timesteps, [self.readout], inject=inject)[self.readout]
+    def readout_features(self, x_t: torch.Tensor, timesteps: torch.Tensor,
+                         sources: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Both passes on the same ``x_t``: (N, C, h, w) features of the read-out block.
+
+        ``sources``: pass 1's source features read from a cache (same image, t and noise); pass 1 is
+        then skipped.
+        """
+        last = [self.backbone.num_blocks] if self.full_passes else []
+        with autocast(x_t.device, self.precision):
+            if sources is None:
+                with torch.no_grad():
+                    sources = self.backbone.features(x_t, timesteps, self.sources + last)
+            inject = self.feedback_maps(sources)
+            return self.backbone.features(x_t, timesteps, [self.readout] + last, inject=inject)[self.readout]
 
     def forward(self, images: Mapping[tuple[int, int], torch.Tensor]) -> torch.Tensor:
-        """``{(0, t): (N, 3, H, W) noisy images at timestep t}`` (as ``fusion.live.LiveImages`` yields) ->
-        (N, classes) logits; like every head, one mapping in."""
-        ((_, t), x_t), = images.items()
+        """``{(0, t): (N, 3, H, W) noisy images at timestep t}`` (as ``fusion.live.LiveImages`` yields),
+        optionally with pass 1's cached ``{(source, t): features}`` -> (N, classes) logits."""
+        (t,) = {t for b, t in images if b == 0}
+        x_t = images[(0, t)]
         timesteps = torch.full((x_t.shape[0],), int(t), device=x_t.device)
-        return self.head({(self.readout, int(t)): self.readout_features(x_t, timesteps).float()})
+        cached = {b: images[(b, t)] for b in self.sources if (b, t) in images}
+        sources = cached if len(cached) == len(self.sources) else None
+        return self.head({(self.readout, int(t)): self.readout_features(x_t, timesteps, sources).float()})

@@ -1,21 +1,24 @@
 """Images as training batches for the live-backbone path (DifFeed, live probing): decoded ahead, noised per step.
 
-``LiveImages`` is a ``probe.train.BatchSource``: every epoch it yields ``({(0, t): x_t}, labels)``
+``LiveImages`` is a ``probe.train.BatchSource``: every epoch it yields ``({(0, t): x_t for t}, labels)``
 for every image once, in a class-mixed order that is a pure function of (seed, epoch), so
 ``probe.train.fit`` trains, checkpoints and resumes on it as on cached features. Batches are
 decoded by a pool of threads on a background thread, a few batches ahead of the forward.
 
 The noise of image i at timestep t is the extract stage's seeded noise, a pure function of
-(noise seed, i, t) — the same x_t the cache holds — unless ``fresh_noise``, when every step draws
-new noise from (seed, epoch, batch), as the official training does. ``augment`` adds the official
-random resized crop (scale 0.8-1.0) and horizontal flip.
+(noise seed, image id, t) — the same x_t the cache holds — unless ``fresh_noise``, when every step
+draws new noise from (seed, epoch, batch), as the official training does. ``augment`` adds the
+official random resized crop (scale 0.8-1.0) and horizontal flip (one view per image, shared by
+its timesteps). ``cached`` adds features read from the cache beside the images (DifFeed's pass 1),
+as ``{(b, t): rows}``; they are only valid for the view and noise the cache holds, so they cannot
+be combined with ``augment`` or ``fresh_noise``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from queue import Queue
+from collections.abc import Iterator, Mapping, Sequence
+from queue import Full, Queue
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from torch.nn import functional as F
 from extract.images import load_batch
 from extract.noise import seeded_noise
 from extract.schedule import NoiseSchedule
+from probe.errors import ProbeError
 from probe.train import epoch_order
 
 __all__ = ["LiveImages", "LIVE_KEY_BLOCK"]
@@ -47,24 +51,40 @@ def _random_resized_crop(images: torch.Tensor, generator: torch.Generator, scale
 
 
 class LiveImages:
-    """A split's images as noisy-image batches at one timestep (see the module docstring).
+    """A split's images as noisy-image batches at one or more timesteps (see the module docstring).
 
     Args:
-        paths, labels: the split's image files and int labels (row i is image id i).
-        image_size: model resolution. t: the timestep. schedule: the backbone's noise schedule.
-        noise_seed: seed of the seeded noise. fresh_noise: new noise every step instead.
+        paths, labels: the split's image files and int labels.
+        image_size: model resolution. timesteps: one t or several. schedule: the backbone's noise schedule.
+        noise_seed: seed of the seeded noise. image_ids: each image's id in the seeded noise (the
+            extract stage's; default 0..N-1). fresh_noise: new noise every step instead.
         augment: random resized crop (0.8-1.0) and flip every step. decode_threads: decoding threads.
+        cached: ``{(b, t): (N, C, h, w) tensor}`` rows aligned with ``paths``, yielded beside x_t.
     """
 
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, image_size: int, t: int, schedule: NoiseSchedule,
-                 noise_seed: int = 0, fresh_noise: bool = False, augment: bool = False, decode_threads: int = 2,
-                 prefetch: int = 3):
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, image_size: int, timesteps: int | Sequence[int],
+                 schedule: NoiseSchedule, noise_seed: int = 0, fresh_noise: bool = False, augment: bool = False,
+                 decode_threads: int = 2, prefetch: int = 3, image_ids: Sequence[int] | None = None,
+                 cached: Mapping[tuple[int, int], torch.Tensor] | None = None):
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
-        self.image_size, self.t, self.schedule = image_size, int(t), schedule
+        self.timesteps = [int(timesteps)] if isinstance(timesteps, (int, np.integer)) else [int(t) for t in timesteps]
+        self.image_size, self.schedule = image_size, schedule
         self.noise_seed, self.fresh_noise, self.augment = noise_seed, fresh_noise, augment
         self.decode_threads, self.prefetch = decode_threads, prefetch
         self.num_images = len(self.paths)
-        schedule.check_timesteps([self.t])
+        self.image_ids = np.arange(self.num_images) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
+        self.cached = dict(cached or {})
+        if len(self.image_ids) != self.num_images or len(self.labels) != self.num_images:
+            raise ProbeError(f"{self.num_images} images but {len(self.labels)} labels and {len(self.image_ids)} ids")
+        if self.cached and (augment or fresh_noise):
+            raise ProbeError("cached features hold one view and one noise draw: they cannot be used with "
+                             "augmentation or fresh noise (run pass 1 live instead)")
+        schedule.check_timesteps(self.timesteps)
+
+    @property
+    def t(self) -> int:
+        """The timestep of a one-timestep source."""
+        return self.timesteps[0]
 
     def _batch(self, rows: np.ndarray, seed: int | None, epoch: int, number: int):
         images, ok, _ = load_batch([self.paths[r] for r in rows], self.image_size, num_threads=self.decode_threads)
@@ -75,13 +95,17 @@ class LiveImages:
             images = _random_resized_crop(images, generator)
             flips = torch.rand(images.shape[0], generator=generator) < 0.5
             images = torch.where(flips[:, None, None, None], images.flip(-1), images)
-        if self.fresh_noise:
-            noise = torch.randn(images.shape, generator=generator)
-        else:
-            noise = seeded_noise(self.noise_seed, rows.tolist(), self.t, tuple(images.shape[1:]))
-        timesteps = torch.full((images.shape[0],), self.t)
-        x_t = self.schedule.q_sample(images, timesteps, noise)
-        return {(LIVE_KEY_BLOCK, self.t): x_t}, torch.from_numpy(self.labels[rows])
+        batch = {}
+        for t in self.timesteps:
+            if self.fresh_noise:
+                noise = torch.randn(images.shape, generator=generator)
+            else:
+                noise = seeded_noise(self.noise_seed, self.image_ids[rows].tolist(), t, tuple(images.shape[1:]))
+            batch[(LIVE_KEY_BLOCK, t)] = self.schedule.q_sample(images, torch.full((images.shape[0],), t), noise)
+        index = torch.from_numpy(rows)
+        for key, values in self.cached.items():
+            batch[key] = values[index]
+        return batch, torch.from_numpy(self.labels[rows])
 
     def batches(self, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[tuple[dict, torch.Tensor]]:
         """Every image once, in a seeded class-mixed order (row order when seed is None), decoded ahead."""
@@ -90,16 +114,26 @@ class LiveImages:
         queue: Queue = Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
+        def put(item) -> bool:
+            """Hand one item over unless the consumer has stopped (then give up instead of blocking)."""
+            while not stop.is_set():
+                try:
+                    queue.put(item, timeout=0.1)
+                    return True
+                except Full:
+                    continue
+            return False
+
         def produce():
             for number, start in enumerate(starts):
-                if stop.is_set():
-                    return
                 try:
-                    queue.put(self._batch(order[start:start + batch_size], seed, epoch, number))
+                    item = self._batch(order[start:start + batch_size], seed, epoch, number)
                 except Exception as exc:  # noqa: BLE001 - raised in the training thread
-                    queue.put(exc)
+                    put(exc)
                     return
-            queue.put(None)
+                if not put(item):
+                    return
+            put(None)
 
         thread = threading.Thread(target=produce, daemon=True, name="diffrep-live-feed")
         thread.start()
@@ -110,5 +144,4 @@ class LiveImages:
                 yield item
         finally:
             stop.set()
-            while not queue.empty():
-                queue.get_nowait()
+            thread.join(timeout=5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .cli import main
-from .options import checkpoint_option, config_option, dataset_option, device_option
+from .options import checkpoint_option, config_option, dataset_option, default_cache_dir, device_option
 
 
 @main.command("feedback")
@@ -25,11 +25,27 @@ from .options import checkpoint_option, config_option, dataset_option, device_op
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--noise-seed", type=int, default=0, show_default=True, help="Seeded noise per (image, t), as extract.")
 @click.option("--fresh-noise", is_flag=True, help="New noise every training step (the official code) instead.")
+@click.option("--augment", is_flag=True, help="Random resized crop (0.8-1.0) and flip every training step (the official code).")
+@click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Train on this share of every class's images (e.g. 0.01, 0.1), drawn with --seed.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, resolve_path=True), default=default_cache_dir,
+              show_default="$DIFFREP_CACHE or ~/.cache/diffrep/features",
+              help="Read pass 1 from this feature cache when it holds every source block unpooled (--pool none) for "
+                   "this backbone and noise seed; otherwise pass 1 runs live (the plan says which).")
+@click.option("--no-cache", is_flag=True, help="Always run pass 1 live.")
 @click.option("--dim", type=click.IntRange(min=8), default=None, help="Attention head width [default: 1024].")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Attention head blocks [default: 2].")
 @click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Stop after N optimizer steps instead (a dataset too large for whole epochs).")
 @click.option("--solver", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option("--finetune", is_flag=True, help="Train the backbone's pass 2 too (at --backbone-lr); the tuned weights go "
+                                              "to <checkpoint-dir>/backbone.pt, loadable by --checkpoint.")
+@click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="--finetune: the backbone's learning rate (official 1e-3).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Backbone autocast [default: bf16 on GPUs, fp32 on the CPU].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option()
@@ -40,10 +56,11 @@ from .options import checkpoint_option, config_option, dataset_option, device_op
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--dry-run", is_flag=True, help="Print the plan (pairs, parameters, backbone passes) and stop.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def feedback(dry_run, **options) -> None:
+def feedback(dry_run, no_cache, **options) -> None:
     """Train DifFeed: pass 1 (no gradients) to the deepest feedback source, feedback layers (1x1 conv,
     BatchNorm, ReLU) into the mirrored encoder blocks, pass 2 on the same noisy image to the
-    read-out block, the attention head on its features. The backbone stays frozen.
+    read-out block, the attention head on its features. The backbone stays frozen unless --finetune.
+    Pass 1 is read from the feature cache when it holds the source blocks unpooled.
 
     \b
     Example:
@@ -52,6 +69,8 @@ def feedback(dry_run, **options) -> None:
     from .feedback import FeedbackRequest, plan_feedback, run_feedback
 
     options["timestep"] = int(options["timestep"])
+    if no_cache:
+        options["cache_dir"] = None
     plan = plan_feedback(FeedbackRequest(**options), dry_run=dry_run)
     click.echo(plan.describe())
     if dry_run:
@@ -59,3 +78,5 @@ def feedback(dry_run, **options) -> None:
     row = run_feedback(plan)
     click.echo(f"DifFeed ({row['strategy']}, read-out b={row['blocks'][0]}, t={row['timesteps'][0]}) on {row['dataset']}: "
                f"top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% in {row['train_seconds']:.1f} s")
+    if row.get("backbone_path"):
+        click.echo(f"tuned backbone (official layout, loadable by --checkpoint): {row['backbone_path']}")

@@ -12,8 +12,8 @@ import click
 
 from .cli import main
 from .options import (
-    BlockList, FloatList, IntList, PoolList, TimestepList, cache_dir_option, config_option, dataset_option,
-    device_option,
+    BlockList, FloatList, IntList, PoolList, TimestepList, cache_dir_option, checkpoint_option, config_option,
+    dataset_option, device_option,
 )
 
 
@@ -101,12 +101,52 @@ def _protocol_options(fn):
     return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)
 
 
+def _live_options(fn):
+    """--live and what only the live backbone needs: gathered into ``live`` (None without --live)."""
+    decorators = [
+        click.option("--live", is_flag=True,
+                     help="Train through the live backbone the official way (backbone every step, fresh noise, random "
+                          "resized crop 0.8-1.0 and flip) instead of reading the cache; sgd/adam only."),
+        checkpoint_option(),
+        click.option("--weight-seed", type=int, default=0, show_default=True, help="--live: seed of random weights (no --checkpoint)."),
+        click.option("--data-root", type=click.Path(file_okay=False), default=None, help="--live: where the images are."),
+        click.option("--per-class", type=click.IntRange(min=1), default=None, help="--live: first N training images of each class."),
+        click.option("--test-per-class", type=click.IntRange(min=1), default=None, help="--live: first N test images of each class."),
+        click.option("--noise-seed", type=int, default=0, show_default=True, help="--live: seeded noise of the test split (as extract)."),
+        click.option("--fresh-noise/--seeded-noise", default=True, show_default=True,
+                     help="--live: new noise every training step (official), or the cache's seeded noise."),
+        click.option("--augment/--no-augment", default=True, show_default=True,
+                     help="--live: random resized crop (0.8-1.0) and flip every training step (official)."),
+        click.option("--cache-pool", type=click.IntRange(min=0), default=16, show_default=True,
+                     help="--live: pool block maps to this side first, as a cache stores them (0: full maps)."),
+        click.option("--finetune", is_flag=True, help="--live: train the backbone too (at --backbone-lr); the tuned weights "
+                                                      "go to <checkpoint-dir>/backbone.pt, loadable by --checkpoint."),
+        click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+                     help="--finetune: the backbone's learning rate (official 1e-3)."),
+        click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="--live: stop after N optimizer steps (for datasets too large for whole epochs)."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                     help="--live: backbone autocast [default: bf16 on GPUs, fp32 on the CPU]."),
+        click.option("--decode-threads", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="--live: image-decoding threads ahead of the forward."),
+    ]
+    names = ("live", "checkpoint", "weight_seed", "data_root", "per_class", "test_per_class", "noise_seed",
+             "fresh_noise", "augment", "cache_pool", "finetune", "backbone_lr", "steps", "precision", "decode_threads")
+
+    @functools.wraps(fn)
+    def wrapper(**options):
+        given = {name: options.pop(name) for name in names}
+        return fn(live=given if given.pop("live") else None, **options)
+
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)
+
+
 @main.command("probe")
 @_cache_options
 @click.option("--blocks", "-b", type=BlockList(), required=True, help="Block(s) b whose cached features the head reads, e.g. 24 or 19,24.")
 @click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
-@click.option("--head", type=click.Choice(["linear", "mlp", "cnn", "attention"]), default="linear", show_default=True,
-              help="Head architecture.")
+@click.option("--head", type=click.Choice(["linear", "mlp", "cnn", "attention", "difformer"]), default="linear",
+              show_default=True, help="Head architecture (difformer: the paper's fusion, as diffrep fuse).")
 @click.option("--pool", type=click.IntRange(min=1), default=None,
               help="Pooled side the head sees: linear/MLP 2, CNN 16, attention token grid 16 by default.")
 @click.option("--hidden", callback=_int_tuple, default=None, help="MLP hidden sizes, e.g. 2048,1024 [default: 1024].")
@@ -124,7 +164,8 @@ def _protocol_options(fn):
 @click.option("--stream", is_flag=True,
               help="Read the features from the cache every epoch instead of holding them in RAM "
                    "(sgd/adam; automatic when they exceed the RAM cap).")
-def probe(cache, **options) -> None:
+@_live_options
+def probe(cache, live, **options) -> None:
     """Train a head on cached train-split features and report test top-1/top-5.
 
     Reads the arrays b<b>/t<t> written by `diffrep extract` (never the backbone). The linear head
@@ -136,17 +177,41 @@ def probe(cache, **options) -> None:
       diffrep probe --dataset cifar10 -b 24 -t 150                        # converged linear probe
       diffrep probe --dataset cifar10 -b 24 -t 150 --solver sgd --lr 1e-3,1e-2,1e-1
       diffrep probe --dataset cifar10 -b 24 -t 150 --head attention
+      diffrep probe --dataset cifar10 -b 24 -t 150 --live --solver sgd   # official: backbone every step
     """
     from .evaluation import ProbeRequest, fmt_keys, run_probe
 
-    row = run_probe(ProbeRequest(cache=cache, **options))
+    if live is not None:
+        row = _run_live(cache, live, options)
+    else:
+        row = run_probe(ProbeRequest(cache=cache, **options))
     click.echo(f"{row['head']} ({_protocol_text(row)}) on {row['dataset']} b={fmt_keys(options['blocks'])} "
                f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
                f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
                f"in {row['train_seconds']:.1f} s")
 
 
+def _run_live(cache, live: dict, options: dict) -> dict:
+    """``diffrep probe --live``: the cache options that still mean something, the live ones, one results row."""
+    from .errors import DatasetError
+    from .live_probe import LiveProbeRequest, run_live_probe
+
+    if options.pop("stream") or cache.backbone_id:
+        raise DatasetError("--live reads images, not the cache: drop --stream / --backbone-id")
+    request = LiveProbeRequest(
+        dataset=cache.dataset, config_name=cache.config_name, train_split=cache.train_split, test_split=cache.test_split,
+        results_path=cache.results_path, **live, **options)
+    row = run_live_probe(request)
+    if row.get("backbone_path"):
+        click.echo(f"tuned backbone (official layout, loadable by --checkpoint): {row['backbone_path']}")
+    return row
+
+
 def _protocol_text(row: dict) -> str:
+    if row.get("protocol") == "live":
+        view = ", ".join(what for what, on in (("fresh noise", row.get("fresh_noise")), ("crop+flip", row.get("augment")),
+                                                ("fine-tuned", row.get("finetune"))) if on)
+        return f"live backbone{', ' + view if view else ''}, {row.get('solver')}, lr {row.get('lr'):g}"
     if row.get("protocol") == "converged":
         return f"converged, L2 {row['l2']:g}"
     return f"{row.get('solver')}, lr {row.get('lr'):g}"

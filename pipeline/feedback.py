@@ -2,9 +2,11 @@
 
 The images come from the manifest as extract reads them (same preprocessing, the same seeded
 noise per (seed, image, t) unless fresh noise is asked for), decoded ahead on background threads;
-``probe.train.fit`` trains the feedback layers and the head with a checkpoint every epoch and
-resume; one results row records the method, strategy, read-out block and timestep. Pass 1 runs
-live (a cache of the source blocks, unpooled, could replace it; not read yet).
+``probe.train.fit`` trains the feedback layers and the head (and with ``finetune`` the backbone's
+pass 2, at its own lr) with a checkpoint every epoch and resume; one results row records the
+method, strategy, read-out block and timestep. Pass 1 is read from the feature cache when it
+holds every source block unpooled for this backbone and noise seed (``fusion.pass1_cache``);
+otherwise it runs live, and the plan says which.
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ from pathlib import Path
 
 import torch
 
+from extract.cache import make_backbone_id
+from extract.checkpoint import file_sha256
 from extract.configs import create_backbone, get_config
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs
 from fusion.live import LiveImages
+from fusion.pass1_cache import CachedPass1, find_cached_pass1
 from probe.errors import ProbeError
 from probe.heads import count_parameters, create_head
-from probe.train import fit
+from probe.live_head import default_precision
+from probe.train import BACKBONE_NAME, fit
 
-from .datasets import build_index
 from .evaluation import record_rows
+from .live_probe import live_splits
 from .results import default_results_path
 
 __all__ = ["FeedbackRequest", "FeedbackPlan", "plan_feedback", "run_feedback"]
@@ -48,11 +54,18 @@ class FeedbackRequest:
     data_root: str | None = None
     noise_seed: int = 0
     fresh_noise: bool = False
+    augment: bool = False
+    label_fraction: float | None = None
+    cache_dir: str | None = None
     dim: int | None = None
     depth: int | None = None
     epochs: int = 28
+    steps: int | None = None
     solver: str = "sgd"
     lr: float = 1e-2
+    finetune: bool = False
+    backbone_lr: float = 1e-3
+    precision: str | None = None
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
@@ -65,37 +78,59 @@ class FeedbackRequest:
 
 @dataclass
 class FeedbackPlan:
-    """The model and the work: pairs, parameter counts, images and forwards."""
+    """The model and the work: pairs, parameter counts, images, forwards and where pass 1 comes from."""
 
     request: FeedbackRequest
     model: DifFeed
     train: LiveImages
     test: LiveImages
     num_classes: int
+    pass1: tuple[CachedPass1, CachedPass1] | None = None
+
+    @property
+    def epochs(self) -> int:
+        r = self.request
+        per_epoch = -(-self.train.num_images // r.batch_size)
+        return r.epochs if r.steps is None else -(-r.steps // per_epoch)
 
     @property
     def forwards(self) -> int:
-        """Backbone passes: two per training image per epoch, two per test image."""
-        return 2 * (self.train.num_images * self.request.epochs + self.test.num_images)
+        """Backbone passes: two per training image per epoch and per test image, less those the cache gives."""
+        r = self.request
+        seen = self.train.num_images * r.epochs if r.steps is None else min(r.steps * r.batch_size,
+                                                                             self.train.num_images * self.epochs)
+        cached = self.pass1 or (None, None)
+        return seen * (1 if cached[0] and cached[0].features is not None else 2) + \
+            self.test.num_images * (1 if cached[1] and cached[1].features is not None else 2)
 
     def describe(self) -> str:
         r, m = self.request, self.model
         pairs = ", ".join(f"{s}->{t}" for s, t in m.pairs)
         noise = "fresh noise every step" if r.fresh_noise else f"seeded noise (seed {r.noise_seed}, as the cache)"
+        view = "random resized crop + flip every step" if r.augment else "the centre crop (as the cache)"
+        where = [f"  pass 1 ({split}) {p.reason}" for split, p in zip(("train", "test"), self.pass1 or ()) if p]
+        steps = f"{r.steps:,} steps ({self.epochs} epochs)" if r.steps else f"{r.epochs} epochs"
         return "\n".join([
             f"feedback {r.dataset}: {self.train.num_images} train / {self.test.num_images} test images, "
-            f"{self.num_classes} classes, t={r.timestep}, {noise}",
+            f"{self.num_classes} classes, t={r.timestep}, {noise}, {view}",
             f"  backbone {r.config_name} ({'checkpoint ' + r.checkpoint if r.checkpoint else f'random weights, seed {r.weight_seed}'}), "
-            f"frozen; pass 1 runs live to b={max(m.sources)}, pass 2 to the read-out b={m.readout}",
+            f"{'fine-tuned at lr ' + format(r.backbone_lr, 'g') + ' (pass 2)' if r.finetune else 'frozen'}; "
+            f"pass 1 to b={max(m.sources)}, pass 2 to the read-out b={m.readout}",
+            *where,
             f"  strategy {r.strategy}: {pairs}",
             f"  feedback parameters {count_parameters(m.feedback):,}; head {count_parameters(m.head):,}; "
             f"trained in all {count_parameters(m):,}",
-            f"  {r.epochs} epochs of {r.solver} at lr {r.lr:g}, batch {r.batch_size}: {self.forwards:,} backbone passes",
+            f"  {steps} of {r.solver} at lr {r.lr:g}, batch {r.batch_size}: {self.forwards:,} backbone passes",
         ])
 
 
+def _backbone_id(request: FeedbackRequest) -> str:
+    sha = file_sha256(request.checkpoint) if request.checkpoint else ""
+    return make_backbone_id(request.config_name, sha, None if sha else request.weight_seed)
+
+
 def plan_feedback(request: FeedbackRequest, dry_run: bool = False) -> FeedbackPlan:
-    """Index the images, build backbone + feedback + head; nothing runs yet (what ``--dry-run`` prints).
+    """Index the images, build backbone + feedback + head, find pass 1 in the cache; nothing trains yet.
 
     With ``dry_run`` nothing is written either: a dataset still packed is listed from its archive.
     """
@@ -109,18 +144,36 @@ def plan_feedback(request: FeedbackRequest, dry_run: bool = False) -> FeedbackPl
     shape = backbone.block_shapes()[readout]
     DifFeed(backbone, torch.nn.Identity(), request.strategy, readout)  # pairs and read-out checked before any image
     schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
-    splits = []
-    for split, per_class in ((request.train_split, request.per_class), (request.test_split, request.test_per_class)):
-        index = build_index(request.dataset, split, root=request.data_root, per_class=per_class, unpack=not dry_run)
-        splits.append(LiveImages(index.paths, index.labels, cfg.image_size, request.timestep, schedule,
-                                 noise_seed=request.noise_seed, fresh_noise=request.fresh_noise and split == request.train_split,
-                                 decode_threads=request.decode_threads))
-        num_classes = index.num_classes
+    train, test, num_classes = live_splits(
+        request.dataset, request.train_split, request.test_split, cfg.image_size, request.timestep, schedule,
+        per_class=request.per_class, test_per_class=request.test_per_class, data_root=request.data_root,
+        noise_seed=request.noise_seed, fresh_noise=request.fresh_noise, augment=request.augment,
+        decode_threads=request.decode_threads, label_fraction=request.label_fraction, seed=request.seed,
+        dry_run=dry_run)
     overrides = {k: v for k, v in (("dim", request.dim), ("depth", request.depth)) if v is not None}
     torch.manual_seed(request.seed)
     head = create_head("attention", {(readout, request.timestep): (shape[0], shape[1], shape[1])}, num_classes, **overrides)
-    model = DifFeed(backbone, head, request.strategy, readout)
-    return FeedbackPlan(request, model, splits[0], splits[1], num_classes)
+    device = resolve_device(request.device)
+    model = DifFeed(backbone, head, request.strategy, readout, finetune=request.finetune,
+                    precision=request.precision or default_precision(device))
+    pass1 = None
+    if not dry_run or request.cache_dir:
+        pass1 = tuple(_pass1(request, model, source, split) for source, split in
+                      ((train, request.train_split), (test, request.test_split)))
+    return FeedbackPlan(request, model, train, test, num_classes, pass1)
+
+
+def _pass1(request: FeedbackRequest, model: DifFeed, source: LiveImages, split: str) -> CachedPass1:
+    """Pass 1 of one split from the cache (the live source then carries it and the cache's noise ids), or why not."""
+    if source.fresh_noise or source.augment:
+        return CachedPass1(None, None, "runs live (fresh noise or augmentation: a new pass 1 every step)")
+    sides = {b: side for b, (_, side) in model.backbone.block_shapes().items()}
+    found = find_cached_pass1(request.cache_dir, request.dataset, split, _backbone_id(request), request.noise_seed,
+                              model.sources, request.timestep, sides, source.paths)
+    if found.features is not None:
+        source.cached = found.features
+        source.image_ids = found.image_ids
+    return found
 
 
 def run_feedback(plan: FeedbackPlan) -> dict:
@@ -128,43 +181,30 @@ def run_feedback(plan: FeedbackPlan) -> dict:
     r = plan.request
     device = resolve_device(r.device)
     model = plan.model
+    from_cache = bool(plan.pass1 and plan.pass1[0].features is not None)
     identity = dict(dataset=r.dataset, train_split=r.train_split, test_split=r.test_split, config=r.config_name,
                     checkpoint=r.checkpoint, weight_seed=r.weight_seed, noise_seed=r.noise_seed,
-                    fresh_noise=r.fresh_noise, strategy=r.strategy, readout=model.readout, timestep=r.timestep,
-                    dim=r.dim, depth=r.depth, per_class=r.per_class, test_per_class=r.test_per_class)
+                    fresh_noise=r.fresh_noise, augment=r.augment, strategy=r.strategy, readout=model.readout,
+                    timestep=r.timestep, dim=r.dim, depth=r.depth, per_class=r.per_class,
+                    test_per_class=r.test_per_class, label_fraction=r.label_fraction, finetune=r.finetune,
+                    precision=model.precision)
     checkpoint_dir = r.checkpoint_dir or str(Path(r.results_path or default_results_path()).parent / "checkpoints" /
-                                             f"{r.dataset}_diffeed_{r.strategy}_b{model.readout}_t{r.timestep}_s{r.seed}")
-    result = fit(_Trainable(model), plan.train, None, plan.test, None, epochs=r.epochs, lr=r.lr,
-                 optimizer=r.solver, batch_size=r.batch_size, seed=r.seed, device=device,
+                                             f"{r.dataset}_diffeed_{r.strategy}_b{model.readout}_t{r.timestep}"
+                                             f"{'_finetune' if r.finetune else ''}_s{r.seed}")
+    result = fit(model, plan.train, None, plan.test, None, epochs=r.epochs, lr=r.lr, optimizer=r.solver,
+                 batch_size=r.batch_size, seed=r.seed, device=device, steps=r.steps,
+                 backbone_lr=r.backbone_lr if r.finetune else None,
                  checkpoint_dir=checkpoint_dir, resume=r.resume, identity=identity, progress=r.progress)
     row = dict(dataset=r.dataset, train_split=r.train_split, test_split=r.test_split,
                backbone_id=f"{r.config_name}-{'checkpoint' if r.checkpoint else f'random{r.weight_seed}'}",
-               noise_seed=r.noise_seed, head="diffeed", protocol="paper", solver=r.solver, strategy=r.strategy,
+               noise_seed=r.noise_seed, head="diffeed", protocol="live", solver=r.solver, strategy=r.strategy,
                blocks=[model.readout], timesteps=[r.timestep], pool=int(model.head.config.token_pool),
                train_size=plan.train.num_images, test_size=plan.test.num_images, parameters=count_parameters(model),
-               epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed, heldout_size=0,
+               epochs=result.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed, heldout_size=0,
+               label_fraction=r.label_fraction, fresh_noise=r.fresh_noise, augment=r.augment, finetune=r.finetune,
                top1=result.top1, top5=result.top5, train_seconds=result.train_seconds)
     record_rows([row], r.results_path)
+    row["pass1_from_cache"] = from_cache
+    if r.finetune:
+        row["backbone_path"] = str(Path(checkpoint_dir) / BACKBONE_NAME)
     return row
-
-
-class _Trainable(torch.nn.Module):
-    """DifFeed for ``fit``: its state dict (checkpoints) holds only what trains, not the frozen backbone."""
-
-    def __init__(self, model: DifFeed):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return self.model(batch)
-
-    def state_dict(self, *args, **kwargs):
-        state = self.model.state_dict(*args, **kwargs)
-        return {k: v for k, v in state.items() if not k.startswith("backbone.")}
-
-    def load_state_dict(self, state, strict: bool = True):
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        wrong = unexpected + [k for k in missing if not k.startswith("backbone.")]
-        if wrong:
-            raise RuntimeError(f"DifFeed checkpoint does not fit: {wrong[:4]}")  # fit turns this into one line
-        return missing, unexpected

@@ -33,12 +33,15 @@ RESULTS_SCHEMA = pa.schema([
     ("backbone_id", pa.string()),
     ("head", pa.string()),          # linear, mlp, cnn, attention, difformer, diffeed, knn
     ("strategy", pa.string()),      # DifFeed feedback strategy
-    ("protocol", pa.string()),      # converged (standardised L-BFGS), paper (28 epochs StepLR), knn
+    ("protocol", pa.string()),      # converged (standardised L-BFGS), paper (28 epochs StepLR), live, knn
     ("solver", pa.string()),        # lbfgs, sgd, adam (null for knn)
     ("l2", pa.float64()),           # L2 weight chosen (converged probe)
     ("heldout_size", pa.int64()),   # train rows held out to choose l2 / lr (0: none)
     ("label_fraction", pa.float64()),  # share of every class's training labels used (null: all)
     ("standardize", pa.bool_()),    # features standardised with training statistics
+    ("fresh_noise", pa.bool_()),    # live backbone: new noise every step (null: cached features)
+    ("augment", pa.bool_()),        # live backbone: random resized crop + flip every step
+    ("finetune", pa.bool_()),       # the backbone trained too (live backbone only)
     ("train_split", pa.string()),
     ("test_split", pa.string()),
     ("noise_seed", pa.int64()),     # of the cache

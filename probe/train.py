@@ -11,6 +11,7 @@ bit for bit, as one run straight through (batch order is a pure function of (see
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -29,12 +30,14 @@ from .grid import HeadGrid
 
 __all__ = [
     "TrainConfig", "FitResult", "BatchSource", "epoch_order", "tensor_batches", "train_one_epoch", "evaluate", "fit",
-    "CHECKPOINT_NAME", "OPTIMIZERS",
+    "CHECKPOINT_NAME", "BACKBONE_NAME", "OPTIMIZERS",
 ]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pth"
+#: Beside the checkpoint of a fine-tuned run: the tuned backbone in the official layout (``--checkpoint`` loads it).
+BACKBONE_NAME = "backbone.pt"
 OPTIMIZERS = ("sgd", "adam")
 
 Features = Mapping[tuple[int, int], torch.Tensor]
@@ -48,6 +51,8 @@ class TrainConfig:
         epochs: passes over the training set (28). lr: initial learning rate.
         optimizer: ``sgd`` (momentum 0, weight decay 0, as the official code) or ``adam``.
         step_size, gamma: StepLR schedule (7, 0.1). batch_size: images per step. seed: batch order.
+        backbone_lr: lr of a fine-tuned backbone's parameters (official: 1e-3); None: nothing to tune.
+        steps: stop after this many optimizer steps in all (None: every batch of every epoch).
     """
 
     epochs: int = 28
@@ -57,6 +62,8 @@ class TrainConfig:
     gamma: float = 0.1
     batch_size: int = 256
     seed: int = 0
+    backbone_lr: float | None = None
+    steps: int | None = None
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -66,6 +73,8 @@ class TrainConfig:
                 f"epochs, batch_size and step_size must be >= 1 and lr > 0, got "
                 f"{self.epochs}, {self.batch_size}, {self.step_size}, {self.lr}"
             )
+        if (self.backbone_lr is not None and not self.backbone_lr > 0) or (self.steps is not None and self.steps < 1):
+            raise ProbeError(f"backbone lr must be > 0 and steps >= 1, got {self.backbone_lr}, {self.steps}")
 
 
 @dataclass
@@ -90,11 +99,18 @@ def _num_rows(features: Features, labels: torch.Tensor) -> int:
 
 
 def _make_optimizer(head: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or Adam over the head; a ``HeadGrid`` gets one parameter group per head at its own lr."""
+    """SGD or Adam over the head; a ``HeadGrid`` gets one parameter group per head at its own lr, and a
+    fine-tuned backbone (``TunableBackbone``) its own group at ``backbone_lr``."""
     if isinstance(head, HeadGrid):
         params = head.param_groups()
     else:
-        params = [p for p in head.parameters() if p.requires_grad]
+        tuned = head.backbone_parameters() if hasattr(head, "backbone_parameters") else []
+        if tuned and config.backbone_lr is None:
+            raise ProbeError("the backbone is fine-tuned but has no learning rate: pass --backbone-lr (official: 1e-3)")
+        ids = {id(p) for p in tuned}
+        params = [{"params": [p for p in head.parameters() if p.requires_grad and id(p) not in ids]}]
+        if tuned:
+            params.append({"params": tuned, "lr": config.backbone_lr})
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.0, weight_decay=0.0)
     return torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
@@ -293,6 +309,8 @@ def fit(
     gamma: float = 0.1,
     batch_size: int = 256,
     seed: int = 0,
+    backbone_lr: float | None = None,
+    steps: int | None = None,
     device: str | torch.device = "cpu",
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -309,9 +327,11 @@ def fit(
         train_features, test_features: ``{(b, t): (N, C, h, w)}`` float tensors (any device; moved to
             ``device`` once), or a ``BatchSource`` streamed from the cache each epoch (labels None).
         train_labels, test_labels: (N,) int64 class indices for tensors; None for a ``BatchSource``.
-        epochs, lr, optimizer, step_size, gamma, batch_size, seed: see ``TrainConfig`` (a grid's lrs are its own).
+        epochs, lr, optimizer, step_size, gamma, batch_size, seed, backbone_lr, steps: see ``TrainConfig`` (a
+            grid's lrs are its own; with ``steps``, the epochs are those the steps take, the last one cut short).
         device: where the head and the features live during training.
-        checkpoint_dir: folder for ``checkpoint.pth`` written after every epoch (None: no checkpoints).
+        checkpoint_dir: folder for ``checkpoint.pth`` written after every epoch (None: no checkpoints); a
+            fine-tuned backbone is also written there as ``backbone.pt`` in the official layout.
         resume: continue from ``checkpoint_dir/checkpoint.pth`` when it exists.
         identity: what the features are (cache, splits, backbone, blocks, timesteps, head and its
             options); stored in the checkpoint, and a resume with any difference is refused.
@@ -332,7 +352,7 @@ def fit(
         if heldout_features is None:
             raise ProbeError("a learning-rate grid needs held-out rows to choose on: pass heldout_features")
     config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, step_size=step_size, gamma=gamma,
-                         batch_size=batch_size, seed=seed)
+                         batch_size=batch_size, seed=seed, backbone_lr=backbone_lr, steps=steps)
     saved_config = {**asdict(config), **({"lr_grid": sorted(head.lrs.values())} if grid else {})}
     identity = dict(identity or {})
     device = torch.device(device)
@@ -373,15 +393,22 @@ def fit(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
+    per_epoch = -(-(train_x.num_images if train_y is None else int(train_y.shape[0])) // config.batch_size)
+    num_epochs = config.epochs if config.steps is None else -(-config.steps // per_epoch)
     began = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, num_epochs):
         batches, num_batches = _epoch_batches(train_x, train_y, config.batch_size, config.seed, epoch, device)
+        if config.steps is not None and config.steps - epoch * per_epoch < num_batches:
+            num_batches = config.steps - epoch * per_epoch
+            batches = itertools.islice(batches, num_batches)
         stats = train_one_epoch(head, opt, batches, num_batches,
-                                description=f"epoch {epoch + 1}/{config.epochs}", progress=progress)
+                                description=f"epoch {epoch + 1}/{num_epochs}", progress=progress)
         stats = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats}
         scheduler.step()
         history.append(stats)
-        log.info("epoch %d/%d: loss %.4f, train acc %.4f", epoch + 1, config.epochs, stats["loss"], stats["acc"])
+        log.info("epoch %d/%d: loss %.4f, train acc %.4f", epoch + 1, num_epochs, stats["loss"], stats["acc"])
+        if path is not None and getattr(head, "finetune", False):
+            _save(path.parent / BACKBONE_NAME, head.backbone_state_dict())
         if path is not None:
             _save(path, {"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
                          "epoch": epoch, "config": saved_config, "identity": identity, "rng": _rng_state(),
@@ -400,5 +427,5 @@ def fit(
     test_x, test_y = _to_device(test_features, test_labels, device)
     scores = evaluate(head, _epoch_batches(test_x, test_y, max(config.batch_size, 1024), None, 0, device)[0])
     return FitResult(top1=scores["top1"], top5=scores["top5"], test_loss=scores["loss"],
-                     train_seconds=train_seconds, epochs=config.epochs, history=history, lr=chosen_lr,
+                     train_seconds=train_seconds, epochs=num_epochs, history=history, lr=chosen_lr,
                      heldout_top1=heldout_top1)

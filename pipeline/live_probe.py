@@ -1,0 +1,184 @@
+"""``diffrep probe --live`` as a library call: a head trained through the live backbone, the official way.
+
+The official code does not cache: every step it runs the frozen backbone on a fresh random
+resized crop (scale 0.8-1.0) and flip of each image with fresh noise. The cache freezes one view
+and one noise draw. This path trains any head (linear, MLP, CNN, attention, DifFormer) on the same
+images the official way, so the two numbers can be compared; the test split is scored as the
+cache scores it (view 0, the seeded noise). With ``finetune`` the backbone trains too, at its own
+lr, and its tuned weights are written beside the checkpoint in the official layout.
+
+``live_splits`` (shared with ``diffrep feedback``) turns a manifest dataset into the two
+``LiveImages`` sources: label fraction and per-class subsets drawn as the cache path draws them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract.configs import create_backbone, get_config
+from extract.precision import resolve_device
+from extract.schedule import get_schedule
+from fusion.live import LiveImages
+from probe.errors import ProbeError
+from probe.heads import HEADS, count_parameters, create_head, default_lr
+from probe.live_head import LiveHead, default_precision, live_in_shapes
+from probe.subsets import label_fraction_rows
+from probe.train import BACKBONE_NAME, fit
+
+from .datasets import build_index
+from .evaluation import FitProtocol, fmt_keys, record_rows
+from .results import default_results_path
+
+__all__ = ["LiveProbeRequest", "live_splits", "run_live_probe", "LIVE_HEADS"]
+
+LIVE_HEADS = ("linear", "mlp", "cnn", "attention", "difformer")
+_TOKEN_HEADS = ("attention", "difformer")
+
+
+@dataclass(frozen=True)
+class LiveProbeRequest:
+    """What ``diffrep probe --live`` was asked (the cache-free twin of ``ProbeRequest``).
+
+    Args:
+        dataset, train_split, test_split, per_class, test_per_class, data_root: the images.
+        blocks, timesteps, head, pool, hidden, channels, depth, dim: the head, as ``diffrep probe``.
+        config_name, checkpoint, weight_seed: the backbone. cache_pool: blocks pooled to this side
+            first, as the cache stores them (16), so the head sees what it would read from a cache.
+        noise_seed: the test split's seeded noise (and the training noise without ``fresh_noise``).
+        fresh_noise, augment: the official protocol's fresh noise and crop/flip every step.
+        protocol: epochs, lr, solver (sgd/adam), batch, seed, label fraction. steps: stop after so many.
+        finetune, backbone_lr: train the backbone too, at its own lr (official 1e-3).
+        precision: autocast of the backbone (None: bf16 on GPUs, fp32 on the CPU).
+    """
+
+    dataset: str
+    blocks: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    head: str = "linear"
+    config_name: str = "256x256_uncond"
+    checkpoint: str | None = None
+    weight_seed: int = 0
+    train_split: str = "train"
+    test_split: str = "test"
+    per_class: int | None = None
+    test_per_class: int | None = None
+    data_root: str | None = None
+    noise_seed: int = 0
+    fresh_noise: bool = True
+    augment: bool = True
+    pool: int | None = None
+    cache_pool: int = 16
+    hidden: tuple[int, ...] | None = None
+    channels: tuple[int, ...] | None = None
+    depth: int | None = None
+    dim: int | None = None
+    protocol: FitProtocol = field(default_factory=lambda: FitProtocol(solver="sgd"))
+    steps: int | None = None
+    finetune: bool = False
+    backbone_lr: float = 1e-3
+    precision: str | None = None
+    device: str = "auto"
+    decode_threads: int = 2
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    results_path: str | None = None
+    progress: bool = True
+
+
+def live_splits(dataset: str, train_split: str, test_split: str, image_size: int, timesteps, schedule, *,
+                per_class=None, test_per_class=None, data_root=None, noise_seed: int = 0, fresh_noise: bool = False,
+                augment: bool = False, decode_threads: int = 2, label_fraction: float | None = None, seed: int = 0,
+                dry_run: bool = False) -> tuple[LiveImages, LiveImages, int]:
+    """(train, test, number of classes) as ``LiveImages``; the test split always uses the seeded noise, no augmentation.
+
+    A dry run lists a packed dataset from its archive instead of unpacking it.
+    """
+    splits = []
+    for split, subset in ((train_split, per_class), (test_split, test_per_class)):
+        index = build_index(dataset, split, root=data_root, per_class=subset, unpack=not dry_run)
+        paths, labels = list(index.paths), np.asarray(index.labels, dtype=np.int64)
+        ids = np.arange(len(paths))
+        training = split == train_split and not splits
+        if training and label_fraction is not None:
+            rows = label_fraction_rows(torch.from_numpy(labels), label_fraction, seed)
+            paths, labels, ids = [paths[r] for r in rows], labels[rows], ids[rows]
+        splits.append(LiveImages(paths, labels, image_size, timesteps, schedule, noise_seed=noise_seed,
+                                 fresh_noise=fresh_noise and training, augment=augment and training,
+                                 decode_threads=decode_threads, image_ids=ids))
+        num_classes = index.num_classes
+    return splits[0], splits[1], num_classes
+
+
+def _overrides(request: LiveProbeRequest) -> dict:
+    overrides = {}
+    if request.pool is not None:
+        overrides["token_pool" if request.head in _TOKEN_HEADS else "pool"] = request.pool
+    for name in ("hidden", "channels", "depth", "dim"):
+        if getattr(request, name) is not None:
+            overrides[name] = getattr(request, name)
+    return overrides
+
+
+def run_live_probe(request: LiveProbeRequest) -> dict:
+    """Train the head through the live backbone, score the test split, record and return the results row."""
+    fitting = request.protocol
+    if request.head not in LIVE_HEADS:
+        raise ProbeError(f"head {request.head!r} cannot train live: choose one of {', '.join(LIVE_HEADS)}")
+    solver = fitting.solver or "sgd"
+    if solver not in ("sgd", "adam"):
+        raise ProbeError(f"--live trains by gradient steps: pass --solver sgd or adam (not {solver})")
+    if fitting.lr is not None and len(fitting.lr) > 1:
+        raise ProbeError("--live trains one head at a time: pass one --lr")
+    device = resolve_device(request.device)
+    precision = request.precision or default_precision(device)
+    cfg = get_config(request.config_name)
+    backbone = create_backbone(request.config_name, checkpoint=request.checkpoint,
+                               weight_seed=None if request.checkpoint else request.weight_seed)
+    shapes = live_in_shapes(backbone, request.blocks, request.timesteps, request.cache_pool)
+    schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
+    train, test, num_classes = live_splits(
+        request.dataset, request.train_split, request.test_split, cfg.image_size, request.timesteps, schedule,
+        per_class=request.per_class, test_per_class=request.test_per_class, data_root=request.data_root,
+        noise_seed=request.noise_seed, fresh_noise=request.fresh_noise, augment=request.augment,
+        decode_threads=request.decode_threads, label_fraction=fitting.label_fraction, seed=fitting.seed)
+    overrides = _overrides(request)
+    torch.manual_seed(fitting.seed)
+    head = create_head(request.head, shapes, num_classes, **overrides)
+    model = LiveHead(backbone, head, request.blocks, request.timesteps, request.cache_pool,
+                     finetune=request.finetune, precision=precision)
+    lr = fitting.lr[0] if fitting.lr else default_lr(request.head)
+    backbone_id = f"{request.config_name}-{'checkpoint' if request.checkpoint else f'random{request.weight_seed}'}"
+    identity = dict(dataset=request.dataset, train_split=request.train_split, test_split=request.test_split,
+                    config=request.config_name, checkpoint=request.checkpoint, weight_seed=request.weight_seed,
+                    noise_seed=request.noise_seed, fresh_noise=request.fresh_noise, augment=request.augment,
+                    head=request.head, blocks=list(request.blocks), timesteps=list(request.timesteps),
+                    cache_pool=request.cache_pool, options={k: list(v) if isinstance(v, tuple) else v
+                                                            for k, v in sorted(overrides.items())},
+                    per_class=request.per_class, test_per_class=request.test_per_class,
+                    label_fraction=fitting.label_fraction, finetune=request.finetune, precision=precision)
+    checkpoint_dir = request.checkpoint_dir or str(
+        Path(request.results_path or default_results_path()).parent / "checkpoints" /
+        (f"{request.dataset}_{backbone_id}_live_{request.head}_b{fmt_keys(request.blocks)}_t{fmt_keys(request.timesteps)}"
+         f"{'_finetune' if request.finetune else ''}_{solver}_s{fitting.seed}"))
+    result = fit(model, train, None, test, None, epochs=fitting.epochs, lr=lr, optimizer=solver,
+                 batch_size=fitting.batch_size, seed=fitting.seed, device=device,
+                 backbone_lr=request.backbone_lr if request.finetune else None, steps=request.steps,
+                 checkpoint_dir=checkpoint_dir, resume=request.resume, identity=identity, progress=request.progress)
+    head_pool = overrides.get("token_pool" if request.head in _TOKEN_HEADS else "pool",
+                              16 if request.head in _TOKEN_HEADS else HEADS[request.head].defaults.get("pool"))
+    row = dict(dataset=request.dataset, train_split=request.train_split, test_split=request.test_split,
+               backbone_id=backbone_id, noise_seed=request.noise_seed, head=request.head,
+               protocol="live", solver=solver, blocks=list(request.blocks), timesteps=list(request.timesteps),
+               pool=int(head_pool or 0), cache_pool=request.cache_pool, train_size=train.num_images,
+               test_size=test.num_images, parameters=count_parameters(model), epochs=result.epochs, lr=lr,
+               batch_size=fitting.batch_size, seed=fitting.seed, heldout_size=0, label_fraction=fitting.label_fraction,
+               fresh_noise=request.fresh_noise, augment=request.augment, finetune=request.finetune,
+               top1=result.top1, top5=result.top5, train_seconds=result.train_seconds)
+    record_rows([row], request.results_path)
+    if request.finetune:
+        row["backbone_path"] = str(Path(checkpoint_dir) / BACKBONE_NAME)
+    return row
