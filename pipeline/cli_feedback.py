@@ -35,6 +35,7 @@ from .options import checkpoint_option, config_option, dataset_option, default_c
 @click.option("--no-cache", is_flag=True, help="Always run pass 1 live.")
 @click.option("--dim", type=click.IntRange(min=8), default=None, help="Attention head width [default: 1024].")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Attention head blocks [default: 2].")
+@click.option("--pool", type=click.IntRange(min=1), default=None, help="Attention head token grid side [default: 16].")
 @click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Stop after N optimizer steps instead (a dataset too large for whole epochs).")

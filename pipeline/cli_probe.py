@@ -189,6 +189,8 @@ def probe(cache, live, **options) -> None:
                f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
                f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
                f"in {row['train_seconds']:.1f} s")
+    if row.get("backbone_path"):
+        click.echo(f"tuned backbone (official layout, loadable by --checkpoint): {row['backbone_path']}")
 
 
 def _run_live(cache, live: dict, options: dict) -> dict:
@@ -201,10 +203,7 @@ def _run_live(cache, live: dict, options: dict) -> dict:
     request = LiveProbeRequest(
         dataset=cache.dataset, config_name=cache.config_name, train_split=cache.train_split, test_split=cache.test_split,
         results_path=cache.results_path, **live, **options)
-    row = run_live_probe(request)
-    if row.get("backbone_path"):
-        click.echo(f"tuned backbone (official layout, loadable by --checkpoint): {row['backbone_path']}")
-    return row
+    return run_live_probe(request)
 
 
 def _protocol_text(row: dict) -> str:

@@ -59,6 +59,7 @@ class FeedbackRequest:
     cache_dir: str | None = None
     dim: int | None = None
     depth: int | None = None
+    pool: int | None = None
     epochs: int = 28
     steps: int | None = None
     solver: str = "sgd"
@@ -150,7 +151,8 @@ def plan_feedback(request: FeedbackRequest, dry_run: bool = False) -> FeedbackPl
         noise_seed=request.noise_seed, fresh_noise=request.fresh_noise, augment=request.augment,
         decode_threads=request.decode_threads, label_fraction=request.label_fraction, seed=request.seed,
         dry_run=dry_run)
-    overrides = {k: v for k, v in (("dim", request.dim), ("depth", request.depth)) if v is not None}
+    overrides = {k: v for k, v in (("dim", request.dim), ("depth", request.depth), ("token_pool", request.pool))
+                 if v is not None}
     torch.manual_seed(request.seed)
     head = create_head("attention", {(readout, request.timestep): (shape[0], shape[1], shape[1])}, num_classes, **overrides)
     device = resolve_device(request.device)
@@ -185,7 +187,7 @@ def run_feedback(plan: FeedbackPlan) -> dict:
     identity = dict(dataset=r.dataset, train_split=r.train_split, test_split=r.test_split, config=r.config_name,
                     checkpoint=r.checkpoint, weight_seed=r.weight_seed, noise_seed=r.noise_seed,
                     fresh_noise=r.fresh_noise, augment=r.augment, strategy=r.strategy, readout=model.readout,
-                    timestep=r.timestep, dim=r.dim, depth=r.depth, per_class=r.per_class,
+                    timestep=r.timestep, dim=r.dim, depth=r.depth, pool=r.pool, per_class=r.per_class,
                     test_per_class=r.test_per_class, label_fraction=r.label_fraction, finetune=r.finetune,
                     precision=model.precision)
     checkpoint_dir = r.checkpoint_dir or str(Path(r.results_path or default_results_path()).parent / "checkpoints" /

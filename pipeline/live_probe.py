@@ -138,7 +138,7 @@ def run_live_probe(request: LiveProbeRequest) -> dict:
     cfg = get_config(request.config_name)
     backbone = create_backbone(request.config_name, checkpoint=request.checkpoint,
                                weight_seed=None if request.checkpoint else request.weight_seed)
-    shapes = live_in_shapes(backbone, request.blocks, request.timesteps, request.cache_pool)
+    shapes = live_in_shapes(backbone, request.blocks, request.timesteps, request.cache_pool, request.config_name)
     schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
     train, test, num_classes = live_splits(
         request.dataset, request.train_split, request.test_split, cfg.image_size, request.timesteps, schedule,

@@ -34,13 +34,17 @@ def default_precision(device: torch.device | str) -> str:
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
-def live_in_shapes(backbone: nn.Module, blocks: Sequence[int], timesteps: Sequence[int], pool: int) -> dict[Key, tuple]:
-    """``{(b, t): (C, h, w)}`` of pooled block outputs, as a cache with this ``pool`` stores them."""
+def live_in_shapes(backbone: nn.Module, blocks: Sequence[int], timesteps: Sequence[int], pool: int,
+                   name: str | None = None) -> dict[Key, tuple]:
+    """``{(b, t): (C, h, w)}`` of pooled block outputs, as a cache with this ``pool`` stores them.
+
+    ``name``: the configuration's name, for the error about a block out of range.
+    """
     shapes = backbone.block_shapes()
     out = {}
     for b in blocks:
         if b not in shapes:
-            raise ProbeError(f"block {b} is out of range for {getattr(backbone, 'name', 'this backbone')}: "
+            raise ProbeError(f"block {b} is out of range for {name or type(backbone).__name__}: "
                              f"valid blocks are 1..{max(shapes)}")
         channels, native = shapes[b]
         side = pooled_size(native, pool)

@@ -2,6 +2,7 @@
 
 Sections: backbone (full vs truncated forwards of 256x256_uncond), extract (cache and
 extraction throughput), probe (seconds per epoch on the cache vs live backbone vs in memory),
+fusion (DifFeed training images/s, truncated passes vs both in full),
 gpu (bf16 images/s of the real 256x256 model and its share of the GPU's peak; skipped without CUDA).
 Run one with ``python -m tests.bench backbone``. Not in the default run (accuracy, not speed, and
 several minutes): protocols (each linear-probe protocol's top-1 and seconds on one cache).
@@ -128,7 +129,7 @@ def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", default=["backbone", "extract", "probe", "gpu"])
+    parser.add_argument("sections", nargs="*", default=["backbone", "extract", "probe", "fusion", "gpu"])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     for section in args.sections:
@@ -144,12 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             from tests.bench_probe import bench_probe
 
             lines = bench_probe()
+        elif section == "fusion":
+            from tests.bench_fusion import bench_fusion
+
+            lines = bench_fusion()
         elif section == "protocols":
             from tests.bench_protocols import bench_protocols
 
             lines = bench_protocols()
         else:
-            parser.error(f"unknown section {section!r}: choose backbone, extract, probe, gpu or protocols")
+            parser.error(f"unknown section {section!r}: choose backbone, extract, probe, fusion, gpu or protocols")
         sys.stdout.write("\n".join(lines) + "\n\n")
         sys.stdout.flush()
     return 0

@@ -185,3 +185,46 @@ def test_diffeed_reads_pass_one_from_a_full_map_cache(cifar10_root, tmp_path):
         assert torch.allclose(cached.model(batch), live.model(plain), atol=2e-2, rtol=1e-2)
     other = plan_feedback(FeedbackRequest(cache_dir=str(cache), **{**base, "noise_seed": 5}))
     assert "the cache's noise seed is 0, not 5" in other.describe()
+
+
+def test_live_probe_refuses_what_it_cannot_do_in_one_line(tmp_path):
+    from pipeline.cli import main
+
+    base = ["probe", "--live", "--dataset", "cifar10", "--config", CONFIG, "-b", "10", "-t", "5",
+            "--data-root", str(tmp_path / "nowhere"), "--results", str(tmp_path / "r.parquet")]
+    for extra, needle in ((["--stream"], "--live reads images, not the cache: drop --stream"),
+                          (["--solver", "lbfgs"], "--live trains by gradient steps: pass --solver sgd or adam"),
+                          (["--lr", "1e-3,1e-2"], "--live trains one head at a time: pass one --lr"),
+                          (["-b", "40"], "block 40 is out of range for 32x32_small: valid blocks are 1..19")):
+        result = CliRunner().invoke(main, [*base, *extra])
+        assert result.exit_code == 1, result.output
+        assert needle in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "r.parquet").exists()
+
+
+@pytest.mark.e2e
+def test_live_probe_and_finetune_from_the_command_line(cifar10_root, tmp_path):
+    """diffrep probe --live on 300 real train images beats chance; --finetune writes a backbone --checkpoint loads."""
+    from pipeline.cli import main
+    from pipeline.results import read_results
+
+    checkpoint = bundled_checkpoint(CONFIG)
+    base = ["probe", "--live", "--dataset", "cifar10", "--config", CONFIG, "-b", "10", "-t", "5", "--per-class", "30",
+            "--test-per-class", "20", "--data-root", str(cifar10_root.parent), "--cache-pool", "4", "--solver", "adam",
+            "--lr", "1e-3", "--batch-size", "30", "--device", "cpu", "--no-progress",
+            "--results", str(tmp_path / "r.parquet"), *(["--checkpoint", checkpoint] if checkpoint else [])]
+    result = CliRunner().invoke(main, [*base, "--epochs", "6", "--checkpoint-dir", str(tmp_path / "live")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "live backbone, fresh noise, crop+flip, adam" in result.output
+    row = read_results(tmp_path / "r.parquet").to_pylist()[-1]
+    assert row["protocol"] == "live" and row["fresh_noise"] and row["augment"] and not row["finetune"]
+    assert row["train_size"] == 300 and row["test_size"] == 200 and row["top1"] > 0.2  # chance 10%
+    tuned = CliRunner().invoke(main, [*base, "--epochs", "1", "--finetune", "--checkpoint-dir", str(tmp_path / "ft")],
+                               catch_exceptions=False)
+    assert tuned.exit_code == 0 and f"loadable by --checkpoint): {tmp_path / 'ft' / BACKBONE_NAME}" in tuned.output
+    assert read_results(tmp_path / "r.parquet").to_pylist()[-1]["finetune"]
+    again = [*[a for a in base if a != checkpoint and a != "--checkpoint"], "--checkpoint", str(tmp_path / "ft" / BACKBONE_NAME)]
+    reused = CliRunner().invoke(main, [*again, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "reuse")],
+                                catch_exceptions=False)
+    assert reused.exit_code == 0, reused.output
