@@ -41,8 +41,8 @@ class CachedPass1:
 
 
 def _cache_noise_ids(cache) -> np.ndarray:
-    """The image id each cache row's seeded noise was drawn with (its row in the extracted list)."""
-    ids = getattr(cache, "noise_ids", None)
+    """The image id each cache row's seeded noise was drawn with (``image_ids`` where the cache records a row order)."""
+    ids = getattr(cache, "image_ids", None)
     return np.asarray(ids, dtype=np.int64) if ids is not None else np.arange(cache.num_images, dtype=np.int64)
 
 

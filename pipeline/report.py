@@ -21,8 +21,8 @@ __all__ = [
 ]
 
 TABLE_COLUMNS = ("date", "dataset", "backbone_id", "head", "strategy", "blocks", "timesteps", "pool", "k",
-                 "parameters", "protocol", "solver", "l2", "lr", "epochs", "train_split", "test_split", "top1", "top5",
-                 "train_seconds")
+                 "parameters", "protocol", "solver", "l2", "lr", "epochs", "label_fraction", "fresh_noise", "augment",
+                 "finetune", "train_split", "test_split", "top1", "top5", "train_seconds")
 
 
 def _pyplot():
@@ -45,6 +45,8 @@ def _cell(name: str, value) -> str:
         return f"{value:g}"
     if name == "train_seconds":
         return f"{value:.1f}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if name == "date":
         return str(value)[:16].replace("T", " ")
     return str(value)

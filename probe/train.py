@@ -177,7 +177,9 @@ def train_one_epoch(
         correct = batch_correct if correct is None else correct + batch_correct
         seen += target.shape[0]
         if progress:
-            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
+            rate = seen / max(bar.format_dict.get("elapsed", 0.0), 1e-9)
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
+                            images_per_s=f"{rate:.0f}")
     if seen == 0:
         raise ProbeError("no training rows: the train split is empty or every image was invalid")
     return {"loss": total_loss.item() / seen, "acc": correct.item() / seen}
