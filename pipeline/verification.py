@@ -75,8 +75,8 @@ def verify_cache(path: str, repair: bool = False) -> CacheReport:
     for name, chunks in sorted(index.items()):
         for chunk, why in chunks.items():
             report.bad.append(f"{path}: index/{name} chunk {chunk}: {why}")
-    # lost valid/error rows come back when their shard runs again (path and label: extract rewrites them)
-    rerun = sorted({chunk for name in ("valid", "error") for chunk in index.get(name, {})})
+    # lost valid/error rows come back when their shards run again (reset_shards unsets their markers;
+    # path, label and image_id: extract rewrites them from the dataset index)
     damaged: dict[tuple[int, int, int], list[int]] = {}
     for b, t in cache.arrays():
         for view in range(cache.spec.views):
@@ -92,8 +92,8 @@ def verify_cache(path: str, repair: bool = False) -> CacheReport:
                 report.unchecked.append(name)
             for shard, why in problems.items():
                 report.bad.append(f"{path}: {name} shard {shard}: {why}")
-            if problems or rerun:
-                damaged[(b, t, view)] = sorted(set(problems) | set(rerun))
+            if problems:
+                damaged[(b, t, view)] = sorted(problems)
     if repair and report.bad:
         reset_shards(path, damaged, {name: list(index[name]) for name in ("valid", "error") if name in index})
         report.repaired = True

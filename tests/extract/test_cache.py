@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import zarr
 
+import extract.cache as cache_module
 from extract.cache import (
-    CacheSpec, cache_path, create_cache, make_backbone_id, open_cache, record_run, reset_shards, write_shard,
+    CacheSpec, MarkWriter, ShardMarks, cache_path, count_objects, create_cache, make_backbone_id, open_cache,
+    record_run, reset_shards, write_shard, write_shard_data,
 )
 from extract.errors import CacheError, CacheIncompleteError, CacheMismatchError
 
@@ -164,14 +166,19 @@ def test_reopen_adds_arrays_and_refuses_other_writers(tmp_path):
 
 def test_concurrent_writers_of_distinct_shards_lose_nothing(tmp_path):
     cache = _create(tmp_path)
-    threads = [threading.Thread(target=lambda s=s: write_shard(cache.path, s, {
-        key: _data(*key, *cache.shard_bounds(s)) for key in SHAPES})) for s in range(cache.num_shards)]
+    values = {}
+    threads = [threading.Thread(target=lambda s=s: values.__setitem__(s, write_shard_data(cache.path, s, {
+        key: _data(*key, *cache.shard_bounds(s)) for key in SHAPES}))) for s in range(cache.num_shards)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert cache.missing_shards(4, 90) == [0, 1, 2], "workers write data only: unmarked until the orchestrator marks"
+    MarkWriter(cache.path).mark(
+        [ShardMarks(s, {(b, t, 0): v for (b, t), v in values[s].items()}) for s in (2, 0, 1)])
     for key in SHAPES:
         np.testing.assert_array_equal(cache.load(*key), _data(*key, 0, N))
+    assert os.listdir(os.path.join(cache.path, "done", "b4", "t90", "c")) == ["0"], "one marker object per array"
 
 
 def test_flipped_view_and_invalid_rows(tmp_path):
@@ -234,7 +241,8 @@ def test_a_marked_shard_whose_object_is_lost_is_not_complete(tmp_path, tamper, w
     np.testing.assert_array_equal(cache.load(4, 90), _data(4, 90, 0, N))
 
 
-def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path):
+def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
     cache = _create(tmp_path)
     _fill(cache)
     zeros = np.zeros((2, 3, 8, 8), np.float16)  # e.g. two images that could not be decoded
@@ -245,7 +253,8 @@ def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path):
     np.testing.assert_array_equal(cache.load(4, 90)[8:], zeros)
 
 
-def test_lost_index_chunks_are_refused_by_name(tmp_path):
+def test_lost_index_chunks_are_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
     cache = _create(tmp_path)
     _fill(cache)
     for chunk in range(3):
@@ -262,7 +271,8 @@ def test_lost_index_chunks_are_refused_by_name(tmp_path):
     assert cache.paths[0].endswith("c0/0000.jpg"), "sound index arrays still read"
 
 
-def test_reopening_with_the_same_index_rewrites_lost_label_and_path_chunks(tmp_path):
+def test_reopening_with_the_same_index_rewrites_lost_label_and_path_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
     cache = _create(tmp_path)
     _fill(cache)
     os.remove(os.path.join(cache.path, "index", "label", "c", "0"))
