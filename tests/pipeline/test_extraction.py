@@ -85,7 +85,8 @@ def test_in_process_run_writes_everything_and_reports_the_corrupt_jpeg(reference
     features = cache.load(12, 300)
     assert features.shape == (300, 64, 4, 4) and not features[row].any()
     assert np.abs(features[np.arange(300) != row]).sum(axis=(1, 2, 3)).min() > 0
-    assert list(cache.labels) == [i // PER_CLASS for i in range(300)]
+    assert sorted(cache.image_ids) == list(range(300)) and list(cache.labels) == list(cache.image_ids // PER_CLASS)
+    assert len(set(cache.labels[:30])) == 10, "the rows of the class-sorted index are mixed: 10% of rows, every class"
 
 
 @pytest.mark.e2e
@@ -105,7 +106,8 @@ def test_a_run_killed_half_way_resumes_to_the_same_bits(reference, data_root, tm
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == 3, killed.stderr
     partial = open_cache(tmp_path, "cifar10", "test", BACKBONE)
-    assert partial.missing_shards(12, 90) == [3, 4, 5] and partial.missing_shards(12, 300) == [2, 3, 4, 5]
+    # shard 2 wrote its t=90 data before the crash, but only a finished job's shard is marked
+    assert partial.missing_shards(12, 90) == partial.missing_shards(12, 300) == [2, 3, 4, 5]
     resumed = _extract(data_root, tmp_path, "--synchronous")
     assert resumed.exit_code == 0, resumed.output
     assert "wrote 4 shards" in resumed.output and "2 shards were already complete" in resumed.output
@@ -295,7 +297,7 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_finished_shards(refer
 
     import extract.job as job
 
-    real_write, calls = job.write_shard, []
+    real_write, calls = job.write_shard_data, []
 
     def fill_up_after_two(*args, **kwargs):
         calls.append(args[1])
@@ -303,7 +305,7 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_finished_shards(refer
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(job, "write_shard", fill_up_after_two)
+    monkeypatch.setattr(job, "write_shard_data", fill_up_after_two)
     result = _extract(data_root, tmp_path, "--synchronous")
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith("Error: disk full while writing shard ")
@@ -312,7 +314,7 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_finished_shards(refer
     cache = open_cache(tmp_path, "cifar10", "test", BACKBONE)
     # shard 0 wrote t=90 and t=300 (two writes); shard 1's first write hit the full disk
     assert cache.missing_shards(4, 90) == cache.missing_shards(4, 300) == [1, 2, 3, 4, 5]
-    monkeypatch.setattr(job, "write_shard", real_write)
+    monkeypatch.setattr(job, "write_shard_data", real_write)
     resumed = _extract(data_root, tmp_path, "--synchronous")
     assert resumed.exit_code == 0, resumed.output
     _assert_same_cache(reference[0], tmp_path)
