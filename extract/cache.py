@@ -15,8 +15,8 @@ Layout of ``<root>/<dataset>/<split>/<backbone-id>`` (plain Zarr v3, readable wi
                               shard before): 2**32 + the CRC-32 of the shard's values once it is written
 
 Row order (format 3): row r holds image ``index/image_id[r]`` of the dataset index, a seeded
-permutation (``extract.order``, seed ``spec.row_order_seed``) fixed when the cache is created, so
-that every shard mixes the classes; the per-image noise still depends on the image id, not the
+class-stratified permutation (``extract.order``, seed ``spec.row_order_seed``) fixed when the cache
+is created, so that every shard mixes the classes; the per-image noise still depends on the image id, not the
 row. Formats 1 and 2 keep the index order (``row_order_seed`` None) and are still read.
 
 Objects: a worker writes whole data shards only, so two jobs never touch one Zarr object. Every
@@ -301,7 +301,7 @@ def create_cache(
     """Create (or reopen) a cache: attributes, index and labels first, then any missing (b, t) arrays.
 
     Nothing here writes features: that is the jobs' job, shard by shard. The rows are put in the
-    cache's order here (``row_order(N, spec.row_order_seed)``), once; calling it again on an
+    cache's order here (``row_order(labels, spec.row_order_seed)``), once; calling it again on an
     existing cache checks that it was written with the same spec and index (rewriting lost index
     chunks), then adds the arrays that are new.
 
@@ -323,7 +323,7 @@ def create_cache(
     labels = np.asarray(labels, dtype=np.int64)
     if len(paths) != spec.num_images or labels.shape != (spec.num_images,):
         raise CacheError(f"the index has {len(paths)} paths and {labels.shape[0]} labels for num_images={spec.num_images}")
-    order = row_order(spec.num_images, spec.row_order_seed)
+    order = row_order(labels, spec.row_order_seed)
     rows = {"path": np.asarray([str(paths[i]) for i in order]), "label": labels[order], "image_id": order}
     if os.path.exists(os.path.join(path, "zarr.json")):
         with _readable(path):

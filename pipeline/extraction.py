@@ -419,7 +419,7 @@ def plan_extraction(
     if existing is not None:
         recorded = {(b, t, view): existing.compute(b, t, view) for (b, t) in shapes for view in range(spec.views)
                     if existing.has_array(b, t, view)}
-    order = row_order(spec.num_images, spec.row_order_seed)
+    order = row_order(index.labels, spec.row_order_seed)
     jobs: list[ShardJob] = []
     bytes_new = 0 if existing is not None else index.num_images * 200
     for shard in range(spec.num_shards):
