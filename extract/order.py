@@ -53,11 +53,12 @@ def row_order(labels: np.ndarray, seed: int | None) -> np.ndarray:
     if seed is None or n == 0:
         return ids
     shuffle, jitter = _hash(seed, ids, 1), _hash(seed, ids, 2)
-    by_class = np.lexsort((shuffle, labels))  # each class together, in a seeded order
+    by_class = np.argsort(shuffle)
+    by_class = by_class[np.argsort(labels[by_class], kind="stable")]  # each class together, in a seeded order
     sizes = np.bincount(labels)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     rank = np.empty(n, dtype=np.int64)
     rank[by_class] = ids - starts[labels[by_class]]
     fraction = (jitter >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # in [0, 1)
     key = (rank + fraction) / sizes[labels]
-    return np.lexsort((jitter, key)).astype(np.int64)
+    return np.argsort(key, kind="stable").astype(np.int64)

@@ -420,6 +420,8 @@ def plan_extraction(
         recorded = {(b, t, view): existing.compute(b, t, view) for (b, t) in shapes for view in range(spec.views)
                     if existing.has_array(b, t, view)}
     order = row_order(index.labels, spec.row_order_seed)
+    ordered_paths = [index.paths[i] for i in order.tolist()]
+    row_bytes = {key: 2 * _prod(shape) for key, shape in shapes.items()}
     jobs: list[ShardJob] = []
     bytes_new = 0 if existing is not None else index.num_images * 200
     for shard in range(spec.num_shards):
@@ -431,14 +433,14 @@ def plan_extraction(
                 todo_blocks = tuple(b for b in blocks if shard in missing[(view, t, b)])
                 if todo_blocks:
                     todo.append((view, t, todo_blocks))
-                    bytes_new += sum((stop - start) * 2 * _prod(shapes[(b, t)]) for b in todo_blocks)
+                    bytes_new += sum((stop - start) * row_bytes[(b, t)] for b in todo_blocks)
         if todo:
-            rows = order[start:stop].tolist()
+            rows = tuple(order[start:stop].tolist())
             checks = tuple((f"b{b}/t{t}{('', '_flip')[view]}", recorded[(b, t, view)]) for view, t, todo_blocks in todo
                            for b in todo_blocks if recorded.get((b, t, view)))
             jobs.append(ShardJob(
-                cache=path, shard=shard, start=start, paths=tuple(index.paths[i] for i in rows), todo=tuple(todo),
-                image_ids=tuple(rows), recorded_compute=checks,
+                cache=path, shard=shard, start=start, paths=tuple(ordered_paths[start:stop]), todo=tuple(todo),
+                image_ids=rows, recorded_compute=checks,
                 config_name=config.name, image_size=config.image_size, noise_schedule=config.noise_schedule,
                 diffusion_steps=config.diffusion_steps, checkpoint=request.checkpoint,
                 weight_seed=None if sha256 else int(request.weight_seed), noise_seed=spec.noise_seed,

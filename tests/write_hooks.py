@@ -48,6 +48,8 @@ def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook
 
 
 if __name__ == "__main__":
+    # run as a script, this folder would come first on sys.path and tests/extract would shadow the package
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     install()
     from pipeline.cli import main
 
