@@ -318,3 +318,25 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_finished_shards(refer
     resumed = _extract(data_root, tmp_path, "--synchronous")
     assert resumed.exit_code == 0, resumed.output
     _assert_same_cache(reference[0], tmp_path)
+
+
+def test_a_resume_that_would_mix_cpu_and_gpu_shards_in_an_array_is_refused(data_root, tmp_path):
+    from extract.cache import reset_shards
+
+    args = ["--synchronous", "--limit", "20", "--shard-size", "10", "--timesteps", "90", "--blocks", "4"]
+    first = _extract(data_root, tmp_path, *args)
+    assert first.exit_code == 0, first.output
+    cache = open_cache(tmp_path, "cifar10", "test", BACKBONE)
+    assert cache.compute(4, 90) == {"device": "cpu", "gpu": "", "precision": "fp32", "tf32": None}
+    assert cache.runs[-1]["compute"] == [cache.compute(4, 90)]
+    group = zarr.open_group(cache.path, mode="r+")
+    group["b4/t90"].attrs["compute"] = {"device": "cuda", "gpu": "NVIDIA H200", "precision": "bf16",
+                                        "tf32": {"matmul": True, "cudnn": True}}  # as if a GPU had written it
+    reset_shards(cache.path, {(4, 90, 0): [1]})  # one shard left to do
+    expected = ("Error: array b4/t90 was computed on cuda (NVIDIA H200, bf16, TF32 matmul on / cudnn on), this run "
+                "computes on cpu (fp32): one array must not mix them; resume with --device cuda --precision bf16, or "
+                "extract into a new --cache-dir")
+    for device in ("cpu", "auto"):  # refused by the plan (explicit device) or by the worker before it computes
+        result = _extract(data_root, tmp_path, *args, "--device", device)
+        assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == expected, result.output
+        assert open_cache(tmp_path, "cifar10", "test", BACKBONE).missing_shards(4, 90) == [1]
