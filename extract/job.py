@@ -3,13 +3,13 @@
 A job is a picklable ``ShardJob`` in and a small ``ShardResult`` out, so any executor can run it
 (in-process, a local Dask cluster, a remote one); it imports no Dask and no click. A job writes
 its shard's data objects only; the result carries the markers (checksums), invalid rows and
-compute settings that the orchestrating process records (``extract.cache.MarkWriter``). The backbone is
-built once per process and reused by every later job. Decoding runs ahead in a background thread
-and writes run behind in another, so both overlap with the forward passes.
+compute settings that the orchestrating process records (``extract.cache.MarkWriter``). The
+backbone is built once per process and reused by every later job. Decoding runs ahead in a
+background thread and writes run behind in another, so both overlap with the forward passes.
 
 Results are bit-identical wherever a job runs: the noise is a pure function of (seed, image id, t)
-(the image's position in the dataset index, not its cache row),
-batches are cut the same way inside a shard, and torch's thread count is fixed by the job.
+(the image's position in the dataset index, not its cache row), batches are cut the same way
+inside a shard, and torch's thread count is fixed by the job.
 """
 
 from __future__ import annotations
@@ -161,8 +161,7 @@ def _run(job: ShardJob) -> ShardResult:
     schedule.check_timesteps([t for _, t, _ in job.todo])
     count = len(job.paths)
     ids = list(job.image_ids) if job.image_ids else list(range(job.start, job.start + count))
-    if len(ids) != count:
-        raise ValueError(f"shard {job.shard}: {len(ids)} image ids for {count} paths (a bug in the caller)")
+    assert len(ids) == count, f"shard {job.shard}: {len(ids)} image ids for {count} paths"
     bounds = [(lo, min(lo + job.batch_size, count)) for lo in range(0, count, max(1, job.batch_size))]
 
     with ThreadPoolExecutor(1, thread_name_prefix="diffrep-decode") as decoder, \

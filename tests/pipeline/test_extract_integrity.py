@@ -359,3 +359,21 @@ def test_ctrl_c_stops_extract_in_one_line_and_the_same_command_resumes(reference
     resumed = _extract(data_root, cache_dir, "--split", "test", "--synchronous")
     assert resumed.exit_code == 0 and f"wrote {4 - done} shards" in resumed.output, resumed.output
     assert _files(cache_dir / "cifar10" / "test") == _files(reference / "cifar10" / "test")
+
+
+def test_repair_waits_for_a_running_extract(reference, tmp_path):
+    cache_dir, group = _copy(reference, tmp_path)
+    os.remove(group / "b4/t90/c/1/0/0/0")
+    with open(str(group) + ".lock", "a+") as held:  # a running extract rewrites the markers' one object
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("pid 4242 on gpu7")
+        held.flush()
+        result = CliRunner().invoke(main, ["verify", "--cache-dir", str(cache_dir), "--split", "test", "--repair"])
+    assert result.exit_code == 1
+    assert _one_error_line(result) == (f"diffrep extract (pid 4242 on gpu7) is writing {group}: run verify --repair "
+                                       "again when it has finished")
+    assert open_cache(cache_dir, "cifar10", "test", BACKBONE).damaged_shards(4, 90) == {1: "missing"}, "nothing reset"
+    repaired = CliRunner().invoke(main, ["verify", "--cache-dir", str(cache_dir), "--split", "test", "--repair"])
+    assert repaired.exit_code == 1 and "1 bad (reset)" in repaired.output
+    assert open_cache(cache_dir, "cifar10", "test", BACKBONE).missing_shards(4, 90) == [1]
