@@ -250,7 +250,9 @@ def index_chunk_rows(spec: CacheSpec) -> int:
     return min(per_chunk, max(1, spec.num_shards) * spec.shard_size)
 
 
-def count_objects(spec: CacheSpec, arrays: Iterable[tuple[int, int]], format_version: int = FORMAT_VERSION) -> dict[str, int]:
+def count_objects(
+    spec: CacheSpec, arrays: Iterable[tuple[int, int]], format_version: int = FORMAT_VERSION
+) -> dict[str, int]:
     """How many files a complete cache holds, by kind (every object is stored, zeros included).
 
     Args:
@@ -457,7 +459,8 @@ class MarkWriter:
         if name not in self._index:
             array = self._group[f"index/{name}"]
             bad = object_problems(array, range(_index_chunks(array)), strict=self._strict)
-            fill = np.ones(array.shape[0], bool) if name == "valid" else np.full(array.shape[0], "", dtype=object).astype(str)
+            rows = array.shape[0]
+            fill = np.ones(rows, bool) if name == "valid" else np.full(rows, "", dtype=object).astype(str)
             values = _read_chunkwise(array, bad, fill)
             self._index[name] = (values.astype(bool) if name == "valid" else values.astype(object), set(bad))
         return self._index[name]
@@ -825,7 +828,7 @@ class FeatureCache:
         return list(_chunk_shards(_chunk_rows(self._node(f"index/{name}")), int(chunk), self.spec))
 
     def index_damage(self) -> dict[str, dict[int, str]]:
-        """``{name: {chunk: why}}`` for index arrays (path, label, valid, error, image_id) whose chunk objects are missing or short.
+        """``{name: {chunk: why}}`` for index arrays (path, label, valid, error, image_id) whose objects are missing or short.
 
         ``index_chunk_shards`` says which shards a chunk covers.
         """

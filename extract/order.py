@@ -1,4 +1,4 @@
-"""The cache's row order: a seeded, class-stratified permutation of the dataset index, so that any run of rows mixes the classes.
+"""The cache's row order: a seeded, class-stratified permutation of the dataset index, so any run of rows mixes the classes.
 
 Dataset indexes are sorted by class; a cache stored in that order hands anything that streams it
 shard by shard a few classes at a time. A uniform shuffle is not enough either: with 10 images

@@ -25,8 +25,8 @@ import torch
 
 from extract.adm import normalize_blocks
 from extract.cache import (
-    FORMAT_VERSION, CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, make_backbone_id, record_run,
-    reset_shards,
+    FORMAT_VERSION, CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, make_backbone_id,
+    record_run, reset_shards,
 )
 from extract.configs import get_config
 from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
@@ -153,8 +153,8 @@ class ExtractionPlan:
             f"  cache {self.path}",
         ]
         if spec.row_order_seed is None:
-            lines.append(f"  rows in dataset-index order, i.e. sorted by class (a format-{self.format_version} cache keeps its "
-                         f"order): extract into a new --cache-dir for class-mixed shards")
+            lines.append(f"  rows in dataset-index order, i.e. sorted by class (a format-{self.format_version} cache "
+                         f"keeps its order): extract into a new --cache-dir for class-mixed shards")
         else:
             lines.append(f"  rows in a seeded order (--order-seed {spec.row_order_seed}): every shard mixes the classes")
         if self.unpack is not None:
@@ -186,8 +186,8 @@ class ExtractionPlan:
         lines.append(f"  disk: {format_bytes(self.bytes_new)} to write, {format_bytes(self.bytes_free)} free")
         objects = self.objects
         lines.append(
-            f"  objects: {objects['total']:,} files when complete ({objects['data']:,} data shards, {objects['markers']:,} "
-            f"marker, {objects['index']:,} index, {objects['metadata']:,} metadata)"
+            f"  objects: {objects['total']:,} files when complete ({objects['data']:,} data shards, "
+            f"{objects['markers']:,} marker, {objects['index']:,} index, {objects['metadata']:,} metadata)"
         )
         return "\n".join(lines)
 
