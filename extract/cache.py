@@ -508,10 +508,13 @@ class MarkWriter:
                 earlier shards (nothing of it is marked: it stays unwritten).
         """
         marks = list(marks)
+        first: dict[str, dict] = {}  # what a new array would record, so that one batch cannot mix either
         for item in marks:
-            for b, t, view in item.markers:
-                problem = compute_conflict(_array_name(b, t, view), self.recorded_compute(b, t, view), item.compute or {})
-                if problem and item.compute is not None:
+            for b, t, view in item.markers if item.compute is not None else ():
+                name = _array_name(b, t, view)
+                recorded = self.recorded_compute(b, t, view) or first.setdefault(name, item.compute)
+                problem = compute_conflict(name, recorded, item.compute)
+                if problem:
                     raise CacheMismatchError(problem)
         if not marks:
             return

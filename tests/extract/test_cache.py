@@ -477,3 +477,9 @@ def test_an_array_never_mixes_device_kinds_or_precisions(tmp_path):
     MarkWriter(cache.path).mark([ShardMarks(1, {(4, 90, 0): values[(4, 90)]}, compute={**H200, "gpu": "NVIDIA A100"})])
     assert cache.missing_shards(4, 90) == [2], "another GPU model at the same precision may resume"
     assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).compute(4, 90) == H200
+    fresh = _create(tmp_path / "fresh")
+    values = [write_shard_data(fresh.path, s, {(4, 90): _data(4, 90, *fresh.shard_bounds(s))}) for s in (0, 1)]
+    with pytest.raises(CacheMismatchError, match=r"^array b4/t90 was computed on cpu \(fp32\), this run computes on cuda"):
+        MarkWriter(fresh.path).mark([ShardMarks(s, {(4, 90, 0): values[s][(4, 90)]}, compute=c)
+                                     for s, c in ((0, CPU), (1, H200))])  # one batch may not mix them either
+    assert fresh.missing_shards(4, 90) == [0, 1, 2] and fresh.compute(4, 90) is None
