@@ -3,21 +3,30 @@
 Layout of ``<root>/<dataset>/<split>/<backbone-id>`` (plain Zarr v3, readable without diffrep)::
 
     zarr.json                 attributes: the CacheSpec, class names, invalid images, runs
-    index/path  (N,) str      image paths, as the dataset index gave them
+    index/path  (N,) str      image paths, in cache-row order
     index/label (N,) int64    class labels
     index/valid (N,) bool     False for images that could not be decoded (their features are zeros)
     index/error (N,) str      why, for those images ('' otherwise)
-    b<b>/t<t>   (N, C, h, w)  float16, h = w = min(native size, pool); sharded by shard_size images
+    index/image_id (N,) int64 the row's position in the dataset index (format 3; rows = images before)
+    b<b>/t<t>   (N, C, h, w)  float16, h = w = min(native size, pool); sharded by shard_size images;
+                              attrs["compute"]: device kind, GPU, precision, TF32 of its shards
     b<b>/t<t>_flip            the same for the horizontally flipped view (caches written with flip)
-    done/b<b>/t<t>[...]       (num_shards,) uint64 completion markers, one object per shard:
-                              2**32 + the CRC-32 of the shard's values once it is written (format 1: uint8, 1)
+    done/b<b>/t<t>[...]       (num_shards,) uint64 completion markers in ONE object (format 3; one per
+                              shard before): 2**32 + the CRC-32 of the shard's values once it is written
 
-Writers (extraction jobs) write whole shards only, so two jobs never touch one Zarr object;
-a shard's marker is set after its data, and readers refuse arrays with unmarked shards. A marker
-is not proof: every object is stored even when it is all zeros, so a marked shard (or an index
-chunk) whose object is missing or short counts as not written (``extract.integrity``), readers
-refuse it by name, and ``diffrep extract`` re-runs it. Use ``load`` to get a whole array in RAM
-(under ``ram_cap_bytes``), ``iter_shards`` to stream.
+Row order (format 3): row r holds image ``index/image_id[r]`` of the dataset index, a seeded
+class-stratified permutation (``extract.order``, seed ``spec.row_order_seed``) fixed when the cache
+is created, so that every shard mixes the classes; the per-image noise still depends on the image id, not the
+row. Formats 1 and 2 keep the index order (``row_order_seed`` None) and are still read.
+
+Objects: a worker writes whole data shards only, so two jobs never touch one Zarr object. Every
+object it does not own (markers, the valid/error rows of the index, attributes) is written by the
+one process that orchestrates a run (``MarkWriter``), after the shard's data is on disk; the index
+is written once, in chunks of many shards. An ImageNet cache thus needs one object per data shard
+and a handful more per array (``count_objects``). A marker is not proof: every object is stored
+even when it is all zeros, so a marked shard (or an index chunk) whose object is missing or short
+counts as not written (``extract.integrity``), readers refuse it by name, and ``diffrep extract``
+re-runs it. Use ``load`` to get a whole array in RAM (under ``ram_cap_bytes``), ``iter_shards`` to stream.
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ import zarr
 
 from .errors import CacheError, CacheIncompleteError, CacheMismatchError
 from .integrity import WRITE_CONFIG, marker_checksum, marker_value, object_problems, remove_objects, shard_checksum
+from .order import row_order
 from .pooling import derive_pool
+from .provenance import compute_conflict
 
 __all__ = [
     "FORMAT_VERSION",
@@ -47,6 +58,10 @@ __all__ = [
     "cache_path",
     "create_cache",
     "write_shard",
+    "write_shard_data",
+    "ShardMarks",
+    "MarkWriter",
+    "count_objects",
     "record_run",
     "reset_shards",
     "open_cache",
@@ -54,10 +69,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-"""2: every chunk object is stored (even all zeros) and markers carry shard checksums; 1 is still read."""
-READABLE_VERSIONS = (1, 2)
-_INDEX_NAMES = ("path", "label", "valid", "error")
+FORMAT_VERSION = 3
+"""3: rows in a seeded order (index/image_id), one marker object per array, index chunks of many shards.
+2: every chunk object is stored (even all zeros) and markers carry shard checksums. 1 and 2 are still read."""
+READABLE_VERSIONS = (1, 2, 3)
+_INDEX_NAMES = ("path", "label", "valid", "error", "image_id")
+INDEX_CHUNK_ROWS = 1 << 18
+"""Rows per index object (format 3), rounded to whole shards: five objects per index array for ImageNet."""
 _VIEWS = ("", "_flip")
 _INNER_CHUNK_BYTES = 16 << 20
 
@@ -90,7 +108,9 @@ class CacheSpec:
         noise_schedule, diffusion_steps: the schedule and T; noise_seed: seed of the per-image noise.
         flip: whether a horizontally flipped view is stored too (same noise as view 0).
         pool: stored side is min(native, pool); 0 keeps full maps. precision: fp32, bf16 or fp16 compute.
-        dtype: storage dtype (float16); shard_size: images per shard. (The layout version is kept
+        dtype: storage dtype (float16); shard_size: images per shard.
+        row_order_seed: seed of the row order (``extract.order.row_order``); None keeps the dataset
+            index order (every cache of format 1 and 2). (The layout version is kept
         beside the spec, in ``attrs["diffrep"]["format_version"]``, so it is read before the spec.)
     """
 
@@ -113,6 +133,7 @@ class CacheSpec:
     num_images: int
     shard_size: int = 256
     dtype: str = "float16"
+    row_order_seed: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_flags", json.loads(json.dumps(dict(self.config_flags), sort_keys=True)))
@@ -163,6 +184,7 @@ _HINTS = {
     "config_name": "pass --config {v}",
     "subset": "pass the same --per-class/--limit ({v})",
     "num_images": "pass the same --per-class/--limit (the cache has {v} images)",
+    "row_order_seed": "pass --order-seed {v}",
 }
 
 
@@ -222,6 +244,53 @@ def _path_keys(paths: Sequence[str]) -> list[str]:
     return [os.path.relpath(p, common or os.curdir) for p in paths]
 
 
+def index_chunk_rows(spec: CacheSpec) -> int:
+    """Rows per index object of a new cache: ``INDEX_CHUNK_ROWS`` rounded to whole shards, at most the whole index."""
+    per_chunk = spec.shard_size * max(1, INDEX_CHUNK_ROWS // spec.shard_size)
+    return min(per_chunk, max(1, spec.num_shards) * spec.shard_size)
+
+
+def count_objects(
+    spec: CacheSpec, arrays: Iterable[tuple[int, int]], format_version: int = FORMAT_VERSION
+) -> dict[str, int]:
+    """How many files a complete cache holds, by kind (every object is stored, zeros included).
+
+    Args:
+        spec: the cache's spec; arrays: its (b, t) arrays (each in every view); format_version: its layout.
+
+    Returns:
+        ``{"data", "markers", "index", "metadata", "total"}``: one data object per shard and array view;
+        format 3: one marker object per array view and index chunks of many shards (format 1/2: one
+        of each per shard); metadata: the ``zarr.json`` of the root, the index group and arrays, every
+        block group and array, the ``done`` group, its block groups and marker arrays.
+    """
+    arrays = sorted(set(arrays))
+    views, shards = len(arrays) * spec.views, spec.num_shards
+    blocks = len({b for b, _ in arrays})
+    if format_version >= 3:
+        index_arrays, chunks = len(_INDEX_NAMES), -(-spec.num_images // index_chunk_rows(spec))
+        markers = views
+    else:
+        index_arrays, chunks, markers = len(_INDEX_NAMES) - 1, shards, views * shards
+    counts = {
+        "data": views * shards,
+        "markers": markers,
+        "index": index_arrays * chunks,
+        "metadata": 2 + index_arrays + (blocks + views) * 2 + (1 if views else 0),
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _index_chunks(array: zarr.Array) -> int:
+    rows = int(array.metadata.chunk_grid.chunk_shape[0])
+    return -(-int(array.shape[0]) // rows)
+
+
+def _chunk_rows(array: zarr.Array) -> int:
+    return int(array.metadata.chunk_grid.chunk_shape[0])
+
+
 def create_cache(
     root: str | os.PathLike,
     spec: CacheSpec,
@@ -233,13 +302,15 @@ def create_cache(
 ) -> "FeatureCache":
     """Create (or reopen) a cache: attributes, index and labels first, then any missing (b, t) arrays.
 
-    Nothing here writes features: that is ``write_shard``'s job, shard by shard. Calling it again
-    on an existing cache checks that it was written with the same spec and index, then adds the
-    arrays that are new.
+    Nothing here writes features: that is the jobs' job, shard by shard. The rows are put in the
+    cache's order here (``row_order(labels, spec.row_order_seed)``), once; calling it again on an
+    existing cache checks that it was written with the same spec and index (rewriting lost index
+    chunks), then adds the arrays that are new.
 
     Args:
         root: cache root (``--cache-dir``); the group goes to ``cache_path(root, dataset, split, backbone_id)``.
-        spec: what the numbers depend on; paths: (N,) image paths; labels: (N,) int class labels.
+        spec: what the numbers depend on; paths: (N,) image paths and labels: (N,) int class labels,
+            both in dataset-index order (row i is image id i).
         class_names: names of the label values.
         arrays: ``{(b, t): (C, h, w)}`` stored shapes to create (every view of each).
         native_sizes: ``{b: native side}`` recorded on each array (lets readers derive pools).
@@ -254,26 +325,29 @@ def create_cache(
     labels = np.asarray(labels, dtype=np.int64)
     if len(paths) != spec.num_images or labels.shape != (spec.num_images,):
         raise CacheError(f"the index has {len(paths)} paths and {labels.shape[0]} labels for num_images={spec.num_images}")
+    order = row_order(labels, spec.row_order_seed)
+    rows = {"path": np.asarray([str(paths[i]) for i in order]), "label": labels[order], "image_id": order}
     if os.path.exists(os.path.join(path, "zarr.json")):
         with _readable(path):
             group = zarr.open_group(path, mode="r+")
             version = _check_version(group, path)
             _check_spec(group, spec, ignore=())
-            _check_or_repair_index(group, path, spec, [str(p) for p in paths], labels, strict=version >= 2)
+            _check_or_repair_index(group, path, spec, rows, strict=version >= 2)
     else:
         version = FORMAT_VERSION
         os.makedirs(path, exist_ok=True)
         group = zarr.open_group(path, mode="w", zarr_format=3)
-        n, shard = spec.num_images, spec.shard_size
+        n = spec.num_images
         index = group.require_group("index")
-        kw = dict(chunks=(shard,), compressors=None, dimension_names=("image",))
+        kw = dict(chunks=(index_chunk_rows(spec),), compressors=None, dimension_names=("image",))
         index.create_array("path", shape=(n,), dtype=str, **kw)
         index.create_array("label", shape=(n,), dtype="int64", **kw)
         index.create_array("valid", shape=(n,), dtype="bool", fill_value=True, **kw)
         index.create_array("error", shape=(n,), dtype=str, **kw)
-        # every chunk is stored now, so a missing index object always means lost data
-        _writable(index["path"])[:] = np.asarray([str(p) for p in paths])
-        _writable(index["label"])[:] = labels
+        index.create_array("image_id", shape=(n,), dtype="int64", **kw)
+        # written once, whole; every chunk is stored now, so a missing index object always means lost data
+        for name in ("path", "label", "image_id"):
+            _writable(index[name])[:] = rows[name]
         _writable(index["valid"])[:] = np.ones(n, dtype=bool)
         _writable(index["error"])[:] = np.full(n, "", dtype=object).astype(str)
         group.attrs.update({
@@ -298,32 +372,29 @@ def create_cache(
                     native = (native_sizes or {}).get(b, h)
                     array.attrs.update({"b": int(b), "t": int(t), "view": view, "native_size": int(native), "pool": spec.pool})
                 if _marker_name(b, t, view) not in group:  # a deleted marker array: every shard is redone
-                    group.create_array(
+                    group.create_array(  # one object: only the orchestrating process writes it (MarkWriter)
                         _marker_name(b, t, view), shape=(spec.num_shards,), dtype=marker_dtype, fill_value=0,
-                        chunks=(1,), compressors=None, dimension_names=("shard",),
+                        chunks=(max(1, spec.num_shards),), compressors=None, dimension_names=("shard",),
                     )
     return FeatureCache(path, ram_cap_bytes=DEFAULT_RAM_CAP_BYTES)
 
 
-def write_shard(
-    path: str,
-    shard: int,
-    features: Mapping[tuple[int, int], np.ndarray],
-    view: int = 0,
-    valid: np.ndarray | None = None,
-    errors: Sequence[str] | None = None,
-) -> None:
-    """Write whole shards of (b, t) arrays of one cache, then set their completion markers.
+def write_shard_data(
+    path: str, shard: int, features: Mapping[tuple[int, int], np.ndarray], view: int = 0
+) -> dict[tuple[int, int], int]:
+    """Write whole shards of (b, t) arrays of one cache, and nothing else: what a job (worker) does.
 
-    Every object is stored, zeros included, and each marker records the CRC-32 of its shard
-    (format 2), so that readers can tell written data from lost data.
+    Every object is stored, zeros included. The shard counts as written only once the process
+    that runs the extraction marks it (``MarkWriter.mark``) with the values returned here.
 
     Args:
         path: the cache group (``cache_path(...)``).
         shard: shard number; rows shard*shard_size up to the next shard or N.
         features: ``{(b, t): (n, C, h, w) float16}``, n the rows of this shard.
         view: 0, or 1 for the flipped view.
-        valid: (n,) bool and errors: (n,) str, the shard's rows of the image index (written first).
+
+    Returns:
+        ``{(b, t): marker value}``: MARKER_DONE + the CRC-32 of each shard (1 in a format-1 cache).
 
     Raises:
         CacheError: a missing array or a block of the wrong shape (a bug in the caller).
@@ -332,10 +403,6 @@ def write_shard(
     spec = CacheSpec.from_attrs(group.attrs["diffrep"]["spec"])
     start = shard * spec.shard_size
     stop = min(start + spec.shard_size, spec.num_images)
-    if valid is not None:
-        _writable(group["index/valid"])[start:stop] = np.asarray(valid, dtype=bool)
-        _writable(group["index/error"])[start:stop] = np.asarray(
-            list(errors) if errors is not None else [""] * (stop - start))
     markers = {}
     for (b, t), data in features.items():
         name = _array_name(b, t, view)
@@ -346,10 +413,154 @@ def write_shard(
             raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
         data = np.asarray(data, dtype=np.float16)
         _writable(array)[start:stop] = data
-        marker = group[_marker_name(b, t, view)]
-        markers[(b, t)] = (marker, marker_value(data, marker.dtype))
-    for marker, value in markers.values():
-        marker[shard] = value
+        markers[(int(b), int(t))] = marker_value(data, group[_marker_name(b, t, view)].dtype)
+    return markers
+
+
+@dataclass
+class ShardMarks:
+    """What a finished job hands to the process that marks shards.
+
+    Args:
+        shard: the shard; markers: ``{(b, t, view): marker value}`` of every array it wrote;
+        invalid: ``{cache row: reason}`` for its rows that could not be decoded (all its rows were read);
+        compute: the job's ``extract.provenance.compute_settings`` (None: not known).
+    """
+
+    shard: int
+    markers: dict[tuple[int, int, int], int]
+    invalid: dict[int, str] = field(default_factory=dict)
+    compute: dict[str, Any] | None = None
+
+
+class MarkWriter:
+    """The one writer of a cache's shared objects during a run: valid/error rows, markers, array provenance.
+
+    Open it once in the process that runs the extraction (it holds the cache lock) and call
+    ``mark`` as results come back: the data is on disk by then, so the index rows go first,
+    then each array's recorded compute settings, then the markers, one object per array.
+    Each object is replaced atomically (Zarr writes a temporary file and renames it), so a
+    process killed mid-way leaves the previous version: its shards are simply redone.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        with _readable(path):
+            self._group = zarr.open_group(path, mode="r+")
+            meta = self._group.attrs["diffrep"]
+            self.spec = CacheSpec.from_attrs(meta["spec"])
+            self._strict = int(meta["format_version"]) >= 2
+        self._markers: dict[str, np.ndarray] = {}
+        self._compute: dict[str, dict | None] = {}
+        self._index: dict[str, tuple[np.ndarray, set[int]]] = {}
+
+    def _index_rows(self, name: str) -> tuple[np.ndarray, set[int]]:
+        """(in-memory rows, chunks whose objects are missing or short) of index/valid or index/error."""
+        if name not in self._index:
+            array = self._group[f"index/{name}"]
+            bad = object_problems(array, range(_index_chunks(array)), strict=self._strict)
+            rows = array.shape[0]
+            fill = np.ones(rows, bool) if name == "valid" else np.full(rows, "", dtype=object).astype(str)
+            values = _read_chunkwise(array, bad, fill)
+            self._index[name] = (values.astype(bool) if name == "valid" else values.astype(object), set(bad))
+        return self._index[name]
+
+    def _write_index(self, shards: list[tuple[int, dict[int, str]]]) -> None:
+        for name in ("valid", "error"):
+            values, bad = self._index_rows(name)
+            array = self._group[f"index/{name}"]
+            rows = _chunk_rows(array)
+            dirty = set()
+            for shard, invalid in shards:
+                start = shard * self.spec.shard_size
+                stop = min(start + self.spec.shard_size, self.spec.num_images)
+                new = np.ones(stop - start, bool) if name == "valid" else np.full(stop - start, "", dtype=object)
+                for row, reason in invalid.items():
+                    new[row - start] = False if name == "valid" else str(reason)
+                chunks = set(range(start // rows, (stop - 1) // rows + 1))
+                if not np.array_equal(values[start:stop], new) or chunks & bad:
+                    values[start:stop] = new
+                    dirty |= chunks
+            for chunk in sorted(dirty):
+                lo, hi = chunk * rows, min((chunk + 1) * rows, array.shape[0])
+                if chunk in bad:
+                    remove_objects(array, [chunk])
+                part = values[lo:hi]
+                _writable(array)[lo:hi] = part.astype(bool) if name == "valid" else np.asarray(part.astype(str))
+                bad.discard(chunk)
+
+    def _marker_array(self, name: str) -> np.ndarray:
+        if name not in self._markers:
+            self._markers[name] = self._group["done/" + name][:]
+        return self._markers[name]
+
+    def recorded_compute(self, b: int, t: int, view: int = 0) -> dict | None:
+        name = _array_name(b, t, view)
+        if name not in self._compute:
+            self._compute[name] = self._group[name].attrs.get("compute")
+        return self._compute[name]
+
+    def mark(self, marks: Iterable[ShardMarks]) -> None:
+        """Record finished shards: their index rows, then (first time) each array's compute settings, then markers.
+
+        Raises:
+            CacheMismatchError: a shard computed on another device kind or precision than its array's
+                earlier shards (nothing of it is marked: it stays unwritten).
+        """
+        marks = list(marks)
+        first: dict[str, dict] = {}  # what a new array would record, so that one batch cannot mix either
+        for item in marks:
+            for b, t, view in item.markers if item.compute is not None else ():
+                name = _array_name(b, t, view)
+                recorded = self.recorded_compute(b, t, view) or first.setdefault(name, item.compute)
+                problem = compute_conflict(name, recorded, item.compute)
+                if problem:
+                    raise CacheMismatchError(problem)
+        if not marks:
+            return
+        self._write_index([(item.shard, item.invalid) for item in marks])
+        touched: set[str] = set()
+        for item in marks:
+            for (b, t, view), value in item.markers.items():
+                name = _array_name(b, t, view)
+                values = self._marker_array(name)
+                if item.compute is not None and self.recorded_compute(b, t, view) is None and not values.any():
+                    # the first shard of a new array: its settings become the array's
+                    self._group[name].attrs["compute"] = dict(item.compute)
+                    self._compute[name] = dict(item.compute)
+                values[item.shard] = value
+                touched.add(name)
+        for name in sorted(touched):
+            self._group["done/" + name][:] = self._markers[name]
+
+
+def write_shard(
+    path: str,
+    shard: int,
+    features: Mapping[tuple[int, int], np.ndarray],
+    view: int = 0,
+    valid: np.ndarray | None = None,
+    errors: Sequence[str] | None = None,
+) -> None:
+    """Write whole shards of (b, t) arrays, then their index rows and completion markers, in this process.
+
+    For a single writer (tests, benchmarks, a script): concurrent jobs call ``write_shard_data``
+    and leave the marking to the one orchestrating process (``MarkWriter``), because markers and
+    index rows of many shards share one object.
+
+    Args:
+        path: the cache group; shard: shard number; features: ``{(b, t): (n, C, h, w) float16}``;
+        view: 0, or 1 for the flipped view; valid: (n,) bool and errors: (n,) str for the shard's rows
+            (None: all valid).
+    """
+    values = write_shard_data(path, shard, features, view=view)
+    spec = CacheSpec.from_attrs(zarr.open_group(path, mode="r").attrs["diffrep"]["spec"])
+    start = shard * spec.shard_size
+    invalid = {}
+    if valid is not None:
+        reasons = list(errors) if errors is not None else [""] * len(valid)
+        invalid = {start + i: reasons[i] for i in np.flatnonzero(~np.asarray(valid, dtype=bool))}
+    MarkWriter(path).mark([ShardMarks(shard, {(b, t, view): v for (b, t), v in values.items()}, invalid)])
 
 
 def _writable(array: zarr.Array) -> zarr.Array:
@@ -378,7 +589,9 @@ def reset_shards(
     """Forget damaged shards so that the next run writes them again: delete their objects, unset their markers.
 
     Only objects already found missing or short (or failing ``verify``) belong here: nothing
-    sound is deleted, and the data objects go before their markers are unset.
+    sound is deleted, and the data objects go before their markers are unset. A lost valid/error
+    chunk of the index covers many shards: every array's markers of those shards are unset too,
+    since their rows of the index come back only when they run again.
 
     Args:
         path: the cache group.
@@ -387,18 +600,40 @@ def reset_shards(
     """
     with _readable(path):
         group = zarr.open_group(path, mode="r+")
+        spec = CacheSpec.from_attrs(group.attrs["diffrep"]["spec"])
+        todo = {key: {int(s) for s in numbers} for key, numbers in (shards or {}).items()}
+        rerun: set[int] = set()
         for name, chunks in (index_chunks or {}).items():
             if name not in ("valid", "error"):
                 raise CacheError(f"index/{name} is rebuilt by create_cache, not reset: a bug in the caller")
-            remove_objects(group[f"index/{name}"], chunks)
-        for (b, t, view), numbers in (shards or {}).items():
-            numbers = sorted(int(s) for s in numbers)
-            if _array_name(b, t, view) in group:
-                remove_objects(group[_array_name(b, t, view)], numbers)
+            array = group[f"index/{name}"]
+            remove_objects(array, chunks)
+            for chunk in chunks:
+                rerun |= set(_chunk_shards(_chunk_rows(array), int(chunk), spec))
+        if rerun:
+            for bname, bgroup in group.require_group("done").groups():
+                for tname, _ in bgroup.arrays():
+                    match = re.fullmatch(r"b(\d+)/t(\d+)(_flip)?", f"{bname}/{tname}")
+                    if match:
+                        key = (int(match[1]), int(match[2]), 1 if match[3] else 0)
+                        todo[key] = todo.get(key, set()) | rerun
+        for (b, t, view), numbers in todo.items():
+            numbers = sorted(numbers)
+            damaged = sorted(int(s) for s in (shards or {}).get((b, t, view), ()))
+            if damaged and _array_name(b, t, view) in group:  # rerun shards keep their sound data until rewritten
+                remove_objects(group[_array_name(b, t, view)], damaged)
             if numbers and _marker_name(b, t, view) in group:
                 marker = group[_marker_name(b, t, view)]
-                for shard in numbers:
-                    marker[shard] = 0
+                values = marker[:]
+                values[numbers] = 0
+                marker[:] = values
+
+
+def _chunk_shards(rows_per_chunk: int, chunk: int, spec: CacheSpec) -> range:
+    """Shards whose rows lie (partly) in index chunk ``chunk``."""
+    lo = chunk * rows_per_chunk
+    hi = min(lo + rows_per_chunk, spec.num_images)
+    return range(lo // spec.shard_size, -(-hi // spec.shard_size))
 
 
 def _check_version(group: zarr.Group, path: str) -> int:
@@ -423,7 +658,7 @@ def _check_spec(group: zarr.Group, expect: CacheSpec, ignore: Sequence[str]) -> 
 def _read_chunkwise(array: zarr.Array, bad: dict[int, str], fallback: np.ndarray) -> np.ndarray:
     """Read a chunked 1-D index array; chunks in ``bad`` (and any that cannot be decoded, added to it)
     come from ``fallback``."""
-    rows = int(array.metadata.chunk_grid.chunk_shape[0])
+    rows = _chunk_rows(array)
     if not bad:
         try:
             return array[:]
@@ -443,23 +678,25 @@ def _read_chunkwise(array: zarr.Array, bad: dict[int, str], fallback: np.ndarray
 
 
 def _check_or_repair_index(
-    group: zarr.Group, path: str, spec: CacheSpec, paths: list[str], labels: np.ndarray, strict: bool
+    group: zarr.Group, path: str, spec: CacheSpec, rows: Mapping[str, np.ndarray], strict: bool
 ) -> None:
-    """Compare an existing cache's image index with this selection, and rewrite its lost chunks from it.
+    """Compare an existing cache's image index with this selection (in cache-row order), and rewrite its lost chunks from it.
 
     Chunks whose objects are missing or short are left out of the comparison (they prove nothing)
-    and, when every sound chunk matches, rewritten from ``paths`` and ``labels``.
+    and, when every sound chunk matches, rewritten from ``rows`` (path, label, image_id).
 
     Raises:
-        CacheMismatchError: a sound chunk names other images or labels.
+        CacheMismatchError: a sound chunk names other images, labels or image ids.
     """
-    new = {"path": np.asarray(paths), "label": labels}
+    names = [name for name in ("path", "label", "image_id") if f"index/{name}" in group]
     bad, stored = {}, {}
-    for name in ("path", "label"):
+    for name in names:
         array = group[f"index/{name}"]
-        bad[name] = object_problems(array, range(spec.num_shards), strict=strict)
-        stored[name] = _read_chunkwise(array, bad[name], new[name])
-    if _path_keys([str(p) for p in stored["path"]]) != _path_keys(paths) or not np.array_equal(stored["label"], labels):
+        bad[name] = object_problems(array, range(_index_chunks(array)), strict=strict)
+        stored[name] = _read_chunkwise(array, bad[name], rows[name])
+    same = _path_keys([str(p) for p in stored["path"]]) == _path_keys([str(p) for p in rows["path"]])
+    same = same and all(np.array_equal(stored[name], rows[name]) for name in names if name != "path")
+    if not same:
         raise CacheMismatchError(
             f"cache at {path} indexes other images than this dataset selection "
             f"(the image folder or manifest changed): use a new --cache-dir"
@@ -468,10 +705,11 @@ def _check_or_repair_index(
         if not chunks:
             continue
         array = group[f"index/{name}"]
+        per_chunk = _chunk_rows(array)
         remove_objects(array, chunks)
         for chunk in sorted(chunks):
-            lo, hi = chunk * spec.shard_size, min((chunk + 1) * spec.shard_size, spec.num_images)
-            _writable(array)[lo:hi] = new[name][lo:hi]
+            lo, hi = chunk * per_chunk, min((chunk + 1) * per_chunk, spec.num_images)
+            _writable(array)[lo:hi] = rows[name][lo:hi]
         logger.warning("rewrote index/%s chunks %s of %s from the dataset index (%s)",
                        name, _numbers(chunks), path, "; ".join(f"{c}: {why}" for c, why in sorted(chunks.items())[:3]))
 
@@ -562,8 +800,8 @@ class FeatureCache:
         if meta.get("format_version") not in READABLE_VERSIONS:
             raise _mismatch_error("format_version", meta.get("format_version"), FORMAT_VERSION)
         self.format_version = int(meta["format_version"])
-        if expect is not None:
-            _check_spec(self._group, expect, ignore=("pool", "shard_size"))
+        if expect is not None:  # rows are read with their labels, so their order is free too
+            _check_spec(self._group, expect, ignore=("pool", "shard_size", "row_order_seed"))
         self.spec = CacheSpec.from_attrs(meta["spec"])
         self.class_names: list[str] = list(self._group.attrs.get("class_names", []))
         self._index: dict[str, np.ndarray] = {}
@@ -584,14 +822,23 @@ class FeatureCache:
         return "run the same diffrep extract command again: it re-runs exactly those shards"
 
     # -- index ---------------------------------------------------------------------------------
-    def index_damage(self) -> dict[str, dict[int, str]]:
-        """``{name: {chunk: why}}`` for index arrays (path, label, valid, error) whose chunk objects are missing or short.
+    def _index_names(self) -> list[str]:
+        with _readable(self.path):
+            return [name for name in _INDEX_NAMES if f"index/{name}" in self._group]
 
-        Chunk i holds the index rows of shard i.
+    def index_chunk_shards(self, name: str, chunk: int) -> list[int]:
+        """The shards whose rows lie in chunk ``chunk`` of index array ``name`` (one shard in formats 1 and 2)."""
+        return list(_chunk_shards(_chunk_rows(self._node(f"index/{name}")), int(chunk), self.spec))
+
+    def index_damage(self) -> dict[str, dict[int, str]]:
+        """``{name: {chunk: why}}`` for index arrays (path, label, valid, error, image_id) whose objects are missing or short.
+
+        ``index_chunk_shards`` says which shards a chunk covers.
         """
         damage = {}
-        for name in _INDEX_NAMES:
-            problems = object_problems(self._node(f"index/{name}"), range(self.num_shards), strict=self._strict)
+        for name in self._index_names():
+            array = self._node(f"index/{name}")
+            problems = object_problems(array, range(_index_chunks(array)), strict=self._strict)
             if problems:
                 damage[name] = problems
         return damage
@@ -599,7 +846,7 @@ class FeatureCache:
     def _index_array(self, name: str) -> np.ndarray:
         if name not in self._index:
             array = self._node(f"index/{name}")
-            problems = object_problems(array, range(self.num_shards), strict=self._strict)
+            problems = object_problems(array, range(_index_chunks(array)), strict=self._strict)
             if not problems:
                 try:
                     self._index[name] = array[:]
@@ -613,6 +860,18 @@ class FeatureCache:
                     f"it rewrites them"
                 )
         return self._index[name]
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """(N,) int64: the dataset-index position (image id, the noise's key) of each row; 0..N-1 before format 3."""
+        if "image_id" not in self._index_names():
+            return np.arange(self.num_images, dtype=np.int64)
+        return self._index_array("image_id").astype(np.int64)
+
+    def compute(self, b: int, t: int, view: int = 0) -> dict[str, Any] | None:
+        """What computed the array's shards (``extract.provenance.compute_settings``), None when not recorded."""
+        recorded = self._array(b, t, view).attrs.get("compute")
+        return dict(recorded) if recorded else None
 
     @property
     def num_images(self) -> int:
@@ -853,14 +1112,14 @@ class FeatureCache:
     def verify_index(self) -> dict[str, dict[int, str]]:
         """``{name: {chunk: why}}`` for index chunks that are missing, short, or cannot be decoded (reads them all)."""
         damage = self.index_damage()
-        for name in _INDEX_NAMES:
+        for name in self._index_names():
             array = self._node(f"index/{name}")
             problems = damage.get(name, {})
-            for chunk in range(self.num_shards):
-                start, stop = self.shard_bounds(chunk)
+            rows = _chunk_rows(array)
+            for chunk in range(_index_chunks(array)):
                 if chunk not in problems:
                     try:
-                        array[start:stop]
+                        array[chunk * rows:min((chunk + 1) * rows, self.num_images)]
                     except ValueError as exc:
                         problems[chunk] = f"cannot be decoded: {_first_line(exc)}"
             if problems:
@@ -886,7 +1145,7 @@ def open_cache(
     Args:
         root: the cache root (``--cache-dir``); dataset, split, backbone_id: which cache.
         expect: the spec the caller needs; every field that changes the numbers must match
-            (pool may be finer than asked, shard size is free).
+            (pool may be finer than asked, shard size and row order are free).
         ram_cap_bytes: the most ``load`` may allocate (default: half the RAM, or $DIFFREP_RAM_CAP_GB).
 
     Raises:

@@ -1,12 +1,15 @@
 """One extraction job: decode one shard's images, run the backbone once per (view, t), pool, and write whole shards.
 
 A job is a picklable ``ShardJob`` in and a small ``ShardResult`` out, so any executor can run it
-(in-process, a local Dask cluster, a remote one); it imports no Dask and no click. The backbone is
-built once per process and reused by every later job. Decoding runs ahead in a background thread
-and writes run behind in another, so both overlap with the forward passes.
+(in-process, a local Dask cluster, a remote one); it imports no Dask and no click. A job writes
+its shard's data objects only; the result carries the markers (checksums), invalid rows and
+compute settings that the orchestrating process records (``extract.cache.MarkWriter``). The
+backbone is built once per process and reused by every later job. Decoding runs ahead in a
+background thread and writes run behind in another, so both overlap with the forward passes.
 
-Results are bit-identical wherever a job runs: the noise is a pure function of (seed, image, t),
-batches are cut the same way inside a shard, and torch's thread count is fixed by the job.
+Results are bit-identical wherever a job runs: the noise is a pure function of (seed, image id, t)
+(the image's position in the dataset index, not its cache row), batches are cut the same way
+inside a shard, and torch's thread count is fixed by the job.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache import write_shard
+from .cache import ShardMarks, write_shard_data
 from .configs import create_backbone
-from .errors import DiskSpaceError
+from .errors import CacheMismatchError, DiskSpaceError
 from .images import load_batch
 from .noise import seeded_noise
 from .pooling import pool_features
 from .precision import autocast, resolve_device
+from .provenance import compute_conflict, compute_settings
 from .schedule import get_schedule
 
 __all__ = ["DEFAULT_THREADS", "ShardJob", "ShardResult", "run_shard_job", "build_backbone"]
@@ -45,8 +49,10 @@ class ShardJob:
     """Everything one job needs (picklable).
 
     Args:
-        cache: path of the cache group; shard: shard number; start: its first row (global image index).
+        cache: path of the cache group; shard: shard number; start: its first cache row.
         paths: the shard's image paths, rows start.. in order.
+        image_ids: each row's image id (position in the dataset index: the key of its noise);
+            empty means start, start + 1, ... (caches in index order).
         todo: ``((view, t, (b, ...)), ...)``: for each (view, t), the blocks still to write.
         config_name, checkpoint, weight_seed: the backbone (weights from the file, else random from the seed).
         image_size, noise_schedule, diffusion_steps, noise_seed, pool, precision: as in the CacheSpec.
@@ -55,6 +61,8 @@ class ShardJob:
             thread count (and on batch_size), so a fixed value gives the same bits in-process and on
             any worker (Dask workers would otherwise run with OMP_NUM_THREADS=1).
         decode_threads: image decoding threads.
+        recorded_compute: ``((array name, compute settings), ...)`` already recorded for the arrays
+            it writes: a worker that would compute otherwise (another device kind or precision) refuses.
     """
 
     cache: str
@@ -75,6 +83,8 @@ class ShardJob:
     batch_size: int = 64
     num_threads: int = DEFAULT_THREADS
     decode_threads: int = 2
+    image_ids: tuple[int, ...] = ()
+    recorded_compute: tuple[tuple[str, dict], ...] = ()
 
     @property
     def forwards(self) -> int:
@@ -84,13 +94,20 @@ class ShardJob:
 
 @dataclass
 class ShardResult:
-    """What a job reports back: images done, invalid rows ``{row: reason}`` (global rows), seconds, forwards."""
+    """What a job reports back: images done, invalid rows ``{row: reason}`` (cache rows), seconds, forwards,
+    the marker value of every (b, t, view) it wrote and the settings it computed with."""
 
     shard: int
     images: int
     forwards: int
     seconds: float
     invalid: dict[int, str] = field(default_factory=dict)
+    markers: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    compute: dict | None = None
+
+    def marks(self) -> ShardMarks:
+        """What the orchestrating process records for this shard (``MarkWriter.mark``)."""
+        return ShardMarks(self.shard, dict(self.markers), dict(self.invalid), self.compute)
 
 
 def build_backbone(config_name: str, checkpoint: str | None = None, weight_seed: int | None = 0) -> nn.Module:
@@ -134,11 +151,17 @@ def run_shard_job(job: ShardJob) -> ShardResult:
 def _run(job: ShardJob) -> ShardResult:
     began = time.perf_counter()
     device = resolve_device(job.device)
+    compute = compute_settings(device, job.precision)
+    for array, recorded in job.recorded_compute:  # before any forward: nothing of this shard is written
+        problem = compute_conflict(array, recorded, compute)
+        if problem:
+            raise CacheMismatchError(problem)
     model = _backbone(job, device)
     schedule = get_schedule(job.noise_schedule, job.diffusion_steps)
     schedule.check_timesteps([t for _, t, _ in job.todo])
     count = len(job.paths)
-    ids = list(range(job.start, job.start + count))
+    ids = list(job.image_ids) if job.image_ids else list(range(job.start, job.start + count))
+    assert len(ids) == count, f"shard {job.shard}: {len(ids)} image ids for {count} paths"
     bounds = [(lo, min(lo + job.batch_size, count)) for lo in range(0, count, max(1, job.batch_size))]
 
     with ThreadPoolExecutor(1, thread_name_prefix="diffrep-decode") as decoder, \
@@ -172,25 +195,25 @@ def _run(job: ShardJob) -> ShardResult:
                     buffers[b][lo:hi] = pooled
             for b in buffers:
                 buffers[b][~ok] = 0
-            index = dict(valid=ok.copy(), errors=list(reasons)) if not index_written else {}
             index_written = True
             for previous in writes:
                 previous.result()
             writes.append(writer.submit(
-                _write, job.cache, job.shard, {(b, int(t)): buffers[b] for b in blocks}, view, index
+                _write, job.cache, job.shard, {(b, int(t)): buffers[b] for b in blocks}, view
             ))
-        for pending in writes:
-            pending.result()
+        markers = {}
+        for (view, _, _), pending in zip(job.todo, writes):
+            markers.update({(b, t, view): value for (b, t), value in pending.result().items()})
     invalid = {job.start + row: reasons[row] for row in range(count) if not ok[row]}
     return ShardResult(
         shard=job.shard, images=count, forwards=job.forwards, seconds=time.perf_counter() - began,
-        invalid=invalid,
+        invalid=invalid, markers=markers, compute=compute,
     )
 
 
-def _write(path: str, shard: int, features: dict, view: int, index: dict) -> None:
+def _write(path: str, shard: int, features: dict, view: int) -> dict:
     try:
-        write_shard(path, shard, features, view=view, **index)
+        return write_shard_data(path, shard, features, view=view)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # every later shard would fail the same way
             raise DiskSpaceError(

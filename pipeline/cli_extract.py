@@ -28,6 +28,8 @@ _CONFIRM_BYTES = 100e9
 @checkpoint_option()
 @click.option("--weight-seed", type=int, default=0, show_default=True, help="Seed of random weights (without --checkpoint).")
 @click.option("--noise-seed", type=int, default=0, show_default=True, help="Seed of the per-image noise.")
+@click.option("--order-seed", type=int, default=0, show_default=True,
+              help="Seed of the cache's row order, a permutation of the class-sorted index fixed when the cache is created.")
 @click.option("--flip", is_flag=True, help="Also cache the horizontally flipped view (same noise).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per shard: one task writes one whole shard.")
@@ -51,7 +53,7 @@ _CONFIRM_BYTES = 100e9
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before writing more than 100 GB.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop; writes nothing (a packed dataset is listed, not unpacked).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, weight_seed, noise_seed, flip,
+def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, weight_seed, noise_seed, order_seed, flip,
             shard_size, batch_size, per_class, limit, data_root, split_dir, cache_dir, device, precision, scheduler,
             synchronous, workers, threads, yes, dry_run, no_progress) -> None:
     """Run the backbone once per (image, t), capture every requested block in that pass, and cache them.
@@ -80,7 +82,7 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
                 pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,
                 noise_seed=noise_seed, flip=flip, shard_size=shard_size, batch_size=batch_size, per_class=per_class,
                 limit=limit, data_root=data_root, split_dir=split_dir, device=device, precision=precision,
-                num_threads=threads,
+                num_threads=threads, order_seed=order_seed,
             )
             plan = plan_extraction(request, dry_run=dry_run)
             click.echo(plan.describe())

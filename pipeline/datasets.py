@@ -28,7 +28,7 @@ from .errors import DatasetError
 from .locks import file_lock
 from .manifest import DatasetSpec, Manifest, SplitSpec, get_dataset, repo_root
 
-__all__ = ["ImageIndex", "build_index", "ensure_unpacked", "list_archive"]
+__all__ = ["ImageIndex", "build_index", "select_subset", "ensure_unpacked", "list_archive"]
 
 logger = logging.getLogger(__name__)
 
@@ -501,6 +501,23 @@ def _take_balanced(labels: np.ndarray, limit: int) -> np.ndarray:
     return np.sort(order[:limit])
 
 
+def select_subset(index: ImageIndex, per_class: int | None = None, limit: int | None = None) -> ImageIndex:
+    """The rows ``build_index`` keeps for ``per_class`` (the first n of every class) and then ``limit``
+    (n rows, class-balanced: the first image of every class, then the second, ...), in index order.
+
+    Raises:
+        DatasetError: a ``per_class`` or ``limit`` below 1.
+    """
+    for label, value in (("per_class", per_class), ("limit", limit)):
+        if value is not None and value < 1:
+            raise DatasetError(f"{label} must be at least 1, got {value}: pass a positive number or leave it out")
+    if per_class is not None:
+        index = index.subset(_take_per_class(index.labels, per_class, index.class_names))
+    if limit is not None and limit < index.num_images:
+        index = index.subset(_take_balanced(index.labels, limit))
+    return index
+
+
 def build_index(
     dataset_name: str,
     split: str,
@@ -568,10 +585,7 @@ def build_index(
         paths=[str(path) for path in paths], labels=np.asarray(labels, dtype=np.int64),
         class_names=list(class_names), pending_unpack=pending,
     )
-    if per_class is not None:
-        index = index.subset(_take_per_class(index.labels, per_class, index.class_names))
-    if limit is not None and limit < index.num_images:
-        index = index.subset(_take_balanced(index.labels, limit))
+    index = select_subset(index, per_class=per_class, limit=limit)
     logger.info("%s/%s: %d images in %d classes", dataset_name, split, index.num_images, index.num_classes)
     return index
 

@@ -9,6 +9,8 @@ shows a progress bar, records the run in the cache attributes, and returns a ``R
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -22,15 +24,20 @@ import numpy as np
 import torch
 
 from extract.adm import normalize_blocks
-from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run, reset_shards
+from extract.cache import (
+    FORMAT_VERSION, CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, make_backbone_id,
+    record_run, reset_shards,
+)
 from extract.configs import get_config
 from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, run_shard_job
+from extract.order import row_order
 from extract.pooling import pooled_size
+from extract.provenance import compute_conflict
 from extract.schedule import get_schedule
 
 from .cluster import TaskRunner
-from .datasets import build_index
+from .datasets import ImageIndex, build_index, select_subset
 from .locks import LockHeld, file_lock
 
 __all__ = [
@@ -66,6 +73,8 @@ class ExtractionRequest:
         num_threads: torch CPU threads per task, fixed wherever the task runs: CPU results depend on it
             bit for bit (so do batch_size and precision), so keep them when resuming.
         decode_threads: decoding threads per task.
+        order_seed: seed of the cache's row order (a permutation of the index fixed when the cache is
+            created, so that every shard mixes the classes); an existing cache keeps its own.
     """
 
     dataset: str
@@ -89,11 +98,15 @@ class ExtractionRequest:
     precision: str = "fp32"
     num_threads: int = DEFAULT_THREADS
     decode_threads: int = 2
+    order_seed: int = 0
 
 
 @dataclass
 class ExtractionPlan:
-    """What a run will do: the spec, the arrays and their stored shapes, the shard jobs, the bytes."""
+    """What a run will do: the spec, the arrays and their stored shapes, the shard jobs, the bytes.
+
+    ``paths`` and ``labels`` are in dataset-index order; cache row r holds image ``order[r]``.
+    """
 
     request: ExtractionRequest
     spec: CacheSpec
@@ -112,6 +125,17 @@ class ExtractionPlan:
     damaged: dict[tuple[int, int, int], dict[int, str]] = field(default_factory=dict)
     index_damage: dict[str, dict[int, str]] = field(default_factory=dict)
     unpack: tuple[str, str, int] | None = None
+    order: np.ndarray | None = None
+    format_version: int = 3
+
+    def row_path(self, row: int) -> str:
+        """The image path of cache row ``row``."""
+        return self.paths[int(self.order[row]) if self.order is not None else int(row)]
+
+    @property
+    def objects(self) -> dict[str, int]:
+        """Files the cache holds once the plan's arrays are complete (``extract.cache.count_objects``)."""
+        return count_objects(self.spec, self.shapes, self.format_version)
 
     @property
     def images_to_run(self) -> int:
@@ -128,6 +152,11 @@ class ExtractionPlan:
             f"pool {spec.pool or 'none'}, float16{', + flipped view' if spec.flip else ''}",
             f"  cache {self.path}",
         ]
+        if spec.row_order_seed is None:
+            lines.append(f"  rows in dataset-index order, i.e. sorted by class (a format-{self.format_version} cache "
+                         f"keeps its order): extract into a new --cache-dir for class-mixed shards")
+        else:
+            lines.append(f"  rows in a seeded order (--order-seed {spec.row_order_seed}): every shard mixes the classes")
         if self.unpack is not None:
             archive, destination, size = self.unpack
             lines.append(f"  would unpack {archive} ({format_bytes(size)}) into {destination} first")
@@ -155,6 +184,11 @@ class ExtractionPlan:
             f"(one per image, timestep and view, each stopping at the deepest block asked for that timestep)"
         )
         lines.append(f"  disk: {format_bytes(self.bytes_new)} to write, {format_bytes(self.bytes_free)} free")
+        objects = self.objects
+        lines.append(
+            f"  objects: {objects['total']:,} files when complete ({objects['data']:,} data shards, "
+            f"{objects['markers']:,} marker, {objects['index']:,} index, {objects['metadata']:,} metadata)"
+        )
         return "\n".join(lines)
 
 
@@ -235,15 +269,27 @@ def _check_cache_dir(cache_dir: str, path: str) -> None:
         )
 
 
-def _require_same_compute(existing: FeatureCache, request: ExtractionRequest) -> None:
-    """Refuse to extend a cache with another --batch-size or --threads than it was written with.
+def _require_same_compute(existing: FeatureCache, request: ExtractionRequest, arrays: list[tuple[int, int]]) -> None:
+    """Refuse to extend a cache with another --batch-size or --threads than it was written with, or to
+    add shards computed on another device kind or at another precision to an array.
 
-    CPU float results depend on both in their last bits, so mixing them would break the
-    bit-for-bit reproducibility of the cache.
+    CPU float results depend on batch size and threads in their last bits, so mixing them would
+    break the bit-for-bit reproducibility of the cache. The device check is made here only for an
+    explicit --device (``auto`` resolves on the workers, which check it themselves before computing).
 
     Raises:
         CacheMismatchError: the earlier runs that wrote shards used other values.
     """
+    if request.device != "auto":
+        kind = "cuda" if str(request.device).startswith("cuda") else str(request.device)
+        current = {"device": kind, "precision": request.precision}
+        for b, t in arrays:
+            for view in range(existing.spec.views):
+                if not existing.has_array(b, t, view):
+                    continue
+                problem = compute_conflict(f"b{b}/t{t}{('', '_flip')[view]}", existing.compute(b, t, view), current)
+                if problem:
+                    raise CacheMismatchError(problem)
     asked = {"batch_size": int(request.batch_size), "threads": int(request.num_threads)}
     flags = {"batch_size": "--batch-size", "threads": "--threads"}
     for run in existing.runs:
@@ -272,13 +318,17 @@ def _verified_checkpoint(config_name: str, path: str, size: int, mtime_ns: int) 
     return file_sha256(path)
 
 
-def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run: bool = False) -> ExtractionPlan:
+def plan_extraction(
+    request: ExtractionRequest, check_disk: bool = True, dry_run: bool = False, index: ImageIndex | None = None
+) -> ExtractionPlan:
     """Work out what is missing in the cache for a request, without writing anything.
 
     Args:
         request: what to extract; check_disk: refuse when the free disk cannot hold the new data.
         dry_run: only look: a dataset that is still packed is listed from its archive instead of
             unpacked (the plan says what would be unpacked), and the disk is not checked.
+        index: the split's full image index, when the caller has listed it (None: ``build_index``
+            lists the dataset); ``per_class``/``limit`` apply to it all the same.
 
     Returns:
         The plan: its ``jobs`` cover exactly the (shard, view, t, blocks) not yet written, counting
@@ -309,10 +359,13 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run
             raise CheckpointError(f"checkpoint {request.checkpoint} does not exist: pass the path of the official .pt file")
         stat = os.stat(request.checkpoint)
         sha256 = _verified_checkpoint(config.name, os.path.abspath(request.checkpoint), stat.st_size, stat.st_mtime_ns)
-    index = build_index(
-        request.dataset, request.split, root=request.data_root, split_dir=request.split_dir,
-        per_class=request.per_class, limit=request.limit, unpack=not dry_run,
-    )
+    if index is None:
+        index = build_index(
+            request.dataset, request.split, root=request.data_root, split_dir=request.split_dir,
+            per_class=request.per_class, limit=request.limit, unpack=not dry_run,
+        )
+    else:
+        index = select_subset(index, per_class=request.per_class, limit=request.limit)
     subset = "all"
     if request.per_class is not None or request.limit is not None:
         subset = ",".join(f"{k}={v}" for k, v in (("per_class", request.per_class), ("limit", request.limit)) if v is not None)
@@ -324,6 +377,7 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run
         noise_schedule=config.noise_schedule, diffusion_steps=config.diffusion_steps,
         noise_seed=int(request.noise_seed), flip=bool(request.flip), pool=int(request.pool),
         precision=request.precision, subset=subset, num_images=index.num_images, shard_size=int(request.shard_size),
+        row_order_seed=int(request.order_seed),
     )
     # absolute: workers of a remote cluster (and the disk check) must not depend on our cwd
     path = cache_path(os.path.abspath(request.cache_dir), spec.dataset, spec.split, spec.backbone_id)
@@ -335,15 +389,20 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run
     }
 
     existing = None
+    format_version = FORMAT_VERSION
     if os.path.exists(os.path.join(path, "zarr.json")):
         existing = FeatureCache(path)
+        format_version = existing.format_version
+        if format_version < 3:  # rows in index order: the cache keeps the order it was created with
+            spec = dataclasses.replace(spec, row_order_seed=existing.spec.row_order_seed)
         existing.spec.require_match(spec)
-        _require_same_compute(existing, request)
+        _require_same_compute(existing, request, sorted(shapes))
     missing: dict[tuple[int, int, int], set[int]] = {}
     damaged: dict[tuple[int, int, int], dict[int, str]] = {}
     index_damage = existing.index_damage() if existing is not None else {}
-    # index rows of valid/error are written by a shard's job: a lost chunk re-runs that shard
-    rerun = {chunk for name in ("valid", "error") for chunk in index_damage.get(name, {})}
+    # index rows of valid/error come back with a shard's result: a lost chunk re-runs its shards
+    rerun = {shard for name in ("valid", "error") for chunk in index_damage.get(name, {})
+             for shard in existing.index_chunk_shards(name, chunk)}
     for (b, t) in shapes:
         for view in range(spec.views):
             if existing is not None and existing.has_array(b, t, view):
@@ -356,6 +415,13 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run
     new_arrays = [(b, t) for (b, t) in shapes if existing is None or not existing.has_array(b, t)]
     complete = [(b, t) for (b, t) in shapes if all(not missing[(v, t, b)] for v in range(spec.views))]
 
+    recorded = {}
+    if existing is not None:
+        recorded = {(b, t, view): existing.compute(b, t, view) for (b, t) in shapes for view in range(spec.views)
+                    if existing.has_array(b, t, view)}
+    order = row_order(index.labels, spec.row_order_seed)
+    ordered_paths = [index.paths[i] for i in order.tolist()]
+    row_bytes = {key: 2 * _prod(shape) for key, shape in shapes.items()}
     jobs: list[ShardJob] = []
     bytes_new = 0 if existing is not None else index.num_images * 200
     for shard in range(spec.num_shards):
@@ -367,10 +433,14 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run
                 todo_blocks = tuple(b for b in blocks if shard in missing[(view, t, b)])
                 if todo_blocks:
                     todo.append((view, t, todo_blocks))
-                    bytes_new += sum((stop - start) * 2 * _prod(shapes[(b, t)]) for b in todo_blocks)
+                    bytes_new += sum((stop - start) * row_bytes[(b, t)] for b in todo_blocks)
         if todo:
+            rows = tuple(order[start:stop].tolist())
+            checks = tuple((f"b{b}/t{t}{('', '_flip')[view]}", recorded[(b, t, view)]) for view, t, todo_blocks in todo
+                           for b in todo_blocks if recorded.get((b, t, view)))
             jobs.append(ShardJob(
-                cache=path, shard=shard, start=start, paths=tuple(index.paths[start:stop]), todo=tuple(todo),
+                cache=path, shard=shard, start=start, paths=tuple(ordered_paths[start:stop]), todo=tuple(todo),
+                image_ids=rows, recorded_compute=checks,
                 config_name=config.name, image_size=config.image_size, noise_schedule=config.noise_schedule,
                 diffusion_steps=config.diffusion_steps, checkpoint=request.checkpoint,
                 weight_seed=None if sha256 else int(request.weight_seed), noise_seed=spec.noise_seed,
@@ -385,7 +455,7 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run
         class_names=list(index.class_names), shapes=shapes, native_sizes=native, jobs=jobs,
         new_arrays=new_arrays, complete_arrays=complete, bytes_new=bytes_new, bytes_free=bytes_free,
         forwards=sum(job.forwards for job in jobs), damaged=damaged, index_damage=index_damage,
-        unpack=index.pending_unpack,
+        unpack=index.pending_unpack, order=order, format_version=format_version,
     )
     if check_disk and bytes_new * DISK_MARGIN > bytes_free:
         raise DiskSpaceError(
@@ -393,6 +463,20 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run
             f"is free: free space, pass a smaller --pool, fewer --blocks/--timesteps, or another --cache-dir"
         )
     return plan
+
+
+def _mark(marker: MarkWriter, result: ShardResult) -> ShardResult | DiffrepError:
+    """Mark a finished shard (its data is on disk); a refusal or a full disk comes back as the shard's error."""
+    try:
+        marker.mark([result.marks()])
+    except CacheMismatchError as exc:  # another device kind or precision than the array's: not marked
+        return exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskSpaceError(f"disk full while marking shard {result.shard} of {marker.path}: free space and run "
+                                  "the same command again (completed shards are kept)")
+        raise
+    return result
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -494,16 +578,22 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
     fatal: DiffrepError | None = None
     bar = tqdm(total=plan.images_to_run, unit="img", desc=f"{plan.spec.dataset}/{plan.spec.split}",
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    marker = MarkWriter(plan.path)  # this process alone writes markers, index rows and provenance
+    computed: list[dict] = []
     results = runner.run(run_shard_job, jobs, retries=retries, name=f"extract-{plan.spec.split}-shard")
     interrupted = False
     try:
         for job, result in results:
             if isinstance(result, ShardResult):
+                result = _mark(marker, result)
+            if isinstance(result, ShardResult):
                 summary.shards_done += 1
                 summary.images += result.images
                 summary.forwards += result.forwards
                 for row, reason in result.invalid.items():
-                    summary.invalid[row] = (plan.paths[row], reason)
+                    summary.invalid[row] = (plan.row_path(row), reason)
+                if result.compute is not None and result.compute not in computed:
+                    computed.append(result.compute)
                 bar.update(result.images)
             else:
                 summary.failed[job.shard] = f"{type(result).__name__}: {' '.join(str(result).split())}"[:300]
@@ -522,7 +612,7 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
             "shards_written": summary.shards_done, "shards_failed": sorted(summary.failed),
             "images": summary.images, "forwards": summary.forwards, "seconds": round(summary.seconds, 2),
             "where": runner.description, "threads": plan.request.num_threads,
-            "batch_size": plan.request.batch_size,
+            "batch_size": plan.request.batch_size, "compute": computed,
         })
     if interrupted:
         raise ExtractionInterrupted(summary, len(jobs))

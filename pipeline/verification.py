@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from extract.cache import FeatureCache, reset_shards
 from extract.errors import CacheError
 
+from .locks import LockHeld, file_lock
+
 __all__ = ["CacheReport", "find_caches", "verify_cache", "verify_caches"]
 
 _VIEWS = ("", "_flip")
@@ -67,7 +69,8 @@ def verify_cache(path: str, repair: bool = False) -> CacheReport:
         The report (``bad`` empty when everything read back as written).
 
     Raises:
-        CacheError: the cache's metadata cannot be read (names the file and the fix).
+        CacheError: the cache's metadata cannot be read (names the file and the fix), or a repair
+            while a diffrep extract holds the cache.
     """
     cache = FeatureCache(path)
     report = CacheReport(path=path)
@@ -75,8 +78,8 @@ def verify_cache(path: str, repair: bool = False) -> CacheReport:
     for name, chunks in sorted(index.items()):
         for chunk, why in chunks.items():
             report.bad.append(f"{path}: index/{name} chunk {chunk}: {why}")
-    # lost valid/error rows come back when their shard runs again (path and label: extract rewrites them)
-    rerun = sorted({chunk for name in ("valid", "error") for chunk in index.get(name, {})})
+    # lost valid/error rows come back when their shards run again (reset_shards unsets their markers;
+    # path, label and image_id: extract rewrites them from the dataset index)
     damaged: dict[tuple[int, int, int], list[int]] = {}
     for b, t in cache.arrays():
         for view in range(cache.spec.views):
@@ -92,10 +95,16 @@ def verify_cache(path: str, repair: bool = False) -> CacheReport:
                 report.unchecked.append(name)
             for shard, why in problems.items():
                 report.bad.append(f"{path}: {name} shard {shard}: {why}")
-            if problems or rerun:
-                damaged[(b, t, view)] = sorted(set(problems) | set(rerun))
+            if problems:
+                damaged[(b, t, view)] = sorted(problems)
     if repair and report.bad:
-        reset_shards(path, damaged, {name: list(index[name]) for name in ("valid", "error") if name in index})
+        # the markers of an array share one object, rewritten by a running extract: never reset under it
+        try:
+            with file_lock(path.rstrip(os.sep) + ".lock", blocking=False):
+                reset_shards(path, damaged, {name: list(index[name]) for name in ("valid", "error") if name in index})
+        except LockHeld as held:
+            raise CacheError(f"diffrep extract ({held.holder}) is writing {path}: run verify --repair again when it "
+                             f"has finished") from None
         report.repaired = True
     return report
 

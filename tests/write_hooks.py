@@ -20,26 +20,27 @@ _SLEEP = "DIFFREP_TEST_SLEEP_AFTER_WRITES"
 
 
 def install() -> None:
-    """Wrap ``extract.job.write_shard`` (looked up at each call) with the hooks the environment asks for."""
+    """Wrap ``extract.job.write_shard_data`` (looked up at each call) with the hooks the environment asks for."""
     import extract.job as job
 
     crash, sleep = os.environ.get(_CRASH), float(os.environ.get(_SLEEP) or 0)
-    if not (crash or sleep) or getattr(job.write_shard, "hooked", False):
+    if not (crash or sleep) or getattr(job.write_shard_data, "hooked", False):
         return
     count, _, sentinel = (crash or "0").partition(":")
-    real, writes = job.write_shard, [0]
+    real, writes = job.write_shard_data, [0]
 
     def hooked_write(*args, **kwargs):
-        real(*args, **kwargs)
+        result = real(*args, **kwargs)
         writes[0] += 1
         if crash and writes[0] >= int(count) and not (sentinel and os.path.exists(sentinel)):
             if sentinel:
                 open(sentinel, "w").close()
             os._exit(3)
         time.sleep(sleep)
+        return result
 
     hooked_write.hooked = True
-    job.write_shard = hooked_write
+    job.write_shard_data = hooked_write
 
 
 def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook
@@ -47,6 +48,8 @@ def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook
 
 
 if __name__ == "__main__":
+    # run as a script, this folder would come first on sys.path and tests/extract would shadow the package
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     install()
     from pipeline.cli import main
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import zarr
 
+import extract.cache as cache_module
 from extract.cache import (
-    CacheSpec, cache_path, create_cache, make_backbone_id, open_cache, record_run, reset_shards, write_shard,
+    CacheSpec, MarkWriter, ShardMarks, cache_path, count_objects, create_cache, make_backbone_id, open_cache,
+    record_run, reset_shards, write_shard, write_shard_data,
 )
 from extract.errors import CacheError, CacheIncompleteError, CacheMismatchError
 
@@ -164,14 +166,19 @@ def test_reopen_adds_arrays_and_refuses_other_writers(tmp_path):
 
 def test_concurrent_writers_of_distinct_shards_lose_nothing(tmp_path):
     cache = _create(tmp_path)
-    threads = [threading.Thread(target=lambda s=s: write_shard(cache.path, s, {
-        key: _data(*key, *cache.shard_bounds(s)) for key in SHAPES})) for s in range(cache.num_shards)]
+    values = {}
+    threads = [threading.Thread(target=lambda s=s: values.__setitem__(s, write_shard_data(cache.path, s, {
+        key: _data(*key, *cache.shard_bounds(s)) for key in SHAPES}))) for s in range(cache.num_shards)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert cache.missing_shards(4, 90) == [0, 1, 2], "workers write data only: unmarked until the orchestrator marks"
+    MarkWriter(cache.path).mark(
+        [ShardMarks(s, {(b, t, 0): v for (b, t), v in values[s].items()}) for s in (2, 0, 1)])
     for key in SHAPES:
         np.testing.assert_array_equal(cache.load(*key), _data(*key, 0, N))
+    assert os.listdir(os.path.join(cache.path, "done", "b4", "t90", "c")) == ["0"], "one marker object per array"
 
 
 def test_flipped_view_and_invalid_rows(tmp_path):
@@ -234,7 +241,8 @@ def test_a_marked_shard_whose_object_is_lost_is_not_complete(tmp_path, tamper, w
     np.testing.assert_array_equal(cache.load(4, 90), _data(4, 90, 0, N))
 
 
-def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path):
+def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
     cache = _create(tmp_path)
     _fill(cache)
     zeros = np.zeros((2, 3, 8, 8), np.float16)  # e.g. two images that could not be decoded
@@ -245,7 +253,8 @@ def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path):
     np.testing.assert_array_equal(cache.load(4, 90)[8:], zeros)
 
 
-def test_lost_index_chunks_are_refused_by_name(tmp_path):
+def test_lost_index_chunks_are_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
     cache = _create(tmp_path)
     _fill(cache)
     for chunk in range(3):
@@ -262,7 +271,8 @@ def test_lost_index_chunks_are_refused_by_name(tmp_path):
     assert cache.paths[0].endswith("c0/0000.jpg"), "sound index arrays still read"
 
 
-def test_reopening_with_the_same_index_rewrites_lost_label_and_path_chunks(tmp_path):
+def test_reopening_with_the_same_index_rewrites_lost_label_and_path_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
     cache = _create(tmp_path)
     _fill(cache)
     os.remove(os.path.join(cache.path, "index", "label", "c", "0"))
@@ -342,3 +352,134 @@ def test_garbage_metadata_is_named_with_its_fix(tmp_path, node, fix):
     with pytest.raises(CacheError, match=r"is damaged \(no zarr_format 3 / node_type\)"):
         cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
         cache.arrays(), cache.labels, cache.load(4, 90)
+
+
+# -- format 3: row order, object counts, provenance, older layouts --------------------------------
+
+def _class_sorted(classes=100, per_class=20):
+    labels = np.repeat(np.arange(classes), per_class)
+    paths = [f"/data/big/train/n{label:03d}/{i:05d}.jpg" for i, label in enumerate(labels)]
+    return paths, labels, [f"n{c:03d}" for c in range(classes)]
+
+
+def test_rows_are_a_seeded_permutation_that_mixes_the_classes(tmp_path):
+    paths, labels, names = _class_sorted()
+    n = len(labels)
+    spec = _spec(num_images=n, shard_size=50, row_order_seed=0)
+    cache = create_cache(tmp_path, spec, paths, labels, names, arrays={(4, 90): (3, 8, 8)})
+    ids = cache.image_ids
+    assert sorted(ids) == list(range(n)) and list(ids) != list(range(n))
+    assert list(cache.labels) == list(labels[ids]) and cache.paths == [paths[i] for i in ids]
+    first_tenth = set(cache.labels[: n // 10])
+    assert len(first_tenth) >= 90, f"the first 10% of rows cover only {len(first_tenth)} of 100 classes"
+    first_shard = set(cache.labels[:50])
+    assert len(first_shard) >= 30, "one shard already mixes many classes"
+    assert len(set(labels[: n // 10])) == 10, "the index order this replaces: 10 classes in the first 10%"
+    again = create_cache(tmp_path / "again", spec, paths, labels, names)
+    np.testing.assert_array_equal(again.image_ids, ids)  # a pure function of (N, seed)
+    other = create_cache(tmp_path / "other", _spec(num_images=n, shard_size=50, row_order_seed=1), paths, labels, names)
+    assert list(other.image_ids) != list(ids)
+    with pytest.raises(CacheMismatchError, match=r"row_order_seed=0, asked for 1: pass --order-seed 0 or use a new"):
+        create_cache(tmp_path, _spec(num_images=n, shard_size=50, row_order_seed=1), paths, labels, names)
+    open_cache(tmp_path, "toy", "train", spec.backbone_id, expect=_spec(num_images=n, shard_size=50))  # readers: any order
+
+
+def _files_below(path):
+    return sorted(os.path.relpath(os.path.join(folder, name), path) for folder, _, names in os.walk(path) for name in names)
+
+
+@pytest.mark.parametrize("index_rows", [SHARD, 2 * SHARD, 1 << 18])
+def test_the_object_count_is_the_files_on_disk(tmp_path, monkeypatch, index_rows):
+    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", index_rows)
+    spec = _spec(flip=True, row_order_seed=3)
+    cache = _create(tmp_path, spec=spec)
+    _fill(cache, views=(0, 1))
+    files = _files_below(cache.path)
+    counts = count_objects(spec, SHAPES)
+    index_chunks = -(-N // min(index_rows, 3 * SHARD))  # chunks of whole shards, at most the whole index
+    assert counts["data"] == 3 * 2 * 3 and counts["markers"] == 3 * 2 and counts["index"] == 5 * index_chunks
+    assert sum(f.endswith("zarr.json") for f in files) == counts["metadata"]
+    assert len([f for f in files if f.startswith("done")]) == counts["markers"] + (1 + 2 + 6)  # + zarr.json
+    assert len(files) == counts["total"], files
+
+
+def _downgrade_to_format_2(cache):
+    """Rewrite a format-3 cache in the format-2 layout: index order, no index/image_id, one marker object per shard."""
+    group = zarr.open_group(cache.path, mode="r+")
+    meta = group.attrs["diffrep"]
+    spec = {k: v for k, v in meta["spec"].items() if k != "row_order_seed"}
+    group.attrs["diffrep"] = {"spec": spec, "format_version": 2}
+    del group["index/image_id"]
+    for key in SHAPES:
+        name = "done/b{}/t{}".format(*key)
+        values = group[name][:]
+        del group[name]
+        marker = group.create_array(name, shape=values.shape, dtype="uint64", fill_value=0, chunks=(1,), compressors=None)
+        marker[:] = values
+
+
+def test_format_2_caches_still_read_verify_and_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # format 2 chunked its index by shard
+    cache = _create(tmp_path)
+    _fill(cache, arrays={(4, 90): SHAPES[(4, 90)]})
+    _downgrade_to_format_2(cache)
+    old = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
+    assert old.format_version == 2 and old.spec.row_order_seed is None and old.spec == _spec()
+    assert list(old.image_ids) == list(range(N)) and list(old.labels) == [i % 3 for i in range(N)]
+    np.testing.assert_array_equal(old.load(4, 90), _data(4, 90, 0, N))
+    assert old.verify_shards(4, 90) == {} and old.verify_index() == {} and old.has_checksums(4, 90)
+    before = len(_files_below(cache.path))
+    _fill(_create(tmp_path), arrays={(12, 90): SHAPES[(12, 90)]})  # resume another array in place
+    assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).is_complete(12, 90)
+    assert len(_files_below(cache.path)) == before + 3 + 3, "3 data shards and, in this layout, 3 marker objects"
+    _fill(_create(tmp_path), arrays={(12, 300): SHAPES[(12, 300)]})
+    assert len(_files_below(cache.path)) == count_objects(_spec(), SHAPES, format_version=2)["total"]
+    assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).format_version == 2
+
+
+def test_a_lost_validity_chunk_of_many_shards_reruns_all_of_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", 2 * SHARD)  # chunk 0 holds shards 0 and 1
+    cache = _create(tmp_path)
+    _fill(cache)
+    assert cache.index_chunk_shards("valid", 0) == [0, 1] and cache.index_chunk_shards("valid", 1) == [2]
+    os.remove(os.path.join(cache.path, "index", "valid", "c", "0"))
+    cache = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
+    assert cache.index_damage() == {"valid": {0: "missing"}}
+    reset_shards(cache.path, index_chunks={"valid": [0]})
+    assert all(cache.missing_shards(*key) == [0, 1] for key in SHAPES), "their rows come back with their shards"
+    write_shard(cache.path, 1, {key: _data(*key, 4, 8) for key in SHAPES}, valid=np.array([1, 1, 0, 1], bool),
+                errors=["", "", "bad", ""])
+    write_shard(cache.path, 0, {key: _data(*key, 0, 4) for key in SHAPES})
+    cache = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
+    assert cache.index_damage() == {} and list(np.flatnonzero(~cache.valid)) == [6] and cache.errors[6] == "bad"
+    assert all(cache.is_complete(*key) for key in SHAPES)
+
+
+CPU = {"device": "cpu", "gpu": "", "precision": "fp32", "tf32": None}
+H200 = {"device": "cuda", "gpu": "NVIDIA H200", "precision": "bf16", "tf32": {"matmul": False, "cudnn": True}}
+
+
+def test_an_array_never_mixes_device_kinds_or_precisions(tmp_path):
+    cache = _create(tmp_path)
+    values = write_shard_data(cache.path, 0, {(4, 90): _data(4, 90, 0, 4)})
+    writer = MarkWriter(cache.path)
+    writer.mark([ShardMarks(0, {(4, 90, 0): values[(4, 90)]}, compute=H200)])
+    assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).compute(4, 90) == H200
+    values = write_shard_data(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
+    for other in (CPU, {**H200, "precision": "fp32"}):
+        with pytest.raises(CacheMismatchError) as info:
+            MarkWriter(cache.path).mark([ShardMarks(1, {(4, 90, 0): values[(4, 90)]}, compute=other)])
+        assert "\n" not in str(info.value) and str(info.value).startswith(
+            "array b4/t90 was computed on cuda (NVIDIA H200, bf16, TF32 matmul off / cudnn on), this run computes on ")
+        assert str(info.value).endswith(
+            ": one array must not mix them; resume with --device cuda --precision bf16, or extract into a new --cache-dir")
+    assert cache.missing_shards(4, 90) == [1, 2], "a refused shard stays unwritten"
+    MarkWriter(cache.path).mark([ShardMarks(1, {(4, 90, 0): values[(4, 90)]}, compute={**H200, "gpu": "NVIDIA A100"})])
+    assert cache.missing_shards(4, 90) == [2], "another GPU model at the same precision may resume"
+    assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).compute(4, 90) == H200
+    fresh = _create(tmp_path / "fresh")
+    values = [write_shard_data(fresh.path, s, {(4, 90): _data(4, 90, *fresh.shard_bounds(s))}) for s in (0, 1)]
+    with pytest.raises(CacheMismatchError, match=r"^array b4/t90 was computed on cpu \(fp32\), this run computes on cuda"):
+        MarkWriter(fresh.path).mark([ShardMarks(s, {(4, 90, 0): values[s][(4, 90)]}, compute=c)
+                                     for s, c in ((0, CPU), (1, H200))])  # one batch may not mix them either
+    assert fresh.missing_shards(4, 90) == [0, 1, 2] and fresh.compute(4, 90) is None

@@ -55,6 +55,19 @@ def reference(data_root, tmp_path_factory):
     return cache_dir
 
 
+@pytest.fixture(scope="module")
+def chunked(data_root, tmp_path_factory):
+    """The same with index chunks of two shards (ImageNet's hold 1,024): a lost index chunk covers several shards."""
+    import extract.cache
+
+    cache_dir = tmp_path_factory.mktemp("chunked")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(extract.cache, "INDEX_CHUNK_ROWS", 20)
+        result = _extract(data_root, cache_dir, "--synchronous")
+    assert result.exit_code == 0, result.output
+    return cache_dir
+
+
 def _copy(reference, tmp_path):
     target = tmp_path / "cache"
     shutil.copytree(reference, target)
@@ -99,13 +112,14 @@ def _tamper(group, relative, how):
 
 
 @pytest.mark.parametrize("case", list(TAMPERS))
-def test_lost_objects_are_refused_by_readers_and_redone_by_extract(reference, data_root, tmp_path, case):
+def test_lost_objects_are_refused_by_readers_and_redone_by_extract(chunked, data_root, tmp_path, case):
+    reference = chunked
     cache_dir, group = _copy(reference, tmp_path)
     before = _stamps(group)
     _tamper(group, *TAMPERS[case])
     cache = open_cache(cache_dir, "cifar10", "test", BACKBONE)
     if case.startswith("labels"):
-        with pytest.raises(CacheError, match=r"^index/label of cache .* has damaged chunks 0, 1, 2, 3 \(missing\): "
+        with pytest.raises(CacheError, match=r"^index/label of cache .* has damaged chunks 0, 1 \(missing\): "
                                              r"run the same diffrep extract command again: it rewrites them$"):
             cache.labels
     elif case.startswith("validity"):
@@ -123,19 +137,20 @@ def test_lost_objects_are_refused_by_readers_and_redone_by_extract(reference, da
     assert result.exit_code == 0, result.output
     assert "damaged" in result.output
     if case.startswith("labels"):
-        assert "wrote 0 shards" in result.output and "index/label: 4 chunk(s) damaged, rewritten" in result.output
+        assert "wrote 0 shards" in result.output and "index/label: 2 chunk(s) damaged, rewritten" in result.output
         redone = []
-    elif case.startswith("validity"):
-        assert "wrote 1 shards" in result.output and "3 shards were already complete" in result.output
-        redone = ["b4/t90/c/1/", "b10/t90/c/1/", "done/b4/t90/c/1", "done/b10/t90/c/1"]
+    elif case.startswith("validity"):  # index chunk 1 holds the rows of shards 2 and 3: both run again
+        assert "wrote 2 shards" in result.output and "2 shards were already complete" in result.output
+        redone = ["b4/t90/c/2/", "b10/t90/c/2/", "b4/t90/c/3/", "b10/t90/c/3/"]
     else:
         shard = 3 if "last" in case else 2
         assert "b10/t90: 1 shard(s) marked done but damaged, re-run" in result.output
         assert "wrote 1 shards" in result.output and "3 shards were already complete" in result.output
-        redone = [f"b10/t90/c/{shard}/", f"done/b10/t90/c/{shard}"]
+        redone = [f"b10/t90/c/{shard}/"]
     assert _files(cache_dir) == _files(reference), "the repaired cache equals the untouched one, bit for bit"
     after = _stamps(group)
-    kept = [name for name in before if name.startswith(("b", "done/")) and not name.startswith(tuple(redone))
+    # data objects other than the redone ones are never rewritten (the one marker object per array is)
+    kept = [name for name in before if name.startswith("b") and not name.startswith(tuple(redone))
             and not name.endswith("zarr.json")]
     assert kept and all(after[name] == before[name] for name in kept), "only the damaged shards are rewritten"
     again = _extract(data_root, cache_dir, "--synchronous")
@@ -291,7 +306,7 @@ def test_pool_zero_is_refused_rather_than_read_as_none(tmp_path):
 def test_ctrl_c_in_process_prints_one_line_and_keeps_finished_shards(reference, data_root, tmp_path, monkeypatch):
     import extract.job as job
 
-    real, calls = job.write_shard, []
+    real, calls = job.write_shard_data, []
 
     def interrupt_the_third_write(*args, **kwargs):
         calls.append(args[1])
@@ -299,14 +314,14 @@ def test_ctrl_c_in_process_prints_one_line_and_keeps_finished_shards(reference, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(job, "write_shard", interrupt_the_third_write)
+    monkeypatch.setattr(job, "write_shard_data", interrupt_the_third_write)
     result = _extract(data_root, tmp_path, "--split", "test", "--synchronous")
     assert result.exit_code == 130, result.output
     assert result.output.strip().splitlines()[-1] == (
         "interrupted: 2 of 4 shards finished and are kept; run the same command again to do the other 2")
     assert "Traceback" not in result.output
     assert open_cache(tmp_path, "cifar10", "test", BACKBONE).missing_shards(10, 90) == [2, 3]
-    monkeypatch.setattr(job, "write_shard", real)
+    monkeypatch.setattr(job, "write_shard_data", real)
     resumed = _extract(data_root, tmp_path, "--split", "test", "--synchronous")
     assert resumed.exit_code == 0 and "wrote 2 shards" in resumed.output, resumed.output
     assert _files(tmp_path / "cifar10" / "test") == _files(reference / "cifar10" / "test")
@@ -344,3 +359,21 @@ def test_ctrl_c_stops_extract_in_one_line_and_the_same_command_resumes(reference
     resumed = _extract(data_root, cache_dir, "--split", "test", "--synchronous")
     assert resumed.exit_code == 0 and f"wrote {4 - done} shards" in resumed.output, resumed.output
     assert _files(cache_dir / "cifar10" / "test") == _files(reference / "cifar10" / "test")
+
+
+def test_repair_waits_for_a_running_extract(reference, tmp_path):
+    cache_dir, group = _copy(reference, tmp_path)
+    os.remove(group / "b4/t90/c/1/0/0/0")
+    with open(str(group) + ".lock", "a+") as held:  # a running extract rewrites the markers' one object
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("pid 4242 on gpu7")
+        held.flush()
+        result = CliRunner().invoke(main, ["verify", "--cache-dir", str(cache_dir), "--split", "test", "--repair"])
+    assert result.exit_code == 1
+    assert _one_error_line(result) == (f"diffrep extract (pid 4242 on gpu7) is writing {group}: run verify --repair "
+                                       "again when it has finished")
+    assert open_cache(cache_dir, "cifar10", "test", BACKBONE).damaged_shards(4, 90) == {1: "missing"}, "nothing reset"
+    repaired = CliRunner().invoke(main, ["verify", "--cache-dir", str(cache_dir), "--split", "test", "--repair"])
+    assert repaired.exit_code == 1 and "1 bad (reset)" in repaired.output
+    assert open_cache(cache_dir, "cifar10", "test", BACKBONE).missing_shards(4, 90) == [1]

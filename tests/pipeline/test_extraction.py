@@ -85,7 +85,8 @@ def test_in_process_run_writes_everything_and_reports_the_corrupt_jpeg(reference
     features = cache.load(12, 300)
     assert features.shape == (300, 64, 4, 4) and not features[row].any()
     assert np.abs(features[np.arange(300) != row]).sum(axis=(1, 2, 3)).min() > 0
-    assert list(cache.labels) == [i // PER_CLASS for i in range(300)]
+    assert sorted(cache.image_ids) == list(range(300)) and list(cache.labels) == list(cache.image_ids // PER_CLASS)
+    assert len(set(cache.labels[:30])) == 10, "the rows of the class-sorted index are mixed: 10% of rows, every class"
 
 
 @pytest.mark.e2e
@@ -105,7 +106,8 @@ def test_a_run_killed_half_way_resumes_to_the_same_bits(reference, data_root, tm
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert killed.returncode == 3, killed.stderr
     partial = open_cache(tmp_path, "cifar10", "test", BACKBONE)
-    assert partial.missing_shards(12, 90) == [3, 4, 5] and partial.missing_shards(12, 300) == [2, 3, 4, 5]
+    # shard 2 wrote its t=90 data before the crash, but only a finished job's shard is marked
+    assert partial.missing_shards(12, 90) == partial.missing_shards(12, 300) == [2, 3, 4, 5]
     resumed = _extract(data_root, tmp_path, "--synchronous")
     assert resumed.exit_code == 0, resumed.output
     assert "wrote 4 shards" in resumed.output and "2 shards were already complete" in resumed.output
@@ -295,7 +297,7 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_finished_shards(refer
 
     import extract.job as job
 
-    real_write, calls = job.write_shard, []
+    real_write, calls = job.write_shard_data, []
 
     def fill_up_after_two(*args, **kwargs):
         calls.append(args[1])
@@ -303,7 +305,7 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_finished_shards(refer
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(job, "write_shard", fill_up_after_two)
+    monkeypatch.setattr(job, "write_shard_data", fill_up_after_two)
     result = _extract(data_root, tmp_path, "--synchronous")
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith("Error: disk full while writing shard ")
@@ -312,7 +314,29 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_finished_shards(refer
     cache = open_cache(tmp_path, "cifar10", "test", BACKBONE)
     # shard 0 wrote t=90 and t=300 (two writes); shard 1's first write hit the full disk
     assert cache.missing_shards(4, 90) == cache.missing_shards(4, 300) == [1, 2, 3, 4, 5]
-    monkeypatch.setattr(job, "write_shard", real_write)
+    monkeypatch.setattr(job, "write_shard_data", real_write)
     resumed = _extract(data_root, tmp_path, "--synchronous")
     assert resumed.exit_code == 0, resumed.output
     _assert_same_cache(reference[0], tmp_path)
+
+
+def test_a_resume_that_would_mix_cpu_and_gpu_shards_in_an_array_is_refused(data_root, tmp_path):
+    from extract.cache import reset_shards
+
+    args = ["--synchronous", "--limit", "20", "--shard-size", "10", "--timesteps", "90", "--blocks", "4"]
+    first = _extract(data_root, tmp_path, *args)
+    assert first.exit_code == 0, first.output
+    cache = open_cache(tmp_path, "cifar10", "test", BACKBONE)
+    assert cache.compute(4, 90) == {"device": "cpu", "gpu": "", "precision": "fp32", "tf32": None}
+    assert cache.runs[-1]["compute"] == [cache.compute(4, 90)]
+    group = zarr.open_group(cache.path, mode="r+")
+    group["b4/t90"].attrs["compute"] = {"device": "cuda", "gpu": "NVIDIA H200", "precision": "bf16",
+                                        "tf32": {"matmul": True, "cudnn": True}}  # as if a GPU had written it
+    reset_shards(cache.path, {(4, 90, 0): [1]})  # one shard left to do
+    expected = ("Error: array b4/t90 was computed on cuda (NVIDIA H200, bf16, TF32 matmul on / cudnn on), this run "
+                "computes on cpu (fp32): one array must not mix them; resume with --device cuda --precision bf16, or "
+                "extract into a new --cache-dir")
+    for device in ("cpu", "auto"):  # refused by the plan (explicit device) or by the worker before it computes
+        result = _extract(data_root, tmp_path, *args, "--device", device)
+        assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == expected, result.output
+        assert open_cache(tmp_path, "cifar10", "test", BACKBONE).missing_shards(4, 90) == [1]
