@@ -73,7 +73,7 @@ def test_resolve_backbone_id(tmp_path):
 
 def test_streamed_epochs_cover_every_valid_row_once_in_a_seeded_order(tmp_path):
     cache, data, labels, valid = make_cache(tmp_path, n=41)
-    stream = StreamedFeatures(cache, [(24, 150)], window_rows=12)
+    stream = StreamedFeatures(cache, [(24, 150)], window_bytes=3 * 5 * 96)  # three 5-row shards of 96-byte rows
     eager = load_features(cache, [(24, 150)])
 
     def rows(seed, epoch):
@@ -95,7 +95,7 @@ def test_fit_on_streamed_splits_learns_and_resumes_bit_exact(tmp_path, monkeypat
     train_cache, *_ = make_cache(tmp_path, n=60, split="train", signal=4.0)
     test_cache, *_ = make_cache(tmp_path, n=30, split="test", signal=4.0, seed=1)
     keys = [(24, 150)]
-    train, test = StreamedFeatures(train_cache, keys, window_rows=16), StreamedFeatures(test_cache, keys)
+    train, test = StreamedFeatures(train_cache, keys, window_bytes=2 * 5 * 96), StreamedFeatures(test_cache, keys)
     options = dict(epochs=4, lr=0.2, batch_size=8, step_size=2, progress=False)
 
     def head():
