@@ -199,10 +199,12 @@ def knn(cache, **options) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/cka", show_default=True,
               help="Folder for the CKA Parquet table and heatmaps.")
 @click.option("--ram-cap-gb", type=float, default=None, help="RAM cap for whole-array reads.")
+@device_option()
 def cka(**options) -> None:
     """Linear CKA between cached arrays: block x block at a fixed t, timestep x timestep at a fixed b.
 
-    Writes the matrices as one Parquet table and each as a heatmap PNG.
+    Runs on --device in float32 with float64 sums; minibatches are drawn at random across the
+    whole split (seeded). Writes the matrices as one Parquet table and each as a heatmap PNG.
     """
     from .evaluation import CkaRequest, run_cka
 

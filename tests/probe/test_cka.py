@@ -57,11 +57,11 @@ def test_minibatch_estimator_close_to_full_batch_on_large_n():
     np.testing.assert_allclose(np.diag(mini), 1.0)
     np.testing.assert_allclose(mini, full, atol=0.02)
     assert mini[0, 1] > 0.5 and abs(mini[0, 2]) < 0.02
-    # Streamed minibatches give the same matrix as arrays in memory.
+    # Streamed minibatches (here consecutive rows of i.i.d. data) estimate the same matrix as arrays in memory.
     acc = MinibatchCKA(3)
     for s in range(0, n, 500):
         acc.update([x[s:s + 500], y[s:s + 500], z[s:s + 500]])
-    np.testing.assert_allclose(acc.compute(), mini)
+    np.testing.assert_allclose(acc.compute(), mini, atol=0.02)
 
 
 def test_errors():
