@@ -24,6 +24,8 @@ from extract.cache import FeatureCache, cache_path, open_cache
 from extract.errors import CacheError
 from extract.pooling import derive_pool
 
+from .train import epoch_order
+
 __all__ = [
     "FeatureSet", "StreamedFeatures", "open_split", "in_shapes", "feature_bytes", "load_features",
     "iter_feature_batches", "resolve_backbone_id", "WINDOW_SHARE",
@@ -168,18 +170,34 @@ WINDOW_SHARE = 4
 """A streamed window takes at most 1/WINDOW_SHARE of the RAM cap: with the window read ahead and the
 one being cut into batches, at most three windows (3/4 of the cap) are held at once."""
 
+MIN_PIECES = 16
+"""A window gathers at least this many pieces (when it holds that many rows), so even a budget of a few
+shards mixes rows from 16 places in the split."""
 
-def _shard_reader(cache: FeatureCache, key: Key, pool: int | None) -> Callable[[int], np.ndarray]:
-    """A function shard -> (rows, C, h, w) float16 of one complete array, read as one slice.
 
-    ``FeatureCache`` streams shards only in order (``iter_shards``); an epoch in permuted shard order
-    reads each shard by number through the same checks and the same slice read.
+def _rows_reader(cache: FeatureCache, key: Key, pool: int | None) -> Callable[[int, int], np.ndarray]:
+    """A function (start, stop) -> (stop - start, C, h, w) float16 rows of one complete array, read as one slice.
+
+    ``FeatureCache`` streams whole shards in order (``iter_shards``); an epoch in permuted order reads
+    pieces of shards by row range, after the same completeness check and with the same error for damage.
     """
     b, t = key
     cache._check_complete(b, t, 0)  # unwritten or damaged shards: one line naming the command that finishes them
     array = cache._array(b, t)
-    name, native = f"b{b}/t{t}", cache._native(array)
-    return lambda shard: derive_pool(cache._read_shard(array, name, shard), native, pool)
+    native, root = cache._native(array), os.path.dirname(os.path.dirname(os.path.dirname(cache.path)))
+
+    def read(start: int, stop: int) -> np.ndarray:
+        try:
+            data = array[start:stop]
+        except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
+            raise CacheError(
+                f"rows {start}-{stop} of b{b}/t{t} in {cache.path} cannot be decoded ({str(exc).splitlines()[0]}): "
+                f"run diffrep verify --cache-dir {root} --dataset {cache.spec.dataset} --split {cache.spec.split} "
+                f"--repair, then the same diffrep extract command again"
+            ) from exc
+        return derive_pool(data, native, pool)
+
+    return read
 
 
 def _read_ahead(produce: Callable[[threading.Event], Iterator], depth: int = 1) -> Iterator:
@@ -229,18 +247,21 @@ def _read_ahead(produce: Callable[[threading.Event], Iterator], depth: int = 1) 
 class StreamedFeatures:
     """One split read from the cache window by window, every epoch, for training that does not fit in RAM.
 
-    Dataset indexes are sorted by class, so consecutive shards hold a few classes. Each epoch reads the
-    shards in a permuted order (a pure function of (seed, epoch)), gathers as many whole shards as fit in
-    ``window_bytes`` into one window, shuffles the window's rows (seeded by (seed, epoch, window)) and cuts
-    it into batches; the rows left over at a window's end open the next window's first batch. Batches
-    are therefore a pure function of (seed, epoch) (a resumed run repeats them) and every valid row
-    comes once per epoch. The next window is read on a background thread while the current one is
-    consumed; each shard is read as one slice.
+    Dataset indexes are sorted by class, so consecutive rows hold one class. The split is cut into
+    pieces: a shard's inner chunks (the smallest read that wastes nothing), or smaller when the byte
+    budget would otherwise hold fewer than ``MIN_PIECES`` of them. Each epoch reads the pieces in a
+    permuted order (a pure function of (seed, epoch)), gathers as many as fit in ``window_bytes`` into
+    one window, shuffles the window's rows (seeded by (seed, epoch, window)) and cuts it into batches;
+    the rows left over at a window's end open the next window's first batch. When the whole split fits
+    in one window, its rows come in ``probe.train.epoch_order``: the same batches, and weights, as in RAM. Batches are therefore a
+    pure function of (seed, epoch) (a resumed run repeats them) and every valid row comes once per
+    epoch. The next window is read on a background thread while the current one is consumed; each
+    piece is read as one slice.
 
     Args:
         cache: an opened split. keys: its (b, t) arrays. pool: None (as stored) or a coarser pool.
         window_bytes: most bytes of float16 features in one window (default: 1/``WINDOW_SHARE`` of the
-            cache's RAM cap); always at least one shard.
+            cache's RAM cap); always at least one row.
     """
 
     def __init__(self, cache: FeatureCache, keys: Sequence[Key], pool: int | None = None,
@@ -253,45 +274,68 @@ class StreamedFeatures:
         self._labels = np.asarray(cache.labels, dtype=np.int64)
         self.num_images = int(self._valid.sum())
         self.class_names = list(cache.class_names)
-        self.num_shards = int(cache.num_shards)
         self._shapes = {key: tuple(int(v) for v in cache.shape(*key, pool)[1:]) for key in self.keys}
         self.row_bytes = sum(2 * int(np.prod(shape)) for shape in self._shapes.values())
-        self.shards_per_window = max(1, self.window_bytes // max(1, self.row_bytes * int(cache.spec.shard_size)))
+        shard_size = int(cache.spec.shard_size)
+        chunk = 1
+        for b, t in self.keys:  # inner chunks divide the shard, so their lcm does too
+            chunk = int(np.lcm(chunk, int(cache._array(b, t).chunks[0])))
+        window_rows = max(1, self.window_bytes // max(1, self.row_bytes))
+        self.piece_rows = max(1, min(chunk, shard_size, window_rows // MIN_PIECES))
+        self.pieces_per_window = max(1, window_rows // self.piece_rows)
+        starts = [np.arange(start, stop, self.piece_rows)
+                  for start, stop in (cache.shard_bounds(shard) for shard in range(cache.num_shards))]
+        self.piece_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+        ends = np.minimum(self.piece_starts + self.piece_rows,
+                          np.minimum((self.piece_starts // shard_size + 1) * shard_size, cache.num_images))
+        self.piece_stops = ends.astype(np.int64)
 
-    def shard_order(self, seed: int | None, epoch: int) -> np.ndarray:
-        """The shards in the order epoch ``epoch`` reads them: permuted by (seed, epoch); in order when seed is None."""
+    @property
+    def num_pieces(self) -> int:
+        return int(self.piece_starts.shape[0])
+
+    def piece_order(self, seed: int | None, epoch: int) -> np.ndarray:
+        """The pieces in the order epoch ``epoch`` reads them: permuted by (seed, epoch); in order when seed is None."""
         if seed is None:
-            return np.arange(self.num_shards)
-        return np.random.default_rng([int(seed), int(epoch), 0x7368_7264]).permutation(self.num_shards)
+            return np.arange(self.num_pieces)
+        return np.random.default_rng([int(seed), int(epoch), 0x7069_6563]).permutation(self.num_pieces)
 
     def windows(self, seed: int | None, epoch: int) -> list[np.ndarray]:
-        """The shards of every window of one epoch, in reading order."""
-        order = self.shard_order(seed, epoch)
-        return [order[i:i + self.shards_per_window] for i in range(0, len(order), self.shards_per_window)]
+        """The pieces of every window of one epoch, in reading order."""
+        order = self.piece_order(seed, epoch)
+        return [order[i:i + self.pieces_per_window] for i in range(0, len(order), self.pieces_per_window)]
 
     def _produce(self, seed: int | None, epoch: int, stop: threading.Event):
         """Windows ``({key: (n, C, h, w) float16}, (n,) int64)``, rows shuffled (when seeded) as they are placed."""
-        readers = {key: _shard_reader(self.cache, key, self.pool) for key in self.keys}
-        for number, shards in enumerate(self.windows(seed, epoch)):
-            bounds = [self.cache.shard_bounds(int(shard)) for shard in shards]
+        readers = {key: _rows_reader(self.cache, key, self.pool) for key in self.keys}
+        windows = self.windows(seed, epoch)
+        whole = None
+        if seed is not None and len(windows) == 1:  # the split fits: the in-RAM epoch's order, batch for batch
+            whole = np.argsort(epoch_order(self.num_images, seed, epoch).numpy())
+            valid_index = np.cumsum(self._valid) - 1  # a row's position among the valid rows
+        for number, pieces in enumerate(windows):
+            bounds = [(int(self.piece_starts[p]), int(self.piece_stops[p])) for p in pieces]
             masks = [self._valid[start:stop_] for start, stop_ in bounds]
             total = int(sum(mask.sum() for mask in masks))
-            if seed is None:
+            if seed is None or whole is not None:
                 place = np.arange(total)
             else:  # row i of the window goes to place[i]: shuffled while it is written, no second copy
                 place = np.random.default_rng([int(seed), int(epoch), number, 0x7769_6e64]).permutation(total)
             features = {key: np.empty((total, *shape), dtype=np.float16) for key, shape in self._shapes.items()}
             labels = np.empty(total, dtype=np.int64)
             offset = 0
-            for shard, (start, stop_), mask in zip(shards, bounds, masks):
+            for (start, stop_), mask in zip(bounds, masks):
                 if stop.is_set():
                     return
-                rows = place[offset:offset + int(mask.sum())]
+                if whole is not None:
+                    rows = whole[valid_index[start:stop_][mask]]
+                else:
+                    rows = place[offset:offset + int(mask.sum())]
                 for key, read in readers.items():
-                    data = read(int(shard))
+                    data = read(start, stop_)
                     if data.shape[0] != stop_ - start:
-                        raise CacheError(f"shard {shard} of b{key[0]}/t{key[1]} has {data.shape[0]} rows, not "
-                                         f"{stop_ - start}: the cache is damaged, run diffrep verify --repair")
+                        raise CacheError(f"rows {start}-{stop_} of b{key[0]}/t{key[1]} came back as {data.shape[0]} "
+                                         f"rows: the cache is damaged, run diffrep verify --repair")
                     features[key][rows] = data[mask]
                 labels[rows] = self._labels[start:stop_][mask]
                 offset += rows.shape[0]

@@ -124,3 +124,24 @@ def test_fit_on_streamed_splits_learns_and_resumes_bit_exact(tmp_path, monkeypat
     fit(resumed, train, None, test, None, **options, checkpoint_dir=tmp_path / "ckpt", resume=True)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_split_that_fits_one_window_streams_the_in_ram_epochs_exactly(tmp_path):
+    """Streaming is then only a memory choice: same batches, same trained weights as the features in RAM."""
+    train_cache, *_ = make_cache(tmp_path, n=60, split="train", signal=1.0)
+    test_cache, *_ = make_cache(tmp_path, n=30, split="test", signal=1.0, seed=1)
+    keys = [(24, 150), (19, 90)]
+    stream = StreamedFeatures(train_cache, keys)  # the default share of the RAM cap holds these 58 rows
+    assert len(stream.windows(0, 0)) == 1
+    eager, test = load_features(train_cache, keys), load_features(test_cache, keys)
+    options = dict(epochs=3, lr=0.3, batch_size=8, step_size=2, seed=5, progress=False)
+    heads = []
+    for train, labels in ((eager.features, eager.labels), (stream, None)):
+        torch.manual_seed(0)
+        heads.append(create_head("linear", in_shapes(train_cache, keys), 3))
+        fit(heads[-1], train, labels, test.features, test.labels, **options)
+    for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
+        assert torch.equal(a, b)
+    small = StreamedFeatures(train_cache, keys, window_bytes=20 * 2 * 96)  # several windows: mixed, not equal
+    assert len(small.windows(0, 0)) > 1
+    assert sorted(torch.cat([y for _, y in small.batches(8, seed=5)]).tolist()) == sorted(eager.labels.tolist())

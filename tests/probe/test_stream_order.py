@@ -50,24 +50,29 @@ def epoch_rows(stream, batch_size, seed, epoch):
     return torch.cat(ids).numpy(), torch.cat(labels).numpy()
 
 
-def test_class_sorted_epochs_permute_the_shards_and_give_every_row_once(tmp_path):
+def _piece_rows(stream, pieces):
+    return np.concatenate([np.arange(stream.piece_starts[p], stream.piece_stops[p]) for p in pieces])
+
+
+@pytest.mark.parametrize("window_shards, piece_rows", [(16, 20), (10, 12)])  # whole shards; a tight budget: smaller pieces
+def test_class_sorted_epochs_permute_the_pieces_and_give_every_row_once(tmp_path, window_shards, piece_rows):
     invalid = (3, 450, 1999)
     cache, labels, _, valid = make_sorted_cache(tmp_path, invalid=invalid)  # 100 classes, one 20-row shard each
-    stream = StreamedFeatures(cache, [KEY], window_bytes=10 * 20 * ROW_BYTES)  # 10 shards per window
-    assert stream.shards_per_window == 10
+    stream = StreamedFeatures(cache, [KEY], window_bytes=window_shards * 20 * ROW_BYTES)
+    assert stream.piece_rows == piece_rows and stream.pieces_per_window * piece_rows <= window_shards * 20
     orders = []
     for epoch in range(3):
         ids, got = epoch_rows(stream, 32, seed=7, epoch=epoch)
         assert np.array_equal(np.sort(ids), np.flatnonzero(valid))  # every valid row exactly once, invalid ones never
         assert np.array_equal(got, labels[ids])
-        window = stream.windows(7, epoch)[0]
-        # the first tenth is the first window: exactly its 10 shards' classes (shard s holds class s here),
-        # drawn from the whole split, not the first 10 classes
-        first_tenth = int(sum(valid[s * 20:(s + 1) * 20].sum() for s in window))
-        assert set(got[:first_tenth]) == set(window.tolist()) and got[first_tenth] not in set(window.tolist())
-        assert set(window.tolist()) != set(range(10)) and max(window) - min(window) > 10
-        orders.append(stream.shard_order(7, epoch))
-        assert np.array_equal(np.sort(orders[-1]), np.arange(100))
+        window = _piece_rows(stream, stream.windows(7, epoch)[0])
+        first = int(valid[window].sum())
+        # the first window is exactly its pieces' rows, drawn from the whole split, not the first classes
+        assert np.array_equal(np.sort(ids[:first]), np.sort(window[valid[window]]))
+        tenth = set(got[:len(ids) // 10].tolist())  # a window holds about a tenth here: 16 pieces, ~16 classes
+        assert len(tenth) >= 14 and max(tenth) - min(tenth) > 50, tenth  # consecutive shards would give 10 classes
+        orders.append(stream.piece_order(7, epoch))
+        assert np.array_equal(np.sort(orders[-1]), np.arange(stream.num_pieces))
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
     again, _ = epoch_rows(stream, 32, seed=7, epoch=1)
     assert np.array_equal(again, epoch_rows(stream, 32, seed=7, epoch=1)[0])  # a pure function of (seed, epoch)
@@ -90,10 +95,10 @@ def test_windows_are_bounded_by_bytes_and_default_to_a_share_of_the_ram_cap(tmp_
     shard_bytes = 8 * ROW_BYTES
     cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0", ram_cap_bytes=WINDOW_SHARE * 3 * shard_bytes + 5)
     stream = StreamedFeatures(cache, [KEY])
-    assert stream.window_bytes == 3 * shard_bytes + 1 and stream.shards_per_window == 3
+    assert stream.window_bytes == 3 * shard_bytes + 1
+    assert stream.piece_rows == 1 and stream.pieces_per_window == 24  # 24 rows fit: from 16+ places, not 3 shards
     windows = stream.windows(0, 0)
-    assert all(len(w) * shard_bytes <= stream.window_bytes for w in windows)
-    assert np.array_equal(np.sort(np.concatenate(windows)), np.arange(cache.num_shards))
+    assert np.array_equal(np.sort(np.concatenate(windows)), np.arange(stream.num_pieces))
     seen = []
     real = StreamedFeatures._produce
 
@@ -108,7 +113,10 @@ def test_windows_are_bounded_by_bytes_and_default_to_a_share_of_the_ram_cap(tmp_
     finally:
         StreamedFeatures._produce = real
     assert len(seen) == len(windows) and max(seen) <= stream.window_bytes
-    assert StreamedFeatures(cache, [KEY], window_bytes=1).shards_per_window == 1  # always at least one shard
+    roomy = StreamedFeatures(cache, [KEY], window_bytes=100 * shard_bytes)
+    assert roomy.piece_rows == 8 and roomy.pieces_per_window == 100  # whole shards (their inner chunk) when they fit
+    tiny = StreamedFeatures(cache, [KEY], window_bytes=1)
+    assert (tiny.piece_rows, tiny.pieces_per_window) == (1, 1)  # always at least one row
 
 
 def _read_ahead_threads():
@@ -124,13 +132,13 @@ def test_read_errors_reach_the_training_thread_and_an_early_stop_ends_the_reader
     batches.close()
     assert not _read_ahead_threads()
 
-    real = features_module._shard_reader
+    real = features_module._rows_reader
 
     def failing(cache_, key, pool):
         read = real(cache_, key, pool)
-        return lambda shard: (_ for _ in ()).throw(CacheError("shard cannot be decoded")) if shard == 5 else read(shard)
+        return lambda start, stop: (_ for _ in ()).throw(CacheError("rows cannot be decoded")) if start == 50 else read(start, stop)
 
-    monkeypatch.setattr(features_module, "_shard_reader", failing)
+    monkeypatch.setattr(features_module, "_rows_reader", failing)
     with pytest.raises(CacheError, match="cannot be decoded"):
         for _ in stream.batches(4, seed=0):
             pass
