@@ -123,7 +123,8 @@ def _protocol_options(fn):
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar per epoch.")
 @click.option("--stream", is_flag=True,
               help="Read the features from the cache every epoch instead of holding them in RAM "
-                   "(sgd/adam; automatic when they exceed the RAM cap).")
+                   "(sgd/adam; automatic when they exceed the RAM cap): each epoch reads the split in a seeded "
+                   "order of pieces, a quarter of the RAM cap at a time, shuffled.")
 def probe(cache, **options) -> None:
     """Train a head on cached train-split features and report test top-1/top-5.
 

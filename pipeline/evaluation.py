@@ -409,11 +409,12 @@ def run_probe(request: ProbeRequest) -> dict:
             raise ProbeError("a label fraction holds its rows in memory: raise --ram-cap-gb or use a coarser --pool")
         if len(lrs) > 1:
             raise ProbeError("a learning-rate grid holds the features in memory: pass one --lr to stream, or raise --ram-cap-gb")
-        log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float16 features, RAM cap %.1f GiB)",
-                    selection.dataset, "--stream" if request.stream else "over the RAM cap", need / 2**30,
-                    pair.train.ram_cap_bytes / 2**30)
         stream_pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None
         train_x, test_x = StreamedFeatures(pair.train, keys, stream_pool), StreamedFeatures(pair.test, keys, stream_pool)
+        log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float16 features, RAM cap %.1f GiB; "
+                    "windows of %d pieces of %d rows drawn across the split)", selection.dataset,
+                    "--stream" if request.stream else "over the RAM cap", need / 2**30,
+                    pair.train.ram_cap_bytes / 2**30, train_x.pieces_per_window, train_x.piece_rows)
         shapes = in_shapes(pair.train, keys, stream_pool)
         torch.manual_seed(fitting.seed)
         module = create_head(head, shapes, num_classes, **overrides)
