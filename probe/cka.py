@@ -9,16 +9,14 @@ it needs only one minibatch of every array in memory at a time.
 
 Both run on the training device: features stay as given (float16 from the cache) and are cast to
 float32 a chunk at a time for the matrix products (TF32 off), whose results are summed in float64
-(float64 input is computed in float64).
-Minibatches are drawn seeded at random: indexes are sorted by class, and a minibatch of one class
+(float64 input is computed in float64). Minibatches are drawn seeded at random: indexes are sorted by class, and a minibatch of one class
 measures within-class similarity only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import contextlib
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch

@@ -2,11 +2,12 @@
 
 Features stay float16, as stored, in RAM and on the training device (half the memory of
 float32, so the RAM cap admits twice as many rows); consumers cast each batch to float32.
-``load_features`` reads whole arrays into RAM (``FeatureCache.load``, under its RAM cap); ``iter_feature_batches``
-streams the same rows in row order in fixed-size batches (``FeatureCache.iter_shards``) for consumers
-to whom order does not matter (kNN's train side, statistics), and ``StreamedFeatures`` gives training
-and minibatch CKA a stream mixed across the whole split every epoch when the arrays do not fit. ``resolve_backbone_id`` finds the cache folder
-of a named configuration when the caller does not name the backbone id.
+``load_features`` reads whole arrays into RAM (``FeatureCache.load``, under its RAM cap).
+``iter_feature_batches`` streams the same rows in row order, in fixed-size batches
+(``FeatureCache.iter_shards``), for consumers to whom order does not matter (kNN's train side,
+statistics). ``StreamedFeatures`` gives training and minibatch CKA a stream mixed across the whole
+split every epoch when the arrays do not fit. ``resolve_backbone_id`` finds the cache folder of a
+named configuration when the caller does not name the backbone id.
 """
 
 from __future__ import annotations
