@@ -163,7 +163,8 @@ def _live_options(fn):
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar per epoch.")
 @click.option("--stream", is_flag=True,
               help="Read the features from the cache every epoch instead of holding them in RAM "
-                   "(sgd/adam; automatic when they exceed the RAM cap).")
+                   "(sgd/adam; automatic when they exceed the RAM cap): each epoch reads the split in a seeded "
+                   "order of pieces, a quarter of the RAM cap at a time, shuffled.")
 @_live_options
 def probe(cache, live, **options) -> None:
     """Train a head on cached train-split features and report test top-1/top-5.
@@ -263,10 +264,12 @@ def knn(cache, **options) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/cka", show_default=True,
               help="Folder for the CKA Parquet table and heatmaps.")
 @click.option("--ram-cap-gb", type=float, default=None, help="RAM cap for whole-array reads.")
+@device_option()
 def cka(**options) -> None:
     """Linear CKA between cached arrays: block x block at a fixed t, timestep x timestep at a fixed b.
 
-    Writes the matrices as one Parquet table and each as a heatmap PNG.
+    Runs on --device in float32 with float64 sums; minibatches are drawn at random across the
+    whole split (seeded). Writes the matrices as one Parquet table and each as a heatmap PNG.
     """
     from .evaluation import CkaRequest, run_cka
 

@@ -42,7 +42,7 @@ from probe.grid import HeadGrid
 from probe.heads import HEADS, count_parameters, create_head, default_lr
 from probe.knn import knn_classify
 from probe.logistic import DEFAULT_L2_GRID, Standardizer, converged_linear_probe
-from probe.subsets import heldout_split, label_fraction_rows
+from probe.subsets import balanced_rows, heldout_split, label_fraction_rows
 from probe.train import fit
 
 from .errors import DatasetError, ResultsError
@@ -150,7 +150,11 @@ class KnnRequest:
 
 @dataclass(frozen=True)
 class CkaRequest:
-    """Block x block CKA at t=at_t and timestep x timestep CKA at b=at_b, on one split."""
+    """Block x block CKA at t=at_t and timestep x timestep CKA at b=at_b, on one split.
+
+    ``limit`` rows are spread evenly over the classes (seeded); minibatches are a seeded random
+    draw across the split; the products run on ``device`` (auto: cuda when available) in float32.
+    """
 
     dataset: str
     cache_dir: str
@@ -168,6 +172,7 @@ class CkaRequest:
     seed: int = 0
     out_dir: str = "results/cka"
     ram_cap_gb: float | None = None
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -404,11 +409,12 @@ def run_probe(request: ProbeRequest) -> dict:
             raise ProbeError("a label fraction holds its rows in memory: raise --ram-cap-gb or use a coarser --pool")
         if len(lrs) > 1:
             raise ProbeError("a learning-rate grid holds the features in memory: pass one --lr to stream, or raise --ram-cap-gb")
-        log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float16 features, RAM cap %.1f GiB)",
-                    selection.dataset, "--stream" if request.stream else "over the RAM cap", need / 2**30,
-                    pair.train.ram_cap_bytes / 2**30)
         stream_pool = read_pool[keys[0]] if len(set(read_pool.values())) == 1 else None
         train_x, test_x = StreamedFeatures(pair.train, keys, stream_pool), StreamedFeatures(pair.test, keys, stream_pool)
+        log.warning("streaming %s from the cache every epoch (%s: %.2f GiB of float16 features, RAM cap %.1f GiB; "
+                    "windows of %d pieces of %d rows drawn across the split)", selection.dataset,
+                    "--stream" if request.stream else "over the RAM cap", need / 2**30,
+                    pair.train.ram_cap_bytes / 2**30, train_x.pieces_per_window, train_x.piece_rows)
         shapes = in_shapes(pair.train, keys, stream_pool)
         torch.manual_seed(fitting.seed)
         module = create_head(head, shapes, num_classes, **overrides)
@@ -458,13 +464,10 @@ def run_knn(request: KnnRequest) -> list[dict]:
         return _iter_multi(pair.train, keys, read_pool, request.batch_size, request.pool)
 
     began = time.perf_counter()
-    transform = None
-    if request.standardize:
-        transform = Standardizer.from_batches(x for x, _ in train_stream())
-        test_x = transform(test_x)
-    train = train_stream() if transform is None else ((transform(x), y) for x, y in train_stream())
-    scores = knn_classify(train, None, test_x, test.labels, num_classes, ks=ks, temperature=request.temperature,
-                          device=resolve_device(request.device))
+    device = resolve_device(request.device)
+    transform = _on(Standardizer.from_batches(x for x, _ in train_stream()), device) if request.standardize else None
+    scores = knn_classify(train_stream(), None, test_x, test.labels, num_classes, ks=ks, temperature=request.temperature,
+                          device=device, transform=transform)
     seconds = time.perf_counter() - began
     rows = [dict(**_provenance(selection, pair), train_size=train_size, test_size=test.num_images, head="knn",
                  protocol="knn", standardize=request.standardize, blocks=list(request.blocks),
@@ -473,6 +476,11 @@ def run_knn(request: KnnRequest) -> list[dict]:
             for k, s in scores.items()]
     record_rows(rows, selection.results_path)
     return rows
+
+
+def _on(scale: Standardizer, device: torch.device) -> Standardizer:
+    """The standardiser with its statistics on ``device``: applied there to each chunk, never to a whole split."""
+    return replace(scale, mean=scale.mean.to(device), std=scale.std.to(device))
 
 
 def _iter_multi(cache, keys, read_pool, batch_size, pool):
@@ -484,15 +492,13 @@ def _iter_multi(cache, keys, read_pool, batch_size, pool):
 
 
 def cka_rows(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray | None:
-    """Rows a CKA run reads: all (None), or ``limit`` rows drawn seeded and class-balanced, sorted.
+    """Rows a CKA run reads: all (None), or ``limit`` rows spread evenly over the classes, seeded, sorted.
 
     Dataset indexes are sorted by class, so the first N rows would cover only the first classes.
     """
     if not limit or limit >= len(labels):
         return None
-    fraction = limit / len(labels)
-    _, held = heldout_split(labels, fraction, seed)
-    return held[:limit]
+    return balanced_rows(labels, limit, seed)
 
 
 def run_cka(request: CkaRequest) -> list[Path]:
@@ -515,34 +521,24 @@ def run_cka(request: CkaRequest) -> list[Path]:
     read_pool = {key: _read_pool(cache, key, request.pool) for key in keys}
     valid = np.asarray(cache.valid, dtype=bool)
     rows = cka_rows(np.asarray(cache.labels)[valid], request.limit, request.seed)
+    device = resolve_device(request.device)
     if request.estimator == "linear" or len(set(read_pool.values())) > 1 or rows is not None:
         loaded = _load(cache, keys, read_pool)
         index = torch.from_numpy(rows) if rows is not None else None
         arrays = [loaded.features[key] if index is None else loaded.features[key][index] for key in keys]
-        if request.estimator == "minibatch":
-            # minibatches of a class-sorted split would each hold one class: shuffle rows once, seeded
-            order = torch.randperm(arrays[0].shape[0], generator=torch.Generator().manual_seed(request.seed))
-            arrays = [a[order] for a in arrays]
-        matrix = cka_matrix(arrays, estimator=request.estimator, batch_size=request.batch_size)
+        # float16 as loaded; minibatches are a seeded random partition (cka_matrix), never one class each
+        matrix = cka_matrix(arrays, estimator=request.estimator, batch_size=request.batch_size, seed=request.seed,
+                            device=device)
     else:
-        matrix = _streamed_minibatch_cka(cache, keys, next(iter(read_pool.values())), request)
+        matrix = _streamed_minibatch_cka(cache, keys, next(iter(read_pool.values())), request, device)
     return _write_cka(matrix, keys, panels, request, backbone_id)
 
 
-def _streamed_minibatch_cka(cache, keys, pool, request) -> np.ndarray:
-    """Minibatch CKA over the whole split, streamed; each window of shards is shuffled before it is cut into batches."""
-    window = max(request.batch_size * 32, request.batch_size)
-    generator = torch.Generator().manual_seed(request.seed)
-
-    def batches():
-        for features, _ in iter_feature_batches(cache, keys, window, pool=pool):
-            order = torch.randperm(next(iter(features.values())).shape[0], generator=generator)
-            for start in range(0, order.shape[0], request.batch_size):
-                index = order[start:start + request.batch_size]
-                if index.shape[0] >= 4:  # the unbiased estimator needs n > 3
-                    yield [features[key][index] for key in keys]
-
-    return cka_matrix(batches=batches(), estimator="minibatch")
+def _streamed_minibatch_cka(cache, keys, pool, request, device) -> np.ndarray:
+    """Minibatch CKA over the whole split, streamed as training streams it: shards in a seeded order, windows shuffled."""
+    stream = StreamedFeatures(cache, keys, pool)
+    batches = ([features[key] for key in keys] for features, _ in stream.batches(request.batch_size, seed=request.seed))
+    return cka_matrix(batches=batches, estimator="minibatch", device=device)
 
 
 def _write_cka(matrix, keys, panels, request, backbone_id) -> list[Path]:
@@ -597,11 +593,9 @@ def run_sweep(request: SweepRequest) -> tuple[pa.Table, list[Path]]:
             train_x, test_x = _flat(train.features, [key], pool), _flat(test.features, [key], pool)
             if request.head == "knn":
                 began = time.perf_counter()
-                if request.standardize:
-                    scale = Standardizer.fit(train_x)
-                    train_x, test_x = scale(train_x), scale(test_x)
+                scale = _on(Standardizer.fit(train_x), device) if request.standardize else None
                 scores = knn_classify(train_x, train.labels, test_x, test.labels, num_classes, ks=(20,),
-                                      device=device)[20]
+                                      device=device, transform=scale)[20]
                 row.update(head="knn", protocol="knn", standardize=request.standardize, k=min(20, train.num_images),
                            parameters=0, epochs=0, top1=scores["top1"], top5=scores["top5"],
                            train_seconds=time.perf_counter() - began)

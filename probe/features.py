@@ -2,17 +2,20 @@
 
 Features stay float16, as stored, in RAM and on the training device (half the memory of
 float32, so the RAM cap admits twice as many rows); consumers cast each batch to float32.
-``load_features`` reads whole arrays into RAM (``FeatureCache.load``, under its RAM cap); ``iter_feature_batches`` streams the same rows in fixed-size
-batches (``FeatureCache.iter_shards``) for the consumers that work chunk by chunk (kNN's train
-side, minibatch CKA), and ``StreamedFeatures`` gives training a shuffled stream per epoch when
-the arrays do not fit. ``resolve_backbone_id`` finds the cache folder
-of a named configuration when the caller does not name the backbone id.
+``load_features`` reads whole arrays into RAM (``FeatureCache.load``, under its RAM cap).
+``iter_feature_batches`` streams the same rows in row order, in fixed-size batches
+(``FeatureCache.iter_shards``), for consumers to whom order does not matter (kNN's train side,
+statistics). ``StreamedFeatures`` gives training and minibatch CKA a stream mixed across the whole
+split every epoch when the arrays do not fit. ``resolve_backbone_id`` finds the cache folder of a
+named configuration when the caller does not name the backbone id.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +23,13 @@ import torch
 
 from extract.cache import FeatureCache, cache_path, open_cache
 from extract.errors import CacheError
+from extract.pooling import derive_pool
+
+from .train import epoch_order
 
 __all__ = [
     "FeatureSet", "StreamedFeatures", "open_split", "in_shapes", "feature_bytes", "load_features",
-    "iter_feature_batches", "resolve_backbone_id",
+    "iter_feature_batches", "resolve_backbone_id", "WINDOW_SHARE",
 ]
 
 Key = tuple[int, int]
@@ -161,32 +167,218 @@ def _take(keys, pending, pending_labels, n):
     return out, torch.from_numpy(joined[:n].copy())
 
 
-class StreamedFeatures:
-    """One split read from the cache batch by batch, every epoch, for training that does not fit in RAM.
+WINDOW_SHARE = 4
+"""A streamed window takes at most 1/WINDOW_SHARE of the RAM cap: with the window read ahead and the
+one being cut into batches, at most three windows (3/4 of the cap) are held at once."""
 
-    Rows are read shard by shard in order; shuffling happens inside windows of ``window_rows``
-    (whole batches) with a generator seeded by (seed, epoch), so an epoch's batches are a pure
-    function of (seed, epoch) and memory stays at one window.
+MIN_PIECES = 16
+"""A window gathers at least this many pieces (when it holds that many rows), so even a budget of a few
+shards mixes rows from 16 places in the split."""
+
+
+def _rows_reader(cache: FeatureCache, key: Key, pool: int | None) -> Callable[[int, int], np.ndarray]:
+    """A function (start, stop) -> (stop - start, C, h, w) float16 rows of one complete array, read as one slice.
+
+    ``FeatureCache`` streams whole shards in order (``iter_shards``); an epoch in permuted order reads
+    pieces of shards by row range, after the same completeness check and with the same error for damage.
+    """
+    b, t = key
+    cache._check_complete(b, t, 0)  # unwritten or damaged shards: one line naming the command that finishes them
+    array = cache._array(b, t)
+    native, root = cache._native(array), os.path.dirname(os.path.dirname(os.path.dirname(cache.path)))
+
+    def read(start: int, stop: int) -> np.ndarray:
+        try:
+            data = array[start:stop]
+        except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
+            raise CacheError(
+                f"rows {start}-{stop} of b{b}/t{t} in {cache.path} cannot be decoded ({str(exc).splitlines()[0]}): "
+                f"run diffrep verify --cache-dir {root} --dataset {cache.spec.dataset} --split {cache.spec.split} "
+                f"--repair, then the same diffrep extract command again"
+            ) from exc
+        return derive_pool(data, native, pool)
+
+    return read
+
+
+def _read_ahead(produce: Callable[[threading.Event], Iterator], depth: int = 1) -> Iterator:
+    """Run ``produce(stop)`` on a background thread, ``depth`` items ahead of the consumer.
+
+    An error in the thread is raised here, in the consumer's thread; when the consumer stops early
+    (``close``, an exception, garbage collection) ``stop`` is set and the thread ends after its current read.
+    """
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in produce(stop):
+                if not put(("item", item)):
+                    return
+            put(("done", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(("error", exc))
+
+    thread = threading.Thread(target=work, name="diffrep-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = items.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while not items.empty():  # free a window already read
+            items.get_nowait()
+        thread.join()
+
+
+class StreamedFeatures:
+    """One split read from the cache window by window, every epoch, for training that does not fit in RAM.
+
+    Dataset indexes are sorted by class, so consecutive rows hold one class. The split is cut into
+    pieces: a shard's inner chunks (the smallest read that wastes nothing), or smaller when the byte
+    budget would otherwise hold fewer than ``MIN_PIECES`` of them. Each epoch reads the pieces in a
+    permuted order (a pure function of (seed, epoch)), gathers as many as fit in ``window_bytes`` into
+    one window, shuffles the window's rows (seeded by (seed, epoch, window)) and cuts it into batches;
+    the rows left over at a window's end open the next window's first batch. When the whole split fits
+    in one window, its rows come in ``probe.train.epoch_order``: the same batches, and weights, as in RAM. Batches are therefore a
+    pure function of (seed, epoch) (a resumed run repeats them) and every valid row comes once per
+    epoch. The next window is read on a background thread while the current one is consumed; each
+    piece is read as one slice.
 
     Args:
         cache: an opened split. keys: its (b, t) arrays. pool: None (as stored) or a coarser pool.
-        window_rows: rows shuffled together (rounded to whole batches).
+        window_bytes: most bytes of float16 features in one window (default: 1/``WINDOW_SHARE`` of the
+            cache's RAM cap); always at least one row.
     """
 
-    def __init__(self, cache: FeatureCache, keys: Sequence[Key], pool: int | None = None, window_rows: int = 8192):
-        self.cache, self.keys, self.pool, self.window_rows = cache, list(keys), pool, int(window_rows)
-        self.num_images = int(np.asarray(cache.valid, dtype=bool).sum())
+    def __init__(self, cache: FeatureCache, keys: Sequence[Key], pool: int | None = None,
+                 window_bytes: int | None = None):
+        self.cache, self.keys, self.pool = cache, list(keys), pool
+        if not self.keys:
+            raise CacheError("no (b, t) array to stream: pass at least one --blocks and --timesteps")
+        self.window_bytes = int(window_bytes if window_bytes is not None else cache.ram_cap_bytes // WINDOW_SHARE)
+        self._valid = np.asarray(cache.valid, dtype=bool)
+        self._labels = np.asarray(cache.labels, dtype=np.int64)
+        self.num_images = int(self._valid.sum())
         self.class_names = list(cache.class_names)
+        self._shapes = {key: tuple(int(v) for v in cache.shape(*key, pool)[1:]) for key in self.keys}
+        self.row_bytes = sum(2 * int(np.prod(shape)) for shape in self._shapes.values())
+        shard_size = int(cache.spec.shard_size)
+        chunk = 1
+        for b, t in self.keys:  # inner chunks divide the shard, so their lcm does too
+            chunk = int(np.lcm(chunk, int(cache._array(b, t).chunks[0])))
+        window_rows = max(1, self.window_bytes // max(1, self.row_bytes))
+        self.piece_rows = max(1, min(chunk, shard_size, window_rows // MIN_PIECES))
+        self.pieces_per_window = max(1, window_rows // self.piece_rows)
+        starts = [np.arange(start, stop, self.piece_rows)
+                  for start, stop in (cache.shard_bounds(shard) for shard in range(cache.num_shards))]
+        self.piece_starts = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)
+        ends = np.minimum(self.piece_starts + self.piece_rows,
+                          np.minimum((self.piece_starts // shard_size + 1) * shard_size, cache.num_images))
+        self.piece_stops = ends.astype(np.int64)
+
+    @property
+    def num_pieces(self) -> int:
+        return int(self.piece_starts.shape[0])
+
+    def piece_order(self, seed: int | None, epoch: int) -> np.ndarray:
+        """The pieces in the order epoch ``epoch`` reads them: permuted by (seed, epoch); in order when seed is None."""
+        if seed is None:
+            return np.arange(self.num_pieces)
+        return np.random.default_rng([int(seed), int(epoch), 0x7069_6563]).permutation(self.num_pieces)
+
+    def windows(self, seed: int | None, epoch: int) -> list[np.ndarray]:
+        """The pieces of every window of one epoch, in reading order."""
+        order = self.piece_order(seed, epoch)
+        return [order[i:i + self.pieces_per_window] for i in range(0, len(order), self.pieces_per_window)]
+
+    def _produce(self, seed: int | None, epoch: int, stop: threading.Event):
+        """Windows ``({key: (n, C, h, w) float16}, (n,) int64)``, rows shuffled (when seeded) as they are placed."""
+        readers = {key: _rows_reader(self.cache, key, self.pool) for key in self.keys}
+        windows = self.windows(seed, epoch)
+        whole = None
+        if seed is not None and len(windows) == 1:  # the split fits: the in-RAM epoch's order, batch for batch
+            whole = np.argsort(epoch_order(self.num_images, seed, epoch).numpy())
+            valid_index = np.cumsum(self._valid) - 1  # a row's position among the valid rows
+        for number, pieces in enumerate(windows):
+            bounds = [(int(self.piece_starts[p]), int(self.piece_stops[p])) for p in pieces]
+            masks = [self._valid[start:stop_] for start, stop_ in bounds]
+            total = int(sum(mask.sum() for mask in masks))
+            if seed is None or whole is not None:
+                place = np.arange(total)
+            else:  # row i of the window goes to place[i]: shuffled while it is written, no second copy
+                place = np.random.default_rng([int(seed), int(epoch), number, 0x7769_6e64]).permutation(total)
+            features = {key: np.empty((total, *shape), dtype=np.float16) for key, shape in self._shapes.items()}
+            labels = np.empty(total, dtype=np.int64)
+            offset = 0
+            for (start, stop_), mask in zip(bounds, masks):
+                if stop.is_set():
+                    return
+                if whole is not None:
+                    rows = whole[valid_index[start:stop_][mask]]
+                else:
+                    rows = place[offset:offset + int(mask.sum())]
+                for key, read in readers.items():
+                    data = read(start, stop_)
+                    if data.shape[0] != stop_ - start:
+                        raise CacheError(f"rows {start}-{stop_} of b{key[0]}/t{key[1]} came back as {data.shape[0]} "
+                                         f"rows: the cache is damaged, run diffrep verify --repair")
+                    features[key][rows] = data[mask]
+                labels[rows] = self._labels[start:stop_][mask]
+                offset += rows.shape[0]
+            yield features, labels
 
     def batches(self, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[tuple[dict[Key, torch.Tensor], torch.Tensor]]:
-        """Every valid row once: ``({(b, t): (n, C, h, w) float16}, (n,) int64)``; row order when seed is None."""
-        window = batch_size * max(1, self.window_rows // batch_size)
-        for count, (features, labels) in enumerate(iter_feature_batches(self.cache, self.keys, window, self.pool)):
-            if seed is not None:
-                generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) * 100_003 + count)
-                order = torch.randperm(labels.shape[0], generator=generator)
-                features = {key: value[order] for key, value in features.items()}
-                labels = labels[order]
-            for start in range(0, labels.shape[0], batch_size):
-                yield ({key: value[start:start + batch_size] for key, value in features.items()},
-                       labels[start:start + batch_size])
+        """Every valid row once: ``({(b, t): (n, C, h, w) float16}, (n,) int64)``, n = batch_size except the last.
+
+        Row order when seed is None (evaluation); otherwise mixed over the whole split as described above.
+        """
+        if batch_size < 1:
+            raise CacheError(f"batch_size must be at least 1, got {batch_size}")
+        windows = _read_ahead(lambda stop: self._produce(seed, epoch, stop))
+        try:
+            yield from self._cut(windows, batch_size)
+        finally:
+            windows.close()  # stops the reading thread when the consumer stops early
+
+    @staticmethod
+    def _cut(windows, batch_size: int):
+        """Batches of whole windows in turn; a window's last rows open the next window's first batch."""
+        carry: tuple[dict[Key, np.ndarray], np.ndarray] | None = None
+        for features, labels in windows:
+            start = 0
+            if carry is not None:
+                start = min(batch_size - carry[1].shape[0], labels.shape[0])
+                features_ = {key: np.concatenate([carry[0][key], value[:start]]) for key, value in features.items()}
+                labels_ = np.concatenate([carry[1], labels[:start]])
+                carry = None
+                if labels_.shape[0] < batch_size:
+                    carry = (features_, labels_)
+                    continue
+                yield _tensors(features_, labels_)
+            while labels.shape[0] - start >= batch_size:
+                yield _tensors({key: value[start:start + batch_size] for key, value in features.items()},
+                               labels[start:start + batch_size])
+                start += batch_size
+            if start < labels.shape[0]:
+                carry = ({key: value[start:].copy() for key, value in features.items()}, labels[start:].copy())
+        if carry is not None and carry[1].shape[0]:
+            yield _tensors(*carry)
+
+
+def _tensors(features: dict[Key, np.ndarray], labels: np.ndarray) -> tuple[dict[Key, torch.Tensor], torch.Tensor]:
+    return {key: torch.from_numpy(value) for key, value in features.items()}, torch.from_numpy(labels)

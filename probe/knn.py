@@ -3,13 +3,14 @@
 As in DINOv2's evaluation, every k comes from one top-``max(ks)`` search: each neighbour votes for
 its class with weight ``exp(cos / T)`` and the top-1 / top-5 of the summed votes are scored. Memory
 stays bounded: the train side arrives in chunks (a tensor is split, or any iterable of chunks, such
-as a cache streamed shard by shard), the test side is processed ``test_chunk`` rows at a time, and only
-the running best ``max(ks)`` similarities and labels per test row are kept.
+as a cache streamed shard by shard), the test side stays in its dtype (float16 from the cache) and is
+cast and normalised ``test_chunk`` rows at a time, and only the running best ``max(ks)`` similarities
+and labels per test row are kept. The train side is used whole: kNN draws no subset of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -27,8 +28,10 @@ def _chunks(features: torch.Tensor, labels: torch.Tensor, size: int) -> Iterable
         yield features[start:start + size], labels[start:start + size]
 
 
-def _normalize(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return F.normalize(x.to(device).flatten(1).float(), dim=1)
+def _normalize(x: torch.Tensor, device: torch.device, transform: Callable | None = None) -> torch.Tensor:
+    """One chunk of rows as float32 unit vectors on ``device`` (after ``transform``, e.g. standardisation)."""
+    x = x.to(device).flatten(1).float()
+    return F.normalize(transform(x) if transform is not None else x, dim=1)
 
 
 @torch.no_grad()
@@ -42,6 +45,7 @@ def knn_votes(
     train_chunk: int = 8192,
     test_chunk: int = 1024,
     device: str | torch.device = "cpu",
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Class votes of the k nearest train rows for every test row, for every k.
 
@@ -56,6 +60,8 @@ def knn_votes(
         train_chunk: train rows per similarity block when ``train`` is a tensor.
         test_chunk: test rows per similarity block.
         device: where similarities are computed.
+        transform: applied to every chunk of flattened float32 rows, train and test, before the
+            normalisation (e.g. a ``Standardizer``); the splits themselves stay in their dtype.
 
     Returns:
         ``{k: (M, num_classes) float32 votes}`` on the CPU.
@@ -71,13 +77,13 @@ def knn_votes(
         if train_labels is None or train_labels.shape[0] != train.shape[0]:
             raise ProbeError("train features and train labels have different numbers of rows: load them from one split")
         train = _chunks(train, train_labels, train_chunk)
-    test = _normalize(test_features, device)
+    test = test_features.to(device).flatten(1)  # as given (float16 from the cache): cast one chunk at a time
     num_test, max_k = test.shape[0], ks[-1]
     best_sim = torch.full((num_test, max_k), float("-inf"), device=device)
     best_label = torch.zeros((num_test, max_k), dtype=torch.long, device=device)
     num_train = 0
     for features, labels in train:
-        features = _normalize(features, device)
+        features = _normalize(features, device, transform)
         labels = labels.to(device, torch.long)
         if features.shape[1] != test.shape[1]:
             raise ProbeError(f"train rows have {features.shape[1]} values, test rows {test.shape[1]}: use the same (b, t, pool)")
@@ -86,7 +92,7 @@ def knn_votes(
         num_train += features.shape[0]
         for start in range(0, num_test, test_chunk):
             rows = slice(start, start + test_chunk)
-            sim = test[rows] @ features.T
+            sim = _normalize(test[rows], device, transform) @ features.T
             merged_sim = torch.cat([best_sim[rows], sim], dim=1)
             merged_label = torch.cat([best_label[rows], labels.expand(sim.shape[0], -1)], dim=1)
             top_sim, top_index = merged_sim.topk(max_k, dim=1)
@@ -116,7 +122,7 @@ def knn_classify(
     Args:
         train, train_labels, test_features, num_classes: as in ``knn_votes``.
         test_labels: (M,) int64.
-        vote_options: ``ks``, ``temperature``, ``train_chunk``, ``test_chunk``, ``device`` of ``knn_votes``.
+        vote_options: ``ks``, ``temperature``, ``train_chunk``, ``test_chunk``, ``device``, ``transform`` of ``knn_votes``.
 
     Returns:
         ``{k: {"top1": fraction, "top5": fraction}}`` (top-5 is top-min(5, classes)).

@@ -12,7 +12,7 @@ import torch
 
 from .errors import ProbeError
 
-__all__ = ["heldout_split", "label_fraction_rows"]
+__all__ = ["heldout_split", "label_fraction_rows", "balanced_rows"]
 
 
 def heldout_split(labels: np.ndarray | torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,3 +50,25 @@ def label_fraction_rows(labels: np.ndarray | torch.Tensor, fraction: float, seed
         take = min(len(members), max(1, int(round(fraction * len(members)))))
         rows.append(rng.permutation(members)[:take])
     return np.sort(np.concatenate(rows))
+
+
+def balanced_rows(labels: np.ndarray | torch.Tensor, count: int, seed: int) -> np.ndarray:
+    """``count`` rows spread evenly over the classes, seeded, sorted (e.g. ``--limit``).
+
+    Every class gives ``count // classes`` rows or one more (which classes give one more is seeded),
+    fewer only when it has fewer; the rows of a class are a seeded random choice, not its first ones.
+    """
+    labels = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
+    if count < 1:
+        raise ProbeError(f"a subset needs at least 1 row, got {count}")
+    if count >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng([int(seed), 0x6c69_6d74])
+    grouped = np.lexsort((rng.random(len(labels)), labels))  # by class, random inside each class
+    sorted_labels = labels[grouped]
+    first = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.arange(len(labels)) - first  # 0, 1, 2, ... inside each class
+    classes, inverse = np.unique(sorted_labels, return_inverse=True)
+    class_tiebreak = rng.permutation(len(classes))[inverse]
+    chosen = grouped[np.lexsort((class_tiebreak, rank))[:count]]  # every class's 1st, then every 2nd, ...
+    return np.sort(chosen)

@@ -73,7 +73,7 @@ def test_resolve_backbone_id(tmp_path):
 
 def test_streamed_epochs_cover_every_valid_row_once_in_a_seeded_order(tmp_path):
     cache, data, labels, valid = make_cache(tmp_path, n=41)
-    stream = StreamedFeatures(cache, [(24, 150)], window_rows=12)
+    stream = StreamedFeatures(cache, [(24, 150)], window_bytes=3 * 5 * 96)  # three 5-row shards of 96-byte rows
     eager = load_features(cache, [(24, 150)])
 
     def rows(seed, epoch):
@@ -95,7 +95,7 @@ def test_fit_on_streamed_splits_learns_and_resumes_bit_exact(tmp_path, monkeypat
     train_cache, *_ = make_cache(tmp_path, n=60, split="train", signal=4.0)
     test_cache, *_ = make_cache(tmp_path, n=30, split="test", signal=4.0, seed=1)
     keys = [(24, 150)]
-    train, test = StreamedFeatures(train_cache, keys, window_rows=16), StreamedFeatures(test_cache, keys)
+    train, test = StreamedFeatures(train_cache, keys, window_bytes=2 * 5 * 96), StreamedFeatures(test_cache, keys)
     options = dict(epochs=4, lr=0.2, batch_size=8, step_size=2, progress=False)
 
     def head():
@@ -124,3 +124,24 @@ def test_fit_on_streamed_splits_learns_and_resumes_bit_exact(tmp_path, monkeypat
     fit(resumed, train, None, test, None, **options, checkpoint_dir=tmp_path / "ckpt", resume=True)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_split_that_fits_one_window_streams_the_in_ram_epochs_exactly(tmp_path):
+    """Streaming is then only a memory choice: same batches, same trained weights as the features in RAM."""
+    train_cache, *_ = make_cache(tmp_path, n=60, split="train", signal=1.0)
+    test_cache, *_ = make_cache(tmp_path, n=30, split="test", signal=1.0, seed=1)
+    keys = [(24, 150), (19, 90)]
+    stream = StreamedFeatures(train_cache, keys)  # the default share of the RAM cap holds these 58 rows
+    assert len(stream.windows(0, 0)) == 1
+    eager, test = load_features(train_cache, keys), load_features(test_cache, keys)
+    options = dict(epochs=3, lr=0.3, batch_size=8, step_size=2, seed=5, progress=False)
+    heads = []
+    for train, labels in ((eager.features, eager.labels), (stream, None)):
+        torch.manual_seed(0)
+        heads.append(create_head("linear", in_shapes(train_cache, keys), 3))
+        fit(heads[-1], train, labels, test.features, test.labels, **options)
+    for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
+        assert torch.equal(a, b)
+    small = StreamedFeatures(train_cache, keys, window_bytes=20 * 2 * 96)  # several windows: mixed, not equal
+    assert len(small.windows(0, 0)) > 1
+    assert sorted(torch.cat([y for _, y in small.batches(8, seed=5)]).tolist()) == sorted(eager.labels.tolist())

@@ -70,3 +70,20 @@ def test_errors_are_one_line():
         knn_votes(train, labels, test[:, :1], 7)
     with pytest.raises(ProbeError, match="labels must lie"):
         knn_votes(train, labels, test, 2)
+
+
+def test_float16_splits_standardised_chunk_by_chunk_match_the_reference_on_standardised_float64():
+    """The splits stay float16 (as cached); the transform runs per chunk, equal to standardising them whole first."""
+    from probe.logistic import Standardizer
+
+    train, labels, test, _ = _data(150, 31, seed=2)
+    train = (3.0 + 2.0 * train * torch.linspace(0.1, 2, 12).reshape(3, 2, 2)).half()  # offsets and scales to remove
+    test = (3.0 + 2.0 * test * torch.linspace(0.1, 2, 12).reshape(3, 2, 2)).half()
+    scale = Standardizer.fit(train.flatten(1))
+    votes = knn_votes(train, labels, test, 7, ks=(5, 20), train_chunk=40, test_chunk=8, transform=scale)
+    whole = lambda x: (x.flatten(1).double() - scale.mean.double()) / scale.std.double()  # noqa: E731
+    for k in (5, 20):
+        ref = _reference_votes(whole(train), labels, whole(test), 7, k)
+        torch.testing.assert_close(votes[k].double(), ref, rtol=1e-3, atol=1e-6)
+    plain = knn_votes(train, labels, test, 7, ks=(5,))[5]
+    assert not torch.allclose(plain, votes[5])  # the transform changed the neighbours
