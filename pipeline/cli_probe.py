@@ -88,14 +88,17 @@ def _protocol_options(fn):
         click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step (sgd/adam)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the held-out rows, the heads' initialisation and the batch order."),
+        click.option("--views/--view-0", "views", default=True, show_default=True,
+                     help="sgd/adam: train on every view the cache stores (extract --noise-draws K, --flip), one per "
+                          "image per epoch, seeded; scoring always reads view 0."),
     ]
 
     @functools.wraps(fn)
-    def wrapper(solver, lr, l2, heldout_fraction, epochs, label_fraction, batch_size, seed, **options):
+    def wrapper(solver, lr, l2, heldout_fraction, epochs, label_fraction, batch_size, seed, views, **options):
         from .evaluation import FitProtocol
 
         protocol = FitProtocol(solver=solver, lr=lr, l2=l2, heldout_fraction=heldout_fraction, epochs=epochs,
-                               label_fraction=label_fraction, batch_size=batch_size, seed=seed)
+                               label_fraction=label_fraction, batch_size=batch_size, seed=seed, views=views)
         return fn(protocol=protocol, **options)
 
     return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)

@@ -44,6 +44,7 @@ from probe.knn import knn_classify
 from probe.logistic import DEFAULT_L2_GRID, Standardizer, converged_linear_probe
 from probe.subsets import balanced_rows, heldout_split, label_fraction_rows
 from probe.train import fit
+from probe.views import take_rows
 
 from .errors import DatasetError, ResultsError
 from .manifest import get_dataset
@@ -99,6 +100,8 @@ class FitProtocol:
             chosen on the held-out rows; None: the head's default). l2: the converged probe's L2 grid.
         heldout_fraction: share of every class held out to choose l2 / lr.
         label_fraction: train on this share of every class (None: all). seed: draws, init, batch order.
+        views: sgd/adam train on every view the cache stores (noise draws, flips), one per image per
+            epoch, seeded; False (or the converged probe, or streaming) reads view 0 only.
     """
 
     solver: str | None = None
@@ -109,6 +112,7 @@ class FitProtocol:
     label_fraction: float | None = None
     batch_size: int = 256
     seed: int = 0
+    views: bool = True
 
 
 @dataclass(frozen=True)
@@ -257,11 +261,11 @@ def _read_pool(cache: FeatureCache, key: Key, pool: int | None) -> int | None:
     return pool if cache.shape(*key)[-1] > pool else None
 
 
-def _load(cache: FeatureCache, keys, read_pool):
-    """Load every key at its read pool into one FeatureSet."""
+def _load(cache: FeatureCache, keys, read_pool, views: bool = False):
+    """Load every key at its read pool into one FeatureSet (every stored view in a ``ViewStack`` with ``views``)."""
     first = None
     for key in keys:
-        part = load_features(cache, [key], pool=read_pool[key])
+        part = load_features(cache, [key], pool=read_pool[key], views=views)
         if first is None:
             first = part
         else:
@@ -337,9 +341,9 @@ def _paper(build, lrs, optimizer, train, test, epochs, batch_size, heldout_fract
     if len(lrs) > 1:
         fit_rows, held_rows = heldout_split(train_y, heldout_fraction, seed)
         fit_index, held_index = torch.from_numpy(fit_rows), torch.from_numpy(held_rows)
-        held_x = {key: value[held_index] for key, value in train_x.items()}
+        held_x = take_rows(train_x, held_index)  # scored in view 0
         held_y = train_y[held_index]
-        train_x = {key: value[fit_index] for key, value in train_x.items()}
+        train_x = take_rows(train_x, fit_index)
         train_y = train_y[fit_index]
         heldout = len(held_rows)
         module = HeadGrid(build, lrs, seed=seed)
@@ -397,7 +401,7 @@ def run_probe(request: ProbeRequest) -> dict:
     identity = dict(_provenance(selection, pair), head=head, options={k: list(v) if isinstance(v, tuple) else v
                                                                        for k, v in sorted(overrides.items())},
                     blocks=list(request.blocks), timesteps=list(request.timesteps),
-                    label_fraction=fitting.label_fraction)
+                    label_fraction=fitting.label_fraction, views=fitting.views)
     checkpoint_dir = request.checkpoint_dir
     if checkpoint_dir is None:
         shaped = "".join(f"_{k}{fmt_keys(v) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(overrides.items()))
@@ -426,9 +430,14 @@ def run_probe(request: ProbeRequest) -> dict:
                    parameters=count_parameters(module), epochs=fitting.epochs, batch_size=fitting.batch_size,
                    train_seconds=result.train_seconds)
     else:
-        train, test = _fraction(_load(pair.train, keys, read_pool), fitting), _load(pair.test, keys, read_pool)
-        shapes = {key: tuple(train.features[key].shape[1:]) for key in keys}
-        row.update(train_size=train.num_images, test_size=test.num_images)
+        views = fitting.views and pair.train.spec.views > 1
+        if views and need * pair.train.spec.views > pair.train.ram_cap_bytes:
+            raise ProbeError(f"the {pair.train.spec.views} stored views of the train split take "
+                             f"{need * pair.train.spec.views / 2**30:.1f} GiB, over the RAM cap: raise --ram-cap-gb, "
+                             f"use a coarser --pool, or pass --view-0 to train on the first view only")
+        train, test = _fraction(_load(pair.train, keys, read_pool, views), fitting), _load(pair.test, keys, read_pool)
+        shapes = {key: tuple(test.features[key].shape[1:]) for key in keys}
+        row.update(train_size=train.num_images, test_size=test.num_images, train_views=pair.train.spec.views if views else 1)
         row.update(_paper(lambda: create_head(head, shapes, num_classes, **overrides), lrs, solver, train, test,
                           fitting.epochs, fitting.batch_size, fitting.heldout_fraction, fitting.seed, device,
                           request.progress, checkpoint_dir, request.resume, identity))
@@ -441,8 +450,7 @@ def _fraction(train, fitting: FitProtocol):
     if fitting.label_fraction is None:
         return train
     rows = torch.from_numpy(label_fraction_rows(train.labels, fitting.label_fraction, fitting.seed))
-    return replace(train, features={key: value[rows] for key, value in train.features.items()},
-                   labels=train.labels[rows])
+    return replace(train, features=take_rows(train.features, rows), labels=train.labels[rows])
 
 
 def run_knn(request: KnnRequest) -> list[dict]:

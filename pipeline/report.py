@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 TABLE_COLUMNS = ("date", "dataset", "backbone_id", "head", "strategy", "blocks", "timesteps", "pool", "k",
-                 "parameters", "protocol", "solver", "l2", "lr", "epochs", "label_fraction", "fresh_noise", "augment",
+                 "parameters", "protocol", "solver", "l2", "lr", "epochs", "label_fraction", "train_views", "fresh_noise", "augment",
                  "finetune", "train_split", "test_split", "top1", "top5", "train_seconds")
 
 

@@ -42,6 +42,7 @@ RESULTS_SCHEMA = pa.schema([
     ("fresh_noise", pa.bool_()),    # live backbone: new noise every step (null: cached features)
     ("augment", pa.bool_()),        # live backbone: random resized crop + flip every step
     ("finetune", pa.bool_()),       # the backbone trained too (live backbone only)
+    ("train_views", pa.int64()),    # cached views trained on, one per image per epoch (noise draws x flips)
     ("train_split", pa.string()),
     ("test_split", pa.string()),
     ("noise_seed", pa.int64()),     # of the cache

@@ -26,6 +26,7 @@ from extract.errors import CacheError
 from extract.pooling import derive_pool
 
 from .train import epoch_order
+from .views import ViewStack
 
 __all__ = [
     "FeatureSet", "StreamedFeatures", "open_split", "in_shapes", "feature_bytes", "load_features",
@@ -97,27 +98,31 @@ def feature_bytes(cache: FeatureCache, keys: Sequence[Key], pool: int | None = N
     return sum(2 * int(np.prod(cache.shape(b, t, pool))) for b, t in keys)
 
 
-def load_features(cache: FeatureCache, keys: Sequence[Key], pool: int | None = None) -> FeatureSet:
+def load_features(cache: FeatureCache, keys: Sequence[Key], pool: int | None = None, views: bool = False) -> FeatureSet:
     """Read the (b, t) arrays of one split into float16 tensors, dropping invalid rows.
 
     Args:
         cache: an opened split (``open_split``). keys: the (b, t) arrays to read.
         pool: None (as stored) or a coarser pool derived exactly by the cache.
+        views: read every stored view (noise draws, flips) into a ``ViewStack`` when there are several.
 
     Returns:
-        ``FeatureSet`` with ``{(b, t): (N_valid, C, h, w) float16}``.
+        ``FeatureSet`` with ``{(b, t): (N_valid, C, h, w) float16}``, or a ``ViewStack`` of
+        ``(V, N_valid, C, h, w)``.
 
     Raises:
         CacheError: a missing or incomplete array, or more than the cache's RAM cap.
     """
     valid = np.asarray(cache.valid, dtype=bool)
     keep = None if valid.all() else np.flatnonzero(valid)
-    features = {}
+    num_views = cache.spec.views if views else 1
+    features = ViewStack() if num_views > 1 else {}
     for b, t in keys:
-        array = cache.load(b, t, pool=pool)
-        if keep is not None:
-            array = array[keep]
-        features[(b, t)] = torch.from_numpy(np.ascontiguousarray(array))
+        stack = []
+        for view in range(num_views):
+            array = cache.load(b, t, pool=pool, view=view)
+            stack.append(torch.from_numpy(np.ascontiguousarray(array if keep is None else array[keep])))
+        features[(b, t)] = torch.stack(stack) if num_views > 1 else stack[0]
     labels = np.asarray(cache.labels, dtype=np.int64)
     labels = labels if keep is None else labels[keep]
     return FeatureSet(features, torch.from_numpy(labels.copy()), list(cache.class_names), int((~valid).sum()))

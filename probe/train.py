@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import ProbeError
 from .grid import HeadGrid
+from .views import ViewStack, num_rows_of, view_choice
 
 __all__ = [
     "TrainConfig", "FitResult", "BatchSource", "epoch_order", "tensor_batches", "train_one_epoch", "evaluate", "fit",
@@ -92,7 +93,8 @@ class FitResult:
 
 
 def _num_rows(features: Features, labels: torch.Tensor) -> int:
-    sizes = {key: int(value.shape[0]) for key, value in features.items()}
+    stacked = isinstance(features, ViewStack)
+    sizes = {key: num_rows_of(value, stacked) for key, value in features.items()}
     if not sizes or any(n != labels.shape[0] for n in sizes.values()):
         raise ProbeError(f"features have rows {sizes} but there are {labels.shape[0]} labels: load them from one cache split")
     return int(labels.shape[0])
@@ -122,19 +124,25 @@ def epoch_order(num_rows: int, seed: int, epoch: int, device: torch.device | str
     return torch.randperm(num_rows, generator=generator).to(device)
 
 
-def tensor_batches(features: Features, labels: torch.Tensor, order: torch.Tensor,
-                   batch_size: int) -> Iterator[tuple[dict[tuple[int, int], torch.Tensor], torch.Tensor]]:
+def tensor_batches(features: Features, labels: torch.Tensor, order: torch.Tensor, batch_size: int,
+                   views: torch.Tensor | None = None) -> Iterator[tuple[dict[tuple[int, int], torch.Tensor], torch.Tensor]]:
     """Batches of tensors already on the device, rows taken in ``order``, cast to float32 one batch at a time.
 
     Args:
-        features: ``{(b, t): (N, C, h, w)}``. labels: (N,) int64. order: (N,) row indices. batch_size: rows per batch.
+        features: ``{(b, t): (N, C, h, w)}``, or a ``ViewStack`` ``{(b, t): (V, N, C, h, w)}`` with ``views``.
+        labels: (N,) int64. order: (N,) row indices. batch_size: rows per batch.
+        views: (N,) the view each row is read in (a ``ViewStack`` only).
 
     Yields:
         ``({(b, t): (n, C, h, w) float32}, (n,) labels)``, n = batch_size except the last.
     """
     for start in range(0, order.shape[0], batch_size):
         index = order[start:start + batch_size]
-        yield {key: value[index].float() for key, value in features.items()}, labels[index]
+        if views is None:
+            yield {key: value[index].float() for key, value in features.items()}, labels[index]
+        else:
+            chosen = views[index]
+            yield {key: value[chosen, index].float() for key, value in features.items()}, labels[index]
 
 
 def train_one_epoch(
@@ -224,7 +232,8 @@ def evaluate(head: nn.Module, batches: Iterable[tuple[Features, torch.Tensor]]) 
 
 def _as_inputs(features: Features, labels: torch.Tensor, device: torch.device) -> tuple[Features, torch.Tensor]:
     """Features on ``device`` in their own dtype (float16 from the cache stays float16), int64 labels."""
-    return {key: value.to(device) for key, value in features.items()}, labels.to(device, torch.long)
+    moved = {key: value.to(device) for key, value in features.items()}
+    return (ViewStack(moved) if isinstance(features, ViewStack) else moved), labels.to(device, torch.long)
 
 
 def _float_batches(batches, device: torch.device):
@@ -267,7 +276,11 @@ def _epoch_batches(data, labels, batch_size: int, seed: int | None, epoch: int, 
     if isinstance(data, Mapping):
         num_rows = _num_rows(data, labels)
         order = epoch_order(num_rows, seed, epoch, device) if seed is not None else torch.arange(num_rows, device=device)
-        return tensor_batches(data, labels, order, batch_size), -(-num_rows // batch_size)
+        views = None
+        if isinstance(data, ViewStack):  # training: one seeded view per row and epoch; scoring: view 0
+            views = view_choice(num_rows, data.num_views, seed, epoch, device) if seed is not None else \
+                torch.zeros(num_rows, dtype=torch.long, device=device)
+        return tensor_batches(data, labels, order, batch_size, views), -(-num_rows // batch_size)
     return _float_batches(data.batches(batch_size, seed=seed, epoch=epoch), device), -(-data.num_images // batch_size)
 
 
