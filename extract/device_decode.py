@@ -2,22 +2,22 @@
 
 An option, not the default. A GPU that runs the truncated backbone at ~1,000 images/s needs
 about ten CPU cores of PIL decoding to keep up (``make bench``); nvJPEG moves that work to the
-GPU. The pixels may then differ from the default CPU path by a few levels: nvJPEG's inverse DCT
-and chroma upsampling are not libjpeg-turbo's, and the tensor resize below follows
-guided-diffusion's PIL resize (BOX halving, then an antialiased bicubic, rounded to uint8 after
-each step) closely but not bit for bit. Files that are not JPEG, or that nvJPEG refuses (CMYK,
-some progressive files), are decoded by PIL on the CPU, as by default.
+GPU. The resize and crop that follow are PIL's bit for bit (its coefficients and fixed-point
+rounding, computed exactly in float64), but the decoded pixels may differ from the default CPU
+path: nvJPEG's inverse DCT and chroma upsampling are not libjpeg-turbo's (even torchvision's CPU
+decoder differs from PIL's by one level in some pixels). Files that are not JPEG, or that nvJPEG
+refuses (CMYK, some progressive files), are decoded by PIL on the CPU, as by default.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError
 from .images import _reason, load_pixels
@@ -54,32 +54,92 @@ def check_decode_device(decode_device: str, device: torch.device | str) -> None:
                           "--decode-device out") from None
 
 
-def _round_to_levels(x: torch.Tensor) -> torch.Tensor:
-    """PIL stores every resize step as uint8, rounding halves up."""
-    return torch.floor(x + 0.5).clamp_(0, 255)
+_PRECISION_BITS = 22  # PIL's fixed-point coefficients for 8-bit images (32 - 8 - 2)
+
+
+def _box(x: np.ndarray) -> np.ndarray:
+    return ((x > -0.5) & (x <= 0.5)).astype(np.float64)
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    a, x = -0.5, np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+_FILTERS = {"box": (_box, 0.5), "bicubic": (_bicubic, 2.0)}
+
+
+@functools.lru_cache(maxsize=512)
+def _coefficients(in_size: int, out_size: int, name: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL's resampling taps (``precompute_coeffs`` then ``normalize_coeffs_8bpc``): ``(first, weights)``.
+
+    ``weights`` is ``(out, taps)`` float64 holding integers, PIL's weights in 22-bit fixed point
+    (the filter stretched by the scale when shrinking, normalised per output pixel), zero past
+    each pixel's last tap; ``first`` ``(out, taps)`` the input indices they weigh (clamped inside
+    the image where the weight is zero). Cached per size pair: a dataset has few distinct sizes.
+    """
+    kernel, support = _FILTERS[name]
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support *= filter_scale
+    center = (np.arange(out_size) + 0.5) * scale
+    lo = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C's (int) truncation, clamped as PIL does
+    hi = np.minimum((center + support + 0.5).astype(np.int64), in_size)
+    taps = int(max(1, (hi - lo).max()))
+    x = lo[:, None] + np.arange(taps)[None, :]
+    inside = x < hi[:, None]
+    weights = np.where(inside, kernel((x - center[:, None] + 0.5) / filter_scale), 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    weights = np.divide(weights, total, out=weights, where=total != 0.0)
+    fixed = weights * (1 << _PRECISION_BITS)
+    fixed = np.trunc(np.where(fixed < 0, fixed - 0.5, fixed + 0.5))
+    index = np.minimum(x, in_size - 1)
+    return torch.from_numpy(index).to(device), torch.from_numpy(fixed).to(device)
+
+
+def _pass(x: torch.Tensor, size: int, name: str) -> torch.Tensor:
+    """One PIL pass along the last axis of float64 levels, rounded to uint8 levels as PIL does."""
+    index, weights = _coefficients(x.shape[-1], size, name, str(x.device))
+    taps = x[..., index]  # (..., out, taps)
+    total = (taps * weights).sum(-1)
+    return torch.floor((total + float(1 << (_PRECISION_BITS - 1))) / float(1 << _PRECISION_BITS)).clamp_(0, 255)
+
+
+def _resample(x: torch.Tensor, size: tuple[int, int], name: str) -> torch.Tensor:
+    """PIL's two-pass 8-bit resize of ``(3, H, W)`` float64 levels: horizontal, then vertical.
+
+    Integer arithmetic in float64 is exact here (255 * 2**22 * a few hundred taps < 2**53), so the
+    levels are PIL's bit for bit.
+    """
+    height, width = size
+    if width != x.shape[-1]:
+        x = _pass(x, width, name)
+    if height != x.shape[-2]:
+        x = _pass(x.transpose(-1, -2), height, name).transpose(-1, -2)
+    return x
 
 
 def resize_center_crop_tensor(image: torch.Tensor, image_size: int) -> torch.Tensor:
     """guided-diffusion's resize and center crop (``images.resize_center_crop``) on a uint8 ``(3, H, W)`` tensor, any device.
 
-    Halves the image by 2x2 averaging while its short side is at least twice the target (exact
-    for even sides; odd sides average uneven bins where PIL weighs fractions), then an
-    antialiased bicubic brings the short side to ``image_size``; the crop keeps the extra pixel
-    on the right / bottom as PIL's does.
+    BOX halving while the short side is at least twice the target, then bicubic to the target,
+    with PIL's own coefficients and rounding, so the pixels equal PIL's for the same decoded image.
 
     Returns:
         uint8 ``(3, S, S)`` on the image's device.
     """
-    x = image.unsqueeze(0).to(torch.float32)
+    x = image.to(torch.float64)
     height, width = x.shape[-2:]
     while min(width, height) >= 2 * image_size:
         width, height = width // 2, height // 2
-        x = _round_to_levels(F.interpolate(x, size=(height, width), mode="area"))
+        x = _resample(x, (height, width), "box")
     scale = image_size / min(width, height)
     width, height = round(width * scale), round(height * scale)
-    x = _round_to_levels(F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False))
+    x = _resample(x, (height, width), "bicubic")
     left, top = (width - image_size) // 2, (height - image_size) // 2
-    return x[0, :, top:top + image_size, left:left + image_size].to(torch.uint8)
+    return x[:, top:top + image_size, left:left + image_size].to(torch.uint8)
 
 
 def load_pixels_on_device(

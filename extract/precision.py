@@ -38,8 +38,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_precision(precision: str = "auto", device: str = "auto") -> str:
     """``auto``: bf16 where the backbone runs on a CUDA GPU (tensor cores, half the memory traffic), fp32 on the CPU.
 
-    ``device`` is resolved as :func:`resolve_device` does, so ``auto`` follows the machine (or the
-    worker's $DIFFREP_DEVICE); an explicit precision is returned as it is.
+    ``cuda``/``cuda:N`` give bf16 even where this process sees no GPU (a plan made for a remote
+    cluster); ``auto`` follows the machine (or the worker's $DIFFREP_DEVICE) as :func:`resolve_device`
+    does. An explicit precision is returned as it is.
 
     Raises:
         ConfigError: an unknown precision or device.
@@ -48,6 +49,8 @@ def resolve_precision(precision: str = "auto", device: str = "auto") -> str:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision {precision!r} is unknown: choose auto, {', '.join(PRECISIONS)}")
         return precision
+    if str(device).startswith("cuda"):
+        return "bf16"
     return "bf16" if resolve_device(device).type == "cuda" else "fp32"
 
 

@@ -25,7 +25,7 @@ from extract.adm import normalize_blocks
 from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run, reset_shards
 from extract.configs import get_config
 from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
-from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, run_shard_job
+from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, link_next_shards, run_shard_job
 from extract.pooling import pooled_size
 from extract.schedule import get_schedule
 
@@ -65,7 +65,7 @@ class ExtractionRequest:
         cache_dir: cache root; device, precision: where and how to compute.
         num_threads: torch CPU threads per task, fixed wherever the task runs: CPU results depend on it
             bit for bit (so do batch_size and precision), so keep them when resuming.
-        decode_threads: decoding threads per task.
+        decode_threads: decoding threads per task; decode_device: ``cpu`` (PIL) or ``cuda`` (nvJPEG, pixels may differ).
     """
 
     dataset: str
@@ -89,6 +89,7 @@ class ExtractionRequest:
     precision: str = "fp32"
     num_threads: int = DEFAULT_THREADS
     decode_threads: int = 2
+    decode_device: str = "cpu"
 
 
 @dataclass
@@ -376,7 +377,7 @@ def plan_extraction(request: ExtractionRequest, check_disk: bool = True, dry_run
                 weight_seed=None if sha256 else int(request.weight_seed), noise_seed=spec.noise_seed,
                 pool=spec.pool, precision=request.precision, device=request.device,
                 batch_size=int(request.batch_size), num_threads=int(request.num_threads),
-                decode_threads=int(request.decode_threads),
+                decode_threads=int(request.decode_threads), decode_device=request.decode_device,
             ))
     bytes_free = shutil.disk_usage(_existing_parent(path)).free
     check_disk = check_disk and not dry_run
@@ -494,6 +495,7 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
     fatal: DiffrepError | None = None
     bar = tqdm(total=plan.images_to_run, unit="img", desc=f"{plan.spec.dataset}/{plan.spec.split}",
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    jobs = link_next_shards(jobs)  # each job decodes the next one's first batches ahead
     results = runner.run(run_shard_job, jobs, retries=retries, name=f"extract-{plan.spec.split}-shard")
     interrupted = False
     try:
@@ -522,7 +524,7 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
             "shards_written": summary.shards_done, "shards_failed": sorted(summary.failed),
             "images": summary.images, "forwards": summary.forwards, "seconds": round(summary.seconds, 2),
             "where": runner.description, "threads": plan.request.num_threads,
-            "batch_size": plan.request.batch_size,
+            "batch_size": plan.request.batch_size, "decode_device": plan.request.decode_device,
         })
     if interrupted:
         raise ExtractionInterrupted(summary, len(jobs))
