@@ -38,6 +38,7 @@ import zarr
 from .errors import CacheError, CacheIncompleteError, CacheMismatchError
 from .integrity import WRITE_CONFIG, marker_checksum, marker_value, object_problems, remove_objects, shard_checksum
 from .pooling import derive_pool
+from .shard_io import read_shard_object, write_shard_object
 
 __all__ = [
     "FORMAT_VERSION",
@@ -345,7 +346,8 @@ def write_shard(
         if data.shape != (stop - start, *array.shape[1:]):
             raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
         data = np.asarray(data, dtype=np.float16)
-        _writable(array)[start:stop] = data
+        if not write_shard_object(array, shard, data):  # whole shards go straight to the file (extract.shard_io)
+            _writable(array)[start:stop] = data
         marker = group[_marker_name(b, t, view)]
         markers[(b, t)] = (marker, marker_value(data, marker.dtype))
     for marker, value in markers.values():
@@ -745,10 +747,16 @@ class FeatureCache:
                 f"run diffrep extract --dataset {self.spec.dataset} --timesteps {t} --blocks {b} again to finish it"
             )
 
-    def _read_shard(self, array: zarr.Array, name: str, shard: int) -> np.ndarray:
+    def _read_shard(self, array: zarr.Array, name: str, shard: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The shard's rows as stored, read into ``out`` when given (a C-contiguous slice of the caller's result)."""
         start, stop = self.shard_bounds(shard)
+        if out is None:
+            out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
+        if read_shard_object(array, shard, out):  # straight from the file (extract.shard_io); else through Zarr
+            return out
         try:
-            return array[start:stop]
+            out[...] = array[start:stop]
+            return out
         except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
             root = os.path.dirname(os.path.dirname(os.path.dirname(self.path)))
             raise CacheError(
@@ -757,8 +765,12 @@ class FeatureCache:
                 f"diffrep extract command again"
             ) from exc
 
-    def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool):
-        """(start, stop, shard data) for every shard in order; zeros for shards not written (allow_incomplete only)."""
+    def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool, into: np.ndarray | None = None):
+        """(start, stop, shard data) for every shard in order; zeros for shards not written (allow_incomplete only).
+
+        With ``into`` (the whole (N, C, h, w) result, maps as stored) each shard is read straight into
+        its rows and the data yielded is that slice: no second copy.
+        """
         array = self._array(b, t, view)
         if allow_incomplete:
             skip = set(self.missing_shards(b, t, view))
@@ -770,7 +782,13 @@ class FeatureCache:
         _, c, h, w = self.shape(b, t, pool)
         for shard in range(self.num_shards):
             start, stop = self.shard_bounds(shard)
-            if shard in skip:
+            if into is not None:
+                if shard in skip:
+                    into[start:stop] = 0
+                else:
+                    self._read_shard(array, name, shard, out=into[start:stop])
+                yield start, stop, into[start:stop]
+            elif shard in skip:
                 yield start, stop, np.zeros((stop - start, c, h, w), dtype=np.float16)
             else:
                 yield start, stop, derive_pool(self._read_shard(array, name, shard), native, pool)
@@ -820,6 +838,10 @@ class FeatureCache:
                 f"{self.ram_cap_bytes / 2**30:.1f} GiB cap: stream it with iter_shards or raise ram_cap_bytes"
             )
         out = np.empty((n, c, h, w), dtype=np.float16)
+        if (c, h, w) == tuple(self._array(b, t, view).shape[1:]):  # maps as stored: read straight into the result
+            for _ in self._shards(b, t, pool, view, allow_incomplete, into=out):
+                pass
+            return out
         for start, stop, data in self._shards(b, t, pool, view, allow_incomplete):
             out[start:stop] = data
         return out
