@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "record_run",
     "reset_shards",
     "open_cache",
+    "inner_chunk_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,7 +207,7 @@ def _marker_name(b: int, t: int, view: int = 0) -> str:
     return "done/" + _array_name(b, t, view)
 
 
-def _inner_chunk(shard_size: int, image_bytes: int) -> int:
+def inner_chunk_rows(shard_size: int, image_bytes: int) -> int:
     """Largest divisor of shard_size whose chunk stays under _INNER_CHUNK_BYTES (at least 1 image)."""
     best = 1
     for d in range(1, shard_size + 1):
@@ -290,7 +292,7 @@ def create_cache(
                 name = _array_name(b, t, view)
                 if name not in group:
                     image_bytes = channels * h * w * 2
-                    inner = _inner_chunk(spec.shard_size, image_bytes)
+                    inner = inner_chunk_rows(spec.shard_size, image_bytes)
                     array = group.create_array(
                         name, shape=(spec.num_images, channels, h, w), dtype="float16", fill_value=0,
                         chunks=(inner, channels, h, w), shards=(spec.shard_size, channels, h, w),
@@ -338,20 +340,22 @@ def write_shard(
         _writable(group["index/error"])[start:stop] = np.asarray(
             list(errors) if errors is not None else [""] * (stop - start))
     markers = {}
-    for (b, t), data in features.items():
-        name = _array_name(b, t, view)
-        if name not in group:
-            raise CacheError(f"cache has no array {name}: create it with create_cache before writing")
-        array = group[name]
-        if data.shape != (stop - start, *array.shape[1:]):
-            raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
-        data = np.asarray(data, dtype=np.float16)
-        if not write_shard_object(array, shard, data):  # whole shards go straight to the file (extract.shard_io)
-            _writable(array)[start:stop] = data
-        marker = group[_marker_name(b, t, view)]
-        markers[(b, t)] = (marker, marker_value(data, marker.dtype))
+    # the CRC-32 of each shard runs beside its write: both release the GIL, and each alone takes about as long
+    with ThreadPoolExecutor(1, thread_name_prefix="diffrep-crc") as checksums:
+        for (b, t), data in features.items():
+            name = _array_name(b, t, view)
+            if name not in group:
+                raise CacheError(f"cache has no array {name}: create it with create_cache before writing")
+            array = group[name]
+            if data.shape != (stop - start, *array.shape[1:]):
+                raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
+            data = np.asarray(data, dtype=np.float16)
+            marker = group[_marker_name(b, t, view)]
+            markers[(b, t)] = (marker, checksums.submit(marker_value, data, marker.dtype))
+            if not write_shard_object(array, shard, data):  # whole shards go straight to the file (extract.shard_io)
+                _writable(array)[start:stop] = data
     for marker, value in markers.values():
-        marker[shard] = value
+        marker[shard] = value.result()
 
 
 def _writable(array: zarr.Array) -> zarr.Array:

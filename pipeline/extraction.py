@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from extract.adm import normalize_blocks
-from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, make_backbone_id, record_run, reset_shards
+from extract.cache import (
+    CacheSpec, FeatureCache, cache_path, create_cache, inner_chunk_rows, make_backbone_id, record_run, reset_shards,
+)
 from extract.configs import get_config
 from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, link_next_shards, run_shard_job
@@ -143,7 +145,11 @@ class ExtractionPlan:
             else:
                 state = "resume"
             size = spec.num_images * c * h * w * 2 * spec.views
-            lines.append(f"  b{b}/t{t}: ({spec.num_images}, {c}, {h}, {w}) float16, {format_bytes(size)}  [{state}]")
+            image_bytes = c * h * w * 2
+            inner = inner_chunk_rows(spec.shard_size, image_bytes)
+            lines.append(f"  b{b}/t{t}: ({spec.num_images}, {c}, {h}, {w}) float16, {format_bytes(size)}  [{state}]; "
+                         f"shards of {spec.shard_size} images ({format_bytes(spec.shard_size * image_bytes)}), "
+                         f"inner chunks of {inner} ({format_bytes(inner * image_bytes)})")
         for (b, t, view), shards in sorted(self.damaged.items()):
             lines.append(f"  b{b}/t{t}{_VIEW_NAMES[view]}: {len(shards)} shard(s) marked done but damaged, re-run: "
                          + "; ".join(f"{s} {why}" for s, why in sorted(shards.items())[:4]))
