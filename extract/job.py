@@ -306,6 +306,11 @@ def _run(job: ShardJob) -> ShardResult:
 
     PREFETCHER.use_threads(job.decode_threads)
     batches = _Batches(job, bounds, device)
+    on_device = {}  # GPU: q_sample's coefficients and the timesteps moved once, so no copy in the loop syncs
+    if cuda:
+        for t in {int(t) for _, t, _ in job.todo}:
+            coefficient = torch.tensor([schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]])
+            on_device[t] = (coefficient.float().to(device), torch.full((job.batch_size,), t, dtype=torch.long, device=device))
     noise: dict[tuple[int, int], Future] = {}
 
     def queue_noise(t: int) -> None:
@@ -338,14 +343,23 @@ def _run(job: ShardJob) -> ShardResult:
                         reasons[lo + row] = reason
                 x0 = to_model_input(pixels)
                 if not batch_ok.all():  # unreadable rows enter as zeros, as load_batch gives them
-                    x0[torch.from_numpy(~batch_ok).to(device)] = 0
+                    if cuda:  # (their features are zeroed below; a mask copy must not sync)
+                        keep = torch.from_numpy(batch_ok).pin_memory().to(device, non_blocking=True)
+                        x0 = x0 * keep.view(-1, 1, 1, 1)
+                    else:
+                        x0[torch.from_numpy(~batch_ok)] = 0
                 if view == 1:
                     x0 = torch.flip(x0, dims=[3])
-                steps = torch.full((hi - lo,), t, dtype=torch.long)
                 eps = noise[(k, t)].result().to(device, non_blocking=True)
-                x_t = schedule.q_sample(x0, steps, eps)
+                if cuda:
+                    coefficient, all_steps = on_device[t]
+                    steps = all_steps[: hi - lo]
+                    x_t = coefficient[0] * x0 + coefficient[1] * eps
+                else:  # the CPU path is the one the cache's bit-for-bit reproducibility was defined on
+                    steps = torch.full((hi - lo,), t, dtype=torch.long)
+                    x_t = schedule.q_sample(x0, steps, eps)
                 with torch.inference_mode(), autocast(device, precision):
-                    feats = model.features(x_t, steps.to(device, non_blocking=True), list(blocks))
+                    feats = model.features(x_t, steps, list(blocks))
                     outputs.put(lo, hi, {b: pool_features(feats[b], job.pool) for b in blocks})
                 del feats, x_t, eps, x0
             outputs.settle()
