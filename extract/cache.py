@@ -833,7 +833,7 @@ class FeatureCache:
             CacheError: no such array, over the RAM cap, a pool finer than stored, a shard that cannot be decoded;
             CacheIncompleteError: unwritten or damaged shards and not allow_incomplete.
         """
-        self._array(b, t, view)
+        stored = self._array(b, t, view).shape[1:]
         n, c, h, w = self.shape(b, t, pool)
         need = n * c * h * w * 2
         if need > self.ram_cap_bytes:
@@ -842,7 +842,7 @@ class FeatureCache:
                 f"{self.ram_cap_bytes / 2**30:.1f} GiB cap: stream it with iter_shards or raise ram_cap_bytes"
             )
         out = np.empty((n, c, h, w), dtype=np.float16)
-        if (c, h, w) == tuple(self._array(b, t, view).shape[1:]):  # maps as stored: read straight into the result
+        if (c, h, w) == tuple(stored):  # maps as stored: read straight into the result
             for _ in self._shards(b, t, pool, view, allow_incomplete, into=out):
                 pass
             return out

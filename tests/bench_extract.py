@@ -80,7 +80,7 @@ def _drop_page_cache(path: str) -> None:
             os.close(fd)
 
 
-def bench_storage(config: str = "256x256_uncond", images: int = 256, shard_size: int = 256, pool: int = 16,
+def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size: int = 256, pool: int = 16,
                   repeats: int = 3) -> list[str]:
     """Whole-array cache write and read MB/s against plain numpy ``tofile``/``fromfile`` of the same bytes, one run.
 
@@ -125,6 +125,7 @@ def bench_storage(config: str = "256x256_uncond", images: int = 256, shard_size:
                                  image_size=cfg.image_size, num_images=images, shard_size=shard_size, pool=pool)
                 cache = create_cache(root, spec, [f"{i}.jpg" for i in range(images)], np.zeros(images), ["x"],
                                      arrays={(b, 150): (channels, side, side)}, native_sizes={b: native})
+                folder = os.path.join(cache.path, f"b{b}")  # the array's objects and markers, as raw's one file
                 patches = zarr_only if way == "zarr" else []
                 for patch in patches:
                     patch.start()
@@ -136,9 +137,9 @@ def bench_storage(config: str = "256x256_uncond", images: int = 256, shard_size:
                     for _ in range(repeats):
                         keep((way, "write"), _seconds(write_all))
                         keep(("raw", "write"), _seconds(lambda: data.tofile(raw)))
-                        keep((way, "durable"), _seconds(lambda: (write_all(), _drop_page_cache(cache.path))))
+                        keep((way, "durable"), _seconds(lambda: (write_all(), _drop_page_cache(folder))))
                         keep(("raw", "durable"), _seconds(lambda: (data.tofile(raw), _drop_page_cache(raw))))
-                        _drop_page_cache(cache.path)
+                        _drop_page_cache(folder)
                         reader = open_cache(root, name, "train", "bench")
                         keep((way, "read"), _seconds(lambda: reader.load(b, 150)))
                         _drop_page_cache(raw)
