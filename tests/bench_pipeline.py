@@ -138,8 +138,12 @@ def _pipeline(root: Path, cache_dir: str, config: str, checkpoint: str | None, b
     return run(images, os.path.join(cache_dir, "timed"))
 
 
-def bench_pipeline_section(images: int = 256, threads: int = 2, rounds: int = 2) -> list[str]:
-    """Every pipeline figure as lines to print: CPU with 32x32_small; with CUDA, also 256x256_uncond bf16 batch 64."""
+def bench_pipeline_section(images: int = 256, threads: int = 2, rounds: int = 2, settings: list | None = None) -> list[str]:
+    """Every pipeline figure as lines to print: CPU with 32x32_small; with CUDA, also 256x256_uncond bf16 batch 64.
+
+    ``settings``: (device, config, checkpoint, blocks, batch, shard size, images, precision, torch
+    threads, decode threads) per measurement, instead of those two (a test runs a small dry run).
+    """
     from extract.configs import bundled_checkpoint
 
     cuda = torch.cuda.is_available()
@@ -161,11 +165,13 @@ def bench_pipeline_section(images: int = 256, threads: int = 2, rounds: int = 2)
         for size in (32, 256):
             lines.append(f"  seeded noise {size}x{size}: {_noise_ms(size):.2f} ms per image and timestep (one thread)")
 
-        settings = [("cpu", "32x32_small", bundled_checkpoint("32x32_small"), (10, 12, 14), 64, 128, images, "fp32",
-                     threads, max(1, cpus - threads) if cpus > threads else 1)]
-        if cuda:
-            settings.append(("cuda", "256x256_uncond", None, (19, 24, 30), 64, 256, count, "bf16", threads,
-                             max(1, min(32, cpus - 1))))
+        default = settings is None
+        if default:
+            settings = [("cpu", "32x32_small", bundled_checkpoint("32x32_small"), (10, 12, 14), 64, 128, images, "fp32",
+                         threads, max(1, cpus - threads) if cpus > threads else 1)]
+            if cuda:
+                settings.append(("cuda", "256x256_uncond", None, (19, 24, 30), 64, 256, count, "bf16", threads,
+                                 max(1, min(32, cpus - 1))))
         timesteps = (90, 150, 300)
         for device, config, checkpoint, blocks, batch, shard, n, precision, torch_threads, decode_threads in settings:
             # alternated and best of `rounds`: on a shared machine the load moves, and it moves both alike
@@ -192,7 +198,7 @@ def bench_pipeline_section(images: int = 256, threads: int = 2, rounds: int = 2)
                 f"forward {', '.join(f'{r:.1f}' for r in pure_runs)})",
                 f"    pipeline / forward = {end_to_end / pure:.2f} (goal >= 0.85)",
             ]
-        if not cuda:
+        if default and not cuda:
             lines.append("  cuda: no GPU on this machine; the 256x256_uncond bf16 batch-64 figures need one")
     finally:
         shutil.rmtree(root, ignore_errors=True)
