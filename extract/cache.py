@@ -38,6 +38,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ from .integrity import WRITE_CONFIG, marker_checksum, marker_value, object_probl
 from .order import row_order
 from .pooling import derive_pool
 from .provenance import compute_conflict
+from .shard_io import read_shard_object, write_shard_object
 
 __all__ = [
     "FORMAT_VERSION",
@@ -65,6 +67,7 @@ __all__ = [
     "record_run",
     "reset_shards",
     "open_cache",
+    "inner_chunk_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -226,7 +229,7 @@ def _marker_name(b: int, t: int, view: int = 0) -> str:
     return "done/" + _array_name(b, t, view)
 
 
-def _inner_chunk(shard_size: int, image_bytes: int) -> int:
+def inner_chunk_rows(shard_size: int, image_bytes: int) -> int:
     """Largest divisor of shard_size whose chunk stays under _INNER_CHUNK_BYTES (at least 1 image)."""
     best = 1
     for d in range(1, shard_size + 1):
@@ -363,7 +366,7 @@ def create_cache(
                 name = _array_name(b, t, view)
                 if name not in group:
                     image_bytes = channels * h * w * 2
-                    inner = _inner_chunk(spec.shard_size, image_bytes)
+                    inner = inner_chunk_rows(spec.shard_size, image_bytes)
                     array = group.create_array(
                         name, shape=(spec.num_images, channels, h, w), dtype="float16", fill_value=0,
                         chunks=(inner, channels, h, w), shards=(spec.shard_size, channels, h, w),
@@ -404,17 +407,20 @@ def write_shard_data(
     start = shard * spec.shard_size
     stop = min(start + spec.shard_size, spec.num_images)
     markers = {}
-    for (b, t), data in features.items():
-        name = _array_name(b, t, view)
-        if name not in group:
-            raise CacheError(f"cache has no array {name}: create it with create_cache before writing")
-        array = group[name]
-        if data.shape != (stop - start, *array.shape[1:]):
-            raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
-        data = np.asarray(data, dtype=np.float16)
-        _writable(array)[start:stop] = data
-        markers[(int(b), int(t))] = marker_value(data, group[_marker_name(b, t, view)].dtype)
-    return markers
+    # the CRC-32 of each shard runs beside its write: both release the GIL, and each alone takes about as long
+    with ThreadPoolExecutor(1, thread_name_prefix="diffrep-crc") as checksums:
+        for (b, t), data in features.items():
+            name = _array_name(b, t, view)
+            if name not in group:
+                raise CacheError(f"cache has no array {name}: create it with create_cache before writing")
+            array = group[name]
+            if data.shape != (stop - start, *array.shape[1:]):
+                raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
+            data = np.asarray(data, dtype=np.float16)
+            markers[(int(b), int(t))] = checksums.submit(marker_value, data, group[_marker_name(b, t, view)].dtype)
+            if not write_shard_object(array, shard, data):  # whole shards go straight to the file (extract.shard_io)
+                _writable(array)[start:stop] = data
+    return {key: value.result() for key, value in markers.items()}
 
 
 @dataclass
@@ -1004,10 +1010,16 @@ class FeatureCache:
                 f"run diffrep extract --dataset {self.spec.dataset} --timesteps {t} --blocks {b} again to finish it"
             )
 
-    def _read_shard(self, array: zarr.Array, name: str, shard: int) -> np.ndarray:
+    def _read_shard(self, array: zarr.Array, name: str, shard: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The shard's rows as stored, read into ``out`` when given (a C-contiguous slice of the caller's result)."""
         start, stop = self.shard_bounds(shard)
+        if out is None:
+            out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
+        if read_shard_object(array, shard, out):  # straight from the file (extract.shard_io); else through Zarr
+            return out
         try:
-            return array[start:stop]
+            out[...] = array[start:stop]
+            return out
         except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
             root = os.path.dirname(os.path.dirname(os.path.dirname(self.path)))
             raise CacheError(
@@ -1016,8 +1028,12 @@ class FeatureCache:
                 f"diffrep extract command again"
             ) from exc
 
-    def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool):
-        """(start, stop, shard data) for every shard in order; zeros for shards not written (allow_incomplete only)."""
+    def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool, into: np.ndarray | None = None):
+        """(start, stop, shard data) for every shard in order; zeros for shards not written (allow_incomplete only).
+
+        With ``into`` (the whole (N, C, h, w) result, maps as stored) each shard is read straight into
+        its rows and the data yielded is that slice: no second copy.
+        """
         array = self._array(b, t, view)
         if allow_incomplete:
             skip = set(self.missing_shards(b, t, view))
@@ -1029,7 +1045,13 @@ class FeatureCache:
         _, c, h, w = self.shape(b, t, pool)
         for shard in range(self.num_shards):
             start, stop = self.shard_bounds(shard)
-            if shard in skip:
+            if into is not None:
+                if shard in skip:
+                    into[start:stop] = 0
+                else:
+                    self._read_shard(array, name, shard, out=into[start:stop])
+                yield start, stop, into[start:stop]
+            elif shard in skip:
                 yield start, stop, np.zeros((stop - start, c, h, w), dtype=np.float16)
             else:
                 yield start, stop, derive_pool(self._read_shard(array, name, shard), native, pool)
@@ -1070,7 +1092,7 @@ class FeatureCache:
             CacheError: no such array, over the RAM cap, a pool finer than stored, a shard that cannot be decoded;
             CacheIncompleteError: unwritten or damaged shards and not allow_incomplete.
         """
-        self._array(b, t, view)
+        stored = self._array(b, t, view).shape[1:]
         n, c, h, w = self.shape(b, t, pool)
         need = n * c * h * w * 2
         if need > self.ram_cap_bytes:
@@ -1079,6 +1101,10 @@ class FeatureCache:
                 f"{self.ram_cap_bytes / 2**30:.1f} GiB cap: stream it with iter_shards or raise ram_cap_bytes"
             )
         out = np.empty((n, c, h, w), dtype=np.float16)
+        if (c, h, w) == tuple(stored):  # maps as stored: read straight into the result
+            for _ in self._shards(b, t, pool, view, allow_incomplete, into=out):
+                pass
+            return out
         for start, stop, data in self._shards(b, t, pool, view, allow_incomplete):
             out[start:stop] = data
         return out

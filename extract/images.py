@@ -27,6 +27,8 @@ __all__ = [
     "preprocess",
     "load_image",
     "load_batch",
+    "load_pixels",
+    "to_model_input",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +110,28 @@ def preprocess(image: Image.Image, image_size: int, flip: bool = False) -> torch
         array = array[:, ::-1]
     pixels = array.astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def load_pixels(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """Decode one image file to the backbone's pixels before scaling: ``(3, S, S)`` uint8.
+
+    The extraction pipeline keeps pixels as uint8 until they reach the device (a quarter of the
+    bytes to hold and copy); :func:`to_model_input` then gives exactly what :func:`preprocess` gives.
+
+    Raises:
+        OSError, ValueError, PIL.UnidentifiedImageError: as :func:`load_image`.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    with Image.open(path) as image:
+        image.load()
+        array = np.asarray(resize_center_crop(to_rgb(image), image_size), dtype=np.uint8)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels ``(..., 3, S, S)`` on any device to float32 ``uint8 / 127.5 - 1`` (the same bits as :func:`preprocess`)."""
+    return pixels.to(torch.float32) / 127.5 - 1.0
 
 
 def load_image(path: str | os.PathLike, image_size: int, flip: bool = False) -> torch.Tensor:

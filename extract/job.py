@@ -4,8 +4,15 @@ A job is a picklable ``ShardJob`` in and a small ``ShardResult`` out, so any exe
 (in-process, a local Dask cluster, a remote one); it imports no Dask and no click. A job writes
 its shard's data objects only; the result carries the markers (checksums), invalid rows and
 compute settings that the orchestrating process records (``extract.cache.MarkWriter``). The
-backbone is built once per process and reused by every later job. Decoding runs ahead in a
-background thread and writes run behind in another, so both overlap with the forward passes.
+backbone is built once per process and reused by every later job.
+
+The forward never waits for the host: images decode on a pool of threads that outlives the job
+(``extract.prefetch``: the next shard's first batches decode while this one's last run), the
+seeded noise of the next (view, t) is drawn there too, pixels stay uint8 until they reach the
+device, and each (view, t)'s whole-shard write runs on a writer thread behind the next forwards
+(its errors surface in the job; a failed job leaves the shards it finished marked). On a GPU,
+host buffers are pinned, copies are non-blocking, results come back one batch behind, and
+cuDNN picks its fastest kernels (``cudnn.benchmark``).
 
 Results are bit-identical wherever a job runs: the noise is a pure function of (seed, image id, t)
 (the image's position in the dataset index, not its cache row), batches are cut the same way
@@ -14,12 +21,16 @@ inside a shard, and torch's thread count is fixed by the job.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
+import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,21 +38,36 @@ from torch import nn
 
 from .cache import ShardMarks, write_shard_data
 from .configs import create_backbone
+from .device_decode import check_decode_device, load_pixels_on_device
 from .errors import CacheMismatchError, DiskSpaceError
-from .images import load_batch
+from .images import _reason, load_pixels, to_model_input
 from .noise import seeded_noise
 from .pooling import pool_features
-from .precision import autocast, resolve_device
+from .precision import autocast, resolve_device, resolve_precision
+from .prefetch import PREFETCHER
 from .provenance import compute_conflict, compute_settings
 from .schedule import get_schedule
 
-__all__ = ["DEFAULT_THREADS", "ShardJob", "ShardResult", "run_shard_job", "build_backbone"]
+__all__ = [
+    "DEFAULT_THREADS", "NextShard", "ShardJob", "ShardResult", "run_shard_job", "build_backbone", "link_next_shards",
+    "default_decode_threads",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 2
 _BACKBONES: dict[tuple, nn.Module] = {}
 _ONE_JOB_AT_A_TIME = threading.Lock()
+
+
+@dataclass(frozen=True)
+class NextShard:
+    """The first images of the shard expected after this one (start row, paths, image ids) and its first timestep."""
+
+    start: int
+    paths: tuple[str, ...]
+    t: int | None = None
+    image_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,7 +86,9 @@ class ShardJob:
         num_threads: torch intra-op threads, set by the job itself: CPU float results depend on the
             thread count (and on batch_size), so a fixed value gives the same bits in-process and on
             any worker (Dask workers would otherwise run with OMP_NUM_THREADS=1).
-        decode_threads: image decoding threads.
+        decode_threads: image decoding threads (shared by the jobs of one process).
+        decode_device: ``cpu`` (PIL, the default) or ``cuda`` (nvJPEG; see ``extract.device_decode``).
+        next_shard: the shard expected next in this process, decoded ahead (``link_next_shards``).
         recorded_compute: ``((array name, compute settings), ...)`` already recorded for the arrays
             it writes: a worker that would compute otherwise (another device kind or precision) refuses.
     """
@@ -83,8 +111,15 @@ class ShardJob:
     batch_size: int = 64
     num_threads: int = DEFAULT_THREADS
     decode_threads: int = 2
+    decode_device: str = "cpu"
+    next_shard: NextShard | None = None
     image_ids: tuple[int, ...] = ()
     recorded_compute: tuple[tuple[str, dict], ...] = ()
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """Each row's image id (the key of its seeded noise)."""
+        return tuple(self.image_ids) if self.image_ids else tuple(range(self.start, self.start + len(self.paths)))
 
     @property
     def forwards(self) -> int:
@@ -148,10 +183,146 @@ def run_shard_job(job: ShardJob) -> ShardResult:
             torch.set_num_threads(previous_threads)
 
 
+def link_next_shards(jobs: Sequence[ShardJob], batches: int = 2) -> list[ShardJob]:
+    """The jobs, each told the first ``batches`` batches of the job after it, to decode ahead while its last batches run.
+
+    Run in order in one process (``--synchronous``, one local worker) the next job finds its first
+    batches decoded; on a cluster where the next shard goes elsewhere the guess costs only that
+    decoding.
+    """
+    linked = list(jobs)
+    for i in range(len(linked) - 1):
+        after = linked[i + 1]
+        rows = min(len(after.paths), batches * max(1, after.batch_size))
+        hint = NextShard(start=after.start, paths=after.paths[:rows], t=int(after.todo[0][1]) if after.todo else None,
+                         image_ids=after.ids[:rows])
+        linked[i] = dataclasses.replace(linked[i], next_shard=hint)
+    return linked
+
+
+def default_decode_threads(workers: int = 1, device: str = "auto", torch_threads: int = DEFAULT_THREADS) -> int:
+    """Decoding threads per worker: its share of the CPUs, less the torch threads when the backbone runs on the CPU."""
+    share = max(1, (os.cpu_count() or 1) // max(1, workers))
+    busy = torch_threads if device == "cpu" or (device == "auto" and not torch.cuda.is_available()) else 1
+    return max(1, min(32, share - busy))
+
+
+def _pixels_key(job: ShardJob, path: str) -> tuple:
+    return ("pixels", path, job.image_size)
+
+
+def _device_pixels_key(job: ShardJob, paths: tuple[str, ...]) -> tuple:
+    return ("device-pixels", paths, job.image_size, job.decode_device)
+
+
+def _noise_key(job: ShardJob, ids: tuple[int, ...], t: int) -> tuple:
+    return ("noise", job.noise_seed, ids, int(t), job.image_size)
+
+
+def _noise(job: ShardJob, ids: tuple[int, ...], t: int, pin: bool) -> torch.Tensor:
+    noise = seeded_noise(job.noise_seed, ids, int(t), (3, job.image_size, job.image_size))
+    return noise.pin_memory() if pin else noise
+
+
+class _Batches:
+    """A job's decoded batches, gathered once and kept (on the device when it is a GPU) for every (view, t)."""
+
+    def __init__(self, job: ShardJob, bounds: list[tuple[int, int]], device: torch.device):
+        self.job, self.bounds, self.device = job, bounds, device
+        self.cuda = device.type == "cuda"
+        self.on_device = job.decode_device != "cpu"
+        if self.on_device:
+            self.pending = [
+                PREFETCHER.take(_device_pixels_key(job, job.paths[lo:hi]), load_pixels_on_device,
+                                job.paths[lo:hi], job.image_size, device)
+                for lo, hi in bounds
+            ]
+        else:
+            self.pending = [
+                [PREFETCHER.take(_pixels_key(job, path), load_pixels, path, job.image_size) for path in job.paths[lo:hi]]
+                for lo, hi in bounds
+            ]
+        self.ready: dict[int, tuple[torch.Tensor, np.ndarray, dict[int, str]]] = {}
+
+    def get(self, k: int) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
+        """``(uint8 (n, 3, S, S) on the device, ok, {row in batch: reason})`` of batch k."""
+        if k not in self.ready:
+            if self.on_device:
+                self.ready[k] = self.pending[k].result()
+            else:
+                self.ready[k] = self._gather(k)
+            self.pending[k] = None
+        return self.ready[k]
+
+    def _gather(self, k: int) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
+        lo, hi = self.bounds[k]
+        size = self.job.image_size
+        pixels = torch.zeros((hi - lo, 3, size, size), dtype=torch.uint8, pin_memory=self.cuda)
+        rows = pixels.numpy()
+        ok = np.zeros(hi - lo, dtype=bool)
+        errors: dict[int, str] = {}
+        for row, future in enumerate(self.pending[k]):
+            try:
+                rows[row] = future.result()
+                ok[row] = True
+            except Exception as exc:  # noqa: BLE001 - any failure of one file is reported, never raised
+                errors[row] = _reason(exc)
+                logger.warning("skipping unreadable image %s: %s", self.job.paths[lo + row], errors[row])
+        return pixels.to(self.device, non_blocking=True), ok, errors
+
+
+class _Outputs:
+    """Pooled outputs on their way to the shard's host buffers, one batch behind on a GPU.
+
+    The copy back of batch k is collected after batch k+1 is queued, so the GPU never waits for
+    the host to read a result; on the CPU the same code collects at once (the copy is the tensor).
+    """
+
+    def __init__(self, count: int, cuda: bool):
+        self.count, self.cuda = count, cuda
+        self.buffers: dict[int, np.ndarray] = {}
+        self._pending: tuple[Any, list[tuple[int, int, int, torch.Tensor]]] | None = None
+
+    def put(self, lo: int, hi: int, pooled: dict[int, torch.Tensor]) -> None:
+        items = []
+        for b, tensor in pooled.items():
+            if self.cuda:
+                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                host.copy_(tensor, non_blocking=True)
+            else:
+                host = tensor
+            items.append((b, lo, hi, host))
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.settle()
+        self._pending = (event, items)
+
+    def settle(self) -> None:
+        """Wait for the batch in flight and store it."""
+        if self._pending is None:
+            return
+        event, items = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        for b, lo, hi, host in items:
+            values = host.numpy()
+            if b not in self.buffers:
+                self.buffers[b] = np.zeros((self.count, *values.shape[1:]), dtype=np.float16)
+            self.buffers[b][lo:hi] = values
+
+
 def _run(job: ShardJob) -> ShardResult:
     began = time.perf_counter()
     device = resolve_device(job.device)
-    compute = compute_settings(device, job.precision)
+    cuda = device.type == "cuda"
+    check_decode_device(job.decode_device, device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: the fastest kernels are found once
+    precision = resolve_precision(job.precision, job.device)
+    compute = compute_settings(device, precision)
     for array, recorded in job.recorded_compute:  # before any forward: nothing of this shard is written
         problem = compute_conflict(array, recorded, compute)
         if problem:
@@ -160,46 +331,79 @@ def _run(job: ShardJob) -> ShardResult:
     schedule = get_schedule(job.noise_schedule, job.diffusion_steps)
     schedule.check_timesteps([t for _, t, _ in job.todo])
     count = len(job.paths)
-    ids = list(job.image_ids) if job.image_ids else list(range(job.start, job.start + count))
+    ids = job.ids
     assert len(ids) == count, f"shard {job.shard}: {len(ids)} image ids for {count} paths"
     bounds = [(lo, min(lo + job.batch_size, count)) for lo in range(0, count, max(1, job.batch_size))]
 
-    with ThreadPoolExecutor(1, thread_name_prefix="diffrep-decode") as decoder, \
-            ThreadPoolExecutor(1, thread_name_prefix="diffrep-write") as writer:
-        decoded: list[Future] = [
-            decoder.submit(load_batch, job.paths[lo:hi], job.image_size, False, job.decode_threads) for lo, hi in bounds
-        ]
-        ok = np.ones(count, dtype=bool)
-        reasons = [""] * count
+    PREFETCHER.use_threads(job.decode_threads)
+    batches = _Batches(job, bounds, device)
+    on_device = {}  # GPU: q_sample's coefficients and the timesteps moved once, so no copy in the loop syncs
+    if cuda:
+        for t in {int(t) for _, t, _ in job.todo}:
+            coefficient = torch.tensor([schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]])
+            on_device[t] = (coefficient.float().to(device), torch.full((job.batch_size,), t, dtype=torch.long, device=device))
+    noise: dict[tuple[int, int], Future] = {}
+
+    def queue_noise(t: int) -> None:
+        for k, (lo, hi) in enumerate(bounds):
+            if (k, t) not in noise:
+                noise[(k, t)] = PREFETCHER.take(_noise_key(job, ids[lo:hi], t), _noise, job, ids[lo:hi], t, cuda)
+
+    if job.todo:
+        queue_noise(int(job.todo[0][1]))
+    PREFETCHER.drop_queued()  # queued for a shard that went elsewhere
+
+    ok = np.ones(count, dtype=bool)
+    reasons = [""] * count
+    with ThreadPoolExecutor(1, thread_name_prefix="diffrep-write") as writer:
         writes: list[Future] = []
         index_written = False
-        for view, t, blocks in job.todo:
-            buffers: dict[int, np.ndarray] = {}
+        for p, (view, t, blocks) in enumerate(job.todo):
+            t = int(t)
+            if p + 1 < len(job.todo):
+                queue_noise(int(job.todo[p + 1][1]))
+            else:
+                _queue_next_shard(job, cuda)
+            outputs = _Outputs(count, cuda)
             for k, (lo, hi) in enumerate(bounds):
-                x0, batch_ok, batch_errors = decoded[k].result()
+                pixels, batch_ok, batch_errors = batches.get(k)
                 if not index_written:
                     ok[lo:hi] = batch_ok
                     for row, reason in batch_errors.items():
                         reasons[lo + row] = reason
+                x0 = to_model_input(pixels)
+                if not batch_ok.all():  # unreadable rows enter as zeros, as load_batch gives them
+                    if cuda:  # (their features are zeroed below; a mask copy must not sync)
+                        keep = torch.from_numpy(batch_ok).pin_memory().to(device, non_blocking=True)
+                        x0 = x0 * keep.view(-1, 1, 1, 1)
+                    else:
+                        x0[torch.from_numpy(~batch_ok)] = 0
                 if view == 1:
                     x0 = torch.flip(x0, dims=[3])
-                steps = torch.full((hi - lo,), int(t), dtype=torch.long)
-                noise = seeded_noise(job.noise_seed, ids[lo:hi], int(t), tuple(x0.shape[1:]))
-                x_t = schedule.q_sample(x0, steps, noise).to(device)
-                with torch.no_grad(), autocast(device, job.precision):
-                    feats = model.features(x_t, steps.to(device), list(blocks))
-                for b in blocks:
-                    pooled = pool_features(feats[b], job.pool).cpu().numpy()
-                    if b not in buffers:
-                        buffers[b] = np.zeros((count, *pooled.shape[1:]), dtype=np.float16)
-                    buffers[b][lo:hi] = pooled
+                eps = noise[(k, t)].result().to(device, non_blocking=True)
+                if cuda:
+                    coefficient, all_steps = on_device[t]
+                    steps = all_steps[: hi - lo]
+                    x_t = coefficient[0] * x0 + coefficient[1] * eps
+                else:  # the CPU path is the one the cache's bit-for-bit reproducibility was defined on
+                    steps = torch.full((hi - lo,), t, dtype=torch.long)
+                    x_t = schedule.q_sample(x0, steps, eps)
+                with torch.inference_mode(), autocast(device, precision):
+                    feats = model.features(x_t, steps, list(blocks))
+                    outputs.put(lo, hi, {b: pool_features(feats[b], job.pool) for b in blocks})
+                del feats, x_t, eps, x0
+            outputs.settle()
+            if p + 1 >= len(job.todo) or int(job.todo[p + 1][1]) != t:
+                for k in range(len(bounds)):
+                    noise.pop((k, t), None)
+            buffers = outputs.buffers
             for b in buffers:
                 buffers[b][~ok] = 0
             index_written = True
-            for previous in writes:
+            for previous in writes:  # one write in flight at most: memory stays at two passes' outputs
                 previous.result()
             writes.append(writer.submit(
-                _write, job.cache, job.shard, {(b, int(t)): buffers[b] for b in blocks}, view
+                _write, job.cache, job.shard, {(b, t): buffers[b] for b in blocks}, view
             ))
         markers = {}
         for (view, _, _), pending in zip(job.todo, writes):
@@ -209,6 +413,26 @@ def _run(job: ShardJob) -> ShardResult:
         shard=job.shard, images=count, forwards=job.forwards, seconds=time.perf_counter() - began,
         invalid=invalid, markers=markers, compute=compute,
     )
+
+
+def _queue_next_shard(job: ShardJob, cuda: bool) -> None:
+    """Queue the next shard's first batches (and their first noise) behind this shard's own work."""
+    hint = job.next_shard
+    if hint is None:
+        return
+    if job.decode_device == "cpu":
+        for path in hint.paths:
+            PREFETCHER.ahead(_pixels_key(job, path), load_pixels, path, job.image_size)
+    size = max(1, job.batch_size)
+    for lo in range(0, len(hint.paths), size):
+        hi = min(lo + size, len(hint.paths))
+        if job.decode_device != "cpu":
+            paths = hint.paths[lo:hi]
+            PREFETCHER.ahead(_device_pixels_key(job, paths), load_pixels_on_device, paths, job.image_size,
+                             resolve_device(job.device))
+        if hint.t is not None:
+            hint_ids = hint.image_ids[lo:hi] if hint.image_ids else tuple(range(hint.start + lo, hint.start + hi))
+            PREFETCHER.ahead(_noise_key(job, hint_ids, hint.t), _noise, job, hint_ids, hint.t, cuda)
 
 
 def _write(path: str, shard: int, features: dict, view: int) -> dict:

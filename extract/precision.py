@@ -1,4 +1,4 @@
-"""Compute precision of the backbone: float32 by default, bf16/fp16 autocast as an option for GPUs."""
+"""Compute precision of the backbone: bf16 autocast by default on a GPU, float32 on the CPU (bit-reproducible there)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["PRECISIONS", "autocast", "resolve_device"]
+__all__ = ["PRECISIONS", "autocast", "resolve_device", "resolve_precision"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,6 +33,25 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device} asked for, but this machine has no CUDA GPU: use --device cpu")
     return resolved
+
+
+def resolve_precision(precision: str = "auto", device: str = "auto") -> str:
+    """``auto``: bf16 where the backbone runs on a CUDA GPU (tensor cores, half the memory traffic), fp32 on the CPU.
+
+    ``cuda``/``cuda:N`` give bf16 even where this process sees no GPU (a plan made for a remote
+    cluster); ``auto`` follows the machine (or the worker's $DIFFREP_DEVICE) as :func:`resolve_device`
+    does. An explicit precision is returned as it is.
+
+    Raises:
+        ConfigError: an unknown precision or device.
+    """
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r} is unknown: choose auto, {', '.join(PRECISIONS)}")
+        return precision
+    if str(device).startswith("cuda"):
+        return "bf16"
+    return "bf16" if resolve_device(device).type == "cuda" else "fp32"
 
 
 def autocast(device: torch.device | str, precision: str = "fp32") -> contextlib.AbstractContextManager:

@@ -41,8 +41,14 @@ _CONFIRM_BYTES = 100e9
               help="The folder of the one --split asked for, overriding the manifest (e.g. a val set kept elsewhere).")
 @cache_dir_option()
 @device_option()
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Compute precision (autocast); storage is always float16.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Compute precision (autocast): auto is bf16 where the backbone runs on a CUDA GPU of this machine, "
+                   "fp32 on the CPU (pass bf16 for a remote --scheduler's GPUs); storage is always float16.")
+@click.option("--decode-threads", type=click.IntRange(min=1), default=None,
+              help="Image decoding threads per worker (default: its share of the CPUs, less the torch threads on a CPU run).")
+@click.option("--decode-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda decodes JPEGs with nvJPEG on the GPU (for GPUs short of CPU cores); its pixels may differ "
+                   "from PIL's by a few levels, so the default stays PIL on the CPU.")
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (its workers must see the images and --cache-dir).")
 @click.option("--synchronous", is_flag=True, help="Run every shard in this process (no Dask).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -54,8 +60,8 @@ _CONFIRM_BYTES = 100e9
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop; writes nothing (a packed dataset is listed, not unpacked).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, weight_seed, noise_seed, order_seed, flip,
-            shard_size, batch_size, per_class, limit, data_root, split_dir, cache_dir, device, precision, scheduler,
-            synchronous, workers, threads, yes, dry_run, no_progress) -> None:
+            shard_size, batch_size, per_class, limit, data_root, split_dir, cache_dir, device, precision, decode_threads,
+            decode_device, scheduler, synchronous, workers, threads, yes, dry_run, no_progress) -> None:
     """Run the backbone once per (image, t), capture every requested block in that pass, and cache them.
 
     The same command again resumes (completed shards are skipped, shards whose files were lost
@@ -64,8 +70,19 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
     """
     from extract.errors import CacheIncompleteError, ConfigError
 
+    from extract.device_decode import check_decode_device
+    from extract.job import default_decode_threads
+    from extract.precision import resolve_device, resolve_precision
+
+    from .cluster import count_gpus
     from .extraction import ExtractionRequest, dataset_splits, plan_extraction
 
+    precision = resolve_precision(precision, device)
+    if decode_device != "cpu" and scheduler is None:  # a remote cluster's workers check their own GPUs
+        check_decode_device(decode_device, resolve_device(device))
+    if decode_threads is None:
+        per_gpu = count_gpus() if device in ("auto", "cuda") and scheduler is None else 0
+        decode_threads = default_decode_threads(1 if synchronous else (workers or max(1, per_gpu)), device, threads)
     if len(pool) != 1:
         raise ConfigError(f"extract stores one pool size, got {len(pool)}: pass --pool 16 (coarser pools derive at read time)")
     plans = []
@@ -82,7 +99,7 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
                 pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,
                 noise_seed=noise_seed, flip=flip, shard_size=shard_size, batch_size=batch_size, per_class=per_class,
                 limit=limit, data_root=data_root, split_dir=split_dir, device=device, precision=precision,
-                num_threads=threads, order_seed=order_seed,
+                num_threads=threads, order_seed=order_seed, decode_threads=decode_threads, decode_device=decode_device,
             )
             plan = plan_extraction(request, dry_run=dry_run)
             click.echo(plan.describe())

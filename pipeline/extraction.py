@@ -25,12 +25,12 @@ import torch
 
 from extract.adm import normalize_blocks
 from extract.cache import (
-    FORMAT_VERSION, CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, make_backbone_id,
-    record_run, reset_shards,
+    FORMAT_VERSION, CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, inner_chunk_rows,
+    make_backbone_id, record_run, reset_shards,
 )
 from extract.configs import get_config
 from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
-from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, run_shard_job
+from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, link_next_shards, run_shard_job
 from extract.order import row_order
 from extract.pooling import pooled_size
 from extract.provenance import compute_conflict
@@ -72,7 +72,7 @@ class ExtractionRequest:
         cache_dir: cache root; device, precision: where and how to compute.
         num_threads: torch CPU threads per task, fixed wherever the task runs: CPU results depend on it
             bit for bit (so do batch_size and precision), so keep them when resuming.
-        decode_threads: decoding threads per task.
+        decode_threads: decoding threads per task; decode_device: ``cpu`` (PIL) or ``cuda`` (nvJPEG, pixels may differ).
         order_seed: seed of the cache's row order (a permutation of the index fixed when the cache is
             created, so that every shard mixes the classes); an existing cache keeps its own.
     """
@@ -98,6 +98,7 @@ class ExtractionRequest:
     precision: str = "fp32"
     num_threads: int = DEFAULT_THREADS
     decode_threads: int = 2
+    decode_device: str = "cpu"
     order_seed: int = 0
 
 
@@ -171,7 +172,11 @@ class ExtractionPlan:
             else:
                 state = "resume"
             size = spec.num_images * c * h * w * 2 * spec.views
-            lines.append(f"  b{b}/t{t}: ({spec.num_images}, {c}, {h}, {w}) float16, {format_bytes(size)}  [{state}]")
+            image_bytes = c * h * w * 2
+            inner = inner_chunk_rows(spec.shard_size, image_bytes)
+            lines.append(f"  b{b}/t{t}: ({spec.num_images}, {c}, {h}, {w}) float16, {format_bytes(size)}  [{state}]; "
+                         f"shards of {spec.shard_size} images ({format_bytes(spec.shard_size * image_bytes)}), "
+                         f"inner chunks of {inner} ({format_bytes(inner * image_bytes)})")
         for (b, t, view), shards in sorted(self.damaged.items()):
             lines.append(f"  b{b}/t{t}{_VIEW_NAMES[view]}: {len(shards)} shard(s) marked done but damaged, re-run: "
                          + "; ".join(f"{s} {why}" for s, why in sorted(shards.items())[:4]))
@@ -446,7 +451,7 @@ def plan_extraction(
                 weight_seed=None if sha256 else int(request.weight_seed), noise_seed=spec.noise_seed,
                 pool=spec.pool, precision=request.precision, device=request.device,
                 batch_size=int(request.batch_size), num_threads=int(request.num_threads),
-                decode_threads=int(request.decode_threads),
+                decode_threads=int(request.decode_threads), decode_device=request.decode_device,
             ))
     bytes_free = shutil.disk_usage(_existing_parent(path)).free
     check_disk = check_disk and not dry_run
@@ -578,6 +583,7 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
     fatal: DiffrepError | None = None
     bar = tqdm(total=plan.images_to_run, unit="img", desc=f"{plan.spec.dataset}/{plan.spec.split}",
                disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    jobs = link_next_shards(jobs)  # each job decodes the next one's first batches ahead
     marker = MarkWriter(plan.path)  # this process alone writes markers, index rows and provenance
     computed: list[dict] = []
     results = runner.run(run_shard_job, jobs, retries=retries, name=f"extract-{plan.spec.split}-shard")
@@ -612,7 +618,7 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
             "shards_written": summary.shards_done, "shards_failed": sorted(summary.failed),
             "images": summary.images, "forwards": summary.forwards, "seconds": round(summary.seconds, 2),
             "where": runner.description, "threads": plan.request.num_threads,
-            "batch_size": plan.request.batch_size, "compute": computed,
+            "batch_size": plan.request.batch_size, "decode_device": plan.request.decode_device, "compute": computed,
         })
     if interrupted:
         raise ExtractionInterrupted(summary, len(jobs))

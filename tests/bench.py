@@ -1,8 +1,9 @@
 """``make bench``: performance figures as ratios measured in one run (never asserted in tests).
 
 Sections: backbone (full vs truncated forwards of 256x256_uncond), extract (cache and
-extraction throughput), probe (seconds per epoch on the cache vs live backbone vs in memory),
-fusion (DifFeed training images/s, truncated passes vs both in full),
+extraction throughput), pipeline (end-to-end extraction of ImageNet-size JPEGs vs the pure
+truncated forward, decode and noise costs per image; the GPU part only with CUDA), probe (seconds per epoch on the
+cache vs live backbone vs in memory), fusion (DifFeed training images/s, truncated passes vs both in full),
 gpu (bf16 images/s of the real 256x256 model and its share of the GPU's peak; skipped without CUDA).
 Run one with ``python -m tests.bench backbone``. Not in the default run (accuracy, not speed, and
 several minutes): protocols (each linear-probe protocol's top-1 and seconds on one cache).
@@ -129,7 +130,7 @@ def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", default=["backbone", "extract", "probe", "fusion", "gpu"])
+    parser.add_argument("sections", nargs="*", default=["backbone", "extract", "pipeline", "probe", "fusion", "gpu"])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     for section in args.sections:
@@ -139,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
             from tests.bench_extract import bench_extract
 
             lines = bench_extract()
+        elif section == "pipeline":
+            from tests.bench_pipeline import bench_pipeline_section
+
+            lines = bench_pipeline_section()
         elif section == "gpu":
             lines = bench_gpu()
         elif section == "probe":
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
             lines = bench_protocols()
         else:
-            parser.error(f"unknown section {section!r}: choose backbone, extract, probe, fusion, gpu or protocols")
+            parser.error(f"unknown section {section!r}: choose backbone, extract, pipeline, probe, fusion, gpu or protocols")
         sys.stdout.write("\n".join(lines) + "\n\n")
         sys.stdout.flush()
     return 0

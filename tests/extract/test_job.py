@@ -3,7 +3,11 @@
 A job writes data only; ``_run`` marks its result as the orchestrating process does.
 """
 
+import dataclasses
+import os
+
 import numpy as np
+import zarr
 import pytest
 import torch
 from PIL import Image
@@ -177,3 +181,127 @@ def test_a_worker_refuses_to_mix_device_kinds_before_computing(tmp_path, images)
     result = _run_only(_job(cache, images, ((0, 90, (10,)),), device="cpu"))
     assert result.compute == {"device": "cpu", "gpu": "", "precision": "fp32", "tf32": None}
     assert set(result.markers) == {(10, 90, 0)} and result.markers[(10, 90, 0)] >= 2**32
+
+
+def _recomputed(paths, start, t, blocks, batch_size, flip=False):
+    """Features computed the plain way, independently of the job's pipeline: float images, noise, q_sample, forward, pool."""
+    from extract.images import load_batch
+    from extract.noise import seeded_noise
+    from extract.pooling import pool_features
+    from extract.schedule import get_schedule
+
+    model = job_module.build_backbone(CONFIG, None, 0)
+    schedule = get_schedule("linear", 1000)
+    out = {b: [] for b in blocks}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for lo in range(0, len(paths), batch_size):
+            hi = min(lo + batch_size, len(paths))
+            x0, ok, _ = load_batch(paths[lo:hi], 32, flip=flip, num_threads=1)
+            steps = torch.full((hi - lo,), t, dtype=torch.long)
+            x_t = schedule.q_sample(x0, steps, seeded_noise(0, range(start + lo, start + hi), t, (3, 32, 32)))
+            with torch.no_grad():
+                feats = model.features(x_t, steps, list(blocks))
+            for b in blocks:
+                pooled = pool_features(feats[b], POOL).numpy()
+                pooled[~ok] = 0
+                out[b].append(pooled)
+    finally:
+        torch.set_num_threads(previous)
+    return {b: np.concatenate(v) for b, v in out.items()}
+
+
+def test_cached_rows_are_the_plain_forward_bit_for_bit_with_many_decode_threads(tmp_path, images):
+    paths = list(images)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths[7] = str(broken)
+    cache = _cache(tmp_path, paths, flip=True)
+    run_shard_job(_job(cache, paths, _all(views=(0, 1)), decode_threads=3))
+    reader = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
+    for view in (0, 1):
+        for t in TIMESTEPS:
+            expected = _recomputed(paths, 0, t, BLOCKS, 5, flip=bool(view))
+            for b in BLOCKS:
+                got = reader.load(b, t, view=view)
+                assert np.array_equal(got.view(np.uint16), expected[b].view(np.uint16)), f"b{b}/t{t} view {view}"
+
+
+def _two_shards(tmp_path, images):
+    config = get_config(CONFIG)
+    with torch.device("meta"):
+        shapes = config.build().block_shapes()
+    spec = CacheSpec(
+        dataset="toy", split="train", backbone_id=make_backbone_id(CONFIG, weight_seed=0), config_name=CONFIG,
+        config_flags=config.flags, weight_seed=0, image_size=32, num_images=len(images), shard_size=6, pool=POOL,
+    )
+    cache = create_cache(tmp_path, spec, images, np.zeros(len(images)), ["x"],
+                         arrays={(10, t): (shapes[10][0], POOL, POOL) for t in TIMESTEPS}, native_sizes={10: shapes[10][1]})
+    todo = tuple((0, t, (10,)) for t in TIMESTEPS)
+    return cache, [_job(cache, images[s * 6:(s + 1) * 6], todo, shard=s, start=s * 6) for s in (0, 1)]
+
+
+def test_the_next_shard_decodes_ahead_and_is_taken_by_its_job(tmp_path, images, monkeypatch):
+    from extract import prefetch
+
+    cache, jobs = _two_shards(tmp_path, images)
+    linked = job_module.link_next_shards(jobs)
+    assert linked[0].next_shard.paths == tuple(images[6:12]) and linked[0].next_shard.start == 6
+    assert linked[1].next_shard is None
+    prefetch.PREFETCHER.drop_queued()
+    run_shard_job(linked[0])
+    # 6 images to decode and 2 batches (5 + 1) of noise for the next shard's first timestep
+    assert prefetch.PREFETCHER.queued == 6 + 2
+    decoded = []
+    monkeypatch.setattr(job_module, "load_pixels", lambda path, size: decoded.append(path))
+    run_shard_job(linked[1])
+    assert decoded == [] and prefetch.PREFETCHER.queued == 0, "the second job took what was decoded ahead"
+    reader = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
+    for t in TIMESTEPS:
+        expected_by_shard = np.concatenate([_recomputed(list(images[:6]), 0, t, (10,), 5)[10],  # batches 5 + 1
+                                            _recomputed(list(images[6:]), 6, t, (10,), 5)[10]])
+        assert np.array_equal(reader.load(10, t).view(np.uint16), expected_by_shard.view(np.uint16))
+
+
+def test_work_queued_for_a_shard_that_went_elsewhere_is_dropped(tmp_path, images):
+    from extract import prefetch
+
+    cache, jobs = _two_shards(tmp_path, images)
+    wrong = job_module.NextShard(start=100, paths=tuple(images[:2]), t=90)
+    prefetch.PREFETCHER.drop_queued()
+    run_shard_job(dataclasses.replace(jobs[0], next_shard=wrong))
+    assert prefetch.PREFETCHER.queued == 2 + 1
+    run_shard_job(jobs[1])
+    assert prefetch.PREFETCHER.queued == 0
+
+
+def test_a_failed_write_surfaces_and_the_passes_written_before_it_are_on_disk(tmp_path, images, monkeypatch):
+    """The job raises the write's error; nothing is marked (the orchestrator marks whole results only), so the
+    shard is redone, but the pass written before the failure is on disk with the right values."""
+    cache = _cache(tmp_path, images)
+    real = job_module.write_shard_data
+    calls = []
+
+    def failing(path, shard, features, view=0):
+        calls.append(sorted(features))
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(path, shard, features, view=view)
+
+    monkeypatch.setattr(job_module, "write_shard_data", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        run_shard_job(_job(cache, images, _all()))
+    reader = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
+    assert not any(reader.is_complete(b, t) for b in BLOCKS for t in TIMESTEPS)
+    first = reader.load(10, 90, allow_incomplete=True)
+    assert not first.any(), "unmarked shards read as zeros"
+    raw = zarr.open_group(str(tmp_path / "toy" / "train" / cache.spec.backbone_id), mode="r")["b10/t90"][:]
+    assert np.array_equal(raw.view(np.uint16), _recomputed(images, 0, 90, (10,), 5)[10].view(np.uint16))
+
+
+def test_default_decode_threads_share_the_cpus():
+    cpus = os.cpu_count() or 1
+    assert job_module.default_decode_threads(1, "cuda") == max(1, min(32, cpus - 1))
+    assert job_module.default_decode_threads(1, "cpu", torch_threads=2) == max(1, cpus - 2)
+    assert job_module.default_decode_threads(10 * cpus, "cuda") == 1

@@ -38,3 +38,17 @@ def test_a_worker_pinned_by_the_cluster_gets_its_device(monkeypatch):
     assert resolve_device("cuda").type == "cpu"
     monkeypatch.delenv("DIFFREP_DEVICE")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_auto_precision_is_bf16_on_a_gpu_and_fp32_on_the_cpu(monkeypatch):
+    from extract.precision import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("auto", "cuda:1") == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    monkeypatch.setenv("DIFFREP_DEVICE", "cpu")
+    assert resolve_precision("auto", "auto") == "fp32"
+    monkeypatch.delenv("DIFFREP_DEVICE")
+    assert resolve_precision("auto", "auto") == ("bf16" if torch.cuda.is_available() else "fp32")
+    with pytest.raises(ConfigError, match="choose auto, fp32"):
+        resolve_precision("half", "cpu")

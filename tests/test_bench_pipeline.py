@@ -1,0 +1,25 @@
+"""The pipeline section of ``make bench`` runs end to end on a few images (a lent GPU's minutes must not go to a bug)."""
+
+import re
+
+from tests.bench_pipeline import JPEG_SIZE, bench_pipeline_section, make_jpegs
+
+
+def test_bench_jpegs_are_imagenet_sized_and_class_balanced(tmp_path, cifar10_root):
+    from PIL import Image
+
+    paths = make_jpegs(tmp_path, 20, threads=2)
+    assert len(paths) == 20
+    classes = [p.split("/")[-2] for p in paths]
+    assert len(set(classes[:10])) == 10 and classes[:10] == classes[10:], "round-robin over the classes"
+    with Image.open(paths[0]) as image:
+        assert image.format == "JPEG" and image.size == JPEG_SIZE
+
+
+def test_pipeline_section_dry_run(cifar10_root):
+    small = ("cpu", "32x32_small", None, (4,), 8, 8, 20, "fp32", 1, 2)
+    gpu_like = ("cpu", "32x32_small", None, (4, 9), 8, 16, 20, "bf16", 1, 1)  # the GPU setting's shape: bf16, 2 shards
+    lines = bench_pipeline_section(images=20, rounds=1, settings=[small, gpu_like])
+    ratios = [float(m.group(1)) for line in lines if (m := re.search(r"pipeline / forward = ([\d.]+)", line))]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    assert any("decode+resize to 256" in line for line in lines)
