@@ -68,6 +68,7 @@ __all__ = [
     "reset_shards",
     "open_cache",
     "inner_chunk_rows",
+    "view_suffix",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,6 @@ READABLE_VERSIONS = (1, 2, 3)
 _INDEX_NAMES = ("path", "label", "valid", "error", "image_id")
 INDEX_CHUNK_ROWS = 1 << 18
 """Rows per index object (format 3), rounded to whole shards: five objects per index array for ImageNet."""
-_VIEWS = ("", "_flip")
 _INNER_CHUNK_BYTES = 16 << 20
 
 
@@ -137,6 +137,7 @@ class CacheSpec:
     shard_size: int = 256
     dtype: str = "float16"
     row_order_seed: int | None = None
+    noise_draws: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_flags", json.loads(json.dumps(dict(self.config_flags), sort_keys=True)))
@@ -144,10 +145,18 @@ class CacheSpec:
             raise CacheError(f"shard_size {self.shard_size} must be at least 1: pass --shard-size 256")
         if self.pool < 0:
             raise CacheError(f"pool {self.pool} must be 0 (none) or positive: pass --pool 16 or --pool none")
+        if self.noise_draws < 1:
+            raise CacheError(f"noise_draws {self.noise_draws} must be at least 1: pass --noise-draws 1")
 
     @property
     def views(self) -> int:
-        return 2 if self.flip else 1
+        """How many views each (b, t) has: noise draws x (2 with flip)."""
+        return len(self.view_ids)
+
+    @property
+    def view_ids(self) -> list[int]:
+        """The views stored: 2k+f for noise draw k < noise_draws, f = 1 the flipped image (with flip)."""
+        return [2 * draw + flipped for draw in range(self.noise_draws) for flipped in ((0, 1) if self.flip else (0,))]
 
     @property
     def num_shards(self) -> int:
@@ -182,6 +191,7 @@ _HINTS = {
     "checkpoint_sha256": "pass the --checkpoint whose sha256 is {v:.12}",
     "pool": "pass --pool {pool}",
     "flip": "{flip}",
+    "noise_draws": "pass the same --noise-draws ({v})",
     "precision": "pass --precision {v}",
     "shard_size": "pass --shard-size {v}",
     "config_name": "pass --config {v}",
@@ -222,7 +232,13 @@ def cache_path(root: str | os.PathLike, dataset: str, split: str, backbone_id: s
 
 
 def _array_name(b: int, t: int, view: int = 0) -> str:
-    return f"b{int(b)}/t{int(t)}{_VIEWS[view]}"
+    return f"b{int(b)}/t{int(t)}{view_suffix(view)}"
+
+
+def view_suffix(view: int) -> str:
+    """View 2k+f is noise draw k, flipped when f: '' (draw 0), '_flip', '_n1', '_n1_flip', ..."""
+    draw, flipped = divmod(int(view), 2)
+    return (f"_n{draw}" if draw else "") + ("_flip" if flipped else "")
 
 
 def _marker_name(b: int, t: int, view: int = 0) -> str:
@@ -362,7 +378,7 @@ def create_cache(
     marker_dtype = "uint64" if version >= 2 else "uint8"
     with _readable(path):
         for (b, t), (channels, h, w) in sorted((arrays or {}).items()):
-            for view in range(spec.views):
+            for view in spec.view_ids:
                 name = _array_name(b, t, view)
                 if name not in group:
                     image_bytes = channels * h * w * 2
@@ -939,9 +955,9 @@ class FeatureCache:
             return _array_name(b, t, view) in self._group
 
     def _array(self, b: int, t: int, view: int = 0) -> zarr.Array:
-        if view not in range(self.spec.views):
-            hint = "it has no flipped view (extract with --flip)" if view == 1 else "views are 0 and 1"
-            raise CacheError(f"view {view} is not in this cache: {hint}")
+        if view not in self.spec.view_ids:
+            hint = "it has no flipped view (extract with --flip)" if view % 2 else "extract with --noise-draws"
+            raise CacheError(f"view {view} is not in this cache ({', '.join(map(str, self.spec.view_ids))}): {hint}")
         name = _array_name(b, t, view)
         if not self.has_array(b, t, view):
             raise CacheError(
@@ -993,7 +1009,7 @@ class FeatureCache:
 
     def is_complete(self, b: int, t: int, view: int | None = None) -> bool:
         """Whether every shard of (b, t) is written and present (every view when view is None)."""
-        views = range(self.spec.views) if view is None else [view]
+        views = self.spec.view_ids if view is None else [view]
         return all(self.has_array(b, t, v) and not self.missing_shards(b, t, v) for v in views)
 
     def _check_complete(self, b: int, t: int, view: int) -> None:

@@ -215,12 +215,12 @@ def _device_pixels_key(job: ShardJob, paths: tuple[str, ...]) -> tuple:
     return ("device-pixels", paths, job.image_size, job.decode_device)
 
 
-def _noise_key(job: ShardJob, ids: tuple[int, ...], t: int) -> tuple:
-    return ("noise", job.noise_seed, ids, int(t), job.image_size)
+def _noise_key(job: ShardJob, ids: tuple[int, ...], t: int, draw: int = 0) -> tuple:
+    return ("noise", job.noise_seed, ids, int(t), int(draw), job.image_size)
 
 
-def _noise(job: ShardJob, ids: tuple[int, ...], t: int, pin: bool) -> torch.Tensor:
-    noise = seeded_noise(job.noise_seed, ids, int(t), (3, job.image_size, job.image_size))
+def _noise(job: ShardJob, ids: tuple[int, ...], t: int, pin: bool, draw: int = 0) -> torch.Tensor:
+    noise = seeded_noise(job.noise_seed, ids, int(t), (3, job.image_size, job.image_size), draw=draw)
     return noise.pin_memory() if pin else noise
 
 
@@ -342,15 +342,16 @@ def _run(job: ShardJob) -> ShardResult:
         for t in {int(t) for _, t, _ in job.todo}:
             coefficient = torch.tensor([schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]])
             on_device[t] = (coefficient.float().to(device), torch.full((job.batch_size,), t, dtype=torch.long, device=device))
-    noise: dict[tuple[int, int], Future] = {}
+    noise: dict[tuple[int, int, int], Future] = {}  # (batch, t, noise draw): a view 2k+f uses draw k
 
-    def queue_noise(t: int) -> None:
+    def queue_noise(t: int, draw: int) -> None:
         for k, (lo, hi) in enumerate(bounds):
-            if (k, t) not in noise:
-                noise[(k, t)] = PREFETCHER.take(_noise_key(job, ids[lo:hi], t), _noise, job, ids[lo:hi], t, cuda)
+            if (k, t, draw) not in noise:
+                noise[(k, t, draw)] = PREFETCHER.take(_noise_key(job, ids[lo:hi], t, draw), _noise, job, ids[lo:hi], t,
+                                                      cuda, draw)
 
     if job.todo:
-        queue_noise(int(job.todo[0][1]))
+        queue_noise(int(job.todo[0][1]), int(job.todo[0][0]) // 2)
     PREFETCHER.drop_queued()  # queued for a shard that went elsewhere
 
     ok = np.ones(count, dtype=bool)
@@ -360,8 +361,9 @@ def _run(job: ShardJob) -> ShardResult:
         index_written = False
         for p, (view, t, blocks) in enumerate(job.todo):
             t = int(t)
+            draw = int(view) // 2
             if p + 1 < len(job.todo):
-                queue_noise(int(job.todo[p + 1][1]))
+                queue_noise(int(job.todo[p + 1][1]), int(job.todo[p + 1][0]) // 2)
             else:
                 _queue_next_shard(job, cuda)
             outputs = _Outputs(count, cuda)
@@ -378,9 +380,9 @@ def _run(job: ShardJob) -> ShardResult:
                         x0 = x0 * keep.view(-1, 1, 1, 1)
                     else:
                         x0[torch.from_numpy(~batch_ok)] = 0
-                if view == 1:
+                if view % 2 == 1:  # the flipped image, with the same noise as its draw's unflipped view
                     x0 = torch.flip(x0, dims=[3])
-                eps = noise[(k, t)].result().to(device, non_blocking=True)
+                eps = noise[(k, t, draw)].result().to(device, non_blocking=True)
                 if cuda:
                     coefficient, all_steps = on_device[t]
                     steps = all_steps[: hi - lo]
@@ -393,9 +395,9 @@ def _run(job: ShardJob) -> ShardResult:
                     outputs.put(lo, hi, {b: pool_features(feats[b], job.pool) for b in blocks})
                 del feats, x_t, eps, x0
             outputs.settle()
-            if p + 1 >= len(job.todo) or int(job.todo[p + 1][1]) != t:
+            if p + 1 >= len(job.todo) or (int(job.todo[p + 1][1]), int(job.todo[p + 1][0]) // 2) != (t, draw):
                 for k in range(len(bounds)):
-                    noise.pop((k, t), None)
+                    noise.pop((k, t, draw), None)
             buffers = outputs.buffers
             for b in buffers:
                 buffers[b][~ok] = 0

@@ -31,6 +31,9 @@ _CONFIRM_BYTES = 100e9
 @click.option("--order-seed", type=int, default=0, show_default=True,
               help="Seed of the cache's row order, a permutation of the class-sorted index fixed when the cache is created.")
 @click.option("--flip", is_flag=True, help="Also cache the horizontally flipped view (same noise).")
+@click.option("--noise-draws", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Store K seeded noise draws per (image, t) as views (x2 with --flip); heads trained with sgd/adam "
+                   "pick one view per image per epoch, as the official code draws new noise every step.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per shard: one task writes one whole shard.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward.")
@@ -59,7 +62,7 @@ _CONFIRM_BYTES = 100e9
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before writing more than 100 GB.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop; writes nothing (a packed dataset is listed, not unpacked).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, weight_seed, noise_seed, order_seed, flip,
+def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, weight_seed, noise_seed, order_seed, flip, noise_draws,
             shard_size, batch_size, per_class, limit, data_root, split_dir, cache_dir, device, precision, decode_threads,
             decode_device, scheduler, synchronous, workers, threads, yes, dry_run, no_progress) -> None:
     """Run the backbone once per (image, t), capture every requested block in that pass, and cache them.
@@ -97,7 +100,7 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
             request = ExtractionRequest(
                 dataset=dataset, split=split, timesteps=tuple(timesteps), blocks=tuple(blocks), cache_dir=cache_dir,
                 pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,
-                noise_seed=noise_seed, flip=flip, shard_size=shard_size, batch_size=batch_size, per_class=per_class,
+                noise_seed=noise_seed, flip=flip, noise_draws=noise_draws, shard_size=shard_size, batch_size=batch_size, per_class=per_class,
                 limit=limit, data_root=data_root, split_dir=split_dir, device=device, precision=precision,
                 num_threads=threads, order_seed=order_seed, decode_threads=decode_threads, decode_device=decode_device,
             )

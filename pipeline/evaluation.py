@@ -63,7 +63,7 @@ SOLVERS = ("lbfgs", "sgd", "adam")
 _TOKEN_HEADS = ("attention", "difformer")  # heads whose --pool is the token grid
 
 # Spec fields a train and a test cache may differ in; every other one changes the numbers.
-_PER_SPLIT_FIELDS = ("split", "num_images", "subset", "shard_size", "pool", "flip")
+_PER_SPLIT_FIELDS = ("split", "num_images", "subset", "shard_size", "pool", "flip", "noise_draws")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from extract.adm import normalize_blocks
 from extract.cache import (
     FORMAT_VERSION, CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, inner_chunk_rows,
-    make_backbone_id, record_run, reset_shards,
+    make_backbone_id, record_run, reset_shards, view_suffix,
 )
 from extract.configs import get_config
 from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
@@ -47,7 +47,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_VIEW_NAMES = ("", " (flipped view)")
 DISK_MARGIN = 1.05
 
 
@@ -68,6 +67,7 @@ class ExtractionRequest:
         timesteps, blocks: what to cache; pool: stored side min(native, pool), 0 = full maps.
         config_name, checkpoint, weight_seed: the backbone (random weights from weight_seed without checkpoint).
         noise_seed: the per-image noise; flip: also cache the flipped view.
+        noise_draws: K independent noise draws per (image, t), each a view (training picks one per epoch).
         shard_size: images per shard (one task); batch_size: images per forward.
         cache_dir: cache root; device, precision: where and how to compute.
         num_threads: torch CPU threads per task, fixed wherever the task runs: CPU results depend on it
@@ -88,6 +88,7 @@ class ExtractionRequest:
     weight_seed: int = 0
     noise_seed: int = 0
     flip: bool = False
+    noise_draws: int = 1
     shard_size: int = 256
     batch_size: int = 64
     per_class: int | None = None
@@ -150,7 +151,8 @@ class ExtractionPlan:
         lines = [
             f"extract {spec.dataset}/{spec.split}: {spec.num_images} images{subset}, {spec.num_shards} shards of {spec.shard_size}",
             f"  backbone {spec.config_name} ({weights}), {spec.precision}, noise seed {spec.noise_seed}, "
-            f"pool {spec.pool or 'none'}, float16{', + flipped view' if spec.flip else ''}",
+            f"pool {spec.pool or 'none'}, float16{', + flipped view' if spec.flip else ''}"
+            f"{f', {spec.noise_draws} noise draws' if spec.noise_draws > 1 else ''}",
             f"  cache {self.path}",
         ]
         if spec.row_order_seed is None:
@@ -178,7 +180,7 @@ class ExtractionPlan:
                          f"shards of {spec.shard_size} images ({format_bytes(spec.shard_size * image_bytes)}), "
                          f"inner chunks of {inner} ({format_bytes(inner * image_bytes)})")
         for (b, t, view), shards in sorted(self.damaged.items()):
-            lines.append(f"  b{b}/t{t}{_VIEW_NAMES[view]}: {len(shards)} shard(s) marked done but damaged, re-run: "
+            lines.append(f"  b{b}/t{t}{view_suffix(view)}: {len(shards)} shard(s) marked done but damaged, re-run: "
                          + "; ".join(f"{s} {why}" for s, why in sorted(shards.items())[:4]))
         for name, chunks in sorted(self.index_damage.items()):
             action = "rewritten from the dataset index" if name in ("path", "label") else "re-run with their shards"
@@ -289,10 +291,10 @@ def _require_same_compute(existing: FeatureCache, request: ExtractionRequest, ar
         kind = "cuda" if str(request.device).startswith("cuda") else str(request.device)
         current = {"device": kind, "precision": request.precision}
         for b, t in arrays:
-            for view in range(existing.spec.views):
+            for view in existing.spec.view_ids:
                 if not existing.has_array(b, t, view):
                     continue
-                problem = compute_conflict(f"b{b}/t{t}{('', '_flip')[view]}", existing.compute(b, t, view), current)
+                problem = compute_conflict(f"b{b}/t{t}{view_suffix(view)}", existing.compute(b, t, view), current)
                 if problem:
                     raise CacheMismatchError(problem)
     asked = {"batch_size": int(request.batch_size), "threads": int(request.num_threads)}
@@ -382,7 +384,7 @@ def plan_extraction(
         noise_schedule=config.noise_schedule, diffusion_steps=config.diffusion_steps,
         noise_seed=int(request.noise_seed), flip=bool(request.flip), pool=int(request.pool),
         precision=request.precision, subset=subset, num_images=index.num_images, shard_size=int(request.shard_size),
-        row_order_seed=int(request.order_seed),
+        row_order_seed=int(request.order_seed), noise_draws=int(request.noise_draws),
     )
     # absolute: workers of a remote cluster (and the disk check) must not depend on our cwd
     path = cache_path(os.path.abspath(request.cache_dir), spec.dataset, spec.split, spec.backbone_id)
@@ -409,7 +411,7 @@ def plan_extraction(
     rerun = {shard for name in ("valid", "error") for chunk in index_damage.get(name, {})
              for shard in existing.index_chunk_shards(name, chunk)}
     for (b, t) in shapes:
-        for view in range(spec.views):
+        for view in spec.view_ids:
             if existing is not None and existing.has_array(b, t, view):
                 damaged_here = existing.damaged_shards(b, t, view)
                 if damaged_here:
@@ -418,11 +420,11 @@ def plan_extraction(
             else:
                 missing[(view, t, b)] = set(range(spec.num_shards))
     new_arrays = [(b, t) for (b, t) in shapes if existing is None or not existing.has_array(b, t)]
-    complete = [(b, t) for (b, t) in shapes if all(not missing[(v, t, b)] for v in range(spec.views))]
+    complete = [(b, t) for (b, t) in shapes if all(not missing[(v, t, b)] for v in spec.view_ids)]
 
     recorded = {}
     if existing is not None:
-        recorded = {(b, t, view): existing.compute(b, t, view) for (b, t) in shapes for view in range(spec.views)
+        recorded = {(b, t, view): existing.compute(b, t, view) for (b, t) in shapes for view in spec.view_ids
                     if existing.has_array(b, t, view)}
     order = row_order(index.labels, spec.row_order_seed)
     ordered_paths = [index.paths[i] for i in order.tolist()]
@@ -433,7 +435,7 @@ def plan_extraction(
         start = shard * spec.shard_size
         stop = min(start + spec.shard_size, spec.num_images)
         todo = []
-        for view in range(spec.views):
+        for view in spec.view_ids:
             for t in timesteps:
                 todo_blocks = tuple(b for b in blocks if shard in missing[(view, t, b)])
                 if todo_blocks:
@@ -441,7 +443,7 @@ def plan_extraction(
                     bytes_new += sum((stop - start) * row_bytes[(b, t)] for b in todo_blocks)
         if todo:
             rows = tuple(order[start:stop].tolist())
-            checks = tuple((f"b{b}/t{t}{('', '_flip')[view]}", recorded[(b, t, view)]) for view, t, todo_blocks in todo
+            checks = tuple((f"b{b}/t{t}{view_suffix(view)}", recorded[(b, t, view)]) for view, t, todo_blocks in todo
                            for b in todo_blocks if recorded.get((b, t, view)))
             jobs.append(ShardJob(
                 cache=path, shard=shard, start=start, paths=tuple(ordered_paths[start:stop]), todo=tuple(todo),

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from extract.cache import FeatureCache, reset_shards
+from extract.cache import FeatureCache, reset_shards, view_suffix
 from extract.errors import CacheError
 
 from .locks import LockHeld, file_lock
 
 __all__ = ["CacheReport", "find_caches", "verify_cache", "verify_caches"]
 
-_VIEWS = ("", "_flip")
 
 
 @dataclass
@@ -82,11 +81,11 @@ def verify_cache(path: str, repair: bool = False) -> CacheReport:
     # path, label and image_id: extract rewrites them from the dataset index)
     damaged: dict[tuple[int, int, int], list[int]] = {}
     for b, t in cache.arrays():
-        for view in range(cache.spec.views):
+        for view in cache.spec.view_ids:
             if not cache.has_array(b, t, view):
                 continue
             report.arrays += 1
-            name = f"b{b}/t{t}{_VIEWS[view]}"
+            name = f"b{b}/t{t}{view_suffix(view)}"
             problems = cache.verify_shards(b, t, view)
             unmarked = set(cache.missing_shards(b, t, view)) - set(problems)
             report.unwritten += len(unmarked)

@@ -115,14 +115,14 @@ def load_features(cache: FeatureCache, keys: Sequence[Key], pool: int | None = N
     """
     valid = np.asarray(cache.valid, dtype=bool)
     keep = None if valid.all() else np.flatnonzero(valid)
-    num_views = cache.spec.views if views else 1
-    features = ViewStack() if num_views > 1 else {}
+    view_ids = cache.spec.view_ids if views else [0]
+    features = ViewStack() if len(view_ids) > 1 else {}
     for b, t in keys:
         stack = []
-        for view in range(num_views):
+        for view in view_ids:
             array = cache.load(b, t, pool=pool, view=view)
             stack.append(torch.from_numpy(np.ascontiguousarray(array if keep is None else array[keep])))
-        features[(b, t)] = torch.stack(stack) if num_views > 1 else stack[0]
+        features[(b, t)] = torch.stack(stack) if len(view_ids) > 1 else stack[0]
     labels = np.asarray(cache.labels, dtype=np.int64)
     labels = labels if keep is None else labels[keep]
     return FeatureSet(features, torch.from_numpy(labels.copy()), list(cache.class_names), int((~valid).sum()))

@@ -49,14 +49,14 @@ def run_shard_job(job):
     return result
 
 
-def _cache(root, paths, flip=False, shard_size=12, labels=None, row_order_seed=None):
+def _cache(root, paths, flip=False, shard_size=12, labels=None, row_order_seed=None, noise_draws=1):
     config = get_config(CONFIG)
     with torch.device("meta"):
         shapes = config.build().block_shapes()
     spec = CacheSpec(
         dataset="toy", split="train", backbone_id=make_backbone_id(CONFIG, weight_seed=0), config_name=CONFIG,
         config_flags=config.flags, weight_seed=0, image_size=32, num_images=len(paths), shard_size=shard_size,
-        pool=POOL, flip=flip, row_order_seed=row_order_seed,
+        pool=POOL, flip=flip, row_order_seed=row_order_seed, noise_draws=noise_draws,
     )
     arrays = {(b, t): (shapes[b][0], pooled_size(shapes[b][1], POOL), pooled_size(shapes[b][1], POOL))
               for b in BLOCKS for t in TIMESTEPS}
@@ -183,7 +183,7 @@ def test_a_worker_refuses_to_mix_device_kinds_before_computing(tmp_path, images)
     assert set(result.markers) == {(10, 90, 0)} and result.markers[(10, 90, 0)] >= 2**32
 
 
-def _recomputed(paths, start, t, blocks, batch_size, flip=False):
+def _recomputed(paths, start, t, blocks, batch_size, flip=False, draw=0):
     """Features computed the plain way, independently of the job's pipeline: float images, noise, q_sample, forward, pool."""
     from extract.images import load_batch
     from extract.noise import seeded_noise
@@ -200,7 +200,7 @@ def _recomputed(paths, start, t, blocks, batch_size, flip=False):
             hi = min(lo + batch_size, len(paths))
             x0, ok, _ = load_batch(paths[lo:hi], 32, flip=flip, num_threads=1)
             steps = torch.full((hi - lo,), t, dtype=torch.long)
-            x_t = schedule.q_sample(x0, steps, seeded_noise(0, range(start + lo, start + hi), t, (3, 32, 32)))
+            x_t = schedule.q_sample(x0, steps, seeded_noise(0, range(start + lo, start + hi), t, (3, 32, 32), draw=draw))
             with torch.no_grad():
                 feats = model.features(x_t, steps, list(blocks))
             for b in blocks:
@@ -305,3 +305,19 @@ def test_default_decode_threads_share_the_cpus():
     assert job_module.default_decode_threads(1, "cuda") == max(1, min(32, cpus - 1))
     assert job_module.default_decode_threads(1, "cpu", torch_threads=2) == max(1, cpus - 2)
     assert job_module.default_decode_threads(10 * cpus, "cuda") == 1
+
+
+def test_noise_draws_are_views_of_independent_seeded_noise(tmp_path, images):
+    """--noise-draws 2 --flip: four views per (b, t); view 2k+f is draw k's noise on the (flipped) image, bit for bit."""
+    cache = _cache(tmp_path, images, flip=True, noise_draws=2)
+    assert cache.spec.view_ids == [0, 1, 2, 3]
+    run_shard_job(_job(cache, images, _all(views=(0, 1, 2, 3))))
+    reader = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
+    group = zarr.open_group(reader.path, mode="r")
+    assert {"t90", "t90_flip", "t90_n1", "t90_n1_flip"} <= set(group["b10"].keys())
+    for view in (0, 1, 2, 3):
+        expected = _recomputed(images, 0, 90, (10,), 5, flip=bool(view % 2), draw=view // 2)[10]
+        assert np.array_equal(reader.load(10, 90, view=view).view(np.uint16), expected.view(np.uint16)), view
+    assert not np.allclose(reader.load(10, 90, view=0), reader.load(10, 90, view=2), atol=1e-2)
+    with pytest.raises(Exception, match="view 4 is not in this cache"):
+        reader.load(10, 90, view=4)
