@@ -1044,6 +1044,30 @@ class FeatureCache:
                 f"diffrep extract command again"
             ) from exc
 
+    def row_reader(self, b: int, t: int, pool: int | None = None, view: int = 0):
+        """A function (start, stop) -> rows start..stop of a complete array as (n, C, h, w) float16, read as one slice.
+
+        For readers that take pieces of shards in their own order (a streamed epoch): the same
+        completeness check and the same one-line error for damage as ``load``. Never per-image indexing.
+        """
+        self._check_complete(b, t, view)  # unwritten or damaged shards: one line naming the command that finishes them
+        array = self._array(b, t, view)
+        native, name = self._native(array), _array_name(b, t, view)
+
+        def read(start: int, stop: int) -> np.ndarray:
+            try:
+                data = array[start:stop]
+            except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
+                root = os.path.dirname(os.path.dirname(os.path.dirname(self.path)))
+                raise CacheError(
+                    f"rows {start}-{stop} of {name} in {self.path} cannot be decoded ({_first_line(exc)}): run "
+                    f"diffrep verify --cache-dir {root} --dataset {self.spec.dataset} --split {self.spec.split} "
+                    f"--repair, then the same diffrep extract command again"
+                ) from exc
+            return derive_pool(data, native, pool)
+
+        return read
+
     def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool, into: np.ndarray | None = None):
         """(start, stop, shard data) for every shard in order; zeros for shards not written (allow_incomplete only).
 

@@ -23,7 +23,6 @@ import torch
 
 from extract.cache import FeatureCache, cache_path, open_cache
 from extract.errors import CacheError
-from extract.pooling import derive_pool
 
 from .train import epoch_order
 from .views import ViewStack
@@ -181,31 +180,6 @@ MIN_PIECES = 16
 shards mixes rows from 16 places in the split."""
 
 
-def _rows_reader(cache: FeatureCache, key: Key, pool: int | None) -> Callable[[int, int], np.ndarray]:
-    """A function (start, stop) -> (stop - start, C, h, w) float16 rows of one complete array, read as one slice.
-
-    ``FeatureCache`` streams whole shards in order (``iter_shards``); an epoch in permuted order reads
-    pieces of shards by row range, after the same completeness check and with the same error for damage.
-    """
-    b, t = key
-    cache._check_complete(b, t, 0)  # unwritten or damaged shards: one line naming the command that finishes them
-    array = cache._array(b, t)
-    native, root = cache._native(array), os.path.dirname(os.path.dirname(os.path.dirname(cache.path)))
-
-    def read(start: int, stop: int) -> np.ndarray:
-        try:
-            data = array[start:stop]
-        except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
-            raise CacheError(
-                f"rows {start}-{stop} of b{b}/t{t} in {cache.path} cannot be decoded ({str(exc).splitlines()[0]}): "
-                f"run diffrep verify --cache-dir {root} --dataset {cache.spec.dataset} --split {cache.spec.split} "
-                f"--repair, then the same diffrep extract command again"
-            ) from exc
-        return derive_pool(data, native, pool)
-
-    return read
-
-
 def _read_ahead(produce: Callable[[threading.Event], Iterator], depth: int = 1) -> Iterator:
     """Run ``produce(stop)`` on a background thread, ``depth`` items ahead of the consumer.
 
@@ -313,7 +287,7 @@ class StreamedFeatures:
 
     def _produce(self, seed: int | None, epoch: int, stop: threading.Event):
         """Windows ``({key: (n, C, h, w) float16}, (n,) int64)``, rows shuffled (when seeded) as they are placed."""
-        readers = {key: _rows_reader(self.cache, key, self.pool) for key in self.keys}
+        readers = {key: self.cache.row_reader(*key, pool=self.pool) for key in self.keys}
         windows = self.windows(seed, epoch)
         whole = None
         if seed is not None and len(windows) == 1:  # the split fits: the in-RAM epoch's order, batch for batch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import probe.features as features_module
-from extract.cache import CacheSpec, cache_path, create_cache, open_cache, write_shard
+from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, open_cache, write_shard
 from extract.errors import CacheError
 from probe.features import WINDOW_SHARE, StreamedFeatures
 
@@ -132,13 +132,13 @@ def test_read_errors_reach_the_training_thread_and_an_early_stop_ends_the_reader
     batches.close()
     assert not _read_ahead_threads()
 
-    real = features_module._rows_reader
+    real = FeatureCache.row_reader
 
-    def failing(cache_, key, pool):
-        read = real(cache_, key, pool)
+    def failing(cache_, b, t, pool=None, view=0):
+        read = real(cache_, b, t, pool=pool, view=view)
         return lambda start, stop: (_ for _ in ()).throw(CacheError("rows cannot be decoded")) if start == 50 else read(start, stop)
 
-    monkeypatch.setattr(features_module, "_rows_reader", failing)
+    monkeypatch.setattr(FeatureCache, "row_reader", failing)
     with pytest.raises(CacheError, match="cannot be decoded"):
         for _ in stream.batches(4, seed=0):
             pass
