@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import probe.features as features_module
 from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, open_cache, write_shard
 from extract.errors import CacheError
 from probe.features import WINDOW_SHARE, StreamedFeatures
