@@ -142,3 +142,30 @@ def test_read_errors_reach_the_training_thread_and_an_early_stop_ends_the_reader
         for _ in stream.batches(4, seed=0):
             pass
     assert not _read_ahead_threads()
+
+
+def test_a_cache_in_the_extract_stage_s_row_order_streams_every_class_early(tmp_path):
+    """The real pair: create_cache's seeded row order (what extract writes) + the streamed reader's per-epoch pieces.
+
+    100 classes of 60 images (ImageNet has 1,281 a class), index sorted by class; the first 10% of every
+    streamed epoch holds >= 90 classes (in index order it would hold 10).
+    """
+    n, classes = 6000, 100
+    labels = np.repeat(np.arange(classes), n // classes)
+    spec = CacheSpec(dataset="toy", split="train", backbone_id="32x32_small-random0", config_name="32x32_small",
+                     image_size=32, num_images=n, shard_size=20, pool=4, row_order_seed=0)
+    cache = create_cache(tmp_path, spec, [f"img/{i}.jpg" for i in range(n)], labels, [f"c{c}" for c in range(classes)],
+                         arrays={KEY: (2, 4, 4)}, native_sizes={24: 8})
+    ids = np.asarray(cache.image_ids)
+    assert sorted(ids) == list(range(n)) and not np.array_equal(ids, np.arange(n))
+    data = np.zeros((n, 2, 4, 4), np.float16)
+    data[:, 0] = (ids // 1000)[:, None, None]
+    data[:, 1] = (ids % 1000)[:, None, None]
+    for shard in range(n // 20):
+        write_shard(cache.path, shard, {KEY: data[shard * 20:(shard + 1) * 20]})
+    reader = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
+    stream = StreamedFeatures(reader, [KEY], window_bytes=30 * 20 * ROW_BYTES)  # a tenth of the split per window
+    for epoch in range(3):
+        got_ids, got = epoch_rows(stream, 32, seed=3, epoch=epoch)
+        assert np.array_equal(got, labels[got_ids])  # labels travel with their rows
+        assert len(set(got[:n // 10].tolist())) >= 90
