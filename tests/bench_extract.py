@@ -84,7 +84,8 @@ def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size:
                   repeats: int = 3) -> list[str]:
     """Whole-array cache write and read MB/s against plain numpy ``tofile``/``fromfile`` of the same bytes, one run.
 
-    Each (b, t) array is written shard by shard with ``write_shard`` and read whole with ``load``,
+    Each (b, t) array is written as an extraction writes it (``write_shard_data`` per shard, as a
+    worker, then one ``MarkWriter.mark`` of every shard, as the orchestrator) and read whole with ``load``,
     cold (fsync, then the pages dropped with POSIX_FADV_DONTNEED) as the raw file is; best of
     ``repeats``, interleaved with the raw figures so that a busy machine slows both alike; writes
     are timed into the page cache and again up to the fsync (on disk). The
@@ -94,7 +95,7 @@ def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size:
     from unittest import mock
 
     from extract import cache as cache_module
-    from extract.cache import CacheSpec, create_cache, inner_chunk_rows, open_cache, write_shard
+    from extract.cache import CacheSpec, MarkWriter, ShardMarks, create_cache, inner_chunk_rows, open_cache, write_shard_data
     from extract.configs import get_config
     from extract.pooling import pooled_size
 
@@ -131,8 +132,12 @@ def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size:
                     patch.start()
                 try:
                     def write_all():
+                        """As an extraction writes: workers write shard data, the orchestrator marks them (one object)."""
+                        marks = []
                         for s in range(cache.num_shards):
-                            write_shard(cache.path, s, {(b, 150): data[slice(*cache.shard_bounds(s))]})
+                            values = write_shard_data(cache.path, s, {(b, 150): data[slice(*cache.shard_bounds(s))]})
+                            marks.append(ShardMarks(s, {(b, 150, 0): v for (_, _), v in values.items()}))
+                        MarkWriter(cache.path).mark(marks)
 
                     for _ in range(repeats):
                         keep((way, "write"), _seconds(write_all))
