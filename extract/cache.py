@@ -46,7 +46,9 @@ import numpy as np
 import zarr
 
 from .errors import CacheError, CacheIncompleteError, CacheMismatchError
-from .integrity import WRITE_CONFIG, marker_checksum, marker_value, object_problems, remove_objects, shard_checksum
+from .integrity import (
+    WRITE_CONFIG, marker_checksum, marker_from_checksum, marker_value, object_problems, remove_objects, shard_checksum,
+)
 from .order import row_order
 from .pooling import derive_pool
 from .provenance import compute_conflict
@@ -399,7 +401,8 @@ def create_cache(
 
 
 def write_shard_data(
-    path: str, shard: int, features: Mapping[tuple[int, int], np.ndarray], view: int = 0
+    path: str, shard: int, features: Mapping[tuple[int, int], np.ndarray], view: int = 0,
+    checksums: Mapping[tuple[int, int], int] | None = None,
 ) -> dict[tuple[int, int], int]:
     """Write whole shards of (b, t) arrays of one cache, and nothing else: what a job (worker) does.
 
@@ -410,7 +413,9 @@ def write_shard_data(
         path: the cache group (``cache_path(...)``).
         shard: shard number; rows shard*shard_size up to the next shard or N.
         features: ``{(b, t): (n, C, h, w) float16}``, n the rows of this shard.
-        view: 0, or 1 for the flipped view.
+        view: 0, or 1 for the flipped view (2k+f with noise draws).
+        checksums: ``{(b, t): CRC-32}`` of the data as given, when the caller chained it while the rows
+            came in (an extraction job does, beside the forward); None: computed here beside the write.
 
     Returns:
         ``{(b, t): marker value}``: MARKER_DONE + the CRC-32 of each shard (1 in a format-1 cache).
@@ -424,7 +429,8 @@ def write_shard_data(
     stop = min(start + spec.shard_size, spec.num_images)
     markers = {}
     # the CRC-32 of each shard runs beside its write: both release the GIL, and each alone takes about as long
-    with ThreadPoolExecutor(1, thread_name_prefix="diffrep-crc") as checksums:
+    known = checksums
+    with ThreadPoolExecutor(1, thread_name_prefix="diffrep-crc") as pool:
         for (b, t), data in features.items():
             name = _array_name(b, t, view)
             if name not in group:
@@ -433,7 +439,11 @@ def write_shard_data(
             if data.shape != (stop - start, *array.shape[1:]):
                 raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
             data = np.asarray(data, dtype=np.float16)
-            markers[(int(b), int(t))] = checksums.submit(marker_value, data, group[_marker_name(b, t, view)].dtype)
+            marker_dtype = group[_marker_name(b, t, view)].dtype
+            if known is not None and (b, t) in known:
+                markers[(int(b), int(t))] = pool.submit(marker_from_checksum, int(known[(b, t)]), marker_dtype)
+            else:
+                markers[(int(b), int(t))] = pool.submit(marker_value, data, marker_dtype)
             if not write_shard_object(array, shard, data):  # whole shards go straight to the file (extract.shard_io)
                 _writable(array)[start:stop] = data
     return {key: value.result() for key, value in markers.items()}

@@ -57,6 +57,13 @@ def marker_value(data: np.ndarray, marker_dtype: np.dtype) -> int:
     return MARKER_DONE + shard_checksum(data)
 
 
+def marker_from_checksum(checksum: int, marker_dtype: np.dtype) -> int:
+    """``marker_value`` from a CRC-32 the writer already has (chained over the rows as they were computed)."""
+    if np.dtype(marker_dtype).itemsize < 8:
+        return 1
+    return MARKER_DONE + (int(checksum) & 0xFFFFFFFF)
+
+
 def marker_checksum(value: int) -> int | None:
     """The CRC-32 a marker records, or None when it records none (format-1 markers, unset markers)."""
     value = int(value)

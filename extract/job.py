@@ -26,7 +26,9 @@ import errno
 import logging
 import os
 import threading
+import sys
 import time
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -276,11 +278,14 @@ class _Outputs:
 
     The copy back of batch k is collected after batch k+1 is queued, so the GPU never waits for
     the host to read a result; on the CPU the same code collects at once (the copy is the tensor).
+    Rows arrive in order, so each block's shard checksum (its marker's CRC-32) is chained batch by
+    batch here, beside the forward, and the shard's write is only the file write.
     """
 
-    def __init__(self, count: int, cuda: bool):
-        self.count, self.cuda = count, cuda
+    def __init__(self, count: int, cuda: bool, ok: np.ndarray):
+        self.count, self.cuda, self.ok = count, cuda, ok
         self.buffers: dict[int, np.ndarray] = {}
+        self.checksums: dict[int, int] = {}
         self._pending: tuple[Any, list[tuple[int, int, int, torch.Tensor]]] | None = None
 
     def put(self, lo: int, hi: int, pooled: dict[int, torch.Tensor]) -> None:
@@ -311,7 +316,17 @@ class _Outputs:
             values = host.numpy()
             if b not in self.buffers:
                 self.buffers[b] = np.zeros((self.count, *values.shape[1:]), dtype=np.float16)
-            self.buffers[b][lo:hi] = values
+            rows = self.buffers[b][lo:hi]
+            rows[...] = values
+            rows[~self.ok[lo:hi]] = 0  # unreadable images are stored as zeros
+            if sys.byteorder == "little":  # the checksum is of the little-endian bytes as stored
+                self.checksums[b] = zlib.crc32(memoryview(rows).cast("B"), self.checksums.get(b, 0))
+
+    def shard_checksums(self, t: int) -> dict[tuple[int, int], int] | None:
+        """``{(b, t): CRC-32 of the whole shard}`` once every row is in (None where it was not chained)."""
+        if len(self.checksums) != len(self.buffers):
+            return None
+        return {(b, t): crc & 0xFFFFFFFF for b, crc in self.checksums.items()}
 
 
 def _run(job: ShardJob) -> ShardResult:
@@ -366,7 +381,7 @@ def _run(job: ShardJob) -> ShardResult:
                 queue_noise(int(job.todo[p + 1][1]), int(job.todo[p + 1][0]) // 2)
             else:
                 _queue_next_shard(job, cuda)
-            outputs = _Outputs(count, cuda)
+            outputs = _Outputs(count, cuda, ok)
             for k, (lo, hi) in enumerate(bounds):
                 pixels, batch_ok, batch_errors = batches.get(k)
                 if not index_written:
@@ -398,14 +413,12 @@ def _run(job: ShardJob) -> ShardResult:
             if p + 1 >= len(job.todo) or (int(job.todo[p + 1][1]), int(job.todo[p + 1][0]) // 2) != (t, draw):
                 for k in range(len(bounds)):
                     noise.pop((k, t, draw), None)
-            buffers = outputs.buffers
-            for b in buffers:
-                buffers[b][~ok] = 0
+            buffers = outputs.buffers  # invalid rows were zeroed as they came in
             index_written = True
             for previous in writes:  # one write in flight at most: memory stays at two passes' outputs
                 previous.result()
             writes.append(writer.submit(
-                _write, job.cache, job.shard, {(b, t): buffers[b] for b in blocks}, view
+                _write, job.cache, job.shard, {(b, t): buffers[b] for b in blocks}, view, outputs.shard_checksums(t)
             ))
         markers = {}
         for (view, _, _), pending in zip(job.todo, writes):
@@ -437,9 +450,9 @@ def _queue_next_shard(job: ShardJob, cuda: bool) -> None:
             PREFETCHER.ahead(_noise_key(job, hint_ids, hint.t), _noise, job, hint_ids, hint.t, cuda)
 
 
-def _write(path: str, shard: int, features: dict, view: int) -> dict:
+def _write(path: str, shard: int, features: dict, view: int, checksums: dict | None = None) -> dict:
     try:
-        return write_shard_data(path, shard, features, view=view)
+        return write_shard_data(path, shard, features, view=view, checksums=checksums)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # every later shard would fail the same way
             raise DiskSpaceError(

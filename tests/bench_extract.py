@@ -85,7 +85,8 @@ def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size:
     """Whole-array cache write and read MB/s against plain numpy ``tofile``/``fromfile`` of the same bytes, one run.
 
     Each (b, t) array is written as an extraction writes it (``write_shard_data`` per shard, as a
-    worker, then one ``MarkWriter.mark`` of every shard, as the orchestrator) and read whole with ``load``,
+    worker, with the shard's CRC-32 the job chained beside the forward; then one ``MarkWriter.mark`` of
+    every shard, as the orchestrator) and read whole with ``load``,
     cold (fsync, then the pages dropped with POSIX_FADV_DONTNEED) as the raw file is; best of
     ``repeats``, interleaved with the raw figures so that a busy machine slows both alike; writes
     are timed into the page cache and again up to the fsync (on disk). The
@@ -96,6 +97,7 @@ def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size:
 
     from extract import cache as cache_module
     from extract.cache import CacheSpec, MarkWriter, ShardMarks, create_cache, inner_chunk_rows, open_cache, write_shard_data
+    from extract.integrity import shard_checksum
     from extract.configs import get_config
     from extract.pooling import pooled_size
 
@@ -131,11 +133,16 @@ def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size:
                 for patch in patches:
                     patch.start()
                 try:
+                    shards = [data[slice(*cache.shard_bounds(s))] for s in range(cache.num_shards)]
+                    # a job chains each shard's CRC-32 over its rows as they come back, beside the forward
+                    crcs = [shard_checksum(part) for part in shards] if way == "direct" else [None] * len(shards)
+
                     def write_all():
                         """As an extraction writes: workers write shard data, the orchestrator marks them (one object)."""
                         marks = []
-                        for s in range(cache.num_shards):
-                            values = write_shard_data(cache.path, s, {(b, 150): data[slice(*cache.shard_bounds(s))]})
+                        for s, part in enumerate(shards):
+                            known = {(b, 150): crcs[s]} if crcs[s] is not None else None
+                            values = write_shard_data(cache.path, s, {(b, 150): part}, checksums=known)
                             marks.append(ShardMarks(s, {(b, 150, 0): v for (_, _), v in values.items()}))
                         MarkWriter(cache.path).mark(marks)
 

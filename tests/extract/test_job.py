@@ -283,11 +283,11 @@ def test_a_failed_write_surfaces_and_the_passes_written_before_it_are_on_disk(tm
     real = job_module.write_shard_data
     calls = []
 
-    def failing(path, shard, features, view=0):
+    def failing(path, shard, features, view=0, checksums=None):
         calls.append(sorted(features))
         if len(calls) == 2:
             raise OSError(5, "Input/output error")
-        return real(path, shard, features, view=view)
+        return real(path, shard, features, view=view, checksums=checksums)
 
     monkeypatch.setattr(job_module, "write_shard_data", failing)
     with pytest.raises(OSError, match="Input/output error"):
@@ -321,3 +321,21 @@ def test_noise_draws_are_views_of_independent_seeded_noise(tmp_path, images):
     assert not np.allclose(reader.load(10, 90, view=0), reader.load(10, 90, view=2), atol=1e-2)
     with pytest.raises(Exception, match="view 4 is not in this cache"):
         reader.load(10, 90, view=4)
+
+
+def test_the_markers_a_job_chains_batch_by_batch_are_the_checksums_of_what_is_stored(tmp_path, images):
+    """Invalid rows zeroed, flipped view, batches of 5 over 12 rows: each marker is the CRC of the stored shard."""
+    from extract.integrity import marker_value
+
+    paths = list(images)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    paths[6] = str(broken)
+    cache = _cache(tmp_path, paths, flip=True)
+    result = run_shard_job(_job(cache, paths, _all(views=(0, 1))))
+    reader = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
+    assert len(result.markers) == len(BLOCKS) * len(TIMESTEPS) * 2
+    for (b, t, view), value in result.markers.items():
+        stored = reader.load(b, t, view=view)
+        assert not stored[6].any() and value == marker_value(stored, np.uint64), (b, t, view)
+    assert not any(reader.verify_shards(b, t, v) for b in BLOCKS for t in TIMESTEPS for v in (0, 1))
