@@ -32,7 +32,9 @@ from .options import checkpoint_option, config_option, dataset_option, default_c
               show_default="$DIFFREP_CACHE or ~/.cache/diffrep/features",
               help="Read pass 1 from this feature cache when it holds every source block unpooled (--pool none) for "
                    "this backbone and noise seed; otherwise pass 1 runs live (the plan says which).")
-@click.option("--no-cache", is_flag=True, help="Always run pass 1 live.")
+@click.option("--pass1", "pass1", type=click.Choice(["auto", "cache", "live"]), default="auto", show_default=True,
+              help="auto: read pass 1 from --cache-dir when it holds it, else run it live (the plan says why); "
+                   "cache: refuse in one line unless the cache can give it; live: always run it.")
 @click.option("--dim", type=click.IntRange(min=8), default=None, help="Attention head width [default: 1024].")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Attention head blocks [default: 2].")
 @click.option("--pool", type=click.IntRange(min=1), default=None, help="Attention head token grid side [default: 16].")
@@ -57,7 +59,7 @@ from .options import checkpoint_option, config_option, dataset_option, default_c
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None)
 @click.option("--dry-run", is_flag=True, help="Print the plan (pairs, parameters, backbone passes) and stop.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def feedback(dry_run, no_cache, **options) -> None:
+def feedback(dry_run, **options) -> None:
     """Train DifFeed: pass 1 (no gradients) to the deepest feedback source, feedback layers (1x1 conv,
     BatchNorm, ReLU) into the mirrored encoder blocks, pass 2 on the same noisy image to the
     read-out block, the attention head on its features. The backbone stays frozen unless --finetune.
@@ -70,8 +72,6 @@ def feedback(dry_run, no_cache, **options) -> None:
     from .feedback import FeedbackRequest, plan_feedback, run_feedback
 
     options["timestep"] = int(options["timestep"])
-    if no_cache:
-        options["cache_dir"] = None
     plan = plan_feedback(FeedbackRequest(**options), dry_run=dry_run)
     click.echo(plan.describe())
     if dry_run:

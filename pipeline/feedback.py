@@ -57,6 +57,7 @@ class FeedbackRequest:
     augment: bool = False
     label_fraction: float | None = None
     cache_dir: str | None = None
+    pass1: str = "auto"  # auto: the cache when it can give pass 1, else live; cache: refuse otherwise; live: always
     dim: int | None = None
     depth: int | None = None
     pool: int | None = None
@@ -158,10 +159,18 @@ def plan_feedback(request: FeedbackRequest, dry_run: bool = False) -> FeedbackPl
     device = resolve_device(request.device)
     model = DifFeed(backbone, head, request.strategy, readout, finetune=request.finetune,
                     precision=request.precision or default_precision(device))
+    if request.pass1 not in ("auto", "cache", "live"):
+        raise ProbeError(f"--pass1 {request.pass1!r} is unknown: choose auto, cache or live")
     pass1 = None
-    if not dry_run or request.cache_dir:
+    if request.pass1 == "live":
+        pass1 = (CachedPass1(None, None, "runs live (--pass1 live)"),) * 2
+    elif not dry_run or request.cache_dir:
         pass1 = tuple(_pass1(request, model, source, split) for source, split in
                       ((train, request.train_split), (test, request.test_split)))
+        refused = [p.reason for p in pass1 if p.features is None]
+        if request.pass1 == "cache" and refused:
+            why = refused[0].removeprefix("runs live (").removesuffix(")")
+            raise ProbeError(f"--pass1 cache: pass 1 cannot come from the cache: {why}; pass --pass1 auto to run it live")
     return FeedbackPlan(request, model, train, test, num_classes, pass1)
 
 

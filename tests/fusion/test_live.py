@@ -185,6 +185,11 @@ def test_diffeed_reads_pass_one_from_a_full_map_cache(cifar10_root, tmp_path):
         assert torch.allclose(cached.model(batch), live.model(plain), atol=2e-2, rtol=1e-2)
     other = plan_feedback(FeedbackRequest(cache_dir=str(cache), **{**base, "noise_seed": 5}))
     assert "the cache's noise seed is 0, not 5" in other.describe()
+    result = CliRunner().invoke(main, ["feedback", "--dataset", "cifar10", "--config", CONFIG, "--weight-seed", "2",
+                                       "-t", "25", "--data-root", str(root), "--cache-dir", str(cache), "--noise-seed",
+                                       "5", "--pass1", "cache", "--dry-run"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "--pass1 cache: pass 1 cannot come from the cache: the cache's noise seed is 0, not 5" in result.output
 
 
 def test_live_probe_refuses_what_it_cannot_do_in_one_line(tmp_path):
