@@ -36,6 +36,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import threading
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -423,30 +424,68 @@ def write_shard_data(
     Raises:
         CacheError: a missing array or a block of the wrong shape (a bug in the caller).
     """
-    group = zarr.open_group(path, mode="r+")
-    spec = CacheSpec.from_attrs(group.attrs["diffrep"]["spec"])
+    handles = _WriteHandles.of(path)
+    spec = handles.spec
     start = shard * spec.shard_size
     stop = min(start + spec.shard_size, spec.num_images)
     markers = {}
-    # the CRC-32 of each shard runs beside its write: both release the GIL, and each alone takes about as long
-    known = checksums
-    with ThreadPoolExecutor(1, thread_name_prefix="diffrep-crc") as pool:
+    known = checksums or {}
+    pending = [key for key in features if key not in known]
+    # a CRC-32 not chained by the caller runs beside the write: both release the GIL
+    pool = ThreadPoolExecutor(1, thread_name_prefix="diffrep-crc") if pending else None
+    try:
         for (b, t), data in features.items():
             name = _array_name(b, t, view)
-            if name not in group:
-                raise CacheError(f"cache has no array {name}: create it with create_cache before writing")
-            array = group[name]
+            array, marker_dtype = handles.array(name, _marker_name(b, t, view))
             if data.shape != (stop - start, *array.shape[1:]):
                 raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
             data = np.asarray(data, dtype=np.float16)
-            marker_dtype = group[_marker_name(b, t, view)].dtype
-            if known is not None and (b, t) in known:
-                markers[(int(b), int(t))] = pool.submit(marker_from_checksum, int(known[(b, t)]), marker_dtype)
+            if (b, t) in known:
+                markers[(int(b), int(t))] = marker_from_checksum(int(known[(b, t)]), marker_dtype)
             else:
                 markers[(int(b), int(t))] = pool.submit(marker_value, data, marker_dtype)
             if not write_shard_object(array, shard, data):  # whole shards go straight to the file (extract.shard_io)
                 _writable(array)[start:stop] = data
-    return {key: value.result() for key, value in markers.items()}
+        return {key: value if isinstance(value, int) else value.result() for key, value in markers.items()}
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+class _WriteHandles:
+    """A worker's opened cache group, spec and arrays, kept across its shards (opening costs ms a shard).
+
+    Keyed by the group's path and its ``zarr.json`` modification time, so a cache deleted and made
+    again at the same path is opened anew.
+    """
+
+    _open: dict[str, tuple[int, "_WriteHandles"]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, path: str):
+        self.group = zarr.open_group(path, mode="r+")
+        self.spec = CacheSpec.from_attrs(self.group.attrs["diffrep"]["spec"])
+        self._arrays: dict[str, tuple[zarr.Array, np.dtype]] = {}
+
+    @classmethod
+    def of(cls, path: str) -> "_WriteHandles":
+        stamp = os.stat(os.path.join(path, "zarr.json")).st_mtime_ns
+        with cls._lock:
+            held = cls._open.get(path)
+            if held is None or held[0] != stamp:
+                held = (stamp, cls(path))
+                if len(cls._open) > 16:
+                    cls._open.clear()
+                cls._open[path] = held
+            return held[1]
+
+    def array(self, name: str, marker: str) -> tuple[zarr.Array, np.dtype]:
+        """(the data array, its marker array's dtype); a missing array is a CacheError."""
+        if name not in self._arrays:
+            if name not in self.group:
+                raise CacheError(f"cache has no array {name}: create it with create_cache before writing")
+            self._arrays[name] = (self.group[name], self.group[marker].dtype)
+        return self._arrays[name]
 
 
 @dataclass

@@ -96,17 +96,23 @@ def write_shard_object(array: zarr.Array, shard: int, data: np.ndarray) -> bool:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.{uuid.uuid4().hex}.partial"
     try:
-        with open(partial, "wb") as handle:
-            for piece in pieces:
-                handle.write(piece)
-            handle.write(index_bytes)
-            handle.write(_crc32c(index_bytes))
+        with open(partial, "wb", buffering=0) as handle:  # unbuffered: the pieces go to the kernel without a copy
+            for piece in (*pieces, memoryview(index_bytes), memoryview(_crc32c(index_bytes))):
+                _write_all(handle, piece)
         os.replace(partial, path)
     except BaseException:
         if os.path.exists(partial):
             os.remove(partial)
         raise
     return True
+
+
+def _write_all(handle, view: memoryview) -> None:
+    """``handle.write`` until every byte is written (a raw file may take fewer at a time)."""
+    view = view.cast("B") if view.format != "B" else view
+    done = 0
+    while done < len(view):
+        done += handle.write(view[done:])
 
 
 def _read_exactly(handle, view: memoryview, offset: int) -> bool:

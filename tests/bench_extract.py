@@ -89,7 +89,8 @@ def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size:
     every shard, as the orchestrator) and read whole with ``load``,
     cold (fsync, then the pages dropped with POSIX_FADV_DONTNEED) as the raw file is; best of
     ``repeats``, interleaved with the raw figures so that a busy machine slows both alike; writes
-    are timed into the page cache and again up to the fsync (on disk). The
+    are timed into the page cache and again up to the fsync (on disk), of new files on both sides
+    (an extraction writes each shard once; replacing a file costs its unlink). The
     same is timed with the direct shard I/O switched off (Zarr doing all of it: the figures before
     ``extract.shard_io``). Goal: cache >= 70% of raw both ways.
     """
@@ -146,10 +147,22 @@ def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size:
                             marks.append(ShardMarks(s, {(b, 150, 0): v for (_, _), v in values.items()}))
                         MarkWriter(cache.path).mark(marks)
 
+                    chunks = os.path.join(cache.path, f"b{b}", "t150", "c")  # the shard objects
+
+                    def fresh(*paths):
+                        """An extraction writes new shards: what a previous repeat left goes first, untimed (both sides)."""
+                        for path in paths:
+                            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else \
+                                (os.remove(path) if os.path.exists(path) else None)
+
                     for _ in range(repeats):
+                        fresh(chunks)
                         keep((way, "write"), _seconds(write_all))
+                        fresh(raw)
                         keep(("raw", "write"), _seconds(lambda: data.tofile(raw)))
+                        fresh(chunks)
                         keep((way, "durable"), _seconds(lambda: (write_all(), _drop_page_cache(folder))))
+                        fresh(raw)
                         keep(("raw", "durable"), _seconds(lambda: (data.tofile(raw), _drop_page_cache(raw))))
                         _drop_page_cache(folder)
                         reader = open_cache(root, name, "train", "bench")

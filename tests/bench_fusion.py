@@ -81,7 +81,7 @@ def bench_fusion(configs=None, strategy: str = "bottleneck") -> list[str]:
         forwards, with_backward = _flop_ideal(config, model)
         lines.append(
             f"  {config:15s} batch {batch:3d}, read-out b={model.readout}, sources {','.join(map(str, model.sources))}: "
-            f"truncated {rates[False]:8.2f} images/s, full passes {rates[True]:8.2f} images/s: "
+            f"truncated {rates[False]:8.3g} images/s, full passes {rates[True]:8.3g} images/s: "
             f"{rates[False] / rates[True]:.2f}x (FLOP ideal {forwards:.2f}x forwards only, {with_backward:.2f}x with the backward)")
     return lines
 
