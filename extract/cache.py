@@ -1086,12 +1086,15 @@ class FeatureCache:
             out[...] = array[start:stop]
             return out
         except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
-            root = os.path.dirname(os.path.dirname(os.path.dirname(self.path)))
-            raise CacheError(
-                f"shard {shard} of {name} in {self.path} cannot be decoded ({_first_line(exc)}): run diffrep verify "
-                f"--cache-dir {root} --dataset {self.spec.dataset} --split {self.spec.split} --repair, then the same "
-                f"diffrep extract command again"
-            ) from exc
+            raise self._undecodable(f"shard {shard} of {name}", exc) from exc
+
+    def _undecodable(self, what: str, exc: Exception) -> CacheError:
+        """The one-line error for stored bytes that do not decode: verify --repair, then extract again."""
+        root = os.path.dirname(os.path.dirname(os.path.dirname(self.path)))
+        return CacheError(
+            f"{what} in {self.path} cannot be decoded ({_first_line(exc)}): run diffrep verify --cache-dir {root} "
+            f"--dataset {self.spec.dataset} --split {self.spec.split} --repair, then the same diffrep extract command again"
+        )
 
     def row_reader(self, b: int, t: int, pool: int | None = None, view: int = 0):
         """A function (start, stop) -> rows start..stop of a complete array as (n, C, h, w) float16, read as one slice.
@@ -1107,12 +1110,7 @@ class FeatureCache:
             try:
                 data = array[start:stop]
             except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
-                root = os.path.dirname(os.path.dirname(os.path.dirname(self.path)))
-                raise CacheError(
-                    f"rows {start}-{stop} of {name} in {self.path} cannot be decoded ({_first_line(exc)}): run "
-                    f"diffrep verify --cache-dir {root} --dataset {self.spec.dataset} --split {self.spec.split} "
-                    f"--repair, then the same diffrep extract command again"
-                ) from exc
+                raise self._undecodable(f"rows {start}-{stop} of {name}", exc) from exc
             return derive_pool(data, native, pool)
 
         return read

@@ -59,6 +59,16 @@ def _crc32c(data: bytes) -> bytes:
     return np.uint32(google_crc32c.value(data)).astype("<u4").tobytes()
 
 
+def _place(array: zarr.Array, shard: int):
+    """(file, (shard rows, inner rows, bytes per row), rows of this shard), or None where Zarr must do it."""
+    layout = _layout(array)
+    path = object_path(array, shard) if layout is not None else None
+    if path is None:
+        return None
+    shard_rows = layout[0]
+    return path, layout, min(shard_rows, int(array.shape[0]) - shard * shard_rows)
+
+
 def write_shard_object(array: zarr.Array, shard: int, data: np.ndarray) -> bool:
     """Write all rows of shard ``shard`` as Zarr would, without its copies; False when Zarr must do it.
 
@@ -66,12 +76,10 @@ def write_shard_object(array: zarr.Array, shard: int, data: np.ndarray) -> bool:
         array: a cache array (uncompressed, sharded along the image axis, in a local folder).
         shard: shard number. data: its rows, ``(stop - start, *array.shape[1:])`` of the array's dtype.
     """
-    layout = _layout(array)
-    path = object_path(array, shard) if layout is not None else None
-    if path is None:
+    place = _place(array, shard)
+    if place is None:
         return False
-    shard_rows, inner_rows, row_bytes = layout
-    rows = min(shard_rows, int(array.shape[0]) - shard * shard_rows)
+    path, (shard_rows, inner_rows, row_bytes), rows = place
     dtype = np.dtype(array.dtype).newbyteorder("<")
     if rows <= 0 or tuple(data.shape) != (rows, *array.shape[1:]):
         return False
@@ -136,12 +144,10 @@ def read_shard_object(array: zarr.Array, shard: int, out: np.ndarray) -> bool:
     Args:
         array: a cache array. shard: shard number. out: C-contiguous ``(rows, *array.shape[1:])`` of the array's dtype.
     """
-    layout = _layout(array)
-    path = object_path(array, shard) if layout is not None else None
-    if path is None:
+    place = _place(array, shard)
+    if place is None:
         return False
-    shard_rows, inner_rows, row_bytes = layout
-    rows = min(shard_rows, int(array.shape[0]) - shard * shard_rows)
+    path, (shard_rows, inner_rows, row_bytes), rows = place
     if (rows <= 0 or tuple(out.shape) != (rows, *array.shape[1:]) or out.dtype != np.dtype(array.dtype)
             or not out.flags.c_contiguous):
         return False
