@@ -74,3 +74,21 @@ def test_anything_unusual_goes_through_zarr(tmp_path):
         array[:SHARD]
     open(path, "wb").write(bytes(raw[:100]))  # short
     assert not read_shard_object(array, 0, out)
+
+
+def test_a_valid_index_of_another_layout_is_followed(tmp_path):
+    """The front-to-back read is only for the layout diffrep writes; any other valid index is read by its entries."""
+    from extract.shard_io import _crc32c
+
+    data = _data()
+    array = _array(tmp_path, "a")
+    assert write_shard_object(array, 0, data[:SHARD])
+    path = object_path(array, 0)
+    raw = open(path, "rb").read()
+    piece = INNER * int(np.prod(SHAPE)) * 2
+    index = np.array([[piece, piece], [0, piece]], dtype="<u8").tobytes()  # the two inner chunks stored swapped
+    open(path, "wb").write(raw[piece:2 * piece] + raw[:piece] + index + _crc32c(index))
+    out = np.empty((SHARD, *SHAPE), np.float16)
+    assert read_shard_object(array, 0, out)
+    np.testing.assert_array_equal(out, data[:SHARD])
+    np.testing.assert_array_equal(array[:SHARD], data[:SHARD])  # Zarr reads the same
