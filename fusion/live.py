@@ -16,9 +16,7 @@ be combined with ``augment`` or ``fresh_noise``.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Mapping, Sequence
-from queue import Full, Queue
 
 import numpy as np
 import torch
@@ -28,6 +26,7 @@ from extract.images import load_batch
 from extract.noise import seeded_noise
 from extract.schedule import NoiseSchedule
 from probe.errors import ProbeError
+from probe.read_ahead import read_ahead
 from probe.train import epoch_order
 
 __all__ = ["LiveImages", "LIVE_KEY_BLOCK"]
@@ -111,37 +110,11 @@ class LiveImages:
         """Every image once, in a seeded class-mixed order (row order when seed is None), decoded ahead."""
         order = epoch_order(self.num_images, seed, epoch).numpy() if seed is not None else np.arange(self.num_images)
         starts = list(range(0, self.num_images, batch_size))
-        queue: Queue = Queue(maxsize=self.prefetch)
-        stop = threading.Event()
 
-        def put(item) -> bool:
-            """Hand one item over unless the consumer has stopped (then give up instead of blocking)."""
-            while not stop.is_set():
-                try:
-                    queue.put(item, timeout=0.1)
-                    return True
-                except Full:
-                    continue
-            return False
-
-        def produce():
+        def produce(stop):
             for number, start in enumerate(starts):
-                try:
-                    item = self._batch(order[start:start + batch_size], seed, epoch, number)
-                except Exception as exc:  # noqa: BLE001 - raised in the training thread
-                    put(exc)
+                if stop.is_set():
                     return
-                if not put(item):
-                    return
-            put(None)
+                yield self._batch(order[start:start + batch_size], seed, epoch, number)
 
-        thread = threading.Thread(target=produce, daemon=True, name="diffrep-live-feed")
-        thread.start()
-        try:
-            while (item := queue.get()) is not None:
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+        return read_ahead(produce, depth=self.prefetch, name="diffrep-live-feed")

@@ -13,9 +13,8 @@ named configuration when the caller does not name the backbone id.
 from __future__ import annotations
 
 import os
-import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from extract.cache import FeatureCache, cache_path, open_cache
 from extract.errors import CacheError
 
+from .read_ahead import read_ahead
 from .train import epoch_order
 from .views import ViewStack
 
@@ -180,50 +180,6 @@ MIN_PIECES = 16
 shards mixes rows from 16 places in the split."""
 
 
-def _read_ahead(produce: Callable[[threading.Event], Iterator], depth: int = 1) -> Iterator:
-    """Run ``produce(stop)`` on a background thread, ``depth`` items ahead of the consumer.
-
-    An error in the thread is raised here, in the consumer's thread; when the consumer stops early
-    (``close``, an exception, garbage collection) ``stop`` is set and the thread ends after its current read.
-    """
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for item in produce(stop):
-                if not put(("item", item)):
-                    return
-            put(("done", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            put(("error", exc))
-
-    thread = threading.Thread(target=work, name="diffrep-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item = items.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while not items.empty():  # free a window already read
-            items.get_nowait()
-        thread.join()
-
-
 class StreamedFeatures:
     """One split read from the cache window by window, every epoch, for training that does not fit in RAM.
 
@@ -328,7 +284,7 @@ class StreamedFeatures:
         """
         if batch_size < 1:
             raise CacheError(f"batch_size must be at least 1, got {batch_size}")
-        windows = _read_ahead(lambda stop: self._produce(seed, epoch, stop))
+        windows = read_ahead(lambda stop: self._produce(seed, epoch, stop))
         try:
             yield from self._cut(windows, batch_size)
         finally:
