@@ -81,9 +81,9 @@ def find_cached_pass1(cache_dir: str | os.PathLike | None, dataset: str, split: 
         rows = np.asarray(rows, dtype=np.int64)
         if not np.asarray(cache.valid, dtype=bool)[rows].all():
             return live("the cache marks some of these images invalid")
-        need = sum(2 * int(np.prod(cache.shape(b, t)[1:])) * len(rows) for b in sources)
+        need = sum(2 * int(np.prod(cache.shape(b, t))) for b in sources)  # whole arrays are read, then the rows taken
         if need > cache.ram_cap_bytes:
-            return live(f"the source features take {need / 2**30:.1f} GiB, over the RAM cap")
+            return live(f"the source arrays take {need / 2**30:.1f} GiB, over the RAM cap")
         index = torch.from_numpy(rows)
         features = {(b, t): torch.from_numpy(np.ascontiguousarray(cache.load(b, t)))[index] for b in sources}
     except CacheError as exc:
