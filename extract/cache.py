@@ -522,6 +522,7 @@ class MarkWriter:
             self.spec = CacheSpec.from_attrs(meta["spec"])
             self._strict = int(meta["format_version"]) >= 2
         self._markers: dict[str, np.ndarray] = {}
+        self._marker_nodes: dict[str, zarr.Array] = {}
         self._compute: dict[str, dict | None] = {}
         self._index: dict[str, tuple[np.ndarray, set[int]]] = {}
 
@@ -561,8 +562,11 @@ class MarkWriter:
                 bad.discard(chunk)
 
     def _marker_array(self, name: str) -> np.ndarray:
+        """The markers of array ``name`` in memory; its Zarr array is kept open (each open reads its metadata)."""
         if name not in self._markers:
-            self._markers[name] = self._group["done/" + name][:]
+            node = self._group["done/" + name]
+            self._marker_nodes[name] = node
+            self._markers[name] = node[:]
         return self._markers[name]
 
     def recorded_compute(self, b: int, t: int, view: int = 0) -> dict | None:
@@ -602,7 +606,7 @@ class MarkWriter:
                 values[item.shard] = value
                 touched.add(name)
         for name in sorted(touched):
-            self._group["done/" + name][:] = self._markers[name]
+            self._marker_nodes[name][:] = self._markers[name]
 
 
 def write_shard(
@@ -1017,7 +1021,9 @@ class FeatureCache:
 
     def shape(self, b: int, t: int, pool: int | None = None) -> tuple[int, int, int, int]:
         """(N, C, h, w) of an array as stored, or as ``load(b, t, pool)`` would return it."""
-        array = self._array(b, t)
+        return self._shape_of(self._array(b, t), pool)
+
+    def _shape_of(self, array: zarr.Array, pool: int | None) -> tuple[int, int, int, int]:
         if pool is None:
             return tuple(array.shape)
         side = derive_pool(np.zeros((1, 1, array.shape[-1], array.shape[-1]), np.float16),
@@ -1028,20 +1034,25 @@ class FeatureCache:
     def _native(array: zarr.Array) -> int:
         return int(array.attrs.get("native_size", array.shape[-1]))
 
-    def _markers(self, b: int, t: int, view: int) -> np.ndarray | None:
+    def _markers(self, b: int, t: int, view: int, array: zarr.Array | None = None) -> np.ndarray | None:
+        """The array's markers, None without them; ``array``: the data array already opened (one lookup less)."""
         name = _marker_name(b, t, view)
         with _readable(self.path):
-            if not self.has_array(b, t, view) or name not in self._group:
+            if array is None and not self.has_array(b, t, view):
                 return None
-            return self._group[name][:]
+            try:
+                return self._group[name][:]
+            except KeyError:
+                return None
 
-    def _state(self, b: int, t: int, view: int) -> tuple[set[int], dict[int, str]]:
+    def _state(self, b: int, t: int, view: int, array: zarr.Array | None = None) -> tuple[set[int], dict[int, str]]:
         """(unmarked shards, ``{marked shard: why}`` for those whose data object is missing or short)."""
-        done = self._markers(b, t, view)
+        done = self._markers(b, t, view, array)
         if done is None:
             return set(range(self.num_shards)), {}
         marked = [int(s) for s in np.flatnonzero(done != 0)]
-        damaged = object_problems(self._node(_array_name(b, t, view)), marked, strict=self._strict)
+        array = self._node(_array_name(b, t, view)) if array is None else array
+        damaged = object_problems(array, marked, strict=self._strict)
         return {int(s) for s in np.flatnonzero(done == 0)}, damaged
 
     def damaged_shards(self, b: int, t: int, view: int = 0) -> dict[int, str]:
@@ -1061,9 +1072,9 @@ class FeatureCache:
         views = self.spec.view_ids if view is None else [view]
         return all(self.has_array(b, t, v) and not self.missing_shards(b, t, v) for v in views)
 
-    def _check_complete(self, b: int, t: int, view: int) -> None:
+    def _check_complete(self, b: int, t: int, view: int, array: zarr.Array | None = None) -> None:
         name = _array_name(b, t, view)
-        unmarked, damaged = self._state(b, t, view)
+        unmarked, damaged = self._state(b, t, view, array)
         if damaged:
             raise CacheIncompleteError(
                 f"array {name} of {self.path} has {len(damaged)} damaged shard(s) {_numbers(damaged)} "
@@ -1102,8 +1113,8 @@ class FeatureCache:
         For readers that take pieces of shards in their own order (a streamed epoch): the same
         completeness check and the same one-line error for damage as ``load``. Never per-image indexing.
         """
-        self._check_complete(b, t, view)  # unwritten or damaged shards: one line naming the command that finishes them
         array = self._array(b, t, view)
+        self._check_complete(b, t, view, array)  # unwritten or damaged shards: one line naming the command that finishes them
         native, name = self._native(array), _array_name(b, t, view)
 
         def read(start: int, stop: int) -> np.ndarray:
@@ -1115,21 +1126,23 @@ class FeatureCache:
 
         return read
 
-    def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool, into: np.ndarray | None = None):
+    def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool, into: np.ndarray | None = None,
+                array: zarr.Array | None = None):
         """(start, stop, shard data) for every shard in order; zeros for shards not written (allow_incomplete only).
 
         With ``into`` (the whole (N, C, h, w) result, maps as stored) each shard is read straight into
-        its rows and the data yielded is that slice: no second copy.
+        its rows and the data yielded is that slice: no second copy. ``array``: the data array already opened.
         """
-        array = self._array(b, t, view)
+        array = self._array(b, t, view) if array is None else array
         if allow_incomplete:
-            skip = set(self.missing_shards(b, t, view))
+            unmarked, damaged = self._state(b, t, view, array)
+            skip = unmarked | set(damaged)
         else:
-            self._check_complete(b, t, view)
+            self._check_complete(b, t, view, array)
             skip = set()
         name = _array_name(b, t, view)
         native = self._native(array)
-        _, c, h, w = self.shape(b, t, pool)
+        _, c, h, w = self._shape_of(array, pool)
         for shard in range(self.num_shards):
             start, stop = self.shard_bounds(shard)
             if into is not None:
@@ -1179,8 +1192,9 @@ class FeatureCache:
             CacheError: no such array, over the RAM cap, a pool finer than stored, a shard that cannot be decoded;
             CacheIncompleteError: unwritten or damaged shards and not allow_incomplete.
         """
-        stored = self._array(b, t, view).shape[1:]
-        n, c, h, w = self.shape(b, t, pool)
+        array = self._array(b, t, view)  # opened once: each open reads its metadata (ms on a cold disk)
+        stored = array.shape[1:]
+        n, c, h, w = self._shape_of(array, pool)
         need = n * c * h * w * 2
         if need > self.ram_cap_bytes:
             raise CacheError(
@@ -1189,10 +1203,10 @@ class FeatureCache:
             )
         out = np.empty((n, c, h, w), dtype=np.float16)
         if (c, h, w) == tuple(stored):  # maps as stored: read straight into the result
-            for _ in self._shards(b, t, pool, view, allow_incomplete, into=out):
+            for _ in self._shards(b, t, pool, view, allow_incomplete, into=out, array=array):
                 pass
             return out
-        for start, stop, data in self._shards(b, t, pool, view, allow_incomplete):
+        for start, stop, data in self._shards(b, t, pool, view, allow_incomplete, array=array):
             out[start:stop] = data
         return out
 

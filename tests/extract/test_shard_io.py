@@ -92,3 +92,20 @@ def test_a_valid_index_of_another_layout_is_followed(tmp_path):
     assert read_shard_object(array, 0, out)
     np.testing.assert_array_equal(out, data[:SHARD])
     np.testing.assert_array_equal(array[:SHARD], data[:SHARD])  # Zarr reads the same
+
+
+def test_block_reservation_is_only_a_hint(tmp_path, monkeypatch):
+    """Where the file system refuses fallocate (or libc has none) the shard is written all the same."""
+    from extract import shard_io
+
+    calls = []
+    monkeypatch.setattr(shard_io, "_FALLOCATE", lambda fd, mode, offset, size: calls.append((mode, size)) or -1)
+    data = _data()
+    refused, plain = _array(tmp_path, "refused"), _array(tmp_path, "plain")
+    assert write_shard_object(refused, 0, data[:SHARD])
+    monkeypatch.setattr(shard_io, "_FALLOCATE", None)
+    assert write_shard_object(plain, 0, data[:SHARD])
+    with open(object_path(refused, 0), "rb") as a, open(object_path(plain, 0), "rb") as b:
+        written = a.read()
+        assert written == b.read()
+    assert calls == [(1, len(written))]  # asked for exactly the object's size, the size left to the writes
