@@ -144,15 +144,23 @@ def test_linear_probe_on_cifar10_beats_chance(cifar10_root, tmp_path):
     stream = runner.invoke(main, [*sgd, "--stream", "--checkpoint-dir", str(tmp_path / "ckpt-stream")],
                            catch_exceptions=False)
     assert stream.exit_code == 0, stream.output
-    features_bytes = 500 * 64 * 4 * 4 * 2  # b9 of 32x32_small: 64 channels, read at pool 4, float16
-    capped = runner.invoke(main, [*sgd, "--ram-cap-gb", str(0.9 * features_bytes / 2**30),
-                                  "--checkpoint-dir", str(tmp_path / "ckpt-capped")], catch_exceptions=False)
-    assert capped.exit_code == 0, capped.output
-    streamed, over_cap = read_results(tmp_path / "results" / "results.parquet").to_pylist()[-2:]
+    streamed = read_results(tmp_path / "results" / "results.parquet").to_pylist()[-1]
     # The split fits one window of the default RAM cap: the in-RAM epochs exactly, hence the same accuracy.
     assert streamed["top1"] == linear["top1"] and streamed["train_size"] == 500
-    # Over the cap a window holds a fifth of the split (16 pieces drawn from anywhere): another batch order.
-    # Batch order alone moves this 500-image probe by about 1 point (SD over 6 seeds: 0.9 in RAM, 1.2 streamed;
-    # means 31.4% and 31.4%), so the bound is 3 points; the order itself is tested in test_stream_order.py.
-    assert abs(over_cap["top1"] - linear["top1"]) <= 0.03, (over_cap["top1"], linear["top1"])
-    assert over_cap["train_size"] == 500 and over_cap["test_size"] == 500
+
+    # Over the cap a window holds a fifth of the split (16 pieces drawn from anywhere): another batch order,
+    # which alone moves a 500-image probe. Measured over 8 seeds, over-cap minus in-RAM: SGD lr 0.1 batch 64
+    # SD 2.0 points (max 4.0), Adam lr 1e-3 batch 64 mean +0.2 SD 0.4 (max 1.0). So Adam, and the means of
+    # 3 seeds on each side must agree within 1 point (about 4 SD). The order itself: test_stream_order.py.
+    features_bytes = 500 * 64 * 4 * 4 * 2  # b9 of 32x32_small: 64 channels, read at pool 4, float16
+    cap = ["--ram-cap-gb", str(0.9 * features_bytes / 2**30)]
+    top1 = {"ram": [], "cap": []}
+    for seed in range(3):
+        for way, extra in (("ram", []), ("cap", cap)):
+            run = runner.invoke(main, ["probe", *common, "--solver", "adam", "--lr", "1e-3", "--batch-size", "64",
+                                       "--no-progress", "--seed", str(seed), *extra], catch_exceptions=False)
+            assert run.exit_code == 0, run.output
+            row = read_results(tmp_path / "results" / "results.parquet").to_pylist()[-1]
+            assert row["train_size"] == 500 and row["test_size"] == 500
+            top1[way].append(row["top1"])
+    assert abs(np.mean(top1["cap"]) - np.mean(top1["ram"])) <= 0.01, top1
