@@ -1126,35 +1126,58 @@ class FeatureCache:
 
         return read
 
-    def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool, into: np.ndarray | None = None,
-                array: zarr.Array | None = None):
+    def _skipped(self, b: int, t: int, view: int, allow_incomplete: bool, array: zarr.Array) -> set[int]:
+        """Shards to give as zeros (unwritten or damaged; allow_incomplete only), else the one-line incomplete error."""
+        if not allow_incomplete:
+            self._check_complete(b, t, view, array)
+            return set()
+        unmarked, damaged = self._state(b, t, view, array)
+        return unmarked | set(damaged)
+
+    def _shards(self, b: int, t: int, pool: int | None, view: int, allow_incomplete: bool, array: zarr.Array | None = None):
         """(start, stop, shard data) for every shard in order; zeros for shards not written (allow_incomplete only).
 
-        With ``into`` (the whole (N, C, h, w) result, maps as stored) each shard is read straight into
-        its rows and the data yielded is that slice: no second copy. ``array``: the data array already opened.
+        ``array``: the data array already opened.
         """
         array = self._array(b, t, view) if array is None else array
-        if allow_incomplete:
-            unmarked, damaged = self._state(b, t, view, array)
-            skip = unmarked | set(damaged)
-        else:
-            self._check_complete(b, t, view, array)
-            skip = set()
+        skip = self._skipped(b, t, view, allow_incomplete, array)
         name = _array_name(b, t, view)
         native = self._native(array)
         _, c, h, w = self._shape_of(array, pool)
         for shard in range(self.num_shards):
             start, stop = self.shard_bounds(shard)
-            if into is not None:
-                if shard in skip:
-                    into[start:stop] = 0
-                else:
-                    self._read_shard(array, name, shard, out=into[start:stop])
-                yield start, stop, into[start:stop]
-            elif shard in skip:
+            if shard in skip:
                 yield start, stop, np.zeros((stop - start, c, h, w), dtype=np.float16)
             else:
                 yield start, stop, derive_pool(self._read_shard(array, name, shard), native, pool)
+
+    READ_THREADS = 4
+
+    def _read_all_into(self, array: zarr.Array, b: int, t: int, view: int, allow_incomplete: bool, out: np.ndarray) -> None:
+        """Every shard of an array straight into its rows of ``out``, ``READ_THREADS`` shard files in flight.
+
+        A disk serves several outstanding reads faster than one at a time (cold b24 arrays here:
+        0.85-0.97 of a raw ``fromfile`` with 4 in flight against 0.63-0.91 one by one), and the
+        file reads release the GIL. The same checks and errors as the one-by-one ``_shards``.
+        """
+        skip = self._skipped(b, t, view, allow_incomplete, array)
+        name = _array_name(b, t, view)
+
+        def read(shard: int) -> None:
+            start, stop = self.shard_bounds(shard)
+            if shard in skip:
+                out[start:stop] = 0
+            else:
+                self._read_shard(array, name, shard, out=out[start:stop])
+
+        threads = min(self.READ_THREADS, self.num_shards)
+        if threads <= 1:
+            for shard in range(self.num_shards):
+                read(shard)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="diffrep-read") as readers:
+            for _ in readers.map(read, range(self.num_shards)):  # re-raises the first failure, in shard order
+                pass
 
     def iter_shards(
         self, b: int, t: int, pool: int | None = None, view: int = 0, allow_incomplete: bool = False
@@ -1202,9 +1225,8 @@ class FeatureCache:
                 f"{self.ram_cap_bytes / 2**30:.1f} GiB cap: stream it with iter_shards or raise ram_cap_bytes"
             )
         out = np.empty((n, c, h, w), dtype=np.float16)
-        if (c, h, w) == tuple(stored):  # maps as stored: read straight into the result
-            for _ in self._shards(b, t, pool, view, allow_incomplete, into=out, array=array):
-                pass
+        if (c, h, w) == tuple(stored):  # maps as stored: read straight into the result, a few shards at a time
+            self._read_all_into(array, b, t, view, allow_incomplete, out)
             return out
         for start, stop, data in self._shards(b, t, pool, view, allow_incomplete, array=array):
             out[start:stop] = data

@@ -80,7 +80,7 @@ def _drop_page_cache(path: str) -> None:
             os.close(fd)
 
 
-def bench_storage(config: str = "256x256_uncond", images: int = 512, shard_size: int = 256, pool: int = 16,
+def bench_storage(config: str = "256x256_uncond", images: int = 1024, shard_size: int = 256, pool: int = 16,
                   repeats: int = 3) -> list[str]:
     """Whole-array cache write and read MB/s against plain numpy ``tofile``/``fromfile`` of the same bytes, one run.
 
