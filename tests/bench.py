@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         elif section == "pipeline":
             from tests.bench_pipeline import bench_pipeline_section
 
-            lines = bench_pipeline_section()
+            lines = bench_pipeline_section(rounds=max(args.repeats, 2))
         elif section == "gpu":
             lines = bench_gpu()
         elif section == "probe":

@@ -138,7 +138,7 @@ def _pipeline(root: Path, cache_dir: str, config: str, checkpoint: str | None, b
     return run(images, os.path.join(cache_dir, "timed"))
 
 
-def bench_pipeline_section(images: int = 256, threads: int = 2, rounds: int = 2, settings: list | None = None) -> list[str]:
+def bench_pipeline_section(images: int = 768, threads: int = 2, rounds: int = 2, settings: list | None = None) -> list[str]:
     """Every pipeline figure as lines to print: CPU with 32x32_small; with CUDA, also 256x256_uncond bf16 batch 64.
 
     ``settings``: (device, config, checkpoint, blocks, batch, shard size, images, precision, torch
