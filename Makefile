@@ -20,7 +20,7 @@ EXTRA ?=
 PRETRAIN_STEPS ?= 1100
 PRETRAIN_OUT ?= runs/pretrain
 
-.PHONY: install demo demo-full test test-fast bench extract probe fuse feedback pretrain info clean-venv
+.PHONY: install demo demo-full test test-fast bench device-kit extract probe fuse feedback pretrain info clean-venv
 
 # The venv's name carries the hash of the pins, so an existing one is complete: never redone.
 $(VENV)/.pins-installed:
@@ -57,6 +57,18 @@ test-fast: install
 
 bench: install
 	$(PY) -m tests.bench $(EXTRA)
+
+# What tests/device_bench.sh needs on a lent GPU machine, whose Python 3.12 has torch but not zarr and
+# cannot reach ../shared: wheels of zarr and its compiled needs at this environment's versions (.whl/),
+# and 100 CIFAR-10 test JPEGs a class for the bench's 500x375 images (.device-data/). git ignores both.
+DEVICE_WHEELS := zarr numcodecs donfig google-crc32c
+device-kit: install
+	rm -rf .whl .device-data && mkdir -p .whl .device-data/cifar10-jpg
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$($(PY) -c "import importlib.metadata as m; print(' '.join(n + '==' + m.version(n) for n in '$(DEVICE_WHEELS)'.split()))")
+	$(PY) -c "from tests.bench_pipeline import sample_cifar10_test; sample_cifar10_test('.device-data/cifar10-jpg', 100)"
+	@ls .whl; du -sh .whl .device-data
 
 extract: install
 	$(DIFFREP) extract --dataset $(DATASET) --timesteps $(T) --blocks $(B) $(if $(CONFIG),--config $(CONFIG)) $(EXTRA)

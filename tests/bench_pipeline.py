@@ -28,6 +28,29 @@ def _cifar_root() -> Path:
     return Path(os.environ.get("DIFFREP_DATA", Path.home() / ".cache" / "diffrep" / "data")) / "cifar10-jpg"
 
 
+def sample_cifar10_test(dest: str | os.PathLike, per_class: int) -> int:
+    """Copy the first ``per_class`` CIFAR-10 test JPEGs of each class to ``dest/test/<class>`` (for a machine without ../shared).
+
+    ``make device-kit`` uses it so that the bench can make its 500x375 JPEGs on a lent GPU machine
+    (``DIFFREP_DATA`` pointed at the parent of ``dest``). Unpacks ../shared's archive first if needed.
+    """
+    import shutil
+
+    from pipeline.datasets import ensure_unpacked
+    from pipeline.manifest import default_data_root, default_shared_dir
+
+    if not (_cifar_root() / "test").is_dir():
+        ensure_unpacked(default_shared_dir() / "data" / "cifar10-jpg.tar.gz", default_data_root(), "cifar10-jpg")
+    copied = 0
+    for folder in sorted(p for p in (_cifar_root() / "test").iterdir() if p.is_dir()):
+        target = Path(dest) / "test" / folder.name
+        target.mkdir(parents=True, exist_ok=True)
+        for image in sorted(folder.glob("*.jpg"))[:per_class]:
+            shutil.copyfile(image, target / image.name)
+            copied += 1
+    return copied
+
+
 def make_jpegs(root: Path, count: int, threads: int | None = None) -> list[str]:
     """``count`` CIFAR-10 test images upscaled to 500x375 and saved as quality-90 JPEGs in ``root/cifar10-jpg/test/<class>``.
 
