@@ -23,3 +23,15 @@ def test_pipeline_section_dry_run(cifar10_root):
     ratios = [float(m.group(1)) for line in lines if (m := re.search(r"pipeline / forward = ([\d.]+)", line))]
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
     assert any("decode+resize to 256" in line for line in lines)
+
+
+def test_device_kit_sample_feeds_the_bench_without_shared(tmp_path, cifar10_root, monkeypatch):
+    """``make device-kit``'s CIFAR-10 sample is a data root the bench makes its JPEGs from (no ../shared there)."""
+    from tests.bench_pipeline import sample_cifar10_test
+
+    kit = tmp_path / "kit" / "cifar10-jpg"
+    assert sample_cifar10_test(kit, 3) == 30
+    assert sorted(len(list(c.glob("*.jpg"))) for c in (kit / "test").iterdir()) == [3] * 10
+    monkeypatch.setenv("DIFFREP_DATA", str(kit.parent))
+    paths = make_jpegs(tmp_path / "made", 40, threads=2)  # cycles through the 3 a class it has
+    assert len(paths) == 40 and all(p.endswith(".jpg") for p in paths)
