@@ -524,23 +524,22 @@ class MarkWriter:
         self._markers: dict[str, np.ndarray] = {}
         self._marker_nodes: dict[str, zarr.Array] = {}
         self._compute: dict[str, dict | None] = {}
-        self._index: dict[str, tuple[np.ndarray, set[int]]] = {}
+        self._index: dict[str, tuple[zarr.Array, np.ndarray, set[int]]] = {}
 
-    def _index_rows(self, name: str) -> tuple[np.ndarray, set[int]]:
-        """(in-memory rows, chunks whose objects are missing or short) of index/valid or index/error."""
+    def _index_rows(self, name: str) -> tuple[zarr.Array, np.ndarray, set[int]]:
+        """(the array, kept open; its rows in memory; chunks whose objects are missing or short) of index/valid or index/error."""
         if name not in self._index:
             array = self._group[f"index/{name}"]
             bad = object_problems(array, range(_index_chunks(array)), strict=self._strict)
             rows = array.shape[0]
             fill = np.ones(rows, bool) if name == "valid" else np.full(rows, "", dtype=object).astype(str)
             values = _read_chunkwise(array, bad, fill)
-            self._index[name] = (values.astype(bool) if name == "valid" else values.astype(object), set(bad))
+            self._index[name] = (array, values.astype(bool) if name == "valid" else values.astype(object), set(bad))
         return self._index[name]
 
     def _write_index(self, shards: list[tuple[int, dict[int, str]]]) -> None:
         for name in ("valid", "error"):
-            values, bad = self._index_rows(name)
-            array = self._group[f"index/{name}"]
+            array, values, bad = self._index_rows(name)
             rows = _chunk_rows(array)
             dirty = set()
             for shard, invalid in shards:
