@@ -81,7 +81,7 @@ def _drop_page_cache(path: str) -> None:
 
 
 def bench_storage(config: str = "256x256_uncond", images: int = 1024, shard_size: int = 256, pool: int = 16,
-                  repeats: int = 3) -> list[str]:
+                  repeats: int = 5) -> list[str]:
     """Whole-array cache write and read MB/s against plain numpy ``tofile``/``fromfile`` of the same bytes, one run.
 
     Each (b, t) array is written as an extraction writes it (``write_shard_data`` per shard, as a
