@@ -81,6 +81,13 @@ def images(tmp_path_factory):
     return _images(tmp_path_factory.mktemp("images"))
 
 
+
+def _broken_jpeg(tmp_path, content: bytes) -> str:
+    """A file named .jpg that does not decode (the job must zero its row and record why)."""
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(content)
+    return str(broken)
+
 def test_one_forward_per_batch_and_timestep_covers_every_block(tmp_path, images, monkeypatch):
     cache = _cache(tmp_path, images)
     run_shard_job(_job(cache, images, ((0, 90, (4,)),)))
@@ -114,9 +121,7 @@ def test_missing_blocks_only_with_the_same_bits(tmp_path, images):
 
 def test_unreadable_image_is_reported_and_zeroed(tmp_path, images):
     paths = list(images)
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    paths[3] = str(broken)
+    paths[3] = _broken_jpeg(tmp_path, b"\xff\xd8\xff\xe0 not really a jpeg")
     cache = _cache(tmp_path, paths)
     result = run_shard_job(_job(cache, paths, _all()))
     assert list(result.invalid) == [3] and result.invalid[3]
@@ -214,9 +219,7 @@ def _recomputed(paths, start, t, blocks, batch_size, flip=False, draw=0):
 
 def test_cached_rows_are_the_plain_forward_bit_for_bit_with_many_decode_threads(tmp_path, images):
     paths = list(images)
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    paths[7] = str(broken)
+    paths[7] = _broken_jpeg(tmp_path, b"\xff\xd8\xff\xe0 not really a jpeg")
     cache = _cache(tmp_path, paths, flip=True)
     run_shard_job(_job(cache, paths, _all(views=(0, 1)), decode_threads=3))
     reader = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
@@ -328,9 +331,7 @@ def test_the_markers_a_job_chains_batch_by_batch_are_the_checksums_of_what_is_st
     from extract.integrity import marker_value
 
     paths = list(images)
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"not a jpeg at all")
-    paths[6] = str(broken)
+    paths[6] = _broken_jpeg(tmp_path, b"not a jpeg at all")
     cache = _cache(tmp_path, paths, flip=True)
     result = run_shard_job(_job(cache, paths, _all(views=(0, 1))))
     reader = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
