@@ -81,12 +81,12 @@ def images(tmp_path_factory):
     return _images(tmp_path_factory.mktemp("images"))
 
 
-
 def _broken_jpeg(tmp_path, content: bytes) -> str:
     """A file named .jpg that does not decode (the job must zero its row and record why)."""
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(content)
     return str(broken)
+
 
 def test_one_forward_per_batch_and_timestep_covers_every_block(tmp_path, images, monkeypatch):
     cache = _cache(tmp_path, images)
