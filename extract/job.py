@@ -7,7 +7,7 @@ compute settings that the orchestrating process records (``extract.cache.MarkWri
 backbone is built once per process and reused by every later job.
 
 The forward never waits for the host: images decode on a pool of threads that outlives the job
-(``extract.prefetch``: the next shard's first batches decode while this one's last run), the
+(``extract.inputs.prefetch``: the next shard's first batches decode while this one's last run), the
 seeded noise of the next (view, t) is drawn there too, pixels stay uint8 until they reach the
 device, and each (view, t)'s whole-shard write runs on a writer thread behind the next forwards
 (its errors surface in the job; a failed job leaves the shards it finished marked). On a GPU,
@@ -38,17 +38,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache import ShardMarks, write_shard_data
-from .configs import create_backbone
-from .device_decode import check_decode_device, load_pixels_on_device
-from .errors import CacheMismatchError, DiskSpaceError
-from .images import _reason, load_pixels, to_model_input
-from .noise import seeded_noise
-from .pooling import pool_features
-from .precision import autocast, resolve_device, resolve_precision
-from .prefetch import PREFETCHER
-from .provenance import compute_conflict, compute_settings
-from .schedule import get_schedule
+from extract.cache import ShardMarks, write_shard_data
+from extract.backbone.configs import create_backbone
+from extract.inputs.device_decode import check_decode_device, load_pixels_on_device
+from extract.errors import CacheMismatchError, DiskSpaceError
+from extract.inputs.images import _reason, load_pixels, to_model_input
+from extract.noise import seeded_noise
+from extract.pooling import pool_features
+from extract.precision import autocast, resolve_device, resolve_precision
+from extract.inputs.prefetch import PREFETCHER
+from extract.cache.provenance import compute_conflict, compute_settings
+from extract.schedule import get_schedule
 
 __all__ = [
     "DEFAULT_THREADS", "NextShard", "ShardJob", "ShardResult", "run_shard_job", "build_backbone", "link_next_shards",
@@ -89,7 +89,7 @@ class ShardJob:
             thread count (and on batch_size), so a fixed value gives the same bits in-process and on
             any worker (Dask workers would otherwise run with OMP_NUM_THREADS=1).
         decode_threads: image decoding threads (shared by the jobs of one process).
-        decode_device: ``cpu`` (PIL, the default) or ``cuda`` (nvJPEG; see ``extract.device_decode``).
+        decode_device: ``cpu`` (PIL, the default) or ``cuda`` (nvJPEG; see ``extract.inputs.device_decode``).
         next_shard: the shard expected next in this process, decoded ahead (``link_next_shards``).
         recorded_compute: ``((array name, compute settings), ...)`` already recorded for the arrays
             it writes: a worker that would compute otherwise (another device kind or precision) refuses.
@@ -149,7 +149,7 @@ class ShardResult:
 
 def build_backbone(config_name: str, checkpoint: str | None = None, weight_seed: int | None = 0) -> nn.Module:
     """A backbone in eval mode: loaded from ``checkpoint``, or random weights from ``weight_seed``
-    (``extract.random_init``: a pure function of the seed; the global RNG is untouched)."""
+    (``extract.backbone.random_init``: a pure function of the seed; the global RNG is untouched)."""
     return create_backbone(config_name, checkpoint=checkpoint, weight_seed=None if checkpoint else int(weight_seed or 0))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CacheError
+from extract.errors import CacheError
 
 __all__ = ["pooled_size", "pool_features", "derive_pool"]
 

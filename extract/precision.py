@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .errors import ConfigError
+from extract.errors import ConfigError
 
 __all__ = ["PRECISIONS", "autocast", "resolve_device", "resolve_precision"]
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from .errors import ConfigError, TimestepRangeError
+from extract.errors import ConfigError, TimestepRangeError
 
 __all__ = ["NoiseSchedule", "get_schedule", "linear_betas", "cosine_betas"]
 

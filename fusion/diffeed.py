@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from extract.adm import UNetModel
+from extract.backbone.adm import UNetModel
 from extract.precision import autocast
 from probe.errors import ProbeError
 from probe.live_head import TunableBackbone
@@ -139,7 +139,7 @@ class DifFeed(TunableBackbone):
             return self.backbone.features(x_t, timesteps, [self.readout] + last, inject=inject)[self.readout]
 
     def forward(self, images: Mapping[tuple[int, int], torch.Tensor]) -> torch.Tensor:
-        """``{(0, t): (N, 3, H, W) noisy images at timestep t}`` (as ``fusion.live.LiveImages`` yields),
+        """``{(0, t): (N, 3, H, W) noisy images at timestep t}`` (as ``probe.live_images.LiveImages`` yields),
         optionally with pass 1's cached ``{(source, t): features}`` -> (N, classes) logits."""
         (t,) = {t for b, t in images if b == 0}
         x_t = images[(0, t)]

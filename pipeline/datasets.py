@@ -22,11 +22,11 @@ from typing import Sequence
 
 import numpy as np
 
-from extract.images import IMAGE_EXTENSIONS
+from extract.inputs.images import IMAGE_EXTENSIONS
 
-from .errors import DatasetError
-from .locks import file_lock
-from .manifest import DatasetSpec, Manifest, SplitSpec, get_dataset, repo_root
+from pipeline.errors import DatasetError
+from pipeline.locks import file_lock
+from pipeline.manifest import DatasetSpec, Manifest, SplitSpec, get_dataset, repo_root
 
 __all__ = ["ImageIndex", "build_index", "select_subset", "ensure_unpacked", "list_archive"]
 

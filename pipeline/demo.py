@@ -18,19 +18,19 @@ from pathlib import Path
 
 import torch
 
-from extract.configs import bundled_checkpoint, create_backbone
-from extract.images import load_batch
+from extract.backbone.configs import bundled_checkpoint, create_backbone
+from extract.inputs.images import load_batch
 from probe.logistic import converged_linear_probe
 
-from .cluster import open_runner
-from .datasets import build_index
-from .evaluation import (
+from pipeline.cluster import open_runner
+from pipeline.datasets import build_index
+from pipeline.evaluate import (
     CacheSelection, CkaRequest, FitProtocol, ProbeRequest, SweepRequest, fmt_keys, run_cka, run_probe, run_sweep,
 )
-from .extraction import ExtractionRequest, plan_extraction, run_extraction
-from .findings import check_findings, findings_paragraph
-from .report import markdown_table
-from .results import results_table
+from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+from pipeline.findings import check_findings, findings_paragraph
+from pipeline.report import markdown_table
+from pipeline.results import results_table
 
 __all__ = ["DemoSettings", "HeadSettings", "run_demo"]
 
@@ -240,7 +240,7 @@ def _fusion_grid(grid) -> tuple[list[int], list[int]]:
 
 def _diffeed(settings: DemoSettings, checkpoint, t: int, results_path: str) -> dict:
     """DifFeed (bottleneck) through the live backbone on the demo's images, with the paper's head."""
-    from .feedback import FeedbackRequest, plan_feedback, run_feedback
+    from pipeline.feedback import FeedbackRequest, plan_feedback, run_feedback
 
     head = settings.head
     plan = plan_feedback(FeedbackRequest(

@@ -23,22 +23,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from extract.adm import normalize_blocks
+from extract.backbone.adm import normalize_blocks
 from extract.cache import (
     FORMAT_VERSION, CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, inner_chunk_rows,
     make_backbone_id, record_run, reset_shards, view_suffix,
 )
-from extract.configs import get_config
+from extract.backbone.configs import get_config
 from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, link_next_shards, run_shard_job
-from extract.order import row_order
+from extract.cache.order import row_order
 from extract.pooling import pooled_size
-from extract.provenance import compute_conflict
+from extract.cache.provenance import compute_conflict
 from extract.schedule import get_schedule
 
-from .cluster import TaskRunner
-from .datasets import ImageIndex, build_index, select_subset
-from .locks import LockHeld, file_lock
+from pipeline.cluster import TaskRunner
+from pipeline.datasets import ImageIndex, build_index, select_subset
+from pipeline.locks import LockHeld, file_lock
 
 __all__ = [
     "ExtractionRequest", "ExtractionPlan", "RunSummary", "ExtractionInterrupted", "dataset_splits", "plan_extraction",
@@ -234,7 +234,7 @@ def dataset_splits(dataset: str, data_root: str | None = None) -> list[str]:
     Raises:
         DatasetError: unknown dataset.
     """
-    from .manifest import get_dataset
+    from pipeline.manifest import get_dataset
 
     return list(get_dataset(dataset, overrides={"data_root": data_root} if data_root else None).splits)
 
@@ -318,8 +318,8 @@ def _verified_checkpoint(config_name: str, path: str, size: int, mtime_ns: int) 
 
     A bad file fails here, before any task starts, instead of once per shard on the workers.
     """
-    from extract.checkpoint import file_sha256
-    from extract.configs import check_checkpoint
+    from extract.backbone.checkpoint import file_sha256
+    from extract.backbone.configs import check_checkpoint
 
     check_checkpoint(config_name, path)
     return file_sha256(path)

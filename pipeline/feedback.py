@@ -17,21 +17,21 @@ from pathlib import Path
 import torch
 
 from extract.cache import make_backbone_id
-from extract.checkpoint import file_sha256
-from extract.configs import create_backbone, get_config
+from extract.backbone.checkpoint import file_sha256
+from extract.backbone.configs import create_backbone, get_config
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs
-from fusion.live import LiveImages
+from probe.live_images import LiveImages
 from fusion.pass1_cache import CachedPass1, find_cached_pass1
 from probe.errors import ProbeError
 from probe.heads import count_parameters, create_head
 from probe.live_head import default_precision
 from probe.train import BACKBONE_NAME, fit
 
-from .evaluation import record_rows
-from .live_probe import live_splits
-from .results import default_results_path
+from pipeline.evaluate import record_rows
+from pipeline.live_probe import live_splits
+from pipeline.results import default_results_path
 
 __all__ = ["FeedbackRequest", "FeedbackPlan", "plan_feedback", "run_feedback"]
 

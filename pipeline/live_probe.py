@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.configs import create_backbone, get_config
+from extract.backbone.configs import create_backbone, get_config
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
-from fusion.live import LiveImages
+from probe.live_images import LiveImages
 from probe.errors import ProbeError
 from probe.heads import HEADS, count_parameters, create_head, default_lr
 from probe.live_head import LiveHead, default_precision, live_in_shapes
 from probe.subsets import label_fraction_rows
 from probe.train import BACKBONE_NAME, fit
 
-from .datasets import build_index
-from .evaluation import FitProtocol, fmt_keys, record_rows
-from .results import default_results_path
+from pipeline.datasets import build_index
+from pipeline.evaluate import FitProtocol, fmt_keys, record_rows
+from pipeline.results import default_results_path
 
 __all__ = ["LiveProbeRequest", "live_splits", "run_live_probe", "LIVE_HEADS"]
 

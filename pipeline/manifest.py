@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import DatasetError
+from pipeline.errors import DatasetError
 
 __all__ = [
     "FORMATS",

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from extract.images import load_batch
+from extract.inputs.images import load_batch
 from extract.noise import seeded_noise
 from extract.precision import resolve_device
-from extract.pretrain import LOSS_CSV, PretrainConfig, PretrainResult, pretrain
+from extract.backbone.pretrain import LOSS_CSV, PretrainConfig, PretrainResult, pretrain
 from extract.schedule import get_schedule
-from extract.configs import get_config
+from extract.backbone.configs import get_config
 from probe.logistic import converged_linear_probe
 
-from .datasets import build_index
+from pipeline.datasets import build_index
 
 __all__ = ["PretrainRequest", "ProbeCheck", "run_pretrain", "plot_loss_curve"]
 
@@ -103,7 +103,7 @@ class ProbeCheck:
 
 def plot_loss_curve(csv_path: str | Path, png_path: str | Path, probes: list[tuple[int, float]] | None = None) -> Path:
     """Loss (and its MSE part) against steps from ``loss.csv``; probe top-1 on a second axis when given."""
-    from .report import _pyplot
+    from pipeline.report import _pyplot
 
     plt = _pyplot()
     with open(csv_path) as f:

@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ResultsError
-from .locks import file_lock
+from pipeline.errors import ResultsError
+from pipeline.locks import file_lock
 
 __all__ = [
     "RESULTS_SCHEMA", "REQUIRED", "default_results_path", "results_table", "append_result", "append_results", "read_results",

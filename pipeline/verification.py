@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from extract.cache import FeatureCache, reset_shards, view_suffix
 from extract.errors import CacheError
 
-from .locks import LockHeld, file_lock
+from pipeline.locks import LockHeld, file_lock
 
 __all__ = ["CacheReport", "find_caches", "verify_cache", "verify_caches"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ProbeError
+from probe.errors import ProbeError
 
 __all__ = ["AttentionHeadConfig", "AttentionHead", "Tokenizer", "TransformerBlock"]
 

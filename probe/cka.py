@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import ProbeError
+from probe.errors import ProbeError
 
 __all__ = ["linear_cka", "gram", "hsic_unbiased", "MinibatchCKA", "cka_matrix"]
 

@@ -23,9 +23,9 @@ import torch
 from extract.cache import FeatureCache, cache_path, open_cache
 from extract.errors import CacheError
 
-from .read_ahead import read_ahead
-from .train import epoch_order
-from .views import ViewStack
+from extract.inputs.read_ahead import read_ahead
+from probe.train import epoch_order
+from probe.views import ViewStack
 
 __all__ = [
     "FeatureSet", "StreamedFeatures", "open_split", "in_shapes", "feature_bytes", "load_features",

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ProbeError
+from probe.errors import ProbeError
 from extract.pooling import pooled_size
 
-from .attention_head import AttentionHead
+from probe.attention_head import AttentionHead
 
 __all__ = [
     "FeatureKey", "InShapes", "HeadSpec", "HEADS", "register_head", "list_heads", "create_head",

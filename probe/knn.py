@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from .errors import ProbeError
+from probe.errors import ProbeError
 
 __all__ = ["DEFAULT_KS", "knn_classify", "knn_votes"]
 

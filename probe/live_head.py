@@ -1,6 +1,6 @@
 """A head on the live backbone: features computed from the noisy images every step, as the official code trains.
 
-``LiveHead`` takes what ``fusion.live.LiveImages`` yields (``{(0, t): x_t}``), runs the backbone's
+``LiveHead`` takes what ``probe.live_images.LiveImages`` yields (``{(0, t): x_t}``), runs the backbone's
 truncated ``features`` once per timestep for every block the head reads, pools each map the way
 the cache stores it (``extract.pooling.pool_features``: adaptive average, float16) and hands the
 head the same ``{(b, t): (N, C, h, w)}`` mapping it would read from the cache. So one head class
@@ -22,7 +22,7 @@ from torch import nn
 from extract.pooling import pool_features, pooled_size
 from extract.precision import autocast
 
-from .errors import ProbeError
+from probe.errors import ProbeError
 
 __all__ = ["TunableBackbone", "LiveHead", "live_in_shapes", "default_precision"]
 

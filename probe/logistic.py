@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .errors import ProbeError
-from .subsets import heldout_split
+from probe.errors import ProbeError
+from probe.subsets import heldout_split
 
 __all__ = [
     "DEFAULT_L2_GRID", "Standardizer", "LogisticModel", "fit_logistic", "logistic_loss", "heldout_split",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import ProbeError
+from probe.errors import ProbeError
 
 __all__ = ["heldout_split", "label_fraction_rows", "balanced_rows"]
 

@@ -25,9 +25,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .errors import ProbeError
-from .grid import HeadGrid
-from .views import ViewStack, num_rows_of, view_choice
+from probe.errors import ProbeError
+from probe.grid import HeadGrid
+from probe.views import ViewStack, num_rows_of, view_choice
 
 __all__ = [
     "TrainConfig", "FitResult", "BatchSource", "epoch_order", "tensor_batches", "train_one_epoch", "evaluate", "fit",

@@ -32,8 +32,8 @@ def _time(fn, repeats: int) -> float:
 
 def bench_backbone(config: str = "256x256_uncond", blocks=(19, 24, 30), repeats: int = 2) -> list[str]:
     """Full forward vs ``features`` truncated after b, batch 1, float32, on this machine's CPU."""
-    from extract.block_table import block_table
-    from extract.configs import get_config
+    from extract.backbone.block_table import block_table
+    from extract.backbone.configs import get_config
 
     torch.manual_seed(0)
     model = get_config(config).build().eval()
@@ -70,8 +70,8 @@ def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 
     """
     if device == "cuda" and not torch.cuda.is_available():
         return ["gpu: no CUDA device on this machine; skipped"]
-    from extract.block_table import block_table
-    from extract.configs import create_backbone
+    from extract.backbone.block_table import block_table
+    from extract.backbone.configs import create_backbone
     from extract.precision import autocast
 
     torch.backends.cudnn.benchmark = True

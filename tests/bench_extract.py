@@ -93,14 +93,14 @@ def bench_storage(config: str = "256x256_uncond", images: int = 1024, shard_size
     are timed into the page cache and again up to the fsync (on disk), of new files on both sides
     (an extraction writes each shard once; replacing a file costs its unlink). The
     same is timed with the direct shard I/O switched off (Zarr doing all of it: the figures before
-    ``extract.shard_io``). Goal: cache >= 70% of raw both ways.
+    ``extract.cache.shard_io``). Goal: cache >= 70% of raw both ways.
     """
     from unittest import mock
 
     from extract import cache as cache_module
     from extract.cache import CacheSpec, MarkWriter, ShardMarks, create_cache, inner_chunk_rows, open_cache, write_shard_data
-    from extract.integrity import shard_checksum
-    from extract.configs import get_config
+    from extract.cache.integrity import shard_checksum
+    from extract.backbone.configs import get_config
     from extract.pooling import pooled_size
 
     cfg = get_config(config)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 def _flop_ideal(config: str, model) -> tuple[float, float]:
     """(forwards-only ideal, ideal with a 1x-forward backward from the read-out to the first target)."""
-    from extract.block_table import block_table
+    from extract.backbone.block_table import block_table
 
     cum = {r.b: r.flops_cum for r in block_table(config)}
     full, deepest, readout = cum[0], cum[max(model.sources)], cum[model.readout]
@@ -34,7 +34,7 @@ def bench_fusion(configs=None, strategy: str = "bottleneck") -> list[str]:
     and 256x256_uncond at batch 1 (about a minute a step); CUDA: bf16, 256x256_uncond at batch 64.
     """
     from extract.precision import autocast
-    from extract.configs import create_backbone
+    from extract.backbone.configs import create_backbone
     from fusion.diffeed import DifFeed
     from probe.heads import create_head
 

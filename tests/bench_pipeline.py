@@ -83,7 +83,7 @@ def make_jpegs(root: Path, count: int, threads: int | None = None) -> list[str]:
 
 def _decode_rates(paths: list[str], image_size: int, threads: int) -> tuple[float, float]:
     """ms of wall time per image decoding ``paths`` on one thread, and on ``threads`` threads."""
-    from extract.images import load_pixels
+    from extract.inputs.images import load_pixels
 
     start = time.perf_counter()
     for path in paths:
@@ -167,7 +167,7 @@ def bench_pipeline_section(images: int = 768, threads: int = 2, rounds: int = 2,
     ``settings``: (device, config, checkpoint, blocks, batch, shard size, images, precision, torch
     threads, decode threads) per measurement, instead of those two (a test runs a small dry run).
     """
-    from extract.configs import bundled_checkpoint
+    from extract.backbone.configs import bundled_checkpoint
 
     cuda = torch.cuda.is_available()
     cpus = os.cpu_count() or 1

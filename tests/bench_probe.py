@@ -26,7 +26,7 @@ HEADS = (("linear", dict(pool=2), 2), ("attention", dict(dim=256, num_heads=8, d
 
 def _live_epoch(head, optimizer, model, schedule, paths, labels, order, batch_size, image_size) -> None:
     """One epoch the official way: decode, noise, truncated U-Net forward, pool, then the head step."""
-    from extract.images import load_batch
+    from extract.inputs.images import load_batch
     from extract.noise import seeded_noise
     from extract.pooling import pool_features
 
@@ -46,7 +46,7 @@ def _live_epoch(head, optimizer, model, schedule, paths, labels, order, batch_si
 
 def _live_vs_cache(model, schedule, index, cache, rows: int = 16) -> float:
     """Largest difference between live pooled features of the first images and the cached rows (same data check)."""
-    from extract.images import load_batch
+    from extract.inputs.images import load_batch
     from extract.noise import seeded_noise
     from extract.pooling import pool_features
 
@@ -87,10 +87,10 @@ def _bench(per_class: int, batch_size: int, repeats: int, threads: int) -> list[
     from click.testing import CliRunner
 
     from extract.cache import make_backbone_id, open_cache
-    from extract.configs import get_config
+    from extract.backbone.configs import get_config
     from extract.job import build_backbone
     from extract.schedule import get_schedule
-    from pipeline.cli import main
+    from pipeline.cli.main import main
     from pipeline.datasets import build_index
     from probe.features import load_features
     from probe.heads import count_parameters, create_head, default_lr

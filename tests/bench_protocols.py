@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-from extract.configs import bundled_checkpoint
+from extract.backbone.configs import bundled_checkpoint
 from pipeline.cluster import open_runner
-from pipeline.evaluation import CacheSelection, FitProtocol, ProbeRequest, run_probe
+from pipeline.evaluate import CacheSelection, FitProtocol, ProbeRequest, run_probe
 from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
 
 PROTOCOLS = (

@@ -51,6 +51,6 @@ if __name__ == "__main__":
     # run as a script, this folder would come first on sys.path and tests/extract would shadow the package
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     install()
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     sys.exit(main(sys.argv[1:]))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from extract.adm import create_model
-from extract.adm_layers import timestep_embedding
+from extract.backbone.adm import create_model
+from extract.backbone.adm_layers import timestep_embedding
 
 from .reference import GOLDEN_FILES, load_golden
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from extract.block_table import block_table
-from pipeline.cli import main
+from extract.backbone.block_table import block_table
+from pipeline.cli.main import main
 
 from .reference import load_manifest, reference_path
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from extract.checkpoint import compare_state_dict, read_state_dict
-from extract.configs import bundled_checkpoint, create_backbone, get_config
+from extract.backbone.checkpoint import compare_state_dict, read_state_dict
+from extract.backbone.configs import bundled_checkpoint, create_backbone, get_config
 
 
 def test_bundled_checkpoint_loads_strictly_and_records_its_training():
@@ -41,7 +41,7 @@ def test_bundled_features_differ_from_both_random_inits():
 @pytest.mark.e2e
 def test_bundled_weights_denoise_real_images(cifar10_root):
     """On 16 real CIFAR-10 test images at t=200, the trained model's noise prediction has a small error."""
-    from extract.images import load_batch
+    from extract.inputs.images import load_batch
     from extract.schedule import get_schedule
 
     paths = sorted(str(p) for p in (cifar10_root / "test").glob("*/*.jpg"))[::625]

@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from extract.checkpoint import compare_state_dict, read_state_dict
-from extract.configs import check_checkpoint, create_backbone, get_config
+from extract.backbone.checkpoint import compare_state_dict, read_state_dict
+from extract.backbone.configs import check_checkpoint, create_backbone, get_config
 from extract.errors import CheckpointError
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from extract.adm import create_classifier, create_model
-from extract.checkpoint import state_dict_layout
-from extract.configs import NAMED_CONFIGS, get_config
+from extract.backbone.adm import create_classifier, create_model
+from extract.backbone.checkpoint import state_dict_layout
+from extract.backbone.configs import NAMED_CONFIGS, get_config
 from extract.errors import ConfigError
 
 from .reference import load_manifest

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.device_decode import check_decode_device, load_pixels_on_device, resize_center_crop_tensor
+from extract.inputs.device_decode import check_decode_device, load_pixels_on_device, resize_center_crop_tensor
 from extract.errors import ConfigError
-from extract.images import load_pixels, resize_center_crop
+from extract.inputs.images import load_pixels, resize_center_crop
 
 
 def _photo(width, height, seed=0):
@@ -63,7 +63,7 @@ def test_asking_for_gpu_decoding_without_a_gpu_is_one_line():
 def test_the_extract_command_refuses_gpu_decoding_before_planning(tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     result = CliRunner().invoke(main, [
         "extract", "--dataset", "cifar10", "--split", "test", "-t", "90", "-b", "10", "--config", "32x32_small",

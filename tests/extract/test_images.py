@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.images import load_batch, load_image, preprocess, resize_center_crop, to_rgb
+from extract.inputs.images import load_batch, load_image, preprocess, resize_center_crop, to_rgb
 
 SIZE = 16
 

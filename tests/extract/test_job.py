@@ -14,7 +14,7 @@ from PIL import Image
 
 from extract import job as job_module
 from extract.cache import CacheSpec, MarkWriter, create_cache, make_backbone_id, open_cache
-from extract.configs import get_config
+from extract.backbone.configs import get_config
 from extract.errors import CacheMismatchError
 from extract.job import ShardJob
 from extract.job import run_shard_job as _run_only
@@ -156,7 +156,7 @@ def test_a_cached_row_is_the_forward_of_its_own_image_in_a_seeded_order(tmp_path
     np.testing.assert_array_equal(reader.labels, labels[ids])
     cached = reader.load(10, 300)
     model = next(iter(job_module._BACKBONES.values()))
-    from extract.images import load_batch
+    from extract.inputs.images import load_batch
 
     for row in (0, 6, 11):  # recomputed alone, from the image file, with the noise of its image id
         image_id = int(ids[row])
@@ -190,7 +190,7 @@ def test_a_worker_refuses_to_mix_device_kinds_before_computing(tmp_path, images)
 
 def _recomputed(paths, start, t, blocks, batch_size, flip=False, draw=0):
     """Features computed the plain way, independently of the job's pipeline: float images, noise, q_sample, forward, pool."""
-    from extract.images import load_batch
+    from extract.inputs.images import load_batch
     from extract.noise import seeded_noise
     from extract.pooling import pool_features
     from extract.schedule import get_schedule
@@ -246,8 +246,7 @@ def _two_shards(tmp_path, images):
 
 
 def test_the_next_shard_decodes_ahead_and_is_taken_by_its_job(tmp_path, images, monkeypatch):
-    from extract import prefetch
-
+    from extract.inputs import prefetch
     cache, jobs = _two_shards(tmp_path, images)
     linked = job_module.link_next_shards(jobs)
     assert linked[0].next_shard.paths == tuple(images[6:12]) and linked[0].next_shard.start == 6
@@ -268,8 +267,7 @@ def test_the_next_shard_decodes_ahead_and_is_taken_by_its_job(tmp_path, images, 
 
 
 def test_work_queued_for_a_shard_that_went_elsewhere_is_dropped(tmp_path, images):
-    from extract import prefetch
-
+    from extract.inputs import prefetch
     cache, jobs = _two_shards(tmp_path, images)
     wrong = job_module.NextShard(start=100, paths=tuple(images[:2]), t=90)
     prefetch.PREFETCHER.drop_queued()
@@ -328,7 +326,7 @@ def test_noise_draws_are_views_of_independent_seeded_noise(tmp_path, images):
 
 def test_the_markers_a_job_chains_batch_by_batch_are_the_checksums_of_what_is_stored(tmp_path, images):
     """Invalid rows zeroed, flipped view, batches of 5 over 12 rows: each marker is the CRC of the stored shard."""
-    from extract.integrity import marker_value
+    from extract.cache.integrity import marker_value
 
     paths = list(images)
     paths[6] = _broken_jpeg(tmp_path, b"not a jpeg at all")

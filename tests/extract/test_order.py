@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from extract.order import row_order
+from extract.cache.order import row_order
 
 
 def _class_sorted(sizes):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from extract.configs import get_config
+from extract.backbone.configs import get_config
 from extract.errors import ConfigError
 from extract.precision import autocast, resolve_device
 

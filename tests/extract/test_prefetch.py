@@ -2,7 +2,7 @@
 
 import threading
 
-from extract.prefetch import Prefetcher
+from extract.inputs.prefetch import Prefetcher
 
 
 def test_work_queued_ahead_is_taken_once_then_computed_again():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from extract.configs import create_backbone, get_config
+from extract.backbone.configs import create_backbone, get_config
 from extract.errors import ConfigError
-from extract.pretrain import EMA_NAME, MODEL_NAME, PretrainConfig, diffusion_loss, pretrain
+from extract.backbone.pretrain import EMA_NAME, MODEL_NAME, PretrainConfig, diffusion_loss, pretrain
 from extract.schedule import get_schedule
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from extract.configs import create_backbone, get_config
+from extract.backbone.configs import create_backbone, get_config
 
 
 def test_weights_are_a_pure_function_of_the_seed():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-from extract.integrity import WRITE_CONFIG, object_path, object_problems
-from extract.shard_io import read_shard_object, write_shard_object
+from extract.cache.integrity import WRITE_CONFIG, object_path, object_problems
+from extract.cache.shard_io import read_shard_object, write_shard_object
 
 ROWS, SHARD, INNER, SHAPE = 23, 8, 4, (3, 2, 2)  # 3 shards, the last one of 7 rows: one padded inner chunk
 
@@ -78,7 +78,7 @@ def test_anything_unusual_goes_through_zarr(tmp_path):
 
 def test_a_valid_index_of_another_layout_is_followed(tmp_path):
     """The front-to-back read is only for the layout diffrep writes; any other valid index is read by its entries."""
-    from extract.shard_io import _crc32c
+    from extract.cache.shard_io import _crc32c
 
     data = _data()
     array = _array(tmp_path, "a")
@@ -96,8 +96,7 @@ def test_a_valid_index_of_another_layout_is_followed(tmp_path):
 
 def test_block_reservation_is_only_a_hint(tmp_path, monkeypatch):
     """Where the file system refuses fallocate (or libc has none) the shard is written all the same."""
-    from extract import shard_io
-
+    from extract.cache import shard_io
     calls = []
     monkeypatch.setattr(shard_io, "_FALLOCATE", lambda fd, mode, offset, size: calls.append((mode, size)) or -1)
     data = _data()

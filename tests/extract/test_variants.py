@@ -7,7 +7,7 @@ that holds only if the variant is implemented right.
 import numpy as np
 import torch
 
-from extract.adm import create_classifier, create_model
+from extract.backbone.adm import create_classifier, create_model
 
 from .reference import load_golden
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from extract.configs import create_backbone, get_config
+from extract.backbone.configs import create_backbone, get_config
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs
 from probe.errors import ProbeError
 from probe.heads import count_parameters, create_head
@@ -93,8 +93,8 @@ def test_feedback_trains_end_to_end_on_real_images(cifar10_root, tmp_path):
     """DifFeed on 32x32_small (the bundled weights when present) through diffrep feedback, 300 train / 200 test images."""
     from click.testing import CliRunner
 
-    from extract.configs import bundled_checkpoint
-    from pipeline.cli import main
+    from extract.backbone.configs import bundled_checkpoint
+    from pipeline.cli.main import main
     from pipeline.results import read_results
 
     checkpoint = bundled_checkpoint("32x32_small")
@@ -116,7 +116,7 @@ def test_feedback_trains_end_to_end_on_real_images(cifar10_root, tmp_path):
 def test_feedback_command_refuses_bad_readouts_before_reading_images(tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     for readout, needle in (("40", "read-out block 40 is out of range for 32x32_small: valid blocks are 1..19"),
                             ("7", "feedback into block(s) [8] cannot change read-out block 7")):
@@ -130,7 +130,7 @@ def test_feedback_command_refuses_bad_readouts_before_reading_images(tmp_path):
 def test_feedback_dry_run_plans_without_writing(shared_dir, tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     result = CliRunner().invoke(main, ["feedback", "--dataset", "cifar10", "--config", "32x32_small", "-t", "25",
                                        "--data-root", str(tmp_path / "fresh"), "--dry-run"])

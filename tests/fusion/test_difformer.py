@@ -5,7 +5,7 @@ import torch
 from click.testing import CliRunner
 
 from fusion.difformer import DifFormer
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.results import read_results
 from probe.attention_head import AttentionHeadConfig
 from probe.errors import ProbeError

@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract.configs import bundled_checkpoint, create_backbone, get_config
-from extract.images import load_batch
+from extract.backbone.configs import bundled_checkpoint, create_backbone, get_config
+from extract.inputs.images import load_batch
 from extract.noise import seeded_noise
 from extract.schedule import get_schedule
 from fusion.diffeed import DifFeed
-from fusion.live import LiveImages
+from probe.live_images import LiveImages
 from probe.heads import create_head
 from probe.live_head import LiveHead, live_in_shapes
 from probe.train import BACKBONE_NAME, CHECKPOINT_NAME, fit
@@ -155,7 +155,7 @@ def test_diffeed_finetunes_pass_two_only(images):
 @pytest.mark.e2e
 def test_diffeed_reads_pass_one_from_a_full_map_cache(cifar10_root, tmp_path):
     """The plan says the cache gives pass 1, and DifFeed's logits equal those with pass 1 run live (float16 apart)."""
-    from pipeline.cli import main
+    from pipeline.cli.main import main
     from pipeline.feedback import FeedbackRequest, plan_feedback
 
     root = tmp_path / "data"
@@ -193,7 +193,7 @@ def test_diffeed_reads_pass_one_from_a_full_map_cache(cifar10_root, tmp_path):
 
 
 def test_live_probe_refuses_what_it_cannot_do_in_one_line(tmp_path):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     base = ["probe", "--live", "--dataset", "cifar10", "--config", CONFIG, "-b", "10", "-t", "5",
             "--data-root", str(tmp_path / "nowhere"), "--results", str(tmp_path / "r.parquet")]
@@ -210,7 +210,7 @@ def test_live_probe_refuses_what_it_cannot_do_in_one_line(tmp_path):
 @pytest.mark.e2e
 def test_live_probe_and_finetune_from_the_command_line(cifar10_root, tmp_path):
     """diffrep probe --live on 300 real train images beats chance; --finetune writes a backbone --checkpoint loads."""
-    from pipeline.cli import main
+    from pipeline.cli.main import main
     from pipeline.results import read_results
 
     checkpoint = bundled_checkpoint(CONFIG)

@@ -3,7 +3,7 @@
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 COMMANDS = sorted(main.commands)
 

@@ -4,8 +4,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from extract.configs import bundled_checkpoint
-from pipeline.cli import main
+from extract.backbone.configs import bundled_checkpoint
+from pipeline.cli.main import main
 
 
 @pytest.mark.e2e

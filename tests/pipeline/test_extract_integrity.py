@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from extract.cache import open_cache
 from extract.errors import CacheError, CacheIncompleteError
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 BACKBONE = "32x32_small-random0"
 PER_CLASS = 4  # 40 images per split, 4 shards of 10

@@ -15,7 +15,7 @@ import zarr
 from click.testing import CliRunner
 
 from extract.cache import open_cache
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 BACKBONE = "32x32_small-random0"
 PER_CLASS = 30
@@ -212,7 +212,7 @@ def test_bad_blocks_timesteps_and_datasets_fail_in_one_line(tmp_path, extra, mes
 def test_a_bad_checkpoint_is_refused_before_any_task_runs(tmp_path):
     import torch
 
-    from extract.configs import get_config
+    from extract.backbone.configs import get_config
 
     wrong = tmp_path / "wrong.pt"
     torch.save(get_config("32x32_small").build(learn_sigma=False).state_dict(), wrong)

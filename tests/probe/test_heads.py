@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from extract.configs import get_config
+from extract.backbone.configs import get_config
 from probe.errors import ProbeError
 import fusion.difformer  # noqa: F401 - registers the difformer head, so the registry below is complete
 from probe.heads import HEADS, count_parameters, create_head, default_lr

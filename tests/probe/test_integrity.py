@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.results import read_results
 from tests.probe.test_features import make_cache
 
@@ -153,8 +153,8 @@ def test_lbfgs_on_a_non_linear_head_is_refused(toy):
 
 
 def test_cli_literals_equal_the_library_constants():
-    from pipeline.cli_probe import L2_DEFAULT, SOLVER_CHOICES
-    from pipeline.evaluation import SOLVERS
+    from pipeline.cli.probe import L2_DEFAULT, SOLVER_CHOICES
+    from pipeline.evaluate import SOLVERS
     from probe.logistic import DEFAULT_L2_GRID
 
     assert SOLVER_CHOICES == SOLVERS
@@ -164,7 +164,7 @@ def test_cli_literals_equal_the_library_constants():
 def test_cka_limit_draws_every_class_from_a_class_sorted_split():
     import numpy as np
 
-    from pipeline.evaluation import cka_rows
+    from pipeline.evaluate import cka_rows
 
     labels = np.repeat(np.arange(100), 30)  # sorted by class, as every dataset index is
     rows = cka_rows(labels, 500, seed=0)

@@ -46,10 +46,10 @@ from probe.subsets import balanced_rows, heldout_split, label_fraction_rows
 from probe.train import fit
 from probe.views import take_rows
 
-from .errors import DatasetError, ResultsError
-from .manifest import get_dataset
-from .report import markdown_table, plot_cka_heatmap, plot_sweep_heatmaps
-from .results import append_results, default_results_path, results_table
+from pipeline.errors import DatasetError, ResultsError
+from pipeline.manifest import get_dataset
+from pipeline.report import markdown_table, plot_cka_heatmap, plot_sweep_heatmaps
+from pipeline.results import append_results, default_results_path, results_table
 
 __all__ = [
     "CacheSelection", "FitProtocol", "ProbeRequest", "KnnRequest", "CkaRequest", "SweepRequest",

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from .cli import main
-from .options import (
+from pipeline.cli.main import main
+from pipeline.cli.options import (
     BlockList, PoolList, TimestepList, cache_dir_option, checkpoint_option, config_option, dataset_option,
     device_option,
 )
@@ -73,12 +73,12 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
     """
     from extract.errors import CacheIncompleteError, ConfigError
 
-    from extract.device_decode import check_decode_device
+    from extract.inputs.device_decode import check_decode_device
     from extract.job import default_decode_threads
     from extract.precision import resolve_device, resolve_precision
 
-    from .cluster import count_gpus
-    from .extraction import ExtractionRequest, dataset_splits, plan_extraction
+    from pipeline.cluster import count_gpus
+    from pipeline.extraction import ExtractionRequest, dataset_splits, plan_extraction
 
     precision = resolve_precision(precision, device)
     if decode_device != "cpu" and scheduler is None:  # a remote cluster's workers check their own GPUs
@@ -130,8 +130,8 @@ def _run_plans(plans, scheduler, synchronous, workers, device, no_progress) -> i
 
     Ctrl-C prints one line (how many shards are written, how to resume) and exits with status 130.
     """
-    from .cluster import TaskRunner, open_runner
-    from .extraction import finished_shards, lock_cache, run_extraction
+    from pipeline.cluster import TaskRunner, open_runner
+    from pipeline.extraction import finished_shards, lock_cache, run_extraction
 
     failed = 0
     try:

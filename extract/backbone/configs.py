@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adm import create_classifier, create_model
-from .errors import CheckpointError, ConfigError
+from extract.backbone.adm import create_classifier, create_model
+from extract.errors import CheckpointError, ConfigError
 
 __all__ = ["BackboneConfig", "NAMED_CONFIGS", "get_config", "list_configs", "create_backbone", "check_checkpoint",
            "bundled_checkpoint", "WEIGHTS_DIR"]
 
 #: Checkpoints diffrep trained itself and ships (``<config>.pt`` with ``<config>.json`` beside it).
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -153,7 +153,7 @@ def create_backbone(name: str, checkpoint: str | None = None, weight_seed: int |
     if checkpoint is None:
         model = cfg.build(**overrides)
         if weight_seed is not None:
-            from .random_init import init_random_weights
+            from extract.backbone.random_init import init_random_weights
 
             init_random_weights(model, weight_seed)
         return model.eval()
@@ -164,7 +164,7 @@ def create_backbone(name: str, checkpoint: str | None = None, weight_seed: int |
 
 def _checked_state(cfg: BackboneConfig, checkpoint: str, overrides: dict) -> tuple[nn.Module, dict]:
     """(model on the meta device, state dict) once the file is known to fit the configuration exactly."""
-    from .checkpoint import compare_state_dict, read_state_dict
+    from extract.backbone.checkpoint import compare_state_dict, read_state_dict
 
     state = read_state_dict(checkpoint)
     with torch.device("meta"):  # no random init of 550M parameters only to overwrite them

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .cli import main
-from .options import checkpoint_option, config_option
+from pipeline.cli.main import main
+from pipeline.cli.options import checkpoint_option, config_option
 
 
 @main.command("info")
@@ -19,8 +19,8 @@ def info(config_name: str, checkpoint: str | None, list_only: bool) -> None:
     With --checkpoint the file is loaded strictly into the configuration first, so a wrong
     file is reported before anything else.
     """
-    from extract.block_table import block_table, format_block_table
-    from extract.configs import NAMED_CONFIGS, create_backbone, get_config
+    from extract.backbone.block_table import block_table, format_block_table
+    from extract.backbone.configs import NAMED_CONFIGS, create_backbone, get_config
 
     if list_only:
         for name, cfg in NAMED_CONFIGS.items():

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .configs import create_backbone, get_config
-from .errors import CheckpointError, ConfigError
-from .images import load_batch
-from .precision import autocast
-from .schedule import NoiseSchedule, get_schedule
+from extract.backbone.configs import create_backbone, get_config
+from extract.errors import CheckpointError, ConfigError
+from extract.inputs.images import load_batch
+from extract.precision import autocast
+from extract.schedule import NoiseSchedule, get_schedule
 
 __all__ = ["PretrainConfig", "PretrainResult", "diffusion_loss", "pretrain", "STATE_NAME", "EMA_NAME", "MODEL_NAME",
            "LOSS_CSV"]
@@ -57,7 +57,7 @@ class PretrainConfig:
         batch_size: images per step. lr: Adam's rate after warm-up. warmup_steps: linear warm-up.
         grad_clip: max gradient norm (0: none). ema_decay: EMA of the weights, updated every step.
         seed: data order, flips, timesteps and noise. weight_seed: fan-in scaled random init of
-            every tensor (``extract.random_init``); None keeps ADM's own initialisation.
+            every tensor (``extract.backbone.random_init``); None keeps ADM's own initialisation.
         flip: random horizontal flips. channels_last: memory format of the convolutions.
         precision: ``fp32`` (CPU default) or ``bf16``/``fp16`` autocast on GPUs.
         threads: torch CPU threads (CPU bits depend on it).

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .adm_layers import AttentionPool2d
+from extract.backbone.adm_layers import AttentionPool2d
 
 __all__ = ["init_random_weights"]
 

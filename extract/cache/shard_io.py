@@ -23,7 +23,7 @@ import uuid
 import numpy as np
 import zarr
 
-from .integrity import object_path
+from extract.cache.integrity import object_path
 
 __all__ = ["write_shard_object", "read_shard_object"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .cli import main
-from .options import config_option, dataset_option, device_option
+from pipeline.cli.main import main
+from pipeline.cli.options import config_option, dataset_option, device_option
 
 
 @main.command("pretrain")
@@ -54,9 +54,9 @@ def pretrain(config_name, dataset, split, out_dir, steps, minutes, batch_size, l
       diffrep extract --config 32x32_small --checkpoint runs/pretrain/ema.pt ...
     """
     from extract.precision import resolve_device
-    from extract.pretrain import PretrainConfig
+    from extract.backbone.pretrain import PretrainConfig
 
-    from .pretraining import PretrainRequest, run_pretrain
+    from pipeline.pretraining import PretrainRequest, run_pretrain
 
     if steps is None and minutes is None:
         raise click.UsageError("pass --steps N or --minutes M (or both: whichever comes first)")

@@ -2,7 +2,7 @@
 
 A checkpoint either fits the configuration exactly (every key, every shape) and loads with
 ``strict=True``, or nothing is loaded and one line names the first mismatching keys and shapes
-and the flag that most likely differs. The load itself is ``extract.configs.create_backbone``.
+and the flag that most likely differs. The load itself is ``extract.backbone.configs.create_backbone``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from extract.errors import CheckpointError
 
 __all__ = ["read_state_dict", "compare_state_dict", "file_sha256", "state_dict_layout"]
 
@@ -116,7 +116,7 @@ def _likely_flag(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> s
 
 def _fits_named_config(found: Mapping[str, tuple], skip: str | None) -> str | None:
     """The name of a named configuration whose layout equals ``found``, if any."""
-    from .configs import NAMED_CONFIGS  # local: configs imports this module's user
+    from extract.backbone.configs import NAMED_CONFIGS  # local: configs imports this module's user
 
     for name, cfg in NAMED_CONFIGS.items():
         if name == skip:

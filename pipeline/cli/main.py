@@ -43,11 +43,11 @@ def main(verbose: int) -> None:
 
 
 # Commands live one concept per module and register themselves on `main`.
-from . import cli_info  # noqa: E402,F401
-from . import cli_extract  # noqa: E402,F401
-from . import cli_probe  # noqa: E402,F401
-from . import cli_demo  # noqa: E402,F401
-from . import cli_pretrain  # noqa: E402,F401
-from . import cli_fuse  # noqa: E402,F401
-from . import cli_feedback  # noqa: E402,F401
-from . import cli_verify  # noqa: E402,F401
+from pipeline.cli import info  # noqa: E402,F401
+from pipeline.cli import extract  # noqa: E402,F401
+from pipeline.cli import probe  # noqa: E402,F401
+from pipeline.cli import demo  # noqa: E402,F401
+from pipeline.cli import pretrain  # noqa: E402,F401
+from pipeline.cli import fuse  # noqa: E402,F401
+from pipeline.cli import feedback  # noqa: E402,F401
+from pipeline.cli import verify  # noqa: E402,F401

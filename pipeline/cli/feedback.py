@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .cli import main
-from .options import checkpoint_option, config_option, dataset_option, default_cache_dir, device_option
+from pipeline.cli.main import main
+from pipeline.cli.options import checkpoint_option, config_option, dataset_option, default_cache_dir, device_option
 
 
 @main.command("feedback")
@@ -69,7 +69,7 @@ def feedback(dry_run, **options) -> None:
     Example:
       diffrep feedback --dataset cifar10 --config 32x32_small -t 25 --strategy bottleneck --dry-run
     """
-    from .feedback import FeedbackRequest, plan_feedback, run_feedback
+    from pipeline.feedback import FeedbackRequest, plan_feedback, run_feedback
 
     options["timestep"] = int(options["timestep"])
     plan = plan_feedback(FeedbackRequest(**options), dry_run=dry_run)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .cli import main
-from .cli_probe import _cache_options
-from .options import BlockList, FloatList, TimestepList, device_option
+from pipeline.cli.main import main
+from pipeline.cli.probe import _cache_options
+from pipeline.cli.options import BlockList, FloatList, TimestepList, device_option
 
 
 @main.command("fuse")
@@ -42,7 +42,7 @@ def fuse(cache, **options) -> None:
     Example:
       diffrep fuse --dataset imagenet-50 -t 90,150,300 -b 19,24,30
     """
-    from .evaluation import FitProtocol, ProbeRequest, fmt_keys, run_probe
+    from pipeline.evaluate import FitProtocol, ProbeRequest, fmt_keys, run_probe
 
     protocol = FitProtocol(**{name: options.pop(name) for name in
                               ("solver", "lr", "heldout_fraction", "epochs", "batch_size", "seed")})

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .images import _reason, load_pixels
+from extract.errors import ConfigError
+from extract.inputs.images import _reason, load_pixels
 
 __all__ = ["DECODE_DEVICES", "check_decode_device", "resize_center_crop_tensor", "load_pixels_on_device"]
 

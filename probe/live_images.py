@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from extract.images import load_batch
+from extract.inputs.images import load_batch
 from extract.noise import seeded_noise
 from extract.schedule import NoiseSchedule
 from probe.errors import ProbeError
-from probe.read_ahead import read_ahead
+from extract.inputs.read_ahead import read_ahead
 from probe.train import epoch_order
 
 __all__ = ["LiveImages", "LIVE_KEY_BLOCK"]

@@ -1,6 +1,6 @@
 """``diffrep probe | knn | cka | sweep | report``: evaluate cached features without touching the backbone.
 
-Each command parses its options, calls one function of ``pipeline.evaluation`` and prints what it
+Each command parses its options, calls one function of ``pipeline.evaluate`` and prints what it
 returns.
 """
 
@@ -10,8 +10,8 @@ import functools
 
 import click
 
-from .cli import main
-from .options import (
+from pipeline.cli.main import main
+from pipeline.cli.options import (
     BlockList, FloatList, IntList, PoolList, TimestepList, cache_dir_option, checkpoint_option, config_option,
     dataset_option, device_option,
 )
@@ -31,7 +31,7 @@ def _int_tuple(ctx, param, value):
 
 
 # Kept literal so that `--help` does not import torch; tests hold them equal to the library's.
-SOLVER_CHOICES = ("lbfgs", "sgd", "adam")  # pipeline.evaluation.SOLVERS
+SOLVER_CHOICES = ("lbfgs", "sgd", "adam")  # pipeline.evaluate.SOLVERS
 L2_DEFAULT = "1e-4,1e-3,1e-2"  # probe.logistic.DEFAULT_L2_GRID
 
 
@@ -57,7 +57,7 @@ def _cache_options(fn):
     @functools.wraps(fn)
     def wrapper(dataset, cache_dir, config_name, backbone_id, train_split, test_split, allow_same_split, results_path,
                 ram_cap_gb, **options):
-        from .evaluation import CacheSelection
+        from pipeline.evaluate import CacheSelection
 
         cache = CacheSelection(dataset=dataset, cache_dir=cache_dir, config_name=config_name, backbone_id=backbone_id,
                                train_split=train_split, test_split=test_split, allow_same_split=allow_same_split,
@@ -95,7 +95,7 @@ def _protocol_options(fn):
 
     @functools.wraps(fn)
     def wrapper(solver, lr, l2, heldout_fraction, epochs, label_fraction, batch_size, seed, views, **options):
-        from .evaluation import FitProtocol
+        from pipeline.evaluate import FitProtocol
 
         protocol = FitProtocol(solver=solver, lr=lr, l2=l2, heldout_fraction=heldout_fraction, epochs=epochs,
                                label_fraction=label_fraction, batch_size=batch_size, seed=seed, views=views)
@@ -183,7 +183,7 @@ def probe(cache, live, **options) -> None:
       diffrep probe --dataset cifar10 -b 24 -t 150 --head attention
       diffrep probe --dataset cifar10 -b 24 -t 150 --live --solver sgd   # official: backbone every step
     """
-    from .evaluation import ProbeRequest, fmt_keys, run_probe
+    from pipeline.evaluate import ProbeRequest, fmt_keys, run_probe
 
     if live is not None:
         row = _run_live(cache, live, options)
@@ -199,8 +199,8 @@ def probe(cache, live, **options) -> None:
 
 def _run_live(cache, live: dict, options: dict) -> dict:
     """``diffrep probe --live``: the cache options that still mean something, the live ones, one results row."""
-    from .errors import DatasetError
-    from .live_probe import LiveProbeRequest, run_live_probe
+    from pipeline.errors import DatasetError
+    from pipeline.live_probe import LiveProbeRequest, run_live_probe
 
     if options.pop("stream") or cache.backbone_id:
         raise DatasetError("--live reads images, not the cache: drop --stream / --backbone-id")
@@ -238,7 +238,7 @@ def knn(cache, **options) -> None:
     The train side is streamed shard by shard, so memory stays bounded whatever its size;
     one row per k goes to the results table.
     """
-    from .evaluation import KnnRequest, run_knn
+    from pipeline.evaluate import KnnRequest, run_knn
 
     options["k"] = tuple(options["k"])
     rows = run_knn(KnnRequest(cache=cache, **options))
@@ -274,7 +274,7 @@ def cka(**options) -> None:
     Runs on --device in float32 with float64 sums; minibatches are drawn at random across the
     whole split (seeded). Writes the matrices as one Parquet table and each as a heatmap PNG.
     """
-    from .evaluation import CkaRequest, run_cka
+    from pipeline.evaluate import CkaRequest, run_cka
 
     for path in run_cka(CkaRequest(**options)):
         click.echo(f"wrote {path}")
@@ -301,8 +301,8 @@ def sweep(cache, **options) -> None:
     heatmaps of accuracy over block x timestep, one panel per pool size. Linear probes are the
     converged probe unless --solver sgd|adam asks for the paper's protocol.
     """
-    from .evaluation import SweepRequest, run_sweep
-    from .report import format_table
+    from pipeline.evaluate import SweepRequest, run_sweep
+    from pipeline.report import format_table
 
     table, written = run_sweep(SweepRequest(cache=cache, **options))
     click.echo(format_table(table, columns=("blocks", "timesteps", "pool", "head", "protocol", "l2", "lr", "top1",
@@ -323,8 +323,8 @@ def report(results_path, dataset, head, out_dir) -> None:
     heatmaps over block x timestep for every sweep)."""
     import pyarrow.compute as pc
 
-    from .report import format_table, write_report
-    from .results import read_results
+    from pipeline.report import format_table, write_report
+    from pipeline.results import read_results
 
     table = read_results(results_path)
     if dataset:

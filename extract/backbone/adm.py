@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adm_layers import (
+from extract.backbone.adm_layers import (
     AttentionBlock,
     AttentionPool2d,
     Downsample,
@@ -36,7 +36,7 @@ from .adm_layers import (
     timestep_embedding,
     zero_module,
 )
-from .errors import BlockRangeError, ConfigError
+from extract.errors import BlockRangeError, ConfigError
 
 __all__ = [
     "UNetModel",

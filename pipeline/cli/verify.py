@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .cli import main
-from .options import cache_dir_option
+from pipeline.cli.main import main
+from pipeline.cli.options import cache_dir_option
 
 
 @main.command("verify")
@@ -25,7 +25,7 @@ def verify(cache_dir: str, dataset: str | None, split: str | None, repair: bool)
     """
     from extract.errors import CacheError
 
-    from .verification import verify_caches
+    from pipeline.verification import verify_caches
 
     reports = verify_caches(cache_dir, dataset=dataset, split=split, repair=repair)
     bad = 0

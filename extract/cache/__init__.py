@@ -15,7 +15,7 @@ Layout of ``<root>/<dataset>/<split>/<backbone-id>`` (plain Zarr v3, readable wi
                               shard before): 2**32 + the CRC-32 of the shard's values once it is written
 
 Row order (format 3): row r holds image ``index/image_id[r]`` of the dataset index, a seeded
-class-stratified permutation (``extract.order``, seed ``spec.row_order_seed``) fixed when the cache
+class-stratified permutation (``extract.cache.order``, seed ``spec.row_order_seed``) fixed when the cache
 is created, so that every shard mixes the classes; the per-image noise still depends on the image id, not the
 row. Formats 1 and 2 keep the index order (``row_order_seed`` None) and are still read.
 
@@ -25,7 +25,7 @@ one process that orchestrates a run (``MarkWriter``), after the shard's data is 
 is written once, in chunks of many shards. An ImageNet cache thus needs one object per data shard
 and a handful more per array (``count_objects``). A marker is not proof: every object is stored
 even when it is all zeros, so a marked shard (or an index chunk) whose object is missing or short
-counts as not written (``extract.integrity``), readers refuse it by name, and ``diffrep extract``
+counts as not written (``extract.cache.integrity``), readers refuse it by name, and ``diffrep extract``
 re-runs it. Use ``load`` to get a whole array in RAM (under ``ram_cap_bytes``), ``iter_shards`` to stream.
 """
 
@@ -46,14 +46,14 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import CacheError, CacheIncompleteError, CacheMismatchError
-from .integrity import (
+from extract.errors import CacheError, CacheIncompleteError, CacheMismatchError
+from extract.cache.integrity import (
     WRITE_CONFIG, marker_checksum, marker_from_checksum, marker_value, object_problems, remove_objects, shard_checksum,
 )
-from .order import row_order
-from .pooling import derive_pool
-from .provenance import compute_conflict
-from .shard_io import read_shard_object, write_shard_object
+from extract.cache.order import row_order
+from extract.pooling import derive_pool
+from extract.cache.provenance import compute_conflict
+from extract.cache.shard_io import read_shard_object, write_shard_object
 
 __all__ = [
     "FORMAT_VERSION",
@@ -115,7 +115,7 @@ class CacheSpec:
         flip: whether a horizontally flipped view is stored too (same noise as view 0).
         pool: stored side is min(native, pool); 0 keeps full maps. precision: fp32, bf16 or fp16 compute.
         dtype: storage dtype (float16); shard_size: images per shard.
-        row_order_seed: seed of the row order (``extract.order.row_order``); None keeps the dataset
+        row_order_seed: seed of the row order (``extract.cache.order.row_order``); None keeps the dataset
             index order (every cache of format 1 and 2). (The layout version is kept
         beside the spec, in ``attrs["diffrep"]["format_version"]``, so it is read before the spec.)
     """
@@ -444,7 +444,7 @@ def write_shard_data(
                 markers[(int(b), int(t))] = marker_from_checksum(int(known[(b, t)]), marker_dtype)
             else:
                 markers[(int(b), int(t))] = pool.submit(marker_value, data, marker_dtype)
-            if not write_shard_object(array, shard, data):  # whole shards go straight to the file (extract.shard_io)
+            if not write_shard_object(array, shard, data):  # whole shards go straight to the file (extract.cache.shard_io)
                 _writable(array)[start:stop] = data
         return {key: value if isinstance(value, int) else value.result() for key, value in markers.items()}
     finally:
@@ -495,7 +495,7 @@ class ShardMarks:
     Args:
         shard: the shard; markers: ``{(b, t, view): marker value}`` of every array it wrote;
         invalid: ``{cache row: reason}`` for its rows that could not be decoded (all its rows were read);
-        compute: the job's ``extract.provenance.compute_settings`` (None: not known).
+        compute: the job's ``extract.cache.provenance.compute_settings`` (None: not known).
     """
 
     shard: int
@@ -943,7 +943,7 @@ class FeatureCache:
         return self._index_array("image_id").astype(np.int64)
 
     def compute(self, b: int, t: int, view: int = 0) -> dict[str, Any] | None:
-        """What computed the array's shards (``extract.provenance.compute_settings``), None when not recorded."""
+        """What computed the array's shards (``extract.cache.provenance.compute_settings``), None when not recorded."""
         recorded = self._array(b, t, view).attrs.get("compute")
         return dict(recorded) if recorded else None
 
@@ -1090,7 +1090,7 @@ class FeatureCache:
         start, stop = self.shard_bounds(shard)
         if out is None:
             out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
-        if read_shard_object(array, shard, out):  # straight from the file (extract.shard_io); else through Zarr
+        if read_shard_object(array, shard, out):  # straight from the file (extract.cache.shard_io); else through Zarr
             return out
         try:
             out[...] = array[start:stop]

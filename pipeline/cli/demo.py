@@ -6,8 +6,8 @@ import os
 
 import click
 
-from .cli import main
-from .options import BlockList, PoolList, TimestepList, device_option
+from pipeline.cli.main import main
+from pipeline.cli.options import BlockList, PoolList, TimestepList, device_option
 
 
 def _default_demo_cache() -> str:
@@ -47,8 +47,8 @@ def demo(train_per_class, test_per_class, timesteps, blocks, probe_pools, random
     CIFAR-10 comes from ../shared/data (unpacked once into $DIFFREP_DATA). Run it again and the
     caches are reused: only the probes run.
     """
-    from .demo import PAPER_HEAD, DemoSettings, HeadSettings, run_demo
-    from .report import format_table
+    from pipeline.demo import PAPER_HEAD, DemoSettings, HeadSettings, run_demo
+    from pipeline.report import format_table
 
     settings = DemoSettings(
         cache_dir=cache_dir, out_dir=out_dir, train_per_class=train_per_class, test_per_class=test_per_class,

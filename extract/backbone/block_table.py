@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .configs import get_config
+from extract.backbone.configs import get_config
 
 __all__ = ["BlockRow", "block_table", "format_block_table"]
 
