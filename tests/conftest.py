@@ -1,4 +1,9 @@
-"""Fixtures every test package shares: the ../shared folder and CIFAR-10 unpacked once per machine."""
+"""Fixtures every test package shares: the ../shared folder and CIFAR-10 unpacked once per machine.
+
+A test that reads real CIFAR-10 (through ``cifar10_root``) is marked ``e2e`` here, so ``make test-fast``
+(``-m "not e2e"``) leaves every one of them out. Under ``CI=true`` missing shared data fails the test
+instead of skipping it: CI runs with ``../shared`` beside the clone, so a skip there would hide a fault.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,17 @@ import pytest
 
 from pipeline.datasets import ensure_unpacked
 from pipeline.manifest import default_data_root, default_shared_dir
+from tests.shared_data import missing_shared
 
 CIFAR10_ARCHIVE = "data/cifar10-jpg.tar.gz"
 CIFAR10_FOLDER = "cifar10-jpg"
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that reads real CIFAR-10 images carries the ``e2e`` mark."""
+    for item in items:
+        if "cifar10_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +31,7 @@ def shared_dir() -> Path:
     """``../shared`` beside the checkout (or ``$DIFFREP_SHARED``); skips the test when it is absent."""
     path = default_shared_dir()
     if not path.is_dir():
-        pytest.skip(f"{path} is not here: the shared data lives in ../shared beside the checkout (or set DIFFREP_SHARED)")
+        missing_shared(f"{path} is not here: the shared data lives in ../shared beside the checkout (or set DIFFREP_SHARED)")
     return path
 
 
@@ -31,5 +44,5 @@ def cifar10_root(shared_dir: Path) -> Path:
     """
     archive = shared_dir / CIFAR10_ARCHIVE
     if not archive.is_file():
-        pytest.skip(f"{archive} is not here: the CIFAR-10 images live in ../shared/data beside the checkout")
+        missing_shared(f"{archive} is not here: the CIFAR-10 images live in ../shared/data beside the checkout")
     return ensure_unpacked(archive, default_data_root(), CIFAR10_FOLDER)

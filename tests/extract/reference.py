@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
+from pipeline.manifest import default_shared_dir
+from tests.shared_data import missing_shared
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+SHARED = default_shared_dir()
 REFERENCE = SHARED / "reference"
 
 GOLDEN_FILES = ["adm_small.npz", "adm_small_unitscale.npz"]
@@ -22,7 +23,7 @@ MODEL_FLAG_NAMES = [
 def reference_path(name: str) -> Path:
     path = REFERENCE / name
     if not path.exists():
-        pytest.skip(f"{path} is not here: the reference data lives in ../shared beside the checkout")
+        missing_shared(f"{path} is not here: the reference data lives in ../shared beside the checkout")
     return path
 
 
