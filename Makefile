@@ -58,7 +58,7 @@ test-fast: install
 bench: install
 	$(PY) -m tests.bench $(EXTRA)
 
-# What tests/device_bench.sh needs on a lent GPU machine, whose Python 3.12 has torch but not zarr and
+# What tests/bench/device_bench.sh needs on a lent GPU machine, whose Python 3.12 has torch but not zarr and
 # cannot reach ../shared: wheels of zarr and its compiled needs at this environment's versions (.whl/),
 # and 100 CIFAR-10 test JPEGs a class for the bench's 500x375 images (.device-data/). git ignores both.
 DEVICE_WHEELS := zarr numcodecs donfig google-crc32c
@@ -67,7 +67,7 @@ device-kit: install
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 	  $$($(PY) -c "import importlib.metadata as m; print(' '.join(n + '==' + m.version(n) for n in '$(DEVICE_WHEELS)'.split()))")
-	$(PY) -c "from tests.bench_pipeline import sample_cifar10_test; sample_cifar10_test('.device-data/cifar10-jpg', 100)"
+	$(PY) -c "from tests.bench.bench_pipeline import sample_cifar10_test; sample_cifar10_test('.device-data/cifar10-jpg', 100)"
 	@ls .whl; du -sh .whl .device-data
 
 extract: install

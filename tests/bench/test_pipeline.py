@@ -2,7 +2,7 @@
 
 import re
 
-from tests.bench_pipeline import JPEG_SIZE, bench_pipeline_section, make_jpegs
+from tests.bench.bench_pipeline import JPEG_SIZE, bench_pipeline_section, make_jpegs
 
 
 def test_bench_jpegs_are_imagenet_sized_and_class_balanced(tmp_path, cifar10_root):
@@ -27,7 +27,7 @@ def test_pipeline_section_dry_run(cifar10_root):
 
 def test_device_kit_sample_feeds_the_bench_without_shared(tmp_path, cifar10_root, monkeypatch):
     """``make device-kit``'s CIFAR-10 sample is a data root the bench makes its JPEGs from (no ../shared there)."""
-    from tests.bench_pipeline import sample_cifar10_test
+    from tests.bench.bench_pipeline import sample_cifar10_test
 
     kit = tmp_path / "kit" / "cifar10-jpg"
     assert sample_cifar10_test(kit, 3) == 30

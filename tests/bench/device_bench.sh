@@ -3,7 +3,7 @@
 #
 # That machine's Python 3.12 has torch but not zarr and its compiled needs, so they travel as wheels:
 #   here:  make device-kit    (wheels into .whl/, 1,000 CIFAR-10 test JPEGs into .device-data/; git ignores both)
-#   there: run(command="bash tests/device_bench.sh", carry=[".whl", ".device-data"], timeout_s=540), then give_back
+#   there: run(command="bash tests/bench/device_bench.sh", carry=[".whl", ".device-data"], timeout_s=540), then give_back
 # WHEELS: another wheel folder (a CPU dry run here: WHEELS=none PYTHON=<venv python>).
 # SECTIONS picks the bench sections (default: gpu pipeline fusion, about 8 minutes at most); the log lands in $OUT/bench.log.
 set -uo pipefail

@@ -1,6 +1,6 @@
 """Extract-stage benchmark: truncated single pass vs full forward with hooks, cache write/read speed vs a raw memmap, bytes per image.
 
-Run ``python -c "from tests.bench_extract import bench_extract; print(*bench_extract(), sep='\\n')"``;
+Run ``python -c "from tests.bench.bench_extract import bench_extract; print(*bench_extract(), sep='\\n')"``;
 ``make bench`` runs it with the other sections. Figures are ratios measured in one run on this
 machine; nothing here is asserted.
 """

@@ -137,25 +137,25 @@ def main(argv: list[str] | None = None) -> int:
         if section == "backbone":
             lines = bench_backbone(repeats=args.repeats)
         elif section == "extract":
-            from tests.bench_extract import bench_extract
+            from tests.bench.bench_extract import bench_extract
 
             lines = bench_extract()
         elif section == "pipeline":
-            from tests.bench_pipeline import bench_pipeline_section
+            from tests.bench.bench_pipeline import bench_pipeline_section
 
             lines = bench_pipeline_section(rounds=max(args.repeats, 2))
         elif section == "gpu":
             lines = bench_gpu()
         elif section == "probe":
-            from tests.bench_probe import bench_probe
+            from tests.bench.bench_probe import bench_probe
 
             lines = bench_probe()
         elif section == "fusion":
-            from tests.bench_fusion import bench_fusion
+            from tests.bench.bench_fusion import bench_fusion
 
             lines = bench_fusion()
         elif section == "protocols":
-            from tests.bench_protocols import bench_protocols
+            from tests.bench.bench_protocols import bench_protocols
 
             lines = bench_protocols()
         else:

@@ -2,7 +2,7 @@
 
 import re
 
-from tests.bench import bench_gpu
+from tests.bench.main import bench_gpu
 
 
 def test_gpu_section_dry_run_on_cpu():
