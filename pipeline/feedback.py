@@ -18,7 +18,8 @@ import torch
 
 from extract.cache import make_backbone_id
 from extract.backbone.checkpoint import file_sha256
-from extract.backbone.configs import create_backbone, get_config
+from extract.backbone.configs import get_config
+from extract.backbone.registry import create_backbone
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.backbone.configs import create_backbone, get_config
+from extract.backbone.configs import get_config
+
+from extract.backbone.registry import create_backbone
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from probe.live_images import LiveImages
