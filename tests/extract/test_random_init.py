@@ -3,7 +3,6 @@
 import torch
 
 from extract.backbone.configs import get_config
-
 from extract.backbone.registry import create_backbone
 
 

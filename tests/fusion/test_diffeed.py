@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from extract.backbone.configs import get_config
-
 from extract.backbone.registry import create_backbone
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs
 from probe.errors import ProbeError

@@ -9,7 +9,6 @@ import torch
 from click.testing import CliRunner
 
 from extract.backbone.configs import bundled_checkpoint, get_config
-
 from extract.backbone.registry import create_backbone
 from extract.inputs.images import load_batch
 from extract.noise import seeded_noise
