@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from extract.cache import ShardMarks, write_shard_data
-from extract.backbone.configs import create_backbone
+from extract.backbone.registry import create_backbone
 from extract.inputs.device_decode import check_decode_device, load_pixels_on_device
 from extract.errors import CacheMismatchError, DiskSpaceError
 from extract.inputs.images import _reason, load_pixels, to_model_input

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from extract.backbone.configs import bundled_checkpoint, create_backbone
+from extract.backbone.configs import bundled_checkpoint
+from extract.backbone.registry import create_backbone
 from extract.inputs.images import load_batch
 from probe.logistic import converged_linear_probe
 

@@ -26,9 +26,10 @@ import torch
 from extract.backbone.adm import normalize_blocks
 from extract.cache import (
     FORMAT_VERSION, CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, inner_chunk_rows,
-    make_backbone_id, record_run, reset_shards, view_suffix,
+    record_run, reset_shards, view_suffix,
 )
 from extract.backbone.configs import get_config
+from extract.backbone.identity import backbone_id as weights_id
 from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, link_next_shards, run_shard_job
 from extract.cache.order import row_order
@@ -378,7 +379,7 @@ def plan_extraction(
         subset = ",".join(f"{k}={v}" for k, v in (("per_class", request.per_class), ("limit", request.limit)) if v is not None)
     spec = CacheSpec(
         dataset=request.dataset, split=request.split,
-        backbone_id=make_backbone_id(config.name, sha256, None if sha256 else request.weight_seed),
+        backbone_id=weights_id(config.name, weight_seed=None if sha256 else request.weight_seed, sha256=sha256),
         config_name=config.name, config_flags=config.flags, checkpoint_sha256=sha256,
         weight_seed=None if sha256 else int(request.weight_seed), image_size=config.image_size,
         noise_schedule=config.noise_schedule, diffusion_steps=config.diffusion_steps,

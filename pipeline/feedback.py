@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from extract.cache import make_backbone_id
-from extract.backbone.checkpoint import file_sha256
-from extract.backbone.configs import create_backbone, get_config
+from extract.backbone.configs import get_config
+from extract.backbone.identity import backbone_id
+from extract.backbone.registry import create_backbone
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs
@@ -127,8 +127,7 @@ class FeedbackPlan:
 
 
 def _backbone_id(request: FeedbackRequest) -> str:
-    sha = file_sha256(request.checkpoint) if request.checkpoint else ""
-    return make_backbone_id(request.config_name, sha, None if sha else request.weight_seed)
+    return backbone_id(request.config_name, request.checkpoint, request.weight_seed)
 
 
 def plan_feedback(request: FeedbackRequest, dry_run: bool = False) -> FeedbackPlan:
@@ -207,7 +206,7 @@ def run_feedback(plan: FeedbackPlan) -> dict:
                  backbone_lr=r.backbone_lr if r.finetune else None,
                  checkpoint_dir=checkpoint_dir, resume=r.resume, identity=identity, progress=r.progress)
     row = dict(dataset=r.dataset, train_split=r.train_split, test_split=r.test_split,
-               backbone_id=f"{r.config_name}-{'checkpoint' if r.checkpoint else f'random{r.weight_seed}'}",
+               backbone_id=_backbone_id(r),
                noise_seed=r.noise_seed, head="diffeed", protocol="live", solver=r.solver, strategy=r.strategy,
                blocks=[model.readout], timesteps=[r.timestep], pool=int(model.head.config.token_pool),
                train_size=plan.train.num_images, test_size=plan.test.num_images, parameters=count_parameters(model),

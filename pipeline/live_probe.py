@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.backbone.configs import create_backbone, get_config
+from extract.backbone.configs import get_config
+from extract.backbone.identity import backbone_id as weights_id
+from extract.backbone.registry import create_backbone
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from probe.live_images import LiveImages
@@ -151,7 +153,7 @@ def run_live_probe(request: LiveProbeRequest) -> dict:
     model = LiveHead(backbone, head, request.blocks, request.timesteps, request.cache_pool,
                      finetune=request.finetune, precision=precision)
     lr = fitting.lr[0] if fitting.lr else default_lr(request.head)
-    backbone_id = f"{request.config_name}-{'checkpoint' if request.checkpoint else f'random{request.weight_seed}'}"
+    backbone_id = weights_id(request.config_name, request.checkpoint, request.weight_seed)
     identity = dict(dataset=request.dataset, train_split=request.train_split, test_split=request.test_split,
                     config=request.config_name, checkpoint=request.checkpoint, weight_seed=request.weight_seed,
                     noise_seed=request.noise_seed, fresh_noise=request.fresh_noise, augment=request.augment,

@@ -36,6 +36,7 @@ from extract.backbone.adm_layers import (
     timestep_embedding,
     zero_module,
 )
+from extract.backbone.family import mirror_block, normalize_blocks
 from extract.errors import BlockRangeError, ConfigError
 
 __all__ = [
@@ -101,23 +102,6 @@ def _parse_attention_ds(attention_resolutions: str | Iterable[int], image_size: 
     else:
         resolutions = [int(r) for r in attention_resolutions]
     return tuple(image_size // r for r in resolutions)
-
-
-def normalize_blocks(blocks: int | Iterable[int], num_blocks: int, name: str = "this backbone") -> tuple[tuple[int, ...], int]:
-    """Check block numbers once: returns (sorted unique blocks, deepest block).
-
-    Raises:
-        BlockRangeError: a block outside 1..num_blocks, or no block at all.
-    """
-    if isinstance(blocks, int):
-        blocks = [blocks]
-    wanted = sorted({int(b) for b in blocks})
-    if not wanted:
-        raise BlockRangeError(f"no block requested for {name}: valid blocks are 1..{num_blocks}")
-    for b in wanted:
-        if not 1 <= b <= num_blocks:
-            raise BlockRangeError(f"block {b} is out of range for {name}: valid blocks are 1..{num_blocks}")
-    return tuple(wanted), wanted[-1]
 
 
 class _ADMEncoder(nn.Module):
@@ -272,8 +256,8 @@ class _ADMEncoder(nn.Module):
         x_t: torch.Tensor,
         timesteps: torch.Tensor,
         blocks: int | Iterable[int],
-        y: torch.Tensor | None = None,
         inject: Mapping[int, torch.Tensor] | None = None,
+        cond: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
         """Outputs of the requested blocks from ONE forward that stops after the deepest of them.
 
@@ -281,9 +265,9 @@ class _ADMEncoder(nn.Module):
             x_t: noisy images, (N, 3, H, W), pixels scaled as the model was trained ([-1, 1] based).
             timesteps: (N,) integer diffusion steps.
             blocks: paper block numbers, 1..num_blocks.
-            y: (N,) class labels, for class-conditional models only.
             inject: ``{encoder block: (N, C, h, w)}`` maps added to those blocks' outputs, so they also
                 feed the skip connections (DifFeed's second pass); resized when sizes differ.
+            cond: (N,) class labels (the official forward's ``y``), for class-conditional models only.
 
         Returns:
             ``{b: (N, C_b, h_b, w_b)}`` in the model's compute dtype.
@@ -297,7 +281,7 @@ class _ADMEncoder(nn.Module):
             outside = sorted(b for b in inject if not 1 <= b < self._middle)
             if outside:
                 raise BlockRangeError(f"inject targets encoder blocks 1..{self._middle - 1} of {self.name}, got {outside}")
-        _, captured = self._walk(x_t, timesteps, y, stop_after=deepest, capture=wanted, inject=inject)
+        _, captured = self._walk(x_t, timesteps, cond, stop_after=deepest, capture=wanted, inject=inject)
         return captured
 
     @staticmethod
@@ -372,7 +356,7 @@ class UNetModel(_ADMEncoder):
 
     def mirror_block(self, b: int) -> int:
         """The encoder block whose skip connection decoder block b consumes last: 2L+2-b."""
-        return 2 * len(self.input_blocks) + 2 - b
+        return mirror_block(b, self.num_blocks, self.name)
 
     def block_shapes(self) -> dict[int, tuple[int, int]]:
         shapes = super().block_shapes()

@@ -2,7 +2,7 @@
 
 A checkpoint either fits the configuration exactly (every key, every shape) and loads with
 ``strict=True``, or nothing is loaded and one line names the first mismatching keys and shapes
-and the flag that most likely differs. The load itself is ``extract.backbone.configs.create_backbone``.
+and the flag that most likely differs. The load itself is ``extract.backbone.adm_family.ADMFamily.create``.
 """
 
 from __future__ import annotations
@@ -114,24 +114,14 @@ def _likely_flag(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> s
     return "check channel_mult, num_head_channels and resblock_updown"
 
 
-def _fits_named_config(found: Mapping[str, tuple], skip: str | None) -> str | None:
-    """The name of a named configuration whose layout equals ``found``, if any."""
-    from extract.backbone.configs import NAMED_CONFIGS  # local: configs imports this module's user
-
-    for name, cfg in NAMED_CONFIGS.items():
-        if name == skip:
-            continue
-        with torch.device("meta"):
-            layout = state_dict_layout(cfg.build())
-        if layout == dict(found):
-            return name
-    return None
-
-
 def compare_state_dict(
-    model: nn.Module, state: Mapping[str, torch.Tensor], config_name: str = "the model"
+    model: nn.Module, state: Mapping[str, torch.Tensor], config_name: str = "the model", remedy: str | None = None
 ) -> str | None:
-    """None when ``state`` fits ``model`` exactly, else a one-line explanation of the mismatch."""
+    """None when ``state`` fits ``model`` exactly, else a one-line explanation of the mismatch.
+
+    The line ends with ``remedy`` when given (``configs`` passes the named configuration the file
+    fits), else with the flag that most likely differs.
+    """
     expected = state_dict_layout(model)
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected == found:
@@ -148,8 +138,5 @@ def compare_state_dict(
         details.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
     if len(wrong) > 2:
         details.append(f"{len(wrong) - 2} more shape mismatch(es)")
-    hint = _likely_flag(expected, found)
-    other = _fits_named_config(found, skip=config_name)
-    if other:
-        hint = f"it fits {other}: use --config {other}"
+    hint = remedy or _likely_flag(expected, found)
     return f"checkpoint does not fit {config_name}: {'; '.join(details)}; {hint}"

@@ -1,4 +1,4 @@
-"""Named backbone configurations: every official ADM checkpoint, plus small ones for tests and demos.
+"""Named ADM configurations: every official checkpoint's flags, plus small ones for tests and demos.
 
 Architecture flags (what ``create_model`` / ``create_classifier`` take) live here apart from
 checkpoint metadata (the official file name), as timm keeps ``default_cfgs`` apart from the modules.
@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from extract.backbone.adm import create_classifier, create_model
+from extract.backbone.checkpoint import compare_state_dict, read_state_dict, state_dict_layout
 from extract.errors import CheckpointError, ConfigError
 
-__all__ = ["BackboneConfig", "NAMED_CONFIGS", "get_config", "list_configs", "create_backbone", "check_checkpoint",
+__all__ = ["BackboneConfig", "NAMED_CONFIGS", "get_config", "checked_state", "explain_mismatch", "check_checkpoint",
            "bundled_checkpoint", "WEIGHTS_DIR"]
 
 #: Checkpoints diffrep trained itself and ships (``<config>.pt`` with ``<config>.json`` beside it).
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -120,10 +122,6 @@ NAMED_CONFIGS: dict[str, BackboneConfig] = {
 }
 
 
-def list_configs() -> list[str]:
-    return list(NAMED_CONFIGS)
-
-
 def get_config(name: str) -> BackboneConfig:
     """Look up a named configuration.
 
@@ -136,43 +134,45 @@ def get_config(name: str) -> BackboneConfig:
         raise ConfigError(f"unknown configuration {name!r}: choose one of {', '.join(NAMED_CONFIGS)}") from None
 
 
-def create_backbone(name: str, checkpoint: str | None = None, weight_seed: int | None = None, **overrides: Any) -> nn.Module:
-    """Build a named backbone in eval mode.
+def checked_state(cfg: BackboneConfig, checkpoint: str, overrides: dict) -> tuple[nn.Module, dict]:
+    """(model on the meta device, state dict) once the file is known to fit the configuration exactly.
 
-    Args:
-        name: a named configuration. checkpoint: an official ``.pt`` file, loaded strictly.
-        weight_seed: without a checkpoint, draw every weight from this seed with
-            ``init_random_weights`` (blocks then do real work); None keeps ADM's own
-            initialisation (zeroed residual branches, drawn from the global RNG).
-        overrides: flags that win over the named ones.
+    Load with ``model.load_state_dict(state, strict=True, assign=True)``.
 
     Raises:
-        ConfigError: unknown name or flag. CheckpointError: unreadable or mismatching checkpoint.
+        CheckpointError: unreadable file, or one that does not fit (the message names the keys, shapes and remedy).
     """
-    cfg = get_config(name)
-    if checkpoint is None:
-        model = cfg.build(**overrides)
-        if weight_seed is not None:
-            from extract.backbone.random_init import init_random_weights
-
-            init_random_weights(model, weight_seed)
-        return model.eval()
-    model, state = _checked_state(cfg, checkpoint, overrides)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def _checked_state(cfg: BackboneConfig, checkpoint: str, overrides: dict) -> tuple[nn.Module, dict]:
-    """(model on the meta device, state dict) once the file is known to fit the configuration exactly."""
-    from extract.backbone.checkpoint import compare_state_dict, read_state_dict
-
     state = read_state_dict(checkpoint)
     with torch.device("meta"):  # no random init of 550M parameters only to overwrite them
         model = cfg.build(**overrides)
-    problem = compare_state_dict(model, state, config_name=cfg.name)
+    problem = explain_mismatch(model, state, cfg.name)
     if problem:
         raise CheckpointError(f"{problem} (file {checkpoint})")
     return model, state
+
+
+def explain_mismatch(model: nn.Module, state: dict, config_name: str) -> str | None:
+    """None when ``state`` fits ``model``, else one line naming the mismatch and the remedy.
+
+    When the file fits another named configuration exactly, the remedy is ``use --config <that one>``.
+    """
+    problem = compare_state_dict(model, state, config_name)
+    if problem is None:
+        return None
+    other = _fits_named_config({k: tuple(v.shape) for k, v in state.items()}, skip=config_name)
+    return compare_state_dict(model, state, config_name, remedy=f"it fits {other}: use --config {other}") if other else problem
+
+
+def _fits_named_config(found: dict[str, tuple], skip: str | None) -> str | None:
+    """The name of a named configuration whose layout equals ``found``, if any."""
+    for name, cfg in NAMED_CONFIGS.items():
+        if name == skip:
+            continue
+        with torch.device("meta"):
+            layout = state_dict_layout(cfg.build())
+        if layout == found:
+            return name
+    return None
 
 
 def check_checkpoint(name: str, checkpoint: str, **overrides: Any) -> None:
@@ -180,7 +180,7 @@ def check_checkpoint(name: str, checkpoint: str, **overrides: Any) -> None:
 
     For planners: a run checks its checkpoint once, before any task starts.
     """
-    _checked_state(get_config(name), checkpoint, overrides)
+    checked_state(get_config(name), checkpoint, overrides)
 
 
 def bundled_checkpoint(name: str) -> str | None:

@@ -17,28 +17,28 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from queue import Queue
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from extract.backbone.configs import create_backbone, get_config
+from extract.backbone.configs import get_config
+from extract.backbone.diffusion_loss import diffusion_loss
+from extract.backbone.registry import create_backbone
 from extract.errors import CheckpointError, ConfigError
 from extract.inputs.images import load_batch
+from extract.inputs.read_ahead import read_ahead
 from extract.precision import autocast
-from extract.schedule import NoiseSchedule, get_schedule
+from extract.schedule import get_schedule
 
-__all__ = ["PretrainConfig", "PretrainResult", "diffusion_loss", "pretrain", "STATE_NAME", "EMA_NAME", "MODEL_NAME",
-           "LOSS_CSV"]
+__all__ = ["PretrainConfig", "PretrainResult", "pretrain", "STATE_NAME", "EMA_NAME", "MODEL_NAME", "LOSS_CSV"]
 
 log = logging.getLogger(__name__)
 
@@ -97,72 +97,6 @@ class PretrainResult:
     written: list[Path] = field(default_factory=list)
 
 
-def _mean_flat(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=tuple(range(1, x.ndim)))
-
-
-def _normal_kl(mean1, logvar1, mean2, logvar2):
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def _approx_standard_normal_cdf(x):
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-
-
-def _discretized_gaussian_log_likelihood(x, means, log_scales):
-    """Log-likelihood of 8-bit images in [-1, 1] under a Gaussian discretised to bins of width 2/255."""
-    centered = x - means
-    inv_stdv = torch.exp(-log_scales)
-    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
-
-
-def _gather(array: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    values = torch.from_numpy(array)[t.cpu()].float().to(like.device)
-    return values.view((-1,) + (1,) * (like.ndim - 1))
-
-
-def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
-                   noise: torch.Tensor, learn_sigma: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """guided-diffusion's training loss for eps-prediction: MSE, plus the VLB term when sigma is learned.
-
-    Args:
-        model: the U-Net. schedule: its noise schedule. x0: (N, 3, H, W) images in [-1, 1].
-        t: (N,) int64 timesteps. noise: like x0. learn_sigma: the model outputs (eps, v) with 6 channels.
-
-    Returns:
-        (scalar loss, ``{"mse": (N,), "vb": (N,)}`` per-image terms; vb is zero without learned sigma).
-    """
-    x_t = schedule.q_sample(x0, t, noise)
-    output = model(x_t, t).float()
-    if not learn_sigma:
-        mse = _mean_flat((noise - output) ** 2)
-        return mse.mean(), {"mse": mse.detach(), "vb": torch.zeros_like(mse)}
-    eps, var_values = output.split(x0.shape[1], dim=1)
-    mse = _mean_flat((noise - eps) ** 2)
-    # the VLB term learns the variance only: the mean is taken as fixed (stop-gradient), as the official code does
-    eps = eps.detach()
-    min_log = _gather(schedule.posterior_log_variance_clipped, t, x0)
-    max_log = _gather(np.log(schedule.betas), t, x0)
-    frac = (var_values + 1) / 2
-    model_log_variance = frac * max_log + (1 - frac) * min_log
-    pred_x0 = _gather(np.sqrt(1.0 / schedule.alphas_cumprod), t, x0) * x_t \
-        - _gather(np.sqrt(1.0 / schedule.alphas_cumprod - 1), t, x0) * eps
-    coef1 = _gather(schedule.posterior_mean_coef1, t, x0)
-    coef2 = _gather(schedule.posterior_mean_coef2, t, x0)
-    model_mean = coef1 * pred_x0 + coef2 * x_t
-    true_mean = coef1 * x0 + coef2 * x_t
-    true_log_variance = _gather(schedule.posterior_log_variance_clipped, t, x0)
-    kl = _mean_flat(_normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)) / math.log(2.0)
-    nll = -_mean_flat(_discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)) / math.log(2.0)
-    vb = torch.where(t == 0, nll, kl)
-    return (mse + vb).mean(), {"mse": mse.detach(), "vb": vb.detach()}
-
-
 def _step_seed(seed: int, step: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7919 + 0x5EED) % (2**63)
 
@@ -178,39 +112,21 @@ def _batch_rows(num_images: int, batch_size: int, seed: int, step: int) -> np.nd
     return rows
 
 
-class _BatchFeed:
-    """Decodes the batches of steps start, start+1, ... ahead on a background thread, so the forward never waits."""
+def _batches(paths: Sequence[str], image_size: int, batch_size: int, seed: int, start: int,
+             decode_threads: int) -> Iterator[tuple[torch.Tensor, dict]]:
+    """The decoded batches of steps start, start+1, ..., four ahead on a background thread, so the forward never waits.
 
-    def __init__(self, paths: Sequence[str], image_size: int, batch_size: int, seed: int, start: int,
-                 decode_threads: int, depth: int = 4):
-        self._paths, self._size, self._batch, self._seed = list(paths), image_size, batch_size, seed
-        self._threads = max(1, decode_threads)
-        self._queue: Queue = Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True, name="diffrep-pretrain-feed")
-        self._thread.start()
-
-    def _run(self, step: int) -> None:
-        while not self._stop.is_set():
-            rows = _batch_rows(len(self._paths), self._batch, self._seed, step)
-            try:
-                images, ok, errors = load_batch([self._paths[r] for r in rows], self._size, num_threads=self._threads)
-            except Exception as exc:  # noqa: BLE001 - handed to the training thread and raised there
-                self._queue.put(exc)
-                return
-            self._queue.put((images[torch.from_numpy(ok)], errors))  # an unreadable image leaves its batch
+    An unreadable image leaves its batch (its reason is in the batch's error dict).
+    """
+    def produce(stop: threading.Event) -> Iterator[tuple[torch.Tensor, dict]]:
+        step = start
+        while not stop.is_set():
+            rows = _batch_rows(len(paths), batch_size, seed, step)
+            images, ok, errors = load_batch([paths[r] for r in rows], image_size, num_threads=max(1, decode_threads))
+            yield images[torch.from_numpy(ok)], errors
             step += 1
 
-    def next(self) -> tuple[torch.Tensor, dict]:
-        item = self._queue.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        while not self._queue.empty():
-            self._queue.get_nowait()
+    return read_ahead(produce, depth=4, name="diffrep-pretrain-feed")
 
 
 def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -228,6 +144,24 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one ``pretrain`` call asks beyond the recipe (see its Args): data, where, how long, how often, on what."""
+
+    paths: list[str]
+    out_dir: Path
+    steps: int | None
+    minutes: float | None
+    resume: bool
+    checkpoint_every: int
+    log_every: int
+    device: torch.device
+    decode_threads: int
+    data: dict
+    on_checkpoint: Callable[[nn.Module, int], str | None] | None
+    progress: bool
 
 
 def pretrain(
@@ -276,15 +210,18 @@ def pretrain(
     previous_threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(config.threads)
+    run = _Run(paths=list(paths), out_dir=out_dir, steps=steps, minutes=minutes, resume=resume,
+               checkpoint_every=checkpoint_every, log_every=log_every, device=device, decode_threads=decode_threads,
+               data=data or {}, on_checkpoint=on_checkpoint, progress=progress)
     try:
-        return _pretrain(config, list(paths), out_dir, steps, minutes, resume, checkpoint_every, log_every, device,
-                         decode_threads, data or {}, on_checkpoint, progress)
+        return _pretrain(config, run)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _pretrain(config, paths, out_dir, steps, minutes, resume, checkpoint_every, log_every, device, decode_threads,
-              data, on_checkpoint, progress) -> PretrainResult:
+def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
+    paths, out_dir, steps, minutes, device = run.paths, run.out_dir, run.steps, run.minutes, run.device
+    checkpoint_every, log_every = run.checkpoint_every, run.log_every
     backbone = get_config(config.config_name)
     if backbone.kind != "unet":
         raise ConfigError(f"{config.config_name} is a classifier: diffusion pretraining trains a U-Net configuration")
@@ -309,7 +246,7 @@ def _pretrain(config, paths, out_dir, steps, minutes, resume, checkpoint_every, 
 
     state_path = out_dir / STATE_NAME
     step, images_seen, trained_seconds, loss_value = 0, 0, 0.0, float("nan")
-    if resume and state_path.exists():
+    if run.resume and state_path.exists():
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to a user
@@ -327,7 +264,7 @@ def _pretrain(config, paths, out_dir, steps, minutes, resume, checkpoint_every, 
         step, images_seen = int(state["step"]), int(state["images_seen"])
         trained_seconds, loss_value = float(state["seconds"]), float(state["loss"])
         log.info("resuming pretraining from %s at step %d", state_path, step)
-    elif resume:
+    elif run.resume:
         log.warning("no pretraining checkpoint in %s: starting from step 0", out_dir)
     curve = out_dir / LOSS_CSV
     header = "step,images_seen,seconds,lr,loss,mse,vb\n"
@@ -338,11 +275,11 @@ def _pretrain(config, paths, out_dir, steps, minutes, resume, checkpoint_every, 
         curve.write_text(header + "".join(kept))
 
     size = backbone.image_size
-    feed = _BatchFeed(paths, size, config.batch_size, config.seed, step, decode_threads)
+    feed = _batches(paths, size, config.batch_size, config.seed, step, run.decode_threads)
     began = time.perf_counter()
     deadline = began + minutes * 60 if minutes is not None else None
     total = steps if steps is not None else None
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not run.progress, dynamic_ncols=True)
     window: list[torch.Tensor] = []
     stopped_by = "steps"
     written: list[Path] = []
@@ -353,7 +290,7 @@ def _pretrain(config, paths, out_dir, steps, minutes, resume, checkpoint_every, 
                       "scheduler": scheduler.state_dict(), "step": step, "images_seen": images_seen,
                       "seconds": seconds, "loss": loss_value, "config": asdict(config)}, state_path)
         meta = {"config": asdict(config), "flags": dict(backbone.flags), "noise_schedule": backbone.noise_schedule,
-                "diffusion_steps": backbone.diffusion_steps, "data": data, "steps": step, "images_seen": images_seen,
+                "diffusion_steps": backbone.diffusion_steps, "data": run.data, "steps": step, "images_seen": images_seen,
                 "wall_seconds": round(seconds, 1), "final_loss": loss_value, "device": str(device),
                 "torch": torch.__version__}
         for name, module in ((EMA_NAME, ema), (MODEL_NAME, model)):
@@ -361,8 +298,8 @@ def _pretrain(config, paths, out_dir, steps, minutes, resume, checkpoint_every, 
             _save_atomic(_plain_state(module), path)
             _write_json(path.with_suffix(".json"), {**meta, "weights": "ema" if module is ema else "model"})
             written.append(path)
-        if on_checkpoint is not None:
-            line = on_checkpoint(ema, step)
+        if run.on_checkpoint is not None:
+            line = run.on_checkpoint(ema, step)
             if line:
                 tqdm.write(line)
 
@@ -373,7 +310,7 @@ def _pretrain(config, paths, out_dir, steps, minutes, resume, checkpoint_every, 
             if deadline is not None and time.perf_counter() >= deadline:
                 stopped_by = "minutes"
                 break
-            x0, _errors = feed.next()
+            x0, _errors = next(feed)
             generator = torch.Generator().manual_seed(_step_seed(config.seed, step))
             n = x0.shape[0]
             if config.flip:

@@ -20,7 +20,8 @@ def info(config_name: str, checkpoint: str | None, list_only: bool) -> None:
     file is reported before anything else.
     """
     from extract.backbone.block_table import block_table, format_block_table
-    from extract.backbone.configs import NAMED_CONFIGS, create_backbone, get_config
+    from extract.backbone.configs import NAMED_CONFIGS, get_config
+    from extract.backbone.registry import create_backbone
 
     if list_only:
         for name, cfg in NAMED_CONFIGS.items():

@@ -34,7 +34,7 @@ def bench_fusion(configs=None, strategy: str = "bottleneck") -> list[str]:
     and 256x256_uncond at batch 1 (about a minute a step); CUDA: bf16, 256x256_uncond at batch 64.
     """
     from extract.precision import autocast
-    from extract.backbone.configs import create_backbone
+    from extract.backbone.registry import create_backbone
     from fusion.diffeed import DifFeed
     from probe.heads import create_head
 

@@ -71,7 +71,7 @@ def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 
     if device == "cuda" and not torch.cuda.is_available():
         return ["gpu: no CUDA device on this machine; skipped"]
     from extract.backbone.block_table import block_table
-    from extract.backbone.configs import create_backbone
+    from extract.backbone.registry import create_backbone
     from extract.precision import autocast
 
     torch.backends.cudnn.benchmark = True

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from extract.backbone.checkpoint import compare_state_dict, read_state_dict
-from extract.backbone.configs import bundled_checkpoint, create_backbone, get_config
+from extract.backbone.configs import bundled_checkpoint, get_config
+from extract.backbone.registry import create_backbone
 
 
 def test_bundled_checkpoint_loads_strictly_and_records_its_training():

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract.backbone.configs import create_backbone, get_config
+from extract.backbone.configs import get_config
+from extract.backbone.diffusion_loss import diffusion_loss
+from extract.backbone.pretrain import EMA_NAME, MODEL_NAME, PretrainConfig, pretrain
+from extract.backbone.registry import create_backbone
 from extract.errors import ConfigError
-from extract.backbone.pretrain import EMA_NAME, MODEL_NAME, PretrainConfig, diffusion_loss, pretrain
 from extract.schedule import get_schedule
 
 

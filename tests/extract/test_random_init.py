@@ -2,7 +2,8 @@
 
 import torch
 
-from extract.backbone.configs import create_backbone, get_config
+from extract.backbone.configs import get_config
+from extract.backbone.registry import create_backbone
 
 
 def test_weights_are_a_pure_function_of_the_seed():

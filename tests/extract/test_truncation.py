@@ -74,7 +74,7 @@ def test_truncated_walk_keeps_only_the_skips_later_blocks_read():
     import gc
     import weakref
 
-    from extract.backbone.configs import create_backbone
+    from extract.backbone.registry import create_backbone
 
     model = create_backbone("32x32_small", weight_seed=0)
     outputs = {}

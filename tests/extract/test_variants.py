@@ -52,8 +52,10 @@ def test_class_conditional_adds_the_label_embedding_to_the_time_embedding():
     x, t = torch.from_numpy(golden["x_t"]), torch.from_numpy(golden["timesteps"])
     with torch.no_grad():
         a, b = cond(x, t, y), shifted(x, t)
-        feats = cond.features(x, t, [6], y=y)
+        feats = cond.features(x, t, [6], cond=y)
+        expected = shifted.features(x, t, [6])[6]
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feats[6].numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)  # cond is the label
     assert not np.allclose(a.numpy(), golden["out"], atol=1e-3), "the label must change the output"
     assert feats[6].shape == (2, 64, 16, 16)
 

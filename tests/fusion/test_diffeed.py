@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from extract.backbone.configs import create_backbone, get_config
+from extract.backbone.configs import get_config
+from extract.backbone.registry import create_backbone
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs
 from probe.errors import ProbeError
 from probe.heads import count_parameters, create_head

@@ -139,7 +139,7 @@ def test_minibatches_of_class_sorted_rows_are_drawn_across_classes():
 @pytest.mark.parametrize("device", DEVICES)
 def test_cka_of_real_cifar10_features_matches_float64_numpy(cifar10_root, device):
     """Blocks 4, 8 and 12 of 32x32_small (random weights) on 256 real CIFAR-10 images, stored as float16."""
-    from extract.backbone.configs import create_backbone
+    from extract.backbone.registry import create_backbone
     from extract.inputs.images import load_batch
     from extract.noise import seeded_noise
     from extract.schedule import get_schedule

@@ -121,7 +121,7 @@ def test_probe_chooses_l2_on_heldout_rows_and_refits():
 @pytest.mark.e2e
 def test_cifar10_features_reach_the_optimum_of_a_much_longer_run(cifar10_root):
     """Block 8 features of 32x32_small (random weights) on 600 real CIFAR-10 images, computed directly."""
-    from extract.backbone.configs import create_backbone
+    from extract.backbone.registry import create_backbone
     from extract.inputs.images import load_batch
     from extract.noise import seeded_noise
     from extract.schedule import get_schedule
