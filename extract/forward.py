@@ -80,8 +80,9 @@ def block_features(model: nn.Module, x_t: torch.Tensor, t: int | torch.Tensor, b
     """
     blocks = list(blocks)
     steps = t if torch.is_tensor(t) else torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
+    extra = {"inject": inject} if inject else {}  # only DifFeed's pass 2 injects: a plain forward is asked no more
     with autocast(x_t.device, precision):
-        maps = model.features(x_t, steps, blocks, inject=inject)
+        maps = model.features(x_t, steps, blocks, **extra)
     if pool is None:
         return maps
     pool_maps = pool_features if float16 else pool_float
