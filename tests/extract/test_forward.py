@@ -31,7 +31,8 @@ def test_noisy_input_is_q_sample_of_the_seeded_noise(x0, schedule_name):
     schedule = get_schedule(schedule_name)
     for seed, t, draw in ((0, 90, 0), (5, 999, 0), (0, 0, 2)):
         noise = seeded_noise(seed, IDS, t, (3, 32, 32), draw=draw)
-        by_hand = schedule.sqrt_alphas_cumprod[t] * x0.double() + schedule.sqrt_one_minus_alphas_cumprod[t] * noise.double()
+        by_hand = (schedule.sqrt_alphas_cumprod[t] * x0.double()
+                   + schedule.sqrt_one_minus_alphas_cumprod[t] * noise.double())
         got = noisy_input(x0, t, IDS, seed, schedule, draw=draw)
         assert got.dtype == torch.float32
         assert torch.equal(got, schedule.q_sample(x0, torch.full((len(IDS),), t), noise)), (seed, t, draw)

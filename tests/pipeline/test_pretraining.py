@@ -1,4 +1,4 @@
-"""The pretraining probe check: its x_t and 2x2 features are the one noisy forward's, against q_sample and pooling by hand."""
+"""The pretraining probe check: its x_t and 2x2 features against q_sample and pooling computed by hand."""
 
 import numpy as np
 import torch

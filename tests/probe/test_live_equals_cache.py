@@ -1,4 +1,4 @@
-"""The paper's two protocols see the same features: rows ``diffrep extract`` wrote equal the live head's, image by image."""
+"""The two protocols see the same features: the rows ``diffrep extract`` wrote equal the live head's, image by image."""
 
 import shutil
 from pathlib import Path
