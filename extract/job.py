@@ -43,9 +43,9 @@ from extract.backbone.registry import create_backbone
 from extract.inputs.device_decode import check_decode_device, load_pixels_on_device
 from extract.errors import CacheMismatchError, DiskSpaceError
 from extract.inputs.images import _reason, load_pixels, to_model_input
+from extract.forward import block_features, diffuse
 from extract.noise import seeded_noise
-from extract.pooling import pool_features
-from extract.precision import autocast, resolve_device, resolve_precision
+from extract.precision import resolve_device, resolve_precision
 from extract.inputs.prefetch import PREFETCHER
 from extract.cache.provenance import compute_conflict, compute_settings
 from extract.schedule import get_schedule
@@ -352,11 +352,6 @@ def _run(job: ShardJob) -> ShardResult:
 
     PREFETCHER.use_threads(job.decode_threads)
     batches = _Batches(job, bounds, device)
-    on_device = {}  # GPU: q_sample's coefficients and the timesteps moved once, so no copy in the loop syncs
-    if cuda:
-        for t in {int(t) for _, t, _ in job.todo}:
-            coefficient = torch.tensor([schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]])
-            on_device[t] = (coefficient.float().to(device), torch.full((job.batch_size,), t, dtype=torch.long, device=device))
     noise: dict[tuple[int, int, int], Future] = {}  # (batch, t, noise draw): a view 2k+f uses draw k
 
     def queue_noise(t: int, draw: int) -> None:
@@ -397,18 +392,11 @@ def _run(job: ShardJob) -> ShardResult:
                         x0[torch.from_numpy(~batch_ok)] = 0
                 if view % 2 == 1:  # the flipped image, with the same noise as its draw's unflipped view
                     x0 = torch.flip(x0, dims=[3])
-                eps = noise[(k, t, draw)].result().to(device, non_blocking=True)
-                if cuda:
-                    coefficient, all_steps = on_device[t]
-                    steps = all_steps[: hi - lo]
-                    x_t = coefficient[0] * x0 + coefficient[1] * eps
-                else:  # the CPU path is the one the cache's bit-for-bit reproducibility was defined on
-                    steps = torch.full((hi - lo,), t, dtype=torch.long)
-                    x_t = schedule.q_sample(x0, steps, eps)
-                with torch.inference_mode(), autocast(device, precision):
-                    feats = model.features(x_t, steps, list(blocks))
-                    outputs.put(lo, hi, {b: pool_features(feats[b], job.pool) for b in blocks})
-                del feats, x_t, eps, x0
+                # the one noisy forward (extract.forward): pinned noise copied without blocking, no copy that syncs
+                x_t = diffuse(x0, t, noise[(k, t, draw)].result(), schedule)
+                with torch.inference_mode():
+                    outputs.put(lo, hi, block_features(model, x_t, t, blocks, pool=job.pool, precision=precision))
+                del x_t, x0
             outputs.settle()
             if p + 1 >= len(job.todo) or (int(job.todo[p + 1][1]), int(job.todo[p + 1][0]) // 2) != (t, draw):
                 for k in range(len(bounds)):

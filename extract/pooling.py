@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from extract.errors import CacheError
 
-__all__ = ["pooled_size", "pool_features", "derive_pool"]
+__all__ = ["pooled_size", "pool_features", "pool_float", "derive_pool"]
 
 
 def pooled_size(native: int, pool: int | None) -> int:
@@ -27,11 +27,17 @@ def pool_features(x: torch.Tensor, pool: int) -> torch.Tensor:
     Returns:
         (N, C, h, w) float16 with h = pooled_size(H, pool); averages are taken in float32.
     """
+    return pool_float(x, pool).to(torch.float16)
+
+
+def pool_float(x: torch.Tensor, pool: int) -> torch.Tensor:
+    """``pool_features`` without the float16 rounding: (N, C, h, w) float32, for a backbone that trains
+    (the rounding would stop no gradient, but it costs precision)."""
     size = pooled_size(x.shape[-1], pool)
     x = x.float()
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.adaptive_avg_pool2d(x, size)
-    return x.to(torch.float16)
+    return x
 
 
 def derive_pool(stored: np.ndarray, native: int, pool: int | None) -> np.ndarray:

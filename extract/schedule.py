@@ -48,6 +48,7 @@ class NoiseSchedule:
         )
         self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self._on_device: dict[tuple[int, str], torch.Tensor] = {}
 
     def check_timesteps(self, timesteps) -> list[int]:
         """Raises TimestepRangeError naming the valid range for any t outside 0..T-1."""
@@ -59,18 +60,33 @@ class NoiseSchedule:
                 )
         return values
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise; coefficients cast to float32 first.
 
         Args:
-            x0: (N, C, H, W) clean images in [-1, 1]. t: (N,) integer timesteps. noise: like x0.
+            x0: (N, C, H, W) clean images in [-1, 1]. noise: like x0, on x0's device.
+            t: (N,) integer timesteps, or one int for the whole batch: its coefficients are moved to
+                x0's device once and kept, so a loop on a GPU never waits for a copy (the values and
+                the result are the same bits as with (N,) timesteps).
         """
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        if not torch.is_tensor(t):
+            a, s = self._coefficients(int(t), x0.device)
+            return a * x0 + s * noise
         self.check_timesteps(t)
         idx = t.to("cpu").long()
         a = torch.from_numpy(self.sqrt_alphas_cumprod)[idx].float().to(x0.device)
         s = torch.from_numpy(self.sqrt_one_minus_alphas_cumprod)[idx].float().to(x0.device)
-        shape = (-1,) + (1,) * (x0.ndim - 1)
         return a.view(shape) * x0 + s.view(shape) * noise
+
+    def _coefficients(self, t: int, device: torch.device) -> torch.Tensor:
+        """(2,) float32 [sqrt(abar_t), sqrt(1 - abar_t)] on ``device``, copied there once per (t, device)."""
+        key = (t, str(device))
+        if key not in self._on_device:
+            self.check_timesteps([t])
+            pair = np.array([self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]])
+            self._on_device[key] = torch.from_numpy(pair).float().to(device)
+        return self._on_device[key]
 
 
 def get_schedule(name: str, num_steps: int = 1000) -> NoiseSchedule:

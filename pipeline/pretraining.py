@@ -1,9 +1,10 @@
 """``diffrep pretrain`` as a library call: images from the manifest, the training loop, a periodic linear-probe check.
 
 The check answers "are the representations getting better?" while training runs: every
-checkpoint, the EMA weights' features of one block at one timestep (seeded noise, 2x2 pool)
-are computed for a fixed class-balanced subset of the train split and of the test split, and a
-converged linear probe (``probe.logistic``) is fitted on the first and scored on the second.
+checkpoint, the EMA weights' features of one block at one timestep (seeded noise of
+``probe_noise_seed``, 2x2 pool, through the one noisy forward ``extract.forward``) are computed
+for a fixed class-balanced subset of the train split and of the test split, and a converged
+linear probe (``probe.logistic``) is fitted on the first and scored on the second.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
+from extract.forward import block_features, noisy_input
 from extract.inputs.images import load_batch
-from extract.noise import seeded_noise
 from extract.precision import resolve_device
 from extract.backbone.pretrain import LOSS_CSV, PretrainConfig, PretrainResult, pretrain
 from extract.schedule import get_schedule
@@ -54,6 +54,7 @@ class PretrainRequest:
     probe_train_per_class: int = 100
     probe_test_per_class: int = 50
     probe_test_split: str = "test"
+    probe_noise_seed: int = 0
     probe: bool = True
     progress: bool = True
 
@@ -76,8 +77,7 @@ class ProbeCheck:
             index = build_index(request.dataset, split, root=request.data_root, per_class=per_class)
             images, ok, _ = load_batch(index.paths, cfg.image_size)
             keep = np.flatnonzero(ok)
-            noise = seeded_noise(0, keep.tolist(), self.t, tuple(images.shape[1:]))
-            x_t = self.schedule.q_sample(images[keep], torch.full((len(keep),), self.t), noise)
+            x_t = noisy_input(images[keep], self.t, keep.tolist(), request.probe_noise_seed, self.schedule)
             self.data.append((x_t, torch.from_numpy(index.labels[keep])))
         self.num_classes = int(max(labels.max() for _, labels in self.data)) + 1
         self.history: list[tuple[int, float]] = []
@@ -87,8 +87,8 @@ class ProbeCheck:
         parts = []
         for start in range(0, x_t.shape[0], batch_size):
             batch = x_t[start:start + batch_size].to(self.device)
-            out = model.features(batch, torch.full((batch.shape[0],), self.t, device=self.device), [self.block])
-            parts.append(F.adaptive_avg_pool2d(out[self.block].float(), 2).flatten(1).cpu())
+            pooled = block_features(model, batch, self.t, [self.block], pool=2, float16=False)
+            parts.append(pooled[self.block].flatten(1).cpu())
         return torch.cat(parts)
 
     def __call__(self, model: torch.nn.Module, step: int) -> str:

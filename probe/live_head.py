@@ -1,11 +1,12 @@
 """A head on the live backbone: features computed from the noisy images every step, as the official code trains.
 
 ``LiveHead`` takes what ``probe.live_images.LiveImages`` yields (``{(0, t): x_t}``), runs the backbone's
-truncated ``features`` once per timestep for every block the head reads, pools each map the way
-the cache stores it (``extract.pooling.pool_features``: adaptive average, float16) and hands the
-head the same ``{(b, t): (N, C, h, w)}`` mapping it would read from the cache. So one head class
-serves both paths and the only difference between them is what the data source does (fresh
-noise, crops and flips every step, or the cache's one frozen view).
+truncated forward once per timestep for every block the head reads and pools each map the way the
+cache stores it (adaptive average, float16), through the extract job's own code
+(``extract.forward.block_features``), and hands the head the same ``{(b, t): (N, C, h, w)}``
+mapping it would read from the cache. So one head class serves both paths and the only difference
+between them is what the data source does (fresh noise, crops and flips every step, or the
+cache's one frozen view).
 
 ``TunableBackbone`` is what live modules (this one, DifFeed) share: the backbone is frozen unless
 ``finetune``; frozen, its weights are left out of checkpoints; tuned, they go in, and
@@ -19,8 +20,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from extract.pooling import pool_features, pooled_size
-from extract.precision import autocast
+from extract.forward import block_features
+from extract.pooling import pooled_size
 
 from probe.errors import ProbeError
 
@@ -112,23 +113,16 @@ class LiveHead(TunableBackbone):
         return self
 
     def block_features(self, images: Mapping[Key, torch.Tensor]) -> dict[Key, torch.Tensor]:
-        """``{(0, t): x_t}`` -> ``{(b, t): pooled float16 features}`` for every block and timestep read."""
+        """``{(0, t): x_t}`` -> ``{(b, t): pooled float16 features}`` for every block and timestep read
+        (float32 when the backbone is tuned)."""
         out = {}
         for t in self.timesteps:
-            x_t = images[(0, t)]
-            steps = torch.full((x_t.shape[0],), t, device=x_t.device)
-            with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()), autocast(x_t.device, self.precision):
-                maps = self.backbone.features(x_t, steps, self.blocks)
-            for b in self.blocks:
-                out[(b, t)] = pool_features(maps[b], self.pool) if not self.finetune else _pool_float(maps[b], self.pool)
+            with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+                pooled = block_features(self.backbone, images[(0, t)], t, self.blocks, pool=self.pool,
+                                        precision=self.precision, float16=not self.finetune)
+            out.update({(b, t): maps for b, maps in pooled.items()})
         return out
 
     def forward(self, images: Mapping[Key, torch.Tensor]) -> torch.Tensor:
         return self.head({key: value.float() for key, value in self.block_features(images).items()})
 
-
-def _pool_float(x: torch.Tensor, pool: int) -> torch.Tensor:
-    """``pool_features`` without the float16 rounding, which would stop no gradient but costs precision tuned."""
-    side = pooled_size(x.shape[-1], pool)
-    x = x.float()
-    return x if x.shape[-1] == side else nn.functional.adaptive_avg_pool2d(x, side)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from extract.forward import diffuse, noisy_input
 from extract.inputs.images import load_batch
-from extract.noise import seeded_noise
 from extract.schedule import NoiseSchedule
 from probe.errors import ProbeError
 from extract.inputs.read_ahead import read_ahead
@@ -97,10 +97,10 @@ class LiveImages:
         batch = {}
         for t in self.timesteps:
             if self.fresh_noise:
-                noise = torch.randn(images.shape, generator=generator)
-            else:
-                noise = seeded_noise(self.noise_seed, self.image_ids[rows].tolist(), t, tuple(images.shape[1:]))
-            batch[(LIVE_KEY_BLOCK, t)] = self.schedule.q_sample(images, torch.full((images.shape[0],), t), noise)
+                x_t = diffuse(images, t, torch.randn(images.shape, generator=generator), self.schedule)
+            else:  # the extract job's x_t, bit for bit
+                x_t = noisy_input(images, t, self.image_ids[rows].tolist(), self.noise_seed, self.schedule)
+            batch[(LIVE_KEY_BLOCK, t)] = x_t
         index = torch.from_numpy(rows)
         for key, values in self.cached.items():
             batch[key] = values[index]

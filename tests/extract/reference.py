@@ -36,3 +36,12 @@ def load_golden(name: str):
 
 def load_manifest(config: str) -> dict:
     return json.loads(reference_path(f"adm_state_dict_{config}.json").read_text())
+
+
+def equal_to_float16_rounding(a, b, floor: float = 2**-4) -> bool:
+    """Two float16 arrays (or tensors) at most one float16 step apart at each value's magnitude (at least
+    ``floor``'s), as two float32 computations that differ in the last bits (another batch size or thread
+    count) are once rounded to float16."""
+    a, b = (np.asarray(x.cpu() if hasattr(x, "cpu") else x, dtype=np.float16) for x in (a, b))
+    scale = np.maximum(np.maximum(np.abs(a), np.abs(b)), np.float16(floor))
+    return bool((np.abs(a.astype(np.float32) - b.astype(np.float32)) <= np.spacing(scale).astype(np.float32)).all())

@@ -1,5 +1,6 @@
 """Seeded noise is a pure function of (seed, image id, t)."""
 
+import pytest
 import torch
 
 from extract.noise import seeded_noise
@@ -28,3 +29,22 @@ def test_per_image_timesteps():
     mixed = seeded_noise(0, [1, 2], [90, 300], (3, 4, 4))
     assert torch.equal(mixed[0], seeded_noise(0, [1], 90, (3, 4, 4))[0])
     assert torch.equal(mixed[1], seeded_noise(0, [2], 300, (3, 4, 4))[0])
+
+
+# What these numbers guard: every cache ever written holds features of x_t built from this noise. They
+# were computed once (torch 2.14) from seeded_noise and are written here literally, so a change in
+# torch's CPU generator (or in noise_seed_for's hashing) fails this test instead of silently changing
+# every new cache so that it no longer matches the old ones row for row.
+PINNED = [  # (seed, image id, t, draw): (element (0,0,0), (1,3,5), (2,7,7)), sum of the (3, 8, 8) draw
+    ((0, 0, 150, 0), (-0.70168012, -0.69228196, -0.43295252), 8.02611692),
+    ((7, 12345, 25, 0), (-0.58071589, -1.58332098, -0.19371194), -23.08857849),
+    ((3, 49999, 999, 2), (-0.66629428, 0.26311880, 1.68472230), 7.87955445),
+]
+
+
+def test_seeded_noise_values_are_pinned():
+    for (seed, image_id, t, draw), elements, total in PINNED:
+        noise = seeded_noise(seed, [image_id], t, (3, 8, 8), draw=draw)[0]
+        got = [float(noise[index]) for index in ((0, 0, 0), (1, 3, 5), (2, 7, 7))]
+        assert got == pytest.approx(elements, abs=1e-6), (seed, image_id, t, draw)
+        assert float(noise.double().sum()) == pytest.approx(total, abs=1e-6), (seed, image_id, t, draw)
