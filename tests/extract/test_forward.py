@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from extract.backbone.configs import create_backbone
+from extract.backbone.registry import create_backbone
 from extract.errors import TimestepRangeError
 from extract.forward import block_features, diffuse, noisy_input
 from extract.noise import seeded_noise

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from extract.backbone.configs import create_backbone, get_config
+from extract.backbone.configs import get_config
+from extract.backbone.registry import create_backbone
 from extract.backbone.pretrain import PretrainConfig
 from extract.inputs.images import load_batch
 from extract.noise import seeded_noise

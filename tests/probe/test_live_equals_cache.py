@@ -8,7 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract.backbone.configs import bundled_checkpoint, create_backbone, get_config
+from extract.backbone.configs import bundled_checkpoint, get_config
+from extract.backbone.registry import create_backbone
 from extract.cache import open_cache
 from extract.schedule import get_schedule
 from pipeline.live_probe import live_splits
