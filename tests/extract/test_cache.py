@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-import extract.cache as cache_module
+import extract.cache.spec as cache_spec
 from extract.cache import (
     CacheSpec, MarkWriter, ShardMarks, cache_path, count_objects, create_cache, make_backbone_id, open_cache,
     record_run, reset_shards, write_shard, write_shard_data,
@@ -242,7 +242,7 @@ def test_a_marked_shard_whose_object_is_lost_is_not_complete(tmp_path, tamper, w
 
 
 def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
     cache = _create(tmp_path)
     _fill(cache)
     zeros = np.zeros((2, 3, 8, 8), np.float16)  # e.g. two images that could not be decoded
@@ -254,7 +254,7 @@ def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path, monkeypat
 
 
 def test_lost_index_chunks_are_refused_by_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
     cache = _create(tmp_path)
     _fill(cache)
     for chunk in range(3):
@@ -272,7 +272,7 @@ def test_lost_index_chunks_are_refused_by_name(tmp_path, monkeypatch):
 
 
 def test_reopening_with_the_same_index_rewrites_lost_label_and_path_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
     cache = _create(tmp_path)
     _fill(cache)
     os.remove(os.path.join(cache.path, "index", "label", "c", "0"))
@@ -390,7 +390,7 @@ def _files_below(path):
 
 @pytest.mark.parametrize("index_rows", [SHARD, 2 * SHARD, 1 << 18])
 def test_the_object_count_is_the_files_on_disk(tmp_path, monkeypatch, index_rows):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", index_rows)
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", index_rows)
     spec = _spec(flip=True, row_order_seed=3)
     cache = _create(tmp_path, spec=spec)
     _fill(cache, views=(0, 1))
@@ -419,7 +419,7 @@ def _downgrade_to_format_2(cache):
 
 
 def test_format_2_caches_still_read_verify_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # format 2 chunked its index by shard
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # format 2 chunked its index by shard
     cache = _create(tmp_path)
     _fill(cache, arrays={(4, 90): SHAPES[(4, 90)]})
     _downgrade_to_format_2(cache)
@@ -438,7 +438,7 @@ def test_format_2_caches_still_read_verify_and_resume(tmp_path, monkeypatch):
 
 
 def test_a_lost_validity_chunk_of_many_shards_reruns_all_of_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", 2 * SHARD)  # chunk 0 holds shards 0 and 1
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", 2 * SHARD)  # chunk 0 holds shards 0 and 1
     cache = _create(tmp_path)
     _fill(cache)
     assert cache.index_chunk_shards("valid", 0) == [0, 1] and cache.index_chunk_shards("valid", 1) == [2]
