@@ -20,8 +20,7 @@ from extract.cache.damage import explain_bad_metadata, list_numbers, shorten_err
 from extract.cache.integrity import marker_checksum, object_problems, shard_checksum
 from extract.cache.shard_io import read_shard_object
 from extract.cache.spec import (
-    FORMAT_VERSION, INDEX_NAMES, READABLE_VERSIONS, CacheSpec, array_name, cache_path, check_spec, chunk_rows,
-    chunk_shards, index_chunk_count, marker_name, mismatch_error,
+    INDEX_NAMES, CacheSpec, array_name, cache_path, chunk_rows, chunk_shards, index_chunk_count, marker_name, read_spec,
 )
 from extract.errors import CacheError, CacheIncompleteError
 from extract.pooling import derive_pool
@@ -51,25 +50,14 @@ class FeatureCache:
         self.ram_cap_bytes = int(ram_cap_bytes)
         with explain_bad_metadata(path):
             self._group = zarr.open_group(path, mode="r")
-            meta = self._group.attrs.get("diffrep")
-        if not meta or "spec" not in meta:
-            raise CacheError(f"{path} is not a diffrep cache: point --cache-dir at the folder extract wrote")
-        if meta.get("format_version") not in READABLE_VERSIONS:
-            raise mismatch_error("format_version", meta.get("format_version"), FORMAT_VERSION)
-        self.format_version = int(meta["format_version"])
+            self.spec = read_spec(self._group, path)
         if expect is not None:  # rows are read with their labels, so their order is free too
-            check_spec(self._group, expect, ignore=("pool", "shard_size", "row_order_seed"))
-        self.spec = CacheSpec.from_attrs(meta["spec"])
+            self.spec.require_match(expect, ignore=("pool", "shard_size", "row_order_seed"))
         self.class_names: list[str] = list(self._group.attrs.get("class_names", []))
         self._index: dict[str, np.ndarray] = {}
 
     def __repr__(self) -> str:
         return f"FeatureCache({self.path!r}, images={self.num_images}, arrays={len(self.arrays())})"
-
-    @property
-    def _strict(self) -> bool:
-        """Format 2 stores every object, so a missing one is lost data (format 1 skipped all-zero ones)."""
-        return self.format_version >= 2
 
     def _node(self, name: str) -> Any:
         with explain_bad_metadata(self.path):
@@ -79,12 +67,8 @@ class FeatureCache:
         return "run the same diffrep extract command again: it re-runs exactly those shards"
 
     # -- index ---------------------------------------------------------------------------------
-    def _index_names(self) -> list[str]:
-        with explain_bad_metadata(self.path):
-            return [name for name in INDEX_NAMES if f"index/{name}" in self._group]
-
     def index_chunk_shards(self, name: str, chunk: int) -> list[int]:
-        """The shards whose rows lie in chunk ``chunk`` of index array ``name`` (one shard in formats 1 and 2)."""
+        """The shards whose rows lie in chunk ``chunk`` of index array ``name``."""
         return list(chunk_shards(chunk_rows(self._node(f"index/{name}")), int(chunk), self.spec))
 
     def index_damage(self) -> dict[str, dict[int, str]]:
@@ -93,9 +77,9 @@ class FeatureCache:
         ``index_chunk_shards`` says which shards a chunk covers.
         """
         damage = {}
-        for name in self._index_names():
+        for name in INDEX_NAMES:
             array = self._node(f"index/{name}")
-            problems = object_problems(array, range(index_chunk_count(array)), strict=self._strict)
+            problems = object_problems(array, range(index_chunk_count(array)))
             if problems:
                 damage[name] = problems
         return damage
@@ -103,7 +87,7 @@ class FeatureCache:
     def _index_array(self, name: str) -> np.ndarray:
         if name not in self._index:
             array = self._node(f"index/{name}")
-            problems = object_problems(array, range(index_chunk_count(array)), strict=self._strict)
+            problems = object_problems(array, range(index_chunk_count(array)))
             if not problems:
                 try:
                     self._index[name] = array[:]
@@ -120,9 +104,7 @@ class FeatureCache:
 
     @property
     def image_ids(self) -> np.ndarray:
-        """(N,) int64: the dataset-index position (image id, the noise's key) of each row; 0..N-1 before format 3."""
-        if "image_id" not in self._index_names():
-            return np.arange(self.num_images, dtype=np.int64)
+        """(N,) int64: the dataset-index position (image id, the noise's key) of each row."""
         return self._index_array("image_id").astype(np.int64)
 
     def compute(self, b: int, t: int, view: int = 0) -> dict[str, Any] | None:
@@ -234,7 +216,7 @@ class FeatureCache:
             return set(range(self.num_shards)), {}
         marked = [int(s) for s in np.flatnonzero(done != 0)]
         array = self._node(array_name(b, t, view)) if array is None else array
-        damaged = object_problems(array, marked, strict=self._strict)
+        damaged = object_problems(array, marked)
         return {int(s) for s in np.flatnonzero(done == 0)}, damaged
 
     def damaged_shards(self, b: int, t: int, view: int = 0) -> dict[int, str]:
@@ -443,7 +425,7 @@ class FeatureCache:
     def verify_index(self) -> dict[str, dict[int, str]]:
         """``{name: {chunk: why}}`` for index chunks that are missing, short, or cannot be decoded (reads them all)."""
         damage = self.index_damage()
-        for name in self._index_names():
+        for name in INDEX_NAMES:
             array = self._node(f"index/{name}")
             problems = damage.get(name, {})
             rows = chunk_rows(array)
@@ -456,11 +438,6 @@ class FeatureCache:
             if problems:
                 damage[name] = dict(sorted(problems.items()))
         return damage
-
-    def has_checksums(self, b: int, t: int, view: int = 0) -> bool:
-        """Whether the markers of (b, t) record shard checksums (caches of format 2)."""
-        done = self._markers(b, t, view)
-        return done is not None and done.dtype.itemsize >= 8
 
 
 def open_cache(

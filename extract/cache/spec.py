@@ -7,17 +7,18 @@ Layout of ``<root>/<dataset>/<split>/<backbone-id>`` (plain Zarr v3, readable wi
     index/label (N,) int64    class labels
     index/valid (N,) bool     False for images that could not be decoded (their features are zeros)
     index/error (N,) str      why, for those images ('' otherwise)
-    index/image_id (N,) int64 the row's position in the dataset index (format 3; rows = images before)
+    index/image_id (N,) int64 the row's position in the dataset index
     b<b>/t<t>   (N, C, h, w)  float16, h = w = min(native size, pool); sharded by shard_size images;
                               attrs["compute"]: device kind, GPU, precision, TF32 of its shards
     b<b>/t<t>_flip            the same for the horizontally flipped view (caches written with flip)
-    done/b<b>/t<t>[...]       (num_shards,) uint64 completion markers in ONE object (format 3; one per
-                              shard before): 2**32 + the CRC-32 of the shard's values once it is written
+    done/b<b>/t<t>[...]       (num_shards,) uint64 completion markers in ONE object:
+                              2**32 + the CRC-32 of the shard's values once it is written
 
-Row order (format 3): row r holds image ``index/image_id[r]`` of the dataset index, a seeded
+Row order: row r holds image ``index/image_id[r]`` of the dataset index, a seeded
 class-stratified permutation (``extract.cache.order``, seed ``spec.row_order_seed``) fixed when the cache
 is created, so that every shard mixes the classes; the per-image noise still depends on the image id, not the
-row. Formats 1 and 2 keep the index order (``row_order_seed`` None) and are still read.
+row (``row_order_seed`` None keeps the index order). Caches of formats 1 and 2 (before 3: one marker
+object per shard, no image ids) are refused with one line saying to extract them again (``read_spec``).
 
 An ImageNet cache needs one object per data shard and a handful more per array (``count_objects``).
 """
@@ -36,12 +37,11 @@ import zarr
 from extract.errors import CacheError, CacheMismatchError
 
 FORMAT_VERSION = 3
-"""3: rows in a seeded order (index/image_id), one marker object per array, index chunks of many shards.
-2: every chunk object is stored (even all zeros) and markers carry shard checksums. 1 and 2 are still read."""
-READABLE_VERSIONS = (1, 2, 3)
+"""The only layout read and written: rows in a seeded order (index/image_id), one marker object per array
+carrying shard checksums, every chunk object stored (even all zeros), index chunks of many shards."""
 INDEX_NAMES = ("path", "label", "valid", "error", "image_id")
 INDEX_CHUNK_ROWS = 1 << 18
-"""Rows per index object (format 3), rounded to whole shards: five objects per index array for ImageNet."""
+"""Rows per index object, rounded to whole shards: five objects per index array for ImageNet."""
 _INNER_CHUNK_BYTES = 16 << 20
 
 
@@ -62,7 +62,7 @@ class CacheSpec:
         pool: stored side is min(native, pool); 0 keeps full maps. precision: fp32, bf16 or fp16 compute.
         dtype: storage dtype (float16); shard_size: images per shard.
         row_order_seed: seed of the row order (``extract.cache.order.row_order``); None keeps the dataset
-            index order (every cache of format 1 and 2). (The layout version is kept
+            index order. (The layout version is kept
         beside the spec, in ``attrs["diffrep"]["format_version"]``, so it is read before the spec.)
     """
 
@@ -131,7 +131,7 @@ class CacheSpec:
             CacheMismatchError: for the first differing field, naming the flag that restores it.
         """
         for name, stored, wanted in self.mismatches(asked, ignore=ignore):
-            raise mismatch_error(name, stored, wanted)
+            raise _mismatch_error(name, stored, wanted)
 
 
 _HINTS = {
@@ -150,11 +150,7 @@ _HINTS = {
 }
 
 
-def mismatch_error(field_name: str, stored: Any, asked: Any) -> CacheMismatchError:
-    if field_name == "format_version":
-        return CacheMismatchError(
-            f"cache has format version {stored}, this diffrep reads {asked}: re-extract into a new --cache-dir"
-        )
+def _mismatch_error(field_name: str, stored: Any, asked: Any) -> CacheMismatchError:
     hint = _HINTS.get(field_name, "pass the settings it was written with").format(
         v=stored, pool=stored or "none", flip="pass --flip" if stored else "leave out --flip"
     )
@@ -211,31 +207,24 @@ def index_chunk_rows(spec: CacheSpec) -> int:
     return min(per_chunk, max(1, spec.num_shards) * spec.shard_size)
 
 
-def count_objects(
-    spec: CacheSpec, arrays: Iterable[tuple[int, int]], format_version: int = FORMAT_VERSION
-) -> dict[str, int]:
+def count_objects(spec: CacheSpec, arrays: Iterable[tuple[int, int]]) -> dict[str, int]:
     """How many files a complete cache holds, by kind (every object is stored, zeros included).
 
     Args:
-        spec: the cache's spec; arrays: its (b, t) arrays (each in every view); format_version: its layout.
+        spec: the cache's spec; arrays: its (b, t) arrays (each in every view).
 
     Returns:
-        ``{"data", "markers", "index", "metadata", "total"}``: one data object per shard and array view;
-        format 3: one marker object per array view and index chunks of many shards (format 1/2: one
-        of each per shard); metadata: the ``zarr.json`` of the root, the index group and arrays, every
+        ``{"data", "markers", "index", "metadata", "total"}``: one data object per shard and array view,
+        one marker object per array view, index chunks of many shards; metadata: the ``zarr.json`` of the root, the index group and arrays, every
         block group and array, the ``done`` group, its block groups and marker arrays.
     """
     arrays = sorted(set(arrays))
     views, shards = len(arrays) * spec.views, spec.num_shards
     blocks = len({b for b, _ in arrays})
-    if format_version >= 3:
-        index_arrays, chunks = len(INDEX_NAMES), -(-spec.num_images // index_chunk_rows(spec))
-        markers = views
-    else:
-        index_arrays, chunks, markers = len(INDEX_NAMES) - 1, shards, views * shards
+    index_arrays, chunks = len(INDEX_NAMES), -(-spec.num_images // index_chunk_rows(spec))
     counts = {
         "data": views * shards,
-        "markers": markers,
+        "markers": views,
         "index": index_arrays * chunks,
         "metadata": 2 + index_arrays + (blocks + views) * 2 + (1 if views else 0),
     }
@@ -260,21 +249,21 @@ def chunk_shards(rows_per_chunk: int, chunk: int, spec: CacheSpec) -> range:
     return range(lo // spec.shard_size, -(-hi // spec.shard_size))
 
 
-def check_version(group: zarr.Group, path: str) -> int:
+def read_spec(group: zarr.Group, path: str) -> CacheSpec:
+    """The spec a cache was written with, after checking that the group is a diffrep cache of ``FORMAT_VERSION``.
+
+    Raises:
+        CacheError: not a diffrep cache; CacheMismatchError: another format (names the command that re-extracts it).
+    """
     meta = group.attrs.get("diffrep")
     if not meta or "spec" not in meta:
-        raise CacheError(f"{path} is a Zarr group but not a diffrep cache: point --cache-dir at the folder extract wrote")
+        raise CacheError(f"{path} is not a diffrep cache: point --cache-dir at the folder extract wrote")
     version = meta.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise mismatch_error("format_version", version, FORMAT_VERSION)
-    return int(version)
-
-
-def check_spec(group: zarr.Group, expect: CacheSpec, ignore: Sequence[str]) -> CacheSpec:
-    meta = group.attrs.get("diffrep")
-    if not meta or "spec" not in meta:
-        raise CacheError(f"{group.store_path} is a Zarr group but not a diffrep cache: use another --cache-dir")
-    stored = CacheSpec.from_attrs(meta["spec"])
-    stored.require_match(expect, ignore=ignore)
-    return stored
-
+    if version != FORMAT_VERSION:
+        stored = meta["spec"]
+        raise CacheMismatchError(
+            f"cache at {path} has format {version}, which this diffrep does not read (it reads format {FORMAT_VERSION}): "
+            f"delete it and run diffrep extract --dataset {stored.get('dataset')} --split {stored.get('split')} again, "
+            f"or extract into a new --cache-dir"
+        )
+    return CacheSpec.from_attrs(meta["spec"])

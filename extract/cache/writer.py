@@ -28,8 +28,8 @@ from extract.cache.provenance import compute_conflict
 from extract.cache.reader import DEFAULT_RAM_CAP_BYTES, FeatureCache
 from extract.cache.shard_io import write_shard_object
 from extract.cache.spec import (
-    FORMAT_VERSION, CacheSpec, array_name, cache_path, check_spec, check_version, chunk_rows, chunk_shards, index_chunk_count,
-    index_chunk_rows, inner_chunk_rows, marker_name,
+    FORMAT_VERSION, CacheSpec, array_name, cache_path, chunk_rows, chunk_shards, index_chunk_count, index_chunk_rows,
+    inner_chunk_rows, marker_name, read_spec,
 )
 from extract.errors import CacheError, CacheMismatchError
 
@@ -77,11 +77,9 @@ def create_cache(
     if os.path.exists(os.path.join(path, "zarr.json")):
         with explain_bad_metadata(path):
             group = zarr.open_group(path, mode="r+")
-            version = check_version(group, path)
-            check_spec(group, spec, ignore=())
-            _check_or_repair_index(group, path, spec, rows, strict=version >= 2)
+            read_spec(group, path).require_match(spec)
+            _check_or_repair_index(group, path, spec, rows)
     else:
-        version = FORMAT_VERSION
         os.makedirs(path, exist_ok=True)
         group = zarr.open_group(path, mode="w", zarr_format=3)
         n = spec.num_images
@@ -103,7 +101,6 @@ def create_cache(
             "invalid_images": [],
             "runs": [],
         })
-    marker_dtype = "uint64" if version >= 2 else "uint8"
     with explain_bad_metadata(path):
         for (b, t), (channels, h, w) in sorted((arrays or {}).items()):
             for view in spec.view_ids:
@@ -120,7 +117,7 @@ def create_cache(
                     array.attrs.update({"b": int(b), "t": int(t), "view": view, "native_size": int(native), "pool": spec.pool})
                 if marker_name(b, t, view) not in group:  # a deleted marker array: every shard is redone
                     group.create_array(  # one object: only the orchestrating process writes it (MarkWriter)
-                        marker_name(b, t, view), shape=(spec.num_shards,), dtype=marker_dtype, fill_value=0,
+                        marker_name(b, t, view), shape=(spec.num_shards,), dtype="uint64", fill_value=0,
                         chunks=(max(1, spec.num_shards),), compressors=None, dimension_names=("shard",),
                     )
     return FeatureCache(path, ram_cap_bytes=DEFAULT_RAM_CAP_BYTES)
@@ -144,7 +141,7 @@ def write_shard_data(
             came in (an extraction job does, beside the forward); None: computed here beside the write.
 
     Returns:
-        ``{(b, t): marker value}``: MARKER_DONE + the CRC-32 of each shard (1 in a format-1 cache).
+        ``{(b, t): marker value}``: MARKER_DONE + the CRC-32 of each shard.
 
     Raises:
         CacheError: a missing array or a block of the wrong shape (a bug in the caller).
@@ -161,14 +158,14 @@ def write_shard_data(
     try:
         for (b, t), data in features.items():
             name = array_name(b, t, view)
-            array, marker_dtype = handles.array(name, marker_name(b, t, view))
+            array = handles.array(name)
             if data.shape != (stop - start, *array.shape[1:]):
                 raise CacheError(f"shard {shard} of {name} must be {(stop - start, *array.shape[1:])}, got {data.shape}")
             data = np.asarray(data, dtype=np.float16)
             if (b, t) in known:
-                markers[(int(b), int(t))] = marker_from_checksum(int(known[(b, t)]), marker_dtype)
+                markers[(int(b), int(t))] = marker_from_checksum(int(known[(b, t)]))
             else:
-                markers[(int(b), int(t))] = pool.submit(marker_value, data, marker_dtype)
+                markers[(int(b), int(t))] = pool.submit(marker_value, data)
             if not write_shard_object(array, shard, data):  # whole shards go straight to the file (extract.cache.shard_io)
                 _writable(array)[start:stop] = data
         return {key: value if isinstance(value, int) else value.result() for key, value in markers.items()}
@@ -189,8 +186,8 @@ class _WriteHandles:
 
     def __init__(self, path: str):
         self.group = zarr.open_group(path, mode="r+")
-        self.spec = CacheSpec.from_attrs(self.group.attrs["diffrep"]["spec"])
-        self._arrays: dict[str, tuple[zarr.Array, np.dtype]] = {}
+        self.spec = read_spec(self.group, path)
+        self._arrays: dict[str, zarr.Array] = {}
 
     @classmethod
     def of(cls, path: str) -> "_WriteHandles":
@@ -204,12 +201,12 @@ class _WriteHandles:
                 cls._open[path] = held
             return held[1]
 
-    def array(self, name: str, marker: str) -> tuple[zarr.Array, np.dtype]:
-        """(the data array, its marker array's dtype); a missing array is a CacheError."""
+    def array(self, name: str) -> zarr.Array:
+        """The data array ``name``, kept open; a missing array is a CacheError."""
         if name not in self._arrays:
             if name not in self.group:
                 raise CacheError(f"cache has no array {name}: create it with create_cache before writing")
-            self._arrays[name] = (self.group[name], self.group[marker].dtype)
+            self._arrays[name] = self.group[name]
         return self._arrays[name]
 
 
@@ -243,9 +240,7 @@ class MarkWriter:
         self.path = path
         with explain_bad_metadata(path):
             self._group = zarr.open_group(path, mode="r+")
-            meta = self._group.attrs["diffrep"]
-            self.spec = CacheSpec.from_attrs(meta["spec"])
-            self._strict = int(meta["format_version"]) >= 2
+            self.spec = read_spec(self._group, path)
         self._markers: dict[str, np.ndarray] = {}
         self._marker_nodes: dict[str, zarr.Array] = {}
         self._compute: dict[str, dict | None] = {}
@@ -255,7 +250,7 @@ class MarkWriter:
         """(the array, kept open; its rows in memory; chunks whose objects are missing or short) of index/valid or index/error."""
         if name not in self._index:
             array = self._group[f"index/{name}"]
-            bad = object_problems(array, range(index_chunk_count(array)), strict=self._strict)
+            bad = object_problems(array, range(index_chunk_count(array)))
             rows = array.shape[0]
             fill = np.ones(rows, bool) if name == "valid" else np.full(rows, "", dtype=object).astype(str)
             values = _read_chunkwise(array, bad, fill)
@@ -399,7 +394,7 @@ def reset_shards(
     """
     with explain_bad_metadata(path):
         group = zarr.open_group(path, mode="r+")
-        spec = CacheSpec.from_attrs(group.attrs["diffrep"]["spec"])
+        spec = read_spec(group, path)
         todo = {key: {int(s) for s in numbers} for key, numbers in (shards or {}).items()}
         rerun: set[int] = set()
         for name, chunks in (index_chunks or {}).items():
@@ -460,7 +455,7 @@ def _path_keys(paths: Sequence[str]) -> list[str]:
 
 
 def _check_or_repair_index(
-    group: zarr.Group, path: str, spec: CacheSpec, rows: Mapping[str, np.ndarray], strict: bool
+    group: zarr.Group, path: str, spec: CacheSpec, rows: Mapping[str, np.ndarray]
 ) -> None:
     """Compare an existing cache's image index with this selection (in cache-row order), and rewrite its lost chunks from it.
 
@@ -470,11 +465,11 @@ def _check_or_repair_index(
     Raises:
         CacheMismatchError: a sound chunk names other images, labels or image ids.
     """
-    names = [name for name in ("path", "label", "image_id") if f"index/{name}" in group]
+    names = ("path", "label", "image_id")
     bad, stored = {}, {}
     for name in names:
         array = group[f"index/{name}"]
-        bad[name] = object_problems(array, range(index_chunk_count(array)), strict=strict)
+        bad[name] = object_problems(array, range(index_chunk_count(array)))
         stored[name] = _read_chunkwise(array, bad[name], rows[name])
     same = _path_keys([str(p) for p in stored["path"]]) == _path_keys([str(p) for p in rows["path"]])
     same = same and all(np.array_equal(stored[name], rows[name]) for name in names if name != "path")

@@ -11,7 +11,7 @@ import zarr
 
 import extract.cache.spec as cache_spec
 from extract.cache import (
-    CacheSpec, MarkWriter, ShardMarks, cache_path, count_objects, create_cache, make_backbone_id, open_cache,
+    CacheSpec, FeatureCache, MarkWriter, ShardMarks, cache_path, count_objects, create_cache, make_backbone_id, open_cache,
     record_run, reset_shards, write_shard, write_shard_data,
 )
 from extract.errors import CacheError, CacheIncompleteError, CacheMismatchError
@@ -242,7 +242,7 @@ def test_a_marked_shard_whose_object_is_lost_is_not_complete(tmp_path, tamper, w
 
 
 def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard
     cache = _create(tmp_path)
     _fill(cache)
     zeros = np.zeros((2, 3, 8, 8), np.float16)  # e.g. two images that could not be decoded
@@ -254,7 +254,7 @@ def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path, monkeypat
 
 
 def test_lost_index_chunks_are_refused_by_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard
     cache = _create(tmp_path)
     _fill(cache)
     for chunk in range(3):
@@ -272,7 +272,7 @@ def test_lost_index_chunks_are_refused_by_name(tmp_path, monkeypatch):
 
 
 def test_reopening_with_the_same_index_rewrites_lost_label_and_path_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard
     cache = _create(tmp_path)
     _fill(cache)
     os.remove(os.path.join(cache.path, "index", "label", "c", "0"))
@@ -312,19 +312,6 @@ def test_markers_carry_the_crc32_of_their_shard_and_verify_finds_flipped_bits(tm
         cache.load(4, 90)
 
 
-def test_format_1_caches_are_read_with_the_checks_they_allow(tmp_path):
-    cache = _create(tmp_path)
-    _fill(cache)
-    group = zarr.open_group(cache.path, mode="r+")
-    group.attrs["diffrep"] = {**group.attrs["diffrep"], "format_version": 1}
-    os.remove(_shard_file(cache, "b12/t90", 0))  # format 1 skipped all-zero shards: absence proves nothing
-    with open(_shard_file(cache, "b4/t90", 1), "r+b") as handle:
-        handle.truncate(_full_shard_bytes() // 2)
-    cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
-    assert cache.damaged_shards(12, 90) == {}
-    assert cache.damaged_shards(4, 90) == {1: f"{_full_shard_bytes() // 2} bytes, expected 20 + a multiple of 1536"}
-
-
 @pytest.mark.parametrize("node,fix", [
     ("", "it holds the cache's settings and cannot be rebuilt: restore it from a backup or extract into a new --cache-dir"),
     ("b4/t90", "delete the folders b4/t90 and done/b4/t90 of the cache and run the same diffrep extract command "
@@ -354,7 +341,7 @@ def test_garbage_metadata_is_named_with_its_fix(tmp_path, node, fix):
         cache.arrays(), cache.labels, cache.load(4, 90)
 
 
-# -- format 3: row order, object counts, provenance, older layouts --------------------------------
+# -- row order, object counts, provenance, other layouts --------------------------------
 
 def _class_sorted(classes=100, per_class=20):
     labels = np.repeat(np.arange(classes), per_class)
@@ -403,38 +390,23 @@ def test_the_object_count_is_the_files_on_disk(tmp_path, monkeypatch, index_rows
     assert len(files) == counts["total"], files
 
 
-def _downgrade_to_format_2(cache):
-    """Rewrite a format-3 cache in the format-2 layout: index order, no index/image_id, one marker object per shard."""
-    group = zarr.open_group(cache.path, mode="r+")
-    meta = group.attrs["diffrep"]
-    spec = {k: v for k, v in meta["spec"].items() if k != "row_order_seed"}
-    group.attrs["diffrep"] = {"spec": spec, "format_version": 2}
-    del group["index/image_id"]
-    for key in SHAPES:
-        name = "done/b{}/t{}".format(*key)
-        values = group[name][:]
-        del group[name]
-        marker = group.create_array(name, shape=values.shape, dtype="uint64", fill_value=0, chunks=(1,), compressors=None)
-        marker[:] = values
-
-
-def test_format_2_caches_still_read_verify_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # format 2 chunked its index by shard
+@pytest.mark.parametrize("version", [1, 2, 4])
+def test_other_formats_are_refused_in_one_line_naming_the_command(tmp_path, version):
     cache = _create(tmp_path)
-    _fill(cache, arrays={(4, 90): SHAPES[(4, 90)]})
-    _downgrade_to_format_2(cache)
-    old = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
-    assert old.format_version == 2 and old.spec.row_order_seed is None and old.spec == _spec()
-    assert list(old.image_ids) == list(range(N)) and list(old.labels) == [i % 3 for i in range(N)]
-    np.testing.assert_array_equal(old.load(4, 90), _data(4, 90, 0, N))
-    assert old.verify_shards(4, 90) == {} and old.verify_index() == {} and old.has_checksums(4, 90)
-    before = len(_files_below(cache.path))
-    _fill(_create(tmp_path), arrays={(12, 90): SHAPES[(12, 90)]})  # resume another array in place
-    assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).is_complete(12, 90)
-    assert len(_files_below(cache.path)) == before + 3 + 3, "3 data shards and, in this layout, 3 marker objects"
-    _fill(_create(tmp_path), arrays={(12, 300): SHAPES[(12, 300)]})
-    assert len(_files_below(cache.path)) == count_objects(_spec(), SHAPES, format_version=2)["total"]
-    assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).format_version == 2
+    _fill(cache)
+    group = zarr.open_group(cache.path, mode="r+")
+    group.attrs["diffrep"] = {**group.attrs["diffrep"], "format_version": version}
+    message = (f"cache at {cache.path} has format {version}, which this diffrep does not read (it reads format 3): "
+               f"delete it and run diffrep extract --dataset toy --split train again, or extract into a new --cache-dir")
+    for read in (lambda: open_cache(tmp_path, "toy", "train", cache.spec.backbone_id),  # probe, fusion
+                 lambda: FeatureCache(cache.path),  # verify, the extraction plan
+                 lambda: _create(tmp_path),  # extract (create_cache on the existing cache)
+                 lambda: MarkWriter(cache.path),
+                 lambda: reset_shards(cache.path, {(4, 90, 0): [1]})):
+        with pytest.raises(CacheMismatchError) as info:
+            read()
+        assert str(info.value) == message
+    assert os.path.exists(_shard_file(cache, "b4/t90", 1)), "nothing was reset"
 
 
 def test_a_lost_validity_chunk_of_many_shards_reruns_all_of_them(tmp_path, monkeypatch):

@@ -336,5 +336,5 @@ def test_the_markers_a_job_chains_batch_by_batch_are_the_checksums_of_what_is_st
     assert len(result.markers) == len(BLOCKS) * len(TIMESTEPS) * 2
     for (b, t, view), value in result.markers.items():
         stored = reader.load(b, t, view=view)
-        assert not stored[6].any() and value == marker_value(stored, np.uint64), (b, t, view)
+        assert not stored[6].any() and value == marker_value(stored), (b, t, view)
     assert not any(reader.verify_shards(b, t, v) for b in BLOCKS for t in TIMESTEPS for v in (0, 1))
