@@ -19,7 +19,7 @@ from extract.cache.reader import DEFAULT_RAM_CAP_BYTES, FeatureCache, open_cache
 from extract.cache.spec import (
     FORMAT_VERSION, CacheSpec, cache_path, count_objects, inner_chunk_rows, make_backbone_id, view_suffix,
 )
-from extract.cache.writer import MarkWriter, ShardMarks, create_cache, record_run, reset_shards, write_shard, write_shard_data
+from extract.cache.writer import MarkWriter, ShardMarks, create_cache, record_run, reset_shards, write_shard_data
 
 __all__ = [
     "FORMAT_VERSION",
@@ -29,7 +29,6 @@ __all__ = [
     "make_backbone_id",
     "cache_path",
     "create_cache",
-    "write_shard",
     "write_shard_data",
     "ShardMarks",
     "MarkWriter",

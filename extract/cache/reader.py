@@ -140,11 +140,6 @@ class FeatureCache:
         return [str(p) for p in self._index_array("path")]
 
     @property
-    def invalid_images(self) -> list[dict[str, Any]]:
-        """``[{index, path, reason}]`` recorded by finished runs."""
-        return list(self._group.attrs.get("invalid_images", []))
-
-    @property
     def runs(self) -> list[dict]:
         """What each extraction run recorded (where, threads, batch size, shards written, ...)."""
         return list(self._group.attrs.get("runs", []))

@@ -33,7 +33,7 @@ from extract.cache.spec import (
 )
 from extract.errors import CacheError, CacheMismatchError
 
-__all__ = ["create_cache", "write_shard_data", "ShardMarks", "MarkWriter", "write_shard", "record_run", "reset_shards"]
+__all__ = ["create_cache", "write_shard_data", "ShardMarks", "MarkWriter", "record_run", "reset_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -326,35 +326,6 @@ class MarkWriter:
                 touched.add(name)
         for name in sorted(touched):
             self._marker_nodes[name][:] = self._markers[name]
-
-
-def write_shard(
-    path: str,
-    shard: int,
-    features: Mapping[tuple[int, int], np.ndarray],
-    view: int = 0,
-    valid: np.ndarray | None = None,
-    errors: Sequence[str] | None = None,
-) -> None:
-    """Write whole shards of (b, t) arrays, then their index rows and completion markers, in this process.
-
-    For a single writer (tests, benchmarks, a script): concurrent jobs call ``write_shard_data``
-    and leave the marking to the one orchestrating process (``MarkWriter``), because markers and
-    index rows of many shards share one object.
-
-    Args:
-        path: the cache group; shard: shard number; features: ``{(b, t): (n, C, h, w) float16}``;
-        view: 0, or 1 for the flipped view; valid: (n,) bool and errors: (n,) str for the shard's rows
-            (None: all valid).
-    """
-    values = write_shard_data(path, shard, features, view=view)
-    spec = CacheSpec.from_attrs(zarr.open_group(path, mode="r").attrs["diffrep"]["spec"])
-    start = shard * spec.shard_size
-    invalid = {}
-    if valid is not None:
-        reasons = list(errors) if errors is not None else [""] * len(valid)
-        invalid = {start + i: reasons[i] for i in np.flatnonzero(~np.asarray(valid, dtype=bool))}
-    MarkWriter(path).mark([ShardMarks(shard, {(b, t, view): v for (b, t), v in values.items()}, invalid)])
 
 
 def _writable(array: zarr.Array) -> zarr.Array:

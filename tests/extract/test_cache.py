@@ -12,9 +12,10 @@ import zarr
 import extract.cache.spec as cache_spec
 from extract.cache import (
     CacheSpec, FeatureCache, MarkWriter, ShardMarks, cache_path, count_objects, create_cache, make_backbone_id, open_cache,
-    record_run, reset_shards, write_shard, write_shard_data,
+    record_run, reset_shards, write_shard_data,
 )
 from extract.errors import CacheError, CacheIncompleteError, CacheMismatchError
+from tests.extract.shard_writes import write_and_mark
 
 N, SHARD = 10, 4
 SHAPES = {(4, 90): (3, 8, 8), (12, 90): (5, 2, 2), (12, 300): (5, 2, 2)}
@@ -46,8 +47,7 @@ def _fill(cache, arrays=SHAPES, views=(0,)):
     for shard in range(cache.num_shards):
         start, stop = cache.shard_bounds(shard)
         for view in views:
-            write_shard(cache.path, shard, {key: _data(*key, start, stop, view) for key in arrays}, view=view,
-                        valid=np.ones(stop - start, bool), errors=[""] * (stop - start))
+            write_and_mark(cache.path, shard, {key: _data(*key, start, stop, view) for key in arrays}, view=view)
 
 
 def test_layout_index_and_roundtrip(tmp_path):
@@ -110,7 +110,7 @@ def test_xarray_opens_a_block_group_as_a_dataset(tmp_path):
 
 def test_incomplete_and_missing_arrays_are_named(tmp_path):
     cache = _create(tmp_path)
-    write_shard(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
+    write_and_mark(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
     assert not cache.is_complete(4, 90) and cache.missing_shards(4, 90) == [0, 2]
     with pytest.raises(CacheIncompleteError, match=r"^array b4/t90 is missing 2 of 3 shards: run diffrep extract --dataset toy --timesteps 90 --blocks 4 again to finish it$"):
         cache.load(4, 90)
@@ -186,13 +186,13 @@ def test_flipped_view_and_invalid_rows(tmp_path):
     _fill(cache, views=(0, 1))
     assert cache.is_complete(4, 90)
     np.testing.assert_array_equal(cache.load(4, 90, view=1), _data(4, 90, 0, N, view=1))
-    write_shard(cache.path, 0, {(4, 90): _data(4, 90, 0, 4)}, valid=np.array([1, 0, 1, 1], bool),
-                errors=["", "OSError: truncated", "", ""])
+    write_and_mark(cache.path, 0, {(4, 90): _data(4, 90, 0, 4)}, invalid={1: "OSError: truncated"})
     record_run(cache.path, {1: (cache.paths[1], "OSError: truncated")}, {"images": 4})
     cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
     assert list(np.flatnonzero(~cache.valid)) == [1] and cache.errors[1] == "OSError: truncated"
-    assert cache.invalid_images == [{"index": 1, "path": cache.paths[1], "reason": "OSError: truncated"}]
-    assert zarr.open_group(cache.path).attrs["runs"][-1]["images"] == 4
+    attrs = zarr.open_group(cache.path).attrs
+    assert attrs["invalid_images"] == [{"index": 1, "path": cache.paths[1], "reason": "OSError: truncated"}]
+    assert attrs["runs"][-1]["images"] == 4 and cache.runs == attrs["runs"]
 
 
 # -- a marker is not proof: lost objects are found, named, and redone ------------------------
@@ -237,7 +237,7 @@ def test_a_marked_shard_whose_object_is_lost_is_not_complete(tmp_path, tamper, w
     assert not partial[4:8].any(), "a lost shard reads as zeros only when asked for"
     reset_shards(cache.path, {(4, 90, 0): [1]})
     assert not os.path.exists(target) and cache.damaged_shards(4, 90) == {} and cache.missing_shards(4, 90) == [1]
-    write_shard(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
+    write_and_mark(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
     np.testing.assert_array_equal(cache.load(4, 90), _data(4, 90, 0, N))
 
 
@@ -246,7 +246,7 @@ def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path, monkeypat
     cache = _create(tmp_path)
     _fill(cache)
     zeros = np.zeros((2, 3, 8, 8), np.float16)  # e.g. two images that could not be decoded
-    write_shard(cache.path, 2, {(4, 90): zeros}, valid=np.zeros(2, bool), errors=["bad", "bad"])
+    write_and_mark(cache.path, 2, {(4, 90): zeros}, invalid={8: "bad", 9: "bad"})
     assert os.path.getsize(_shard_file(cache, "b4/t90", 2)) == _full_shard_bytes(), "zeros are stored, not skipped"
     assert os.path.getsize(os.path.join(cache.path, "index", "valid", "c", "2")) == SHARD
     assert cache.damaged_shards(4, 90) == {} and cache.index_damage() == {}
@@ -419,9 +419,8 @@ def test_a_lost_validity_chunk_of_many_shards_reruns_all_of_them(tmp_path, monke
     assert cache.index_damage() == {"valid": {0: "missing"}}
     reset_shards(cache.path, index_chunks={"valid": [0]})
     assert all(cache.missing_shards(*key) == [0, 1] for key in SHAPES), "their rows come back with their shards"
-    write_shard(cache.path, 1, {key: _data(*key, 4, 8) for key in SHAPES}, valid=np.array([1, 1, 0, 1], bool),
-                errors=["", "", "bad", ""])
-    write_shard(cache.path, 0, {key: _data(*key, 0, 4) for key in SHAPES})
+    write_and_mark(cache.path, 1, {key: _data(*key, 4, 8) for key in SHAPES}, invalid={6: "bad"})
+    write_and_mark(cache.path, 0, {key: _data(*key, 0, 4) for key in SHAPES})
     cache = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
     assert cache.index_damage() == {} and list(np.flatnonzero(~cache.valid)) == [6] and cache.errors[6] == "bad"
     assert all(cache.is_complete(*key) for key in SHAPES)
