@@ -1,4 +1,4 @@
-"""Damage a cache's metadata or objects can show, put in one line: which ``zarr.json`` does not parse and what to do about it."""
+"""Damaged cache metadata put in one line: which ``zarr.json`` does not parse and what to do about it (plus the one-line helpers for errors)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from extract.errors import CacheError
+
+__all__ = ["shorten_error", "list_numbers", "explain_bad_metadata"]
+
 
 def shorten_error(exc: BaseException) -> str:
     """The exception's text on one line, at most 120 characters (its type when it has none)."""

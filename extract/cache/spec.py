@@ -36,6 +36,13 @@ import zarr
 
 from extract.errors import CacheError, CacheMismatchError
 
+__all__ = [
+    "FORMAT_VERSION", "INDEX_NAMES", "INDEX_CHUNK_ROWS", "CacheSpec", "make_backbone_id", "cache_path", "array_name",
+    "view_suffix", "marker_name", "inner_chunk_rows", "index_chunk_rows", "count_objects", "chunk_rows",
+    "index_chunk_count", "chunk_shards", "read_spec",
+]
+
+
 FORMAT_VERSION = 3
 """The only layout read and written: rows in a seeded order (index/image_id), one marker object per array
 carrying shard checksums, every chunk object stored (even all zeros), index chunks of many shards."""
