@@ -9,7 +9,6 @@ shows a progress bar, records the run in the cache attributes, and returns a ``R
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import functools
 import logging
@@ -25,7 +24,7 @@ import torch
 
 from extract.backbone.adm import normalize_blocks
 from extract.cache import (
-    FORMAT_VERSION, CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, inner_chunk_rows,
+    CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, inner_chunk_rows,
     record_run, reset_shards, view_suffix,
 )
 from extract.backbone.configs import get_config
@@ -129,7 +128,6 @@ class ExtractionPlan:
     index_damage: dict[str, dict[int, str]] = field(default_factory=dict)
     unpack: tuple[str, str, int] | None = None
     order: np.ndarray | None = None
-    format_version: int = 3
 
     def row_path(self, row: int) -> str:
         """The image path of cache row ``row``."""
@@ -138,7 +136,7 @@ class ExtractionPlan:
     @property
     def objects(self) -> dict[str, int]:
         """Files the cache holds once the plan's arrays are complete (``extract.cache.count_objects``)."""
-        return count_objects(self.spec, self.shapes, self.format_version)
+        return count_objects(self.spec, self.shapes)
 
     @property
     def images_to_run(self) -> int:
@@ -156,11 +154,7 @@ class ExtractionPlan:
             f"{f', {spec.noise_draws} noise draws' if spec.noise_draws > 1 else ''}",
             f"  cache {self.path}",
         ]
-        if spec.row_order_seed is None:
-            lines.append(f"  rows in dataset-index order, i.e. sorted by class (a format-{self.format_version} cache "
-                         f"keeps its order): extract into a new --cache-dir for class-mixed shards")
-        else:
-            lines.append(f"  rows in a seeded order (--order-seed {spec.row_order_seed}): every shard mixes the classes")
+        lines.append(f"  rows in a seeded order (--order-seed {spec.row_order_seed}): every shard mixes the classes")
         if self.unpack is not None:
             archive, destination, size = self.unpack
             lines.append(f"  would unpack {archive} ({format_bytes(size)}) into {destination} first")
@@ -397,12 +391,8 @@ def plan_extraction(
     }
 
     existing = None
-    format_version = FORMAT_VERSION
     if os.path.exists(os.path.join(path, "zarr.json")):
         existing = FeatureCache(path)
-        format_version = existing.format_version
-        if format_version < 3:  # rows in index order: the cache keeps the order it was created with
-            spec = dataclasses.replace(spec, row_order_seed=existing.spec.row_order_seed)
         existing.spec.require_match(spec)
         _require_same_compute(existing, request, sorted(shapes))
     missing: dict[tuple[int, int, int], set[int]] = {}
@@ -463,7 +453,7 @@ def plan_extraction(
         class_names=list(index.class_names), shapes=shapes, native_sizes=native, jobs=jobs,
         new_arrays=new_arrays, complete_arrays=complete, bytes_new=bytes_new, bytes_free=bytes_free,
         forwards=sum(job.forwards for job in jobs), damaged=damaged, index_damage=index_damage,
-        unpack=index.pending_unpack, order=order, format_version=format_version,
+        unpack=index.pending_unpack, order=order,
     )
     if check_disk and bytes_new * DISK_MARGIN > bytes_free:
         raise DiskSpaceError(

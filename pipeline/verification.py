@@ -28,7 +28,6 @@ class CacheReport:
     Attributes:
         path: the cache group; arrays: (b, t) arrays checked; shards: marked shards read.
         bad: one line per bad shard or index chunk; unwritten: shards not written yet (not an error);
-        unchecked: arrays whose markers record no checksum (format 1: decoded, not compared);
         repaired: whether the bad shards were reset.
     """
 
@@ -37,7 +36,6 @@ class CacheReport:
     shards: int = 0
     bad: list[str] = field(default_factory=list)
     unwritten: int = 0
-    unchecked: list[str] = field(default_factory=list)
     repaired: bool = False
 
 
@@ -90,8 +88,6 @@ def verify_cache(path: str, repair: bool = False) -> CacheReport:
             unmarked = set(cache.missing_shards(b, t, view)) - set(problems)
             report.unwritten += len(unmarked)
             report.shards += cache.num_shards - len(unmarked)
-            if not cache.has_checksums(b, t, view):
-                report.unchecked.append(name)
             for shard, why in problems.items():
                 report.bad.append(f"{path}: {name} shard {shard}: {why}")
             if problems:

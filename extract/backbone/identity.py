@@ -47,8 +47,7 @@ def backbone_id(config_name: str, checkpoint: str | os.PathLike | None = None, w
         sha256: the checkpoint's digest when the caller already has it (instead of ``checkpoint``).
 
     Returns:
-        e.g. ``32x32_small-1a2b3c4d5e6f`` or ``32x32_small-random0``; the same string
-        ``extract.cache.make_backbone_id(config_name, sha256, weight_seed)`` gives.
+        e.g. ``32x32_small-1a2b3c4d5e6f`` or ``32x32_small-random0``.
 
     Raises:
         CheckpointError: ``checkpoint`` does not exist.

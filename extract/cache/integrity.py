@@ -4,9 +4,8 @@ A completion marker says a shard was written; it does not prove that the bytes a
 disk. Zarr reads a missing object as its fill value (zeros), so a deleted or emptied shard would
 pass for data. The cache is uncompressed, so the byte size of every stored object is known from
 the array metadata alone: checking existence and size costs one ``stat`` per object and catches
-missing, emptied and truncated objects. Bit-level damage needs the data itself: each marker of a
-format-2 cache carries the CRC-32 of its shard's values (``marker_value``), which ``diffrep
-verify`` recomputes.
+missing, emptied and truncated objects. Bit-level damage needs the data itself: each marker
+carries the CRC-32 of its shard's values (``marker_value``), which ``diffrep verify`` recomputes.
 
 Zarr 3 lays a sharded array out as one object per shard, ``c/<s>/0/0/0`` (chunk-key encoding
 ``/``), holding its inner chunks back to back and, at its end, an index of 16 bytes per inner
@@ -33,7 +32,7 @@ WRITE_CONFIG = {"write_empty_chunks": True}
 so a missing object always means lost data (Zarr would otherwise skip them and read them back as zeros)."""
 
 MARKER_DONE = 1 << 32
-"""A format-2 marker is MARKER_DONE + the CRC-32 of its shard: nonzero whatever the checksum."""
+"""A set marker is MARKER_DONE + the CRC-32 of its shard: nonzero whatever the checksum."""
 
 
 def shard_checksum(data: np.ndarray) -> int:
@@ -50,22 +49,18 @@ def shard_checksum(data: np.ndarray) -> int:
     return zlib.crc32(memoryview(array).cast("B")) & 0xFFFFFFFF  # no copy of the shard
 
 
-def marker_value(data: np.ndarray, marker_dtype: np.dtype) -> int:
-    """The completion marker to store for a shard: 1 in a uint8 marker array (format 1), else MARKER_DONE + CRC."""
-    if np.dtype(marker_dtype).itemsize < 8:
-        return 1
-    return MARKER_DONE + shard_checksum(data)
+def marker_value(data: np.ndarray) -> int:
+    """The completion marker to store for a shard: MARKER_DONE + the CRC-32 of its values."""
+    return marker_from_checksum(shard_checksum(data))
 
 
-def marker_from_checksum(checksum: int, marker_dtype: np.dtype) -> int:
+def marker_from_checksum(checksum: int) -> int:
     """``marker_value`` from a CRC-32 the writer already has (chained over the rows as they were computed)."""
-    if np.dtype(marker_dtype).itemsize < 8:
-        return 1
     return MARKER_DONE + (int(checksum) & 0xFFFFFFFF)
 
 
 def marker_checksum(value: int) -> int | None:
-    """The CRC-32 a marker records, or None when it records none (format-1 markers, unset markers)."""
+    """The CRC-32 a marker records, or None for an unset marker."""
     value = int(value)
     return value - MARKER_DONE if value >= MARKER_DONE else None
 
@@ -97,15 +92,13 @@ def _layout(array: zarr.Array) -> tuple[int, int, int, int | None, bool]:
     return outer, outer, outer * row_bytes, None, fixed
 
 
-def object_problems(array: zarr.Array, indexes: Iterable[int], strict: bool = True) -> dict[int, str]:
+def object_problems(array: zarr.Array, indexes: Iterable[int]) -> dict[int, str]:
     """Objects (shards of a sharded array, chunks otherwise) along the first axis that are missing or short.
 
     Args:
         array: an uncompressed array of a local cache, chunked or sharded along its first axis only.
-        indexes: which objects must hold data (e.g. the shards whose markers are set).
-        strict: every object was written with ``WRITE_CONFIG``, so each must exist with its exact size;
-            False (format-1 caches) lets a missing object pass (it may have been all zeros) and only
-            refuses sizes that no set of whole inner chunks gives.
+        indexes: which objects must hold data (e.g. the shards whose markers are set). Every object
+            was written with ``WRITE_CONFIG``, so each must exist with its exact size.
 
     Returns:
         ``{index: why}`` for each bad object, e.g. ``{3: "missing"}``, ``{5: "778 bytes, expected 1556"}``.
@@ -120,15 +113,12 @@ def object_problems(array: zarr.Array, indexes: Iterable[int], strict: bool = Tr
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
-            if strict:
-                problems[int(index)] = "missing"
+            problems[int(index)] = "missing"
             continue
         stored_rows = min(rows_per_object, rows - index * rows_per_object)
         if index_bytes is not None:  # a shard: its in-bounds inner chunks, then its index
             full = -(-stored_rows // inner_rows) * inner_bytes + index_bytes
-            body = size - index_bytes
-            ok = size == full if strict else (0 <= body <= full - index_bytes and body % inner_bytes == 0)
-            expected = f"{full}" if strict else f"{index_bytes} + a multiple of {inner_bytes}"
+            ok, expected = size == full, f"{full}"
         elif fixed:
             ok, expected = size == inner_bytes, f"{inner_bytes}"
         else:  # variable-length strings: a count, then one length per row

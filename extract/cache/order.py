@@ -42,7 +42,7 @@ def row_order(labels: np.ndarray, seed: int | None) -> np.ndarray:
 
     Args:
         labels: (N,) int class labels of the index (after any ``--per-class``/``--limit`` subset).
-        seed: the order seed; None keeps the index order (caches of format 1 and 2).
+        seed: the order seed; None keeps the index order.
 
     Returns:
         (N,) int64, a permutation of 0..N-1: row r holds image ``order[r]``.

@@ -33,10 +33,9 @@ def verify(cache_dir: str, dataset: str | None, split: str | None, repair: bool)
         for line in report.bad:
             click.echo(line)
         bad += len(report.bad)
-        note = f"; {len(report.unchecked)} array(s) from before checksums (decoded only)" if report.unchecked else ""
         unwritten = f", {report.unwritten} not written yet" if report.unwritten else ""
         state = "ok" if not report.bad else f"{len(report.bad)} bad" + (" (reset)" if report.repaired else "")
-        click.echo(f"{report.path}: {report.arrays} arrays, {report.shards} shards read{unwritten}: {state}{note}")
+        click.echo(f"{report.path}: {report.arrays} arrays, {report.shards} shards read{unwritten}: {state}")
     if bad:
         fix = ("run the same diffrep extract command again: it writes them again" if repair else
                "run diffrep verify again with --repair, then the same diffrep extract command: it writes exactly those again")

@@ -97,7 +97,7 @@ def bench_storage(config: str = "256x256_uncond", images: int = 1024, shard_size
     """
     from unittest import mock
 
-    from extract import cache as cache_module
+    from extract.cache import reader as cache_reader, writer as cache_writer
     from extract.cache import CacheSpec, MarkWriter, ShardMarks, create_cache, inner_chunk_rows, open_cache, write_shard_data
     from extract.cache.integrity import shard_checksum
     from extract.backbone.configs import get_config
@@ -109,8 +109,8 @@ def bench_storage(config: str = "256x256_uncond", images: int = 1024, shard_size
     lines = [f"cache storage ({config} shapes, pool {pool}, {images} images, shards of {shard_size}, no compression; "
              f"best of {repeats}, reads cold: fsync + FADV_DONTNEED):"]
     root = tempfile.mkdtemp(prefix="diffrep-bench-")
-    zarr_only = [mock.patch.object(cache_module, "write_shard_object", lambda *a: False),
-                 mock.patch.object(cache_module, "read_shard_object", lambda *a: False)]
+    zarr_only = [mock.patch.object(cache_writer, "write_shard_object", lambda *a: False),
+                 mock.patch.object(cache_reader, "read_shard_object", lambda *a: False)]
     try:
         for b in BLOCKS:
             channels, native = shapes[b]

@@ -86,7 +86,8 @@ def bench_probe(per_class: int = 26, batch_size: int = 64, repeats: int = 3, thr
 def _bench(per_class: int, batch_size: int, repeats: int, threads: int) -> list[str]:
     from click.testing import CliRunner
 
-    from extract.cache import make_backbone_id, open_cache
+    from extract.cache import open_cache
+    from extract.backbone.identity import backbone_id
     from extract.backbone.configs import get_config
     from extract.job import build_backbone
     from extract.schedule import get_schedule
@@ -115,7 +116,7 @@ def _bench(per_class: int, batch_size: int, repeats: int, threads: int) -> list[
             return lines + [f"  extract failed: {result.output.strip().splitlines()[-1:]}"]
         lines.append(f"  extract once into the cache: {time.perf_counter() - began:.2f} s")
         torch.set_num_threads(threads)  # the in-process extraction job sets its own thread count
-        cache = open_cache(cache_dir, "cifar10", "train", make_backbone_id(CONFIG, weight_seed=0))
+        cache = open_cache(cache_dir, "cifar10", "train"(CONFIG, weight_seed=0))
         model = build_backbone(CONFIG, weight_seed=0)
         schedule = get_schedule(config.noise_schedule, config.diffusion_steps)
         lines.append(f"  live features equal the cached ones: max |difference| {_live_vs_cache(model, schedule, index, cache):.1e}"

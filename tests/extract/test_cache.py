@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import zarr
 
-import extract.cache as cache_module
+import extract.cache.spec as cache_spec
 from extract.cache import (
-    CacheSpec, MarkWriter, ShardMarks, cache_path, count_objects, create_cache, make_backbone_id, open_cache,
-    record_run, reset_shards, write_shard, write_shard_data,
+    CacheSpec, FeatureCache, MarkWriter, ShardMarks, cache_path, count_objects, create_cache, open_cache,
+    record_run, reset_shards, write_shard_data,
 )
+from extract.backbone.identity import backbone_id
 from extract.errors import CacheError, CacheIncompleteError, CacheMismatchError
+from tests.extract.shard_writes import write_and_mark
 
 N, SHARD = 10, 4
 SHAPES = {(4, 90): (3, 8, 8), (12, 90): (5, 2, 2), (12, 300): (5, 2, 2)}
@@ -23,7 +25,7 @@ NATIVE = {4: 16, 12: 2}
 
 def _spec(**overrides):
     fields = dict(
-        dataset="toy", split="train", backbone_id=make_backbone_id("32x32_small", weight_seed=0),
+        dataset="toy", split="train", backbone_id=backbone_id("32x32_small", weight_seed=0),
         config_name="32x32_small", config_flags={"image_size": 32, "channel_mult": "1,2,2"}, weight_seed=0,
         image_size=32, num_images=N, shard_size=SHARD, pool=8,
     )
@@ -46,8 +48,7 @@ def _fill(cache, arrays=SHAPES, views=(0,)):
     for shard in range(cache.num_shards):
         start, stop = cache.shard_bounds(shard)
         for view in views:
-            write_shard(cache.path, shard, {key: _data(*key, start, stop, view) for key in arrays}, view=view,
-                        valid=np.ones(stop - start, bool), errors=[""] * (stop - start))
+            write_and_mark(cache.path, shard, {key: _data(*key, start, stop, view) for key in arrays}, view=view)
 
 
 def test_layout_index_and_roundtrip(tmp_path):
@@ -110,7 +111,7 @@ def test_xarray_opens_a_block_group_as_a_dataset(tmp_path):
 
 def test_incomplete_and_missing_arrays_are_named(tmp_path):
     cache = _create(tmp_path)
-    write_shard(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
+    write_and_mark(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
     assert not cache.is_complete(4, 90) and cache.missing_shards(4, 90) == [0, 2]
     with pytest.raises(CacheIncompleteError, match=r"^array b4/t90 is missing 2 of 3 shards: run diffrep extract --dataset toy --timesteps 90 --blocks 4 again to finish it$"):
         cache.load(4, 90)
@@ -186,13 +187,13 @@ def test_flipped_view_and_invalid_rows(tmp_path):
     _fill(cache, views=(0, 1))
     assert cache.is_complete(4, 90)
     np.testing.assert_array_equal(cache.load(4, 90, view=1), _data(4, 90, 0, N, view=1))
-    write_shard(cache.path, 0, {(4, 90): _data(4, 90, 0, 4)}, valid=np.array([1, 0, 1, 1], bool),
-                errors=["", "OSError: truncated", "", ""])
+    write_and_mark(cache.path, 0, {(4, 90): _data(4, 90, 0, 4)}, invalid={1: "OSError: truncated"})
     record_run(cache.path, {1: (cache.paths[1], "OSError: truncated")}, {"images": 4})
     cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
     assert list(np.flatnonzero(~cache.valid)) == [1] and cache.errors[1] == "OSError: truncated"
-    assert cache.invalid_images == [{"index": 1, "path": cache.paths[1], "reason": "OSError: truncated"}]
-    assert zarr.open_group(cache.path).attrs["runs"][-1]["images"] == 4
+    attrs = zarr.open_group(cache.path).attrs
+    assert attrs["invalid_images"] == [{"index": 1, "path": cache.paths[1], "reason": "OSError: truncated"}]
+    assert attrs["runs"][-1]["images"] == 4 and cache.runs == attrs["runs"]
 
 
 # -- a marker is not proof: lost objects are found, named, and redone ------------------------
@@ -237,16 +238,16 @@ def test_a_marked_shard_whose_object_is_lost_is_not_complete(tmp_path, tamper, w
     assert not partial[4:8].any(), "a lost shard reads as zeros only when asked for"
     reset_shards(cache.path, {(4, 90, 0): [1]})
     assert not os.path.exists(target) and cache.damaged_shards(4, 90) == {} and cache.missing_shards(4, 90) == [1]
-    write_shard(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
+    write_and_mark(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
     np.testing.assert_array_equal(cache.load(4, 90), _data(4, 90, 0, N))
 
 
 def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard
     cache = _create(tmp_path)
     _fill(cache)
     zeros = np.zeros((2, 3, 8, 8), np.float16)  # e.g. two images that could not be decoded
-    write_shard(cache.path, 2, {(4, 90): zeros}, valid=np.zeros(2, bool), errors=["bad", "bad"])
+    write_and_mark(cache.path, 2, {(4, 90): zeros}, invalid={8: "bad", 9: "bad"})
     assert os.path.getsize(_shard_file(cache, "b4/t90", 2)) == _full_shard_bytes(), "zeros are stored, not skipped"
     assert os.path.getsize(os.path.join(cache.path, "index", "valid", "c", "2")) == SHARD
     assert cache.damaged_shards(4, 90) == {} and cache.index_damage() == {}
@@ -254,7 +255,7 @@ def test_the_last_shard_and_all_zero_shards_are_stored_whole(tmp_path, monkeypat
 
 
 def test_lost_index_chunks_are_refused_by_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard
     cache = _create(tmp_path)
     _fill(cache)
     for chunk in range(3):
@@ -272,7 +273,7 @@ def test_lost_index_chunks_are_refused_by_name(tmp_path, monkeypatch):
 
 
 def test_reopening_with_the_same_index_rewrites_lost_label_and_path_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard, as in format 2
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", SHARD)  # one index chunk per shard
     cache = _create(tmp_path)
     _fill(cache)
     os.remove(os.path.join(cache.path, "index", "label", "c", "0"))
@@ -312,19 +313,6 @@ def test_markers_carry_the_crc32_of_their_shard_and_verify_finds_flipped_bits(tm
         cache.load(4, 90)
 
 
-def test_format_1_caches_are_read_with_the_checks_they_allow(tmp_path):
-    cache = _create(tmp_path)
-    _fill(cache)
-    group = zarr.open_group(cache.path, mode="r+")
-    group.attrs["diffrep"] = {**group.attrs["diffrep"], "format_version": 1}
-    os.remove(_shard_file(cache, "b12/t90", 0))  # format 1 skipped all-zero shards: absence proves nothing
-    with open(_shard_file(cache, "b4/t90", 1), "r+b") as handle:
-        handle.truncate(_full_shard_bytes() // 2)
-    cache = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
-    assert cache.damaged_shards(12, 90) == {}
-    assert cache.damaged_shards(4, 90) == {1: f"{_full_shard_bytes() // 2} bytes, expected 20 + a multiple of 1536"}
-
-
 @pytest.mark.parametrize("node,fix", [
     ("", "it holds the cache's settings and cannot be rebuilt: restore it from a backup or extract into a new --cache-dir"),
     ("b4/t90", "delete the folders b4/t90 and done/b4/t90 of the cache and run the same diffrep extract command "
@@ -354,7 +342,7 @@ def test_garbage_metadata_is_named_with_its_fix(tmp_path, node, fix):
         cache.arrays(), cache.labels, cache.load(4, 90)
 
 
-# -- format 3: row order, object counts, provenance, older layouts --------------------------------
+# -- row order, object counts, provenance, other layouts --------------------------------
 
 def _class_sorted(classes=100, per_class=20):
     labels = np.repeat(np.arange(classes), per_class)
@@ -390,7 +378,7 @@ def _files_below(path):
 
 @pytest.mark.parametrize("index_rows", [SHARD, 2 * SHARD, 1 << 18])
 def test_the_object_count_is_the_files_on_disk(tmp_path, monkeypatch, index_rows):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", index_rows)
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", index_rows)
     spec = _spec(flip=True, row_order_seed=3)
     cache = _create(tmp_path, spec=spec)
     _fill(cache, views=(0, 1))
@@ -403,42 +391,27 @@ def test_the_object_count_is_the_files_on_disk(tmp_path, monkeypatch, index_rows
     assert len(files) == counts["total"], files
 
 
-def _downgrade_to_format_2(cache):
-    """Rewrite a format-3 cache in the format-2 layout: index order, no index/image_id, one marker object per shard."""
-    group = zarr.open_group(cache.path, mode="r+")
-    meta = group.attrs["diffrep"]
-    spec = {k: v for k, v in meta["spec"].items() if k != "row_order_seed"}
-    group.attrs["diffrep"] = {"spec": spec, "format_version": 2}
-    del group["index/image_id"]
-    for key in SHAPES:
-        name = "done/b{}/t{}".format(*key)
-        values = group[name][:]
-        del group[name]
-        marker = group.create_array(name, shape=values.shape, dtype="uint64", fill_value=0, chunks=(1,), compressors=None)
-        marker[:] = values
-
-
-def test_format_2_caches_still_read_verify_and_resume(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", SHARD)  # format 2 chunked its index by shard
+@pytest.mark.parametrize("version", [1, 2, 4])
+def test_other_formats_are_refused_in_one_line_naming_the_command(tmp_path, version):
     cache = _create(tmp_path)
-    _fill(cache, arrays={(4, 90): SHAPES[(4, 90)]})
-    _downgrade_to_format_2(cache)
-    old = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
-    assert old.format_version == 2 and old.spec.row_order_seed is None and old.spec == _spec()
-    assert list(old.image_ids) == list(range(N)) and list(old.labels) == [i % 3 for i in range(N)]
-    np.testing.assert_array_equal(old.load(4, 90), _data(4, 90, 0, N))
-    assert old.verify_shards(4, 90) == {} and old.verify_index() == {} and old.has_checksums(4, 90)
-    before = len(_files_below(cache.path))
-    _fill(_create(tmp_path), arrays={(12, 90): SHAPES[(12, 90)]})  # resume another array in place
-    assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).is_complete(12, 90)
-    assert len(_files_below(cache.path)) == before + 3 + 3, "3 data shards and, in this layout, 3 marker objects"
-    _fill(_create(tmp_path), arrays={(12, 300): SHAPES[(12, 300)]})
-    assert len(_files_below(cache.path)) == count_objects(_spec(), SHAPES, format_version=2)["total"]
-    assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).format_version == 2
+    _fill(cache)
+    group = zarr.open_group(cache.path, mode="r+")
+    group.attrs["diffrep"] = {**group.attrs["diffrep"], "format_version": version}
+    message = (f"cache at {cache.path} has format {version}, which this diffrep does not read (it reads format 3): "
+               f"delete it and run diffrep extract --dataset toy --split train again, or extract into a new --cache-dir")
+    for read in (lambda: open_cache(tmp_path, "toy", "train", cache.spec.backbone_id),  # probe, fusion
+                 lambda: FeatureCache(cache.path),  # verify, the extraction plan
+                 lambda: _create(tmp_path),  # extract (create_cache on the existing cache)
+                 lambda: MarkWriter(cache.path),
+                 lambda: reset_shards(cache.path, {(4, 90, 0): [1]})):
+        with pytest.raises(CacheMismatchError) as info:
+            read()
+        assert str(info.value) == message
+    assert os.path.exists(_shard_file(cache, "b4/t90", 1)), "nothing was reset"
 
 
 def test_a_lost_validity_chunk_of_many_shards_reruns_all_of_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "INDEX_CHUNK_ROWS", 2 * SHARD)  # chunk 0 holds shards 0 and 1
+    monkeypatch.setattr(cache_spec, "INDEX_CHUNK_ROWS", 2 * SHARD)  # chunk 0 holds shards 0 and 1
     cache = _create(tmp_path)
     _fill(cache)
     assert cache.index_chunk_shards("valid", 0) == [0, 1] and cache.index_chunk_shards("valid", 1) == [2]
@@ -447,9 +420,8 @@ def test_a_lost_validity_chunk_of_many_shards_reruns_all_of_them(tmp_path, monke
     assert cache.index_damage() == {"valid": {0: "missing"}}
     reset_shards(cache.path, index_chunks={"valid": [0]})
     assert all(cache.missing_shards(*key) == [0, 1] for key in SHAPES), "their rows come back with their shards"
-    write_shard(cache.path, 1, {key: _data(*key, 4, 8) for key in SHAPES}, valid=np.array([1, 1, 0, 1], bool),
-                errors=["", "", "bad", ""])
-    write_shard(cache.path, 0, {key: _data(*key, 0, 4) for key in SHAPES})
+    write_and_mark(cache.path, 1, {key: _data(*key, 4, 8) for key in SHAPES}, invalid={6: "bad"})
+    write_and_mark(cache.path, 0, {key: _data(*key, 0, 4) for key in SHAPES})
     cache = open_cache(tmp_path, "toy", "train", cache.spec.backbone_id)
     assert cache.index_damage() == {} and list(np.flatnonzero(~cache.valid)) == [6] and cache.errors[6] == "bad"
     assert all(cache.is_complete(*key) for key in SHAPES)

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from extract import job as job_module
-from extract.cache import CacheSpec, MarkWriter, create_cache, make_backbone_id, open_cache
+from extract.cache import CacheSpec, MarkWriter, create_cache, open_cache
+from extract.backbone.identity import backbone_id
 from extract.backbone.configs import get_config
 from extract.errors import CacheMismatchError
 from extract.job import ShardJob
@@ -54,7 +55,7 @@ def _cache(root, paths, flip=False, shard_size=12, labels=None, row_order_seed=N
     with torch.device("meta"):
         shapes = config.build().block_shapes()
     spec = CacheSpec(
-        dataset="toy", split="train", backbone_id=make_backbone_id(CONFIG, weight_seed=0), config_name=CONFIG,
+        dataset="toy", split="train", backbone_id=backbone_id(CONFIG, weight_seed=0), config_name=CONFIG,
         config_flags=config.flags, weight_seed=0, image_size=32, num_images=len(paths), shard_size=shard_size,
         pool=POOL, flip=flip, row_order_seed=row_order_seed, noise_draws=noise_draws,
     )
@@ -236,7 +237,7 @@ def _two_shards(tmp_path, images):
     with torch.device("meta"):
         shapes = config.build().block_shapes()
     spec = CacheSpec(
-        dataset="toy", split="train", backbone_id=make_backbone_id(CONFIG, weight_seed=0), config_name=CONFIG,
+        dataset="toy", split="train", backbone_id=backbone_id(CONFIG, weight_seed=0), config_name=CONFIG,
         config_flags=config.flags, weight_seed=0, image_size=32, num_images=len(images), shard_size=6, pool=POOL,
     )
     cache = create_cache(tmp_path, spec, images, np.zeros(len(images)), ["x"],
@@ -336,5 +337,5 @@ def test_the_markers_a_job_chains_batch_by_batch_are_the_checksums_of_what_is_st
     assert len(result.markers) == len(BLOCKS) * len(TIMESTEPS) * 2
     for (b, t, view), value in result.markers.items():
         stored = reader.load(b, t, view=view)
-        assert not stored[6].any() and value == marker_value(stored, np.uint64), (b, t, view)
+        assert not stored[6].any() and value == marker_value(stored), (b, t, view)
     assert not any(reader.verify_shards(b, t, v) for b in BLOCKS for t in TIMESTEPS for v in (0, 1))

@@ -78,7 +78,7 @@ def test_anything_unusual_goes_through_zarr(tmp_path):
 
 def test_a_valid_index_of_another_layout_is_followed(tmp_path):
     """The front-to-back read is only for the layout diffrep writes; any other valid index is read by its entries."""
-    from extract.cache.shard_io import _crc32c
+    import google_crc32c  # the shard index's CRC-32C, as Zarr's codec writes it (little-endian)
 
     data = _data()
     array = _array(tmp_path, "a")
@@ -87,7 +87,7 @@ def test_a_valid_index_of_another_layout_is_followed(tmp_path):
     raw = open(path, "rb").read()
     piece = INNER * int(np.prod(SHAPE)) * 2
     index = np.array([[piece, piece], [0, piece]], dtype="<u8").tobytes()  # the two inner chunks stored swapped
-    open(path, "wb").write(raw[piece:2 * piece] + raw[:piece] + index + _crc32c(index))
+    open(path, "wb").write(raw[piece:2 * piece] + raw[:piece] + index + google_crc32c.value(index).to_bytes(4, "little"))
     out = np.empty((SHARD, *SHAPE), np.float16)
     assert read_shard_object(array, 0, out)
     np.testing.assert_array_equal(out, data[:SHARD])

@@ -58,11 +58,11 @@ def reference(data_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def chunked(data_root, tmp_path_factory):
     """The same with index chunks of two shards (ImageNet's hold 1,024): a lost index chunk covers several shards."""
-    import extract.cache
+    import extract.cache.spec
 
     cache_dir = tmp_path_factory.mktemp("chunked")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(extract.cache, "INDEX_CHUNK_ROWS", 20)
+        patch.setattr(extract.cache.spec, "INDEX_CHUNK_ROWS", 20)
         result = _extract(data_root, cache_dir, "--synchronous")
     assert result.exit_code == 0, result.output
     return cache_dir

@@ -80,7 +80,8 @@ def test_in_process_run_writes_everything_and_reports_the_corrupt_jpeg(reference
     cache = open_cache(cache_dir, "cifar10", "test", BACKBONE)
     row = _corrupt_row(cache)
     assert list(np.flatnonzero(~cache.valid)) == [row] and cache.errors[row]
-    assert cache.invalid_images == [{"index": row, "path": cache.paths[row], "reason": cache.errors[row]}]
+    assert zarr.open_group(cache.path).attrs["invalid_images"] == [
+        {"index": row, "path": cache.paths[row], "reason": cache.errors[row]}]
     assert cache.arrays() == [(b, t) for b in (4, 10, 12) for t in (90, 300)]
     features = cache.load(12, 300)
     assert features.shape == (300, 64, 4, 4) and not features[row].any()
@@ -120,7 +121,7 @@ def test_a_killed_worker_loses_only_its_shard(reference, data_root, tmp_path):
     cache_dir = tmp_path / "cache"
     import dask
 
-    with dask.config.set({"distributed.worker.preload": [str(CRASH)]}):  # workers wrap write_shard at start
+    with dask.config.set({"distributed.worker.preload": [str(CRASH)]}):  # workers wrap write_shard_data at start
         result = _extract(data_root, cache_dir, "--workers", "2",
                           env={"DIFFREP_TEST_CRASH_AFTER_WRITES": f"3:{sentinel}"})
     assert sentinel.exists(), "a worker process was killed mid-shard"

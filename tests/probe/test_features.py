@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from extract.cache import CacheSpec, cache_path, create_cache, open_cache, write_shard
+from extract.cache import CacheSpec, cache_path, create_cache, open_cache
 from extract.errors import CacheError
 import probe.train as train_module
 from probe.features import StreamedFeatures, in_shapes, iter_feature_batches, load_features, resolve_backbone_id
 from probe.heads import create_head
 from probe.train import evaluate, fit, tensor_batches
+from tests.extract.shard_writes import write_and_mark
 
 
 def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3, 17), backbone_id="32x32_small-random0",
@@ -31,8 +32,8 @@ def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3,
     valid[list(invalid)] = False
     for shard in range(-(-n // shard_size)):
         rows = slice(shard * shard_size, min(n, (shard + 1) * shard_size))
-        write_shard(path, shard, {key: value[rows] for key, value in data.items()}, valid=valid[rows],
-                    errors=["" if v else "broken" for v in valid[rows]])
+        write_and_mark(path, shard, {key: value[rows] for key, value in data.items()},
+                       invalid={row: "broken" for row in range(rows.start, rows.stop) if not valid[row]})
     return open_cache(root, dataset, split, backbone_id), data, labels, valid
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, open_cache, write_shard
+from extract.cache import CacheSpec, FeatureCache, cache_path, create_cache, open_cache
 from extract.errors import CacheError
 from probe.features import WINDOW_SHARE, StreamedFeatures
+from tests.extract.shard_writes import write_and_mark
 
 KEY = (24, 150)
 ROW_BYTES = 2 * 2 * 4 * 4  # (2, 4, 4) float16
@@ -35,7 +36,8 @@ def make_sorted_cache(root, num_classes=100, per_class=20, shard_size=20, invali
     path = cache_path(root, "toy", "train", "32x32_small-random0")
     for shard in range(-(-n // shard_size)):
         rows = slice(shard * shard_size, min(n, (shard + 1) * shard_size))
-        write_shard(path, shard, {KEY: data[rows]}, valid=valid[rows], errors=["" if v else "broken" for v in valid[rows]])
+        write_and_mark(path, shard, {KEY: data[rows]},
+                       invalid={row: "broken" for row in range(rows.start, rows.stop) if not valid[row]})
     return open_cache(root, "toy", "train", "32x32_small-random0"), labels, order, valid
 
 
@@ -162,7 +164,7 @@ def test_a_cache_in_the_extract_stage_s_row_order_streams_every_class_early(tmp_
     data[:, 0] = (ids // 1000)[:, None, None]
     data[:, 1] = (ids % 1000)[:, None, None]
     for shard in range(n // 20):
-        write_shard(cache.path, shard, {KEY: data[shard * 20:(shard + 1) * 20]})
+        write_and_mark(cache.path, shard, {KEY: data[shard * 20:(shard + 1) * 20]})
     reader = open_cache(tmp_path, "toy", "train", "32x32_small-random0")
     stream = StreamedFeatures(reader, [KEY], window_bytes=30 * 20 * ROW_BYTES)  # a tenth of the split per window
     for epoch in range(3):
