@@ -75,10 +75,6 @@ class ImageIndex:
         """Paths relative to :attr:`root` (POSIX separators), for storing with a cache."""
         return [Path(os.path.relpath(path, self.root)).as_posix() for path in self.paths]
 
-    def class_counts(self) -> np.ndarray:
-        """int64 array ``(num_classes,)``: images per label."""
-        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
-
     def subset(self, rows: Sequence[int] | np.ndarray) -> "ImageIndex":
         """The given rows, in the given order, with the same classes.
 

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ResultsError
-from pipeline.results import RESULTS_SCHEMA, append_result, append_results, read_results
+from pipeline.results import RESULTS_SCHEMA, append_results, read_results
 
 ROW = dict(dataset="cifar10", train_size=500, test_size=200, backbone_id="32x32_small-random0", head="linear",
            blocks=[24], timesteps=[150, 90], pool=2, parameters=1234, epochs=28, lr=0.01, solver="sgd",
@@ -14,7 +14,7 @@ ROW = dict(dataset="cifar10", train_size=500, test_size=200, backbone_id="32x32_
 
 def test_append_creates_then_appends(tmp_path):
     path = tmp_path / "results" / "results.parquet"
-    append_result(ROW, path)
+    append_results([ROW], path)
     append_results([dict(ROW, head="knn", k=20, top1=0.3, parameters=0), dict(ROW, seed=1)], path)
     table = read_results(path)
     assert table.schema == RESULTS_SCHEMA and table.num_rows == 3
@@ -34,8 +34,8 @@ def test_older_files_without_a_column_read_as_null(tmp_path):
 
 def test_bad_rows_and_missing_file(tmp_path):
     with pytest.raises(ResultsError, match="no column accuracy"):
-        append_result(dict(ROW, accuracy=1), tmp_path / "r.parquet")
+        append_results([dict(ROW, accuracy=1)], tmp_path / "r.parquet")
     with pytest.raises(ResultsError, match="needs top1"):
-        append_result(dict(ROW, top1=None), tmp_path / "r.parquet")
+        append_results([dict(ROW, top1=None)], tmp_path / "r.parquet")
     with pytest.raises(ResultsError, match="no results table"):
         read_results(tmp_path / "none.parquet")

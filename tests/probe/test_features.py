@@ -9,7 +9,7 @@ from extract.errors import CacheError
 import probe.train as train_module
 from probe.features import StreamedFeatures, in_shapes, iter_feature_batches, load_features, resolve_backbone_id
 from probe.heads import create_head
-from probe.train import evaluate, fit, tensor_batches
+from probe.train import TrainConfig, evaluate, fit, tensor_batches
 
 
 def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3, 17), backbone_id="32x32_small-random0",
@@ -96,14 +96,14 @@ def test_fit_on_streamed_splits_learns_and_resumes_bit_exact(tmp_path, monkeypat
     test_cache, *_ = make_cache(tmp_path, n=30, split="test", signal=4.0, seed=1)
     keys = [(24, 150)]
     train, test = StreamedFeatures(train_cache, keys, window_bytes=2 * 5 * 96), StreamedFeatures(test_cache, keys)
-    options = dict(epochs=4, lr=0.2, batch_size=8, step_size=2, progress=False)
+    config = TrainConfig(epochs=4, lr=0.2, batch_size=8, step_size=2)
 
     def head():
         torch.manual_seed(0)
         return create_head("linear", in_shapes(train_cache, keys), 3)
 
     straight = head()
-    result = fit(straight, train, None, test, None, **options)
+    result = fit(straight, train, None, test, None, config, progress=False)
     eager = load_features(test_cache, keys)
     assert result.top1 > 0.9
     assert result.top1 == evaluate(straight, tensor_batches(eager.features, eager.labels, torch.arange(eager.num_images), 7))["top1"]
@@ -118,10 +118,10 @@ def test_fit_on_streamed_splits_learns_and_resumes_bit_exact(tmp_path, monkeypat
 
     monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_three)
     with pytest.raises(KeyboardInterrupt):
-        fit(head(), train, None, test, None, **options, checkpoint_dir=tmp_path / "ckpt")
+        fit(head(), train, None, test, None, config, progress=False, checkpoint_dir=tmp_path / "ckpt")
     monkeypatch.setattr(train_module, "train_one_epoch", real)
     resumed = create_head("linear", in_shapes(train_cache, keys), 3)
-    fit(resumed, train, None, test, None, **options, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    fit(resumed, train, None, test, None, config, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -134,12 +134,12 @@ def test_a_split_that_fits_one_window_streams_the_in_ram_epochs_exactly(tmp_path
     stream = StreamedFeatures(train_cache, keys)  # the default share of the RAM cap holds these 58 rows
     assert len(stream.windows(0, 0)) == 1
     eager, test = load_features(train_cache, keys), load_features(test_cache, keys)
-    options = dict(epochs=3, lr=0.3, batch_size=8, step_size=2, seed=5, progress=False)
+    config = TrainConfig(epochs=3, lr=0.3, batch_size=8, step_size=2, seed=5)
     heads = []
     for train, labels in ((eager.features, eager.labels), (stream, None)):
         torch.manual_seed(0)
         heads.append(create_head("linear", in_shapes(train_cache, keys), 3))
-        fit(heads[-1], train, labels, test.features, test.labels, **options)
+        fit(heads[-1], train, labels, test.features, test.labels, config, progress=False)
     for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
         assert torch.equal(a, b)
     small = StreamedFeatures(train_cache, keys, window_bytes=20 * 2 * 96)  # several windows: mixed, not equal
