@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets import ensure_unpacked
+from pipeline.archives import ensure_unpacked
 from pipeline.manifest import default_data_root, default_shared_dir
 
 CIFAR10_ARCHIVE = "data/cifar10-jpg.tar.gz"
