@@ -7,7 +7,10 @@ import torch
 from extract.cache import CacheSpec, cache_path, create_cache, open_cache, write_shard
 from extract.errors import CacheError
 import probe.train as train_module
-from probe.features import StreamedFeatures, in_shapes, iter_feature_batches, load_features, resolve_backbone_id
+from probe.features import (
+    StreamedFeatures, choose_read_pool, flatten_features, in_shapes, iter_feature_batches, load_at_pools, load_features,
+    resolve_backbone_id,
+)
 from probe.heads import create_head
 from probe.train import TrainConfig, evaluate, fit, tensor_batches
 
@@ -34,6 +37,22 @@ def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3,
         write_shard(path, shard, {key: value[rows] for key, value in data.items()}, valid=valid[rows],
                     errors=["" if v else "broken" for v in valid[rows]])
     return open_cache(root, dataset, split, backbone_id), data, labels, valid
+
+
+def test_keys_read_at_their_own_pools_then_flattened_as_the_linear_probe_reads_them(tmp_path):
+    cache, data, labels, valid = make_cache(tmp_path)
+    keys = [(24, 150), (19, 90)]
+    assert [choose_read_pool(cache, key, pool) for key, pool in zip(keys, (2, 4))] == [2, None]  # never finer than stored
+    assert choose_read_pool(cache, keys[0], None) is None
+    loaded = load_at_pools(cache, keys, {keys[0]: 2, keys[1]: None})
+    assert loaded.features[keys[0]].shape == (21, 3, 2, 2) and loaded.features[keys[1]].shape == (21, 3, 4, 4)
+    stored = {key: torch.from_numpy(data[key][valid]) for key in keys}
+    flat = flatten_features(stored, keys, 2, chunk_rows=4)  # chunks of 4 rows: the same as one pass
+    by_hand = [value.float().reshape(21, 3, 2, 2, 2, 2).mean(dim=(3, 5)).half().flatten(1)
+               for value in (stored[key] for key in keys)]  # 2x2 windows averaged in float32
+    assert flat.dtype == torch.float16 and flat.shape == (21, 2 * 3 * 2 * 2)
+    torch.testing.assert_close(flat, torch.cat(by_hand, dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(flatten_features(stored, keys[:1], None), stored[keys[0]].flatten(1), rtol=0, atol=0)
 
 
 def test_load_drops_invalid_rows_and_keeps_float16(tmp_path):
