@@ -4,18 +4,14 @@
 (classes sorted, files sorted within a class), so an image's row is its id in the feature
 cache on every machine. Every problem that would stop a run (unknown dataset or split, missing
 folder, class without images, no classes) is raised here as one :class:`DatasetError`, before
-any image is decoded. :func:`ensure_unpacked` unpacks a dataset's source archive into the data
-root once per machine, safely when several processes ask at the same time.
+any image is decoded. A dataset still packed in its source archive is unpacked first
+(:func:`pipeline.archives.ensure_unpacked`), or, in a dry run, read from the archive's listing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,16 +20,13 @@ import numpy as np
 
 from extract.inputs.images import IMAGE_EXTENSIONS
 
+from pipeline.archives import WHERE_HINT, ArchiveTree, DiskTree, ensure_unpacked, listed_archive
 from pipeline.errors import DatasetError
-from pipeline.locks import file_lock
-from pipeline.manifest import DatasetSpec, Manifest, SplitSpec, get_dataset, repo_root
+from pipeline.manifest import DatasetSpec, Manifest, SplitSpec, get_dataset
 
-__all__ = ["ImageIndex", "build_index", "select_subset", "ensure_unpacked", "list_archive"]
+__all__ = ["ImageIndex", "build_index", "select_subset"]
 
 logger = logging.getLogger(__name__)
-
-_WHERE_HINT = "set DIFFREP_DATA or pass --data-root/--split-dir"
-
 
 @dataclass(frozen=True)
 class ImageIndex:
@@ -75,10 +68,6 @@ class ImageIndex:
         """Paths relative to :attr:`root` (POSIX separators), for storing with a cache."""
         return [Path(os.path.relpath(path, self.root)).as_posix() for path in self.paths]
 
-    def class_counts(self) -> np.ndarray:
-        """int64 array ``(num_classes,)``: images per label."""
-        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
-
     def subset(self, rows: Sequence[int] | np.ndarray) -> "ImageIndex":
         """The given rows, in the given order, with the same classes.
 
@@ -97,172 +86,9 @@ class ImageIndex:
 
 
 # ---------------------------------------------------------------------------------------------
-# Unpacking a source archive once per machine.
-
-def _sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _verify_checksum(archive: Path, checksums: Path) -> None:
-    """Compare the archive with its line in a ``sha256sum``-style file, when it has one."""
-    expected = None
-    for line in checksums.read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[-1].lstrip("*") == archive.name:
-            expected = parts[0].lower()
-    if expected is None:
-        logger.debug("%s has no line for %s: not verified", checksums, archive.name)
-        return
-    actual = _sha256(archive)
-    if actual != expected:
-        raise DatasetError(
-            f"{archive} has sha256 {actual}, but {checksums} says {expected}: the archive is damaged, restore it"
-        )
-
-
-def ensure_unpacked(
-    archive: str | os.PathLike,
-    data_root: str | os.PathLike,
-    folder: str,
-    *,
-    checksums: str | os.PathLike | None = None,
-) -> Path:
-    """Unpack a tarball into the data root unless its folder is already there; return that folder.
-
-    The archive is extracted into a temporary folder inside ``data_root`` and its top-level
-    folder renamed into place, so ``data_root/folder`` either does not exist or is complete.
-    Processes that race wait on a lock file and then find the folder; where locks do not work,
-    the loser of the rename discards its copy.
-
-    Args:
-        archive: ``.tar``, ``.tar.gz`` ... whose top-level folder is ``folder``.
-        data_root: where the folder goes; created if missing; must be outside the repository.
-        folder: the archive's top-level folder name (e.g. ``cifar10-jpg``).
-        checksums: ``sha256sum``-style file to verify the archive against before unpacking;
-            None uses ``SHA256SUMS`` beside the archive when it exists.
-
-    Returns:
-        ``data_root / folder``.
-
-    Raises:
-        DatasetError: the archive is missing, damaged, fails its checksum, lacks ``folder``,
-            or the data root is inside the repository.
-    """
-    archive = Path(archive).expanduser()
-    data_root = Path(data_root).expanduser()
-    target = data_root / folder
-    if target.is_dir():
-        return target
-    if not archive.is_file():
-        raise DatasetError(f"{target} does not exist and its source archive {archive} is missing: {_WHERE_HINT} or set DIFFREP_SHARED")
-    resolved_root = data_root.resolve()
-    repo = repo_root()
-    if resolved_root == repo or repo in resolved_root.parents:
-        raise DatasetError(f"refusing to unpack {archive.name} into the repository ({data_root}): set DIFFREP_DATA or --data-root to a folder outside it")
-    if checksums is None and (archive.parent / "SHA256SUMS").is_file():
-        checksums = archive.parent / "SHA256SUMS"
-    try:
-        data_root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DatasetError(f"cannot create data root {data_root} ({exc.strerror or exc}): {_WHERE_HINT}") from exc
-
-    with file_lock(data_root / f".{folder}.lock"):
-        if target.is_dir():
-            return target
-        if checksums is not None:
-            _verify_checksum(archive, Path(checksums))
-        logger.info("unpacking %s into %s (once per machine)", archive, data_root)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{folder}.unpacking-", dir=data_root))
-        try:
-            try:
-                with tarfile.open(archive) as tar:
-                    tar.extractall(scratch, filter="data")
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise DatasetError(f"cannot unpack {archive} ({' '.join(str(exc).split())}): the archive is damaged, restore it") from exc
-            unpacked = scratch / folder
-            if not unpacked.is_dir():
-                raise DatasetError(f"{archive} has no top-level folder '{folder}': fix the manifest's root or the archive")
-            try:
-                os.rename(unpacked, target)
-            except OSError:
-                if not target.is_dir():
-                    raise
-                logger.info("another process unpacked %s first; keeping its copy", target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return target
-
-
-def list_archive(archive: str | os.PathLike, folder: str) -> tuple[list[str], int]:
-    """The files an archive would unpack under its top-level ``folder``, without unpacking anything.
-
-    Args:
-        archive: ``.tar``, ``.tar.gz`` ...; folder: its top-level folder name.
-
-    Returns:
-        (member paths relative to the data root, e.g. ``cifar10-jpg/test/cat/0001.jpg``; their total bytes).
-
-    Raises:
-        DatasetError: the archive is missing or damaged.
-    """
-    names, size = [], 0
-    try:
-        with tarfile.open(archive) as tar:
-            for member in tar:
-                if member.isfile() and member.name.split("/", 1)[0] == folder:
-                    names.append(member.name)
-                    size += member.size
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DatasetError(f"cannot read {archive} ({' '.join(str(exc).split())}): the archive is damaged, restore it") from exc
-    return names, size
-
-
-class _ArchiveTree:
-    """A folder tree known from an archive's listing: what ``_read_folder`` sees, before unpacking."""
-
-    def __init__(self, root: Path, names: Sequence[str]):
-        self.files = sorted(str(root / name) for name in names)
-
-    def _below(self, folder: Path) -> list[str]:
-        prefix = str(folder) + os.sep
-        return [path for path in self.files if path.startswith(prefix)]
-
-    def subfolders(self, folder: Path) -> list[str]:
-        relative = [path[len(str(folder)) + 1:] for path in self._below(folder)]
-        return sorted({rel.split(os.sep, 1)[0] for rel in relative if os.sep in rel and not rel.startswith(".")})
-
-    def images_under(self, folder: Path) -> list[str]:
-        found = [path for path in self._below(folder) if _is_image(os.path.basename(path))
-                 and not any(part.startswith(".") for part in Path(path).relative_to(folder).parts)]
-        return sorted(found, key=lambda path: Path(os.path.relpath(path, folder)).as_posix())
-
-
-class _DiskTree:
-    """The folder tree on disk (the usual case)."""
-
-    @staticmethod
-    def subfolders(folder: Path) -> list[str]:
-        return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
-
-    @staticmethod
-    def images_under(folder: Path) -> list[str]:
-        return _images_under(folder)
-
-
-# ---------------------------------------------------------------------------------------------
 # One reader per layout: each returns (paths, labels, class_names) with paths grouped by label.
 
 Entries = tuple[list[str], list[int], list[str]]
-
-
-def _is_image(name: str) -> bool:
-    """A visible file whose name ends in one of IMAGE_EXTENSIONS."""
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _read_class_list(path: Path) -> list[str]:
@@ -270,23 +96,14 @@ def _read_class_list(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise DatasetError(f"cannot read class-list file {path} ({exc.strerror or exc}): {_WHERE_HINT}") from exc
+        raise DatasetError(f"cannot read class-list file {path} ({exc.strerror or exc}): {WHERE_HINT}") from exc
     names = [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not names:
         raise DatasetError(f"class-list file {path} names no classes: write one class folder name per line")
     return sorted(set(names))
 
 
-def _images_under(folder: Path) -> list[str]:
-    """Image files below ``folder`` (recursively), sorted by their path relative to it."""
-    found = []
-    for current, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        found.extend(os.path.join(current, name) for name in filenames if _is_image(name))
-    return sorted(found, key=lambda path: Path(os.path.relpath(path, folder)).as_posix())
-
-
-def _read_folder(spec: DatasetSpec, split: SplitSpec, tree: _DiskTree | _ArchiveTree = _DiskTree()) -> Entries:
+def _read_folder(spec: DatasetSpec, split: SplitSpec, tree: DiskTree | ArchiveTree = DiskTree()) -> Entries:
     """Class-per-folder tree: classes are the sorted sub-folders (or the class list), files sorted within each.
 
     Images in sub-folders of a class folder count in that class (one warning names such a folder).
@@ -352,7 +169,7 @@ def _read_list(spec: DatasetSpec, split: SplitSpec) -> Entries:
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise DatasetError(f"cannot read image list {list_file} ({exc.strerror or exc}): {_WHERE_HINT}") from exc
+        raise DatasetError(f"cannot read image list {list_file} ({exc.strerror or exc}): {WHERE_HINT}") from exc
     samples = []
     for line in lines:
         words = line.split()
@@ -372,7 +189,7 @@ def _read_list(spec: DatasetSpec, split: SplitSpec) -> Entries:
     missing = [path for path, _ in samples if not os.path.isfile(path)]
     if missing:
         raise DatasetError(
-            f"{len(missing)} of {len(samples)} images listed in {list_file} are missing, e.g. {missing[0]}: {_WHERE_HINT}"
+            f"{len(missing)} of {len(samples)} images listed in {list_file} are missing, e.g. {missing[0]}: {WHERE_HINT}"
         )
     return _group(spec, list_file, samples)
 
@@ -382,7 +199,7 @@ def _read_words(path: Path) -> list[list[str]]:
     try:
         return [words for words in (line.split(maxsplit=1) for line in path.read_text(encoding="utf-8").splitlines()) if len(words) == 2]
     except OSError as exc:
-        raise DatasetError(f"cannot read {path} ({exc.strerror or exc}): {_WHERE_HINT}") from exc
+        raise DatasetError(f"cannot read {path} ({exc.strerror or exc}): {WHERE_HINT}") from exc
 
 
 def _read_cub(spec: DatasetSpec, split: SplitSpec) -> Entries:
@@ -425,7 +242,7 @@ def _read_torchvision(spec: DatasetSpec, split: SplitSpec) -> Entries:
     except (RuntimeError, OSError, ValueError) as exc:
         raise DatasetError(
             f"dataset '{spec.name}' split '{split.name}': torchvision.datasets.{spec.loader} cannot read {spec.root} "
-            f"({' '.join(str(exc).split())}); {_WHERE_HINT}"
+            f"({' '.join(str(exc).split())}); {WHERE_HINT}"
         ) from exc
     if hasattr(dataset, "_samples"):
         pairs = [(str(path), int(label)) for path, label in dataset._samples]
@@ -442,7 +259,7 @@ def _read_torchvision(spec: DatasetSpec, split: SplitSpec) -> Entries:
         return _group(spec, spec.root, samples)
     rows = sorted((label, path) for path, label in pairs)
     if not rows:
-        raise DatasetError(f"dataset '{spec.name}' split '{split.name}' has no images under {spec.root}: {_WHERE_HINT}")
+        raise DatasetError(f"dataset '{spec.name}' split '{split.name}' has no images under {spec.root}: {WHERE_HINT}")
     return [path for _, path in rows], [label for label, _ in rows], classes
 
 
@@ -450,7 +267,7 @@ def _read_stanford_dogs(spec: DatasetSpec, split: SplitSpec) -> Entries:
     """Stanford Dogs: lists/<key>_list.mat names files under Images/<breed folder>/."""
     list_file = split.path / "lists" / f"{split.key}_list.mat"
     if not list_file.is_file():
-        raise DatasetError(f"dataset '{spec.name}' split '{split.name}': {list_file} does not exist; {_WHERE_HINT}")
+        raise DatasetError(f"dataset '{spec.name}' split '{split.name}': {list_file} does not exist; {WHERE_HINT}")
     try:
         from scipy.io import loadmat
     except ImportError as exc:
@@ -567,14 +384,14 @@ def build_index(
     split_spec = spec.split(split)
 
     pending = None
-    tree: _DiskTree | _ArchiveTree = _DiskTree()
+    tree: DiskTree | ArchiveTree = DiskTree()
     if spec.source_archive is not None and split_dir is None and not spec.root.exists():
         if unpack:
             ensure_unpacked(spec.source_archive, spec.data_root, spec.root.name)
         else:
-            pending, tree = _listed_archive(dataset_name, spec, split_spec)
+            pending, tree = listed_archive(dataset_name, spec, split_spec)
     if pending is None and not split_spec.path.is_dir():
-        raise DatasetError(f"dataset '{dataset_name}' split '{split}': folder {split_spec.path} does not exist; {_WHERE_HINT}")
+        raise DatasetError(f"dataset '{dataset_name}' split '{split}': folder {split_spec.path} does not exist; {WHERE_HINT}")
 
     if pending is None:
         paths, labels, class_names = _READERS[split_spec.format](spec, split_spec)
@@ -588,20 +405,3 @@ def build_index(
     index = select_subset(index, per_class=per_class, limit=limit)
     logger.info("%s/%s: %d images in %d classes", dataset_name, split, index.num_images, index.num_classes)
     return index
-
-
-def _listed_archive(dataset_name: str, spec: DatasetSpec, split: SplitSpec) -> tuple[tuple[str, str, int], _ArchiveTree]:
-    """What unpacking would give, read from the archive's listing: ((archive, destination, bytes), tree)."""
-    archive = Path(spec.source_archive).expanduser()
-    if not archive.is_file():
-        raise DatasetError(f"{spec.root} does not exist and its source archive {archive} is missing: {_WHERE_HINT} or set DIFFREP_SHARED")
-    if split.format != "folder":
-        raise DatasetError(
-            f"dataset '{dataset_name}' is still packed in {archive} and a dry run cannot list a '{split.format}' "
-            f"dataset from its archive: run once without --dry-run to unpack it into {spec.data_root}"
-        )
-    names, size = list_archive(archive, spec.root.name)
-    tree = _ArchiveTree(Path(spec.data_root).expanduser(), names)
-    if not tree._below(split.path):
-        raise DatasetError(f"dataset '{dataset_name}' split '{split.name}': {archive} has no folder {split.path.relative_to(spec.data_root)}; {_WHERE_HINT}")
-    return (str(archive), str(spec.root), size), tree

@@ -27,11 +27,10 @@ from fusion.pass1_cache import CachedPass1, find_cached_pass1
 from probe.errors import ProbeError
 from probe.heads import count_parameters, create_head
 from probe.live_head import default_precision
-from probe.train import BACKBONE_NAME, fit
+from probe.train import BACKBONE_NAME, TrainConfig, fit
 
-from pipeline.evaluate import record_rows
-from pipeline.live_probe import live_splits
-from pipeline.results import default_results_path
+from pipeline.live_probe import LiveSelection, live_splits
+from pipeline.results import default_results_path, record_rows
 
 __all__ = ["FeedbackRequest", "FeedbackPlan", "plan_feedback", "run_feedback"]
 
@@ -145,12 +144,8 @@ def plan_feedback(request: FeedbackRequest, dry_run: bool = False) -> FeedbackPl
     shape = backbone.block_shapes()[readout]
     DifFeed(backbone, torch.nn.Identity(), request.strategy, readout)  # pairs and read-out checked before any image
     schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
-    train, test, num_classes = live_splits(
-        request.dataset, request.train_split, request.test_split, cfg.image_size, request.timestep, schedule,
-        per_class=request.per_class, test_per_class=request.test_per_class, data_root=request.data_root,
-        noise_seed=request.noise_seed, fresh_noise=request.fresh_noise, augment=request.augment,
-        decode_threads=request.decode_threads, label_fraction=request.label_fraction, seed=request.seed,
-        dry_run=dry_run)
+    train, test, num_classes = live_splits(LiveSelection.of(request), cfg.image_size, request.timestep, schedule,
+                                           dry_run=dry_run)
     overrides = {k: v for k, v in (("dim", request.dim), ("depth", request.depth), ("token_pool", request.pool))
                  if v is not None}
     torch.manual_seed(request.seed)
@@ -201,10 +196,10 @@ def run_feedback(plan: FeedbackPlan) -> dict:
     checkpoint_dir = r.checkpoint_dir or str(Path(r.results_path or default_results_path()).parent / "checkpoints" /
                                              f"{r.dataset}_diffeed_{r.strategy}_b{model.readout}_t{r.timestep}"
                                              f"{'_finetune' if r.finetune else ''}_s{r.seed}")
-    result = fit(model, plan.train, None, plan.test, None, epochs=r.epochs, lr=r.lr, optimizer=r.solver,
-                 batch_size=r.batch_size, seed=r.seed, device=device, steps=r.steps,
-                 backbone_lr=r.backbone_lr if r.finetune else None,
-                 checkpoint_dir=checkpoint_dir, resume=r.resume, identity=identity, progress=r.progress)
+    config = TrainConfig(epochs=r.epochs, lr=r.lr, optimizer=r.solver, batch_size=r.batch_size, seed=r.seed,
+                         backbone_lr=r.backbone_lr if r.finetune else None, steps=r.steps)
+    result = fit(model, plan.train, None, plan.test, None, config, device=device, checkpoint_dir=checkpoint_dir,
+                 resume=r.resume, identity=identity, progress=r.progress)
     row = dict(dataset=r.dataset, train_split=r.train_split, test_split=r.test_split,
                backbone_id=_backbone_id(r),
                noise_seed=r.noise_seed, head="diffeed", protocol="live", solver=r.solver, strategy=r.strategy,

@@ -7,18 +7,19 @@ images the official way, so the two numbers can be compared; the test split is s
 cache scores it (view 0, the seeded noise). With ``finetune`` the backbone trains too, at its own
 lr, and its tuned weights are written beside the checkpoint in the official layout.
 
-``live_splits`` (shared with ``diffrep feedback``) turns a manifest dataset into the two
-``LiveImages`` sources: label fraction and per-class subsets drawn as the cache path draws them.
+``live_splits`` (shared with ``diffrep feedback``) turns a ``LiveSelection`` of a manifest dataset into
+the two ``LiveImages`` sources: label fraction and per-class subsets drawn as the cache path draws them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import fusion  # noqa: F401 - the full head registry: the difformer head trains live too
 from extract.backbone.configs import get_config
 from extract.backbone.identity import backbone_id as weights_id
 from extract.backbone.registry import create_backbone
@@ -32,10 +33,10 @@ from probe.subsets import label_fraction_rows
 from probe.train import BACKBONE_NAME, fit
 
 from pipeline.datasets import build_index
-from pipeline.evaluate import FitProtocol, fmt_keys, record_rows
-from pipeline.results import default_results_path
+from pipeline.evaluate import FitProtocol, fmt_keys
+from pipeline.results import default_results_path, record_rows
 
-__all__ = ["LiveProbeRequest", "live_splits", "run_live_probe", "LIVE_HEADS"]
+__all__ = ["LiveProbeRequest", "LiveSelection", "live_splits", "run_live_probe", "LIVE_HEADS"]
 
 LIVE_HEADS = ("linear", "mlp", "cnn", "attention", "difformer")
 _TOKEN_HEADS = ("attention", "difformer")
@@ -91,26 +92,60 @@ class LiveProbeRequest:
     progress: bool = True
 
 
-def live_splits(dataset: str, train_split: str, test_split: str, image_size: int, timesteps, schedule, *,
-                per_class=None, test_per_class=None, data_root=None, noise_seed: int = 0, fresh_noise: bool = False,
-                augment: bool = False, decode_threads: int = 2, label_fraction: float | None = None, seed: int = 0,
+@dataclass(frozen=True)
+class LiveSelection:
+    """Which images a live run reads and how it draws them (the live twin of ``CacheSelection``).
+
+    Args:
+        dataset, train_split, test_split, data_root: the manifest dataset's splits and where they are.
+        per_class, test_per_class: the first N images of every class of each split (None: all).
+        noise_seed: the seeded noise (the test split's always; the training split's without ``fresh_noise``).
+        fresh_noise, augment: new noise, and a random resized crop and flip, every training step.
+        decode_threads: image-decoding threads ahead of the forward.
+        label_fraction, seed: train on that share of every class, drawn with the seed (None: all).
+    """
+
+    dataset: str
+    train_split: str = "train"
+    test_split: str = "test"
+    per_class: int | None = None
+    test_per_class: int | None = None
+    data_root: str | None = None
+    noise_seed: int = 0
+    fresh_noise: bool = False
+    augment: bool = False
+    decode_threads: int = 2
+    label_fraction: float | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, request, **given) -> "LiveSelection":
+        """The selection a request makes: its fields of the same names, ``given`` winning."""
+        return cls(**{f.name: given[f.name] if f.name in given else getattr(request, f.name) for f in fields(cls)})
+
+
+def live_splits(selection: LiveSelection, image_size: int, timesteps, schedule,
                 dry_run: bool = False) -> tuple[LiveImages, LiveImages, int]:
     """(train, test, number of classes) as ``LiveImages``; the test split always uses the seeded noise, no augmentation.
 
-    A dry run lists a packed dataset from its archive instead of unpacking it.
+    Args:
+        selection: the images and how they are drawn. image_size: the backbone's input side.
+        timesteps, schedule: the diffusion timesteps and noise schedule of the noisy forward.
+        dry_run: list a packed dataset from its archive instead of unpacking it.
     """
+    s = selection
     splits = []
-    for split, subset in ((train_split, per_class), (test_split, test_per_class)):
-        index = build_index(dataset, split, root=data_root, per_class=subset, unpack=not dry_run)
+    for split, subset in ((s.train_split, s.per_class), (s.test_split, s.test_per_class)):
+        index = build_index(s.dataset, split, root=s.data_root, per_class=subset, unpack=not dry_run)
         paths, labels = list(index.paths), np.asarray(index.labels, dtype=np.int64)
         ids = np.arange(len(paths))
-        training = split == train_split and not splits
-        if training and label_fraction is not None:
-            rows = label_fraction_rows(torch.from_numpy(labels), label_fraction, seed)
+        training = split == s.train_split and not splits
+        if training and s.label_fraction is not None:
+            rows = label_fraction_rows(torch.from_numpy(labels), s.label_fraction, s.seed)
             paths, labels, ids = [paths[r] for r in rows], labels[rows], ids[rows]
-        splits.append(LiveImages(paths, labels, image_size, timesteps, schedule, noise_seed=noise_seed,
-                                 fresh_noise=fresh_noise and training, augment=augment and training,
-                                 decode_threads=decode_threads, image_ids=ids))
+        splits.append(LiveImages(paths, labels, image_size, timesteps, schedule, noise_seed=s.noise_seed,
+                                 fresh_noise=s.fresh_noise and training, augment=s.augment and training,
+                                 decode_threads=s.decode_threads, image_ids=ids))
         num_classes = index.num_classes
     return splits[0], splits[1], num_classes
 
@@ -142,11 +177,8 @@ def run_live_probe(request: LiveProbeRequest) -> dict:
                                weight_seed=None if request.checkpoint else request.weight_seed)
     shapes = live_in_shapes(backbone, request.blocks, request.timesteps, request.cache_pool, request.config_name)
     schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
-    train, test, num_classes = live_splits(
-        request.dataset, request.train_split, request.test_split, cfg.image_size, request.timesteps, schedule,
-        per_class=request.per_class, test_per_class=request.test_per_class, data_root=request.data_root,
-        noise_seed=request.noise_seed, fresh_noise=request.fresh_noise, augment=request.augment,
-        decode_threads=request.decode_threads, label_fraction=fitting.label_fraction, seed=fitting.seed)
+    selection = LiveSelection.of(request, label_fraction=fitting.label_fraction, seed=fitting.seed)
+    train, test, num_classes = live_splits(selection, cfg.image_size, request.timesteps, schedule)
     overrides = _overrides(request)
     torch.manual_seed(fitting.seed)
     head = create_head(request.head, shapes, num_classes, **overrides)
@@ -166,10 +198,10 @@ def run_live_probe(request: LiveProbeRequest) -> dict:
         Path(request.results_path or default_results_path()).parent / "checkpoints" /
         (f"{request.dataset}_{backbone_id}_live_{request.head}_b{fmt_keys(request.blocks)}_t{fmt_keys(request.timesteps)}"
          f"{'_finetune' if request.finetune else ''}_{solver}_s{fitting.seed}"))
-    result = fit(model, train, None, test, None, epochs=fitting.epochs, lr=lr, optimizer=solver,
-                 batch_size=fitting.batch_size, seed=fitting.seed, device=device,
-                 backbone_lr=request.backbone_lr if request.finetune else None, steps=request.steps,
-                 checkpoint_dir=checkpoint_dir, resume=request.resume, identity=identity, progress=request.progress)
+    config = fitting.train_config(solver, lr, backbone_lr=request.backbone_lr if request.finetune else None,
+                                  steps=request.steps)
+    result = fit(model, train, None, test, None, config, device=device, checkpoint_dir=checkpoint_dir,
+                 resume=request.resume, identity=identity, progress=request.progress)
     head_pool = overrides.get("token_pool" if request.head in _TOKEN_HEADS else "pool",
                               16 if request.head in _TOKEN_HEADS else HEADS[request.head].defaults.get("pool"))
     row = dict(dataset=request.dataset, train_split=request.train_split, test_split=request.test_split,

@@ -4,14 +4,17 @@
 ``RESULTS_SCHEMA``; ``append_results`` adds rows atomically (read, concatenate, write to a temporary
 file, rename) while holding ``results.parquet.lock``, so concurrent runs never lose a row. A table
 that cannot be read is never the end of a finished run: it is moved aside (renamed, with a
-warning) and a new table is started with the row.
+warning) and a new table is started with the row. ``record_rows`` is what a finished run calls: rows
+the table refuses are kept in a JSON file beside it, never lost.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from pipeline.errors import ResultsError
 from pipeline.locks import file_lock
 
 __all__ = [
-    "RESULTS_SCHEMA", "REQUIRED", "default_results_path", "results_table", "append_result", "append_results", "read_results",
+    "RESULTS_SCHEMA", "REQUIRED", "default_results_path", "results_table", "append_results", "record_rows", "read_results",
 ]
 
 RESULTS_SCHEMA = pa.schema([
@@ -129,9 +132,25 @@ def append_results(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike | 
     return path
 
 
-def append_result(row: Mapping[str, Any], path: str | os.PathLike | None = None) -> Path:
-    """Append one row (see ``append_results``)."""
-    return append_results([row], path)
+def record_rows(rows: list[dict], path: str | os.PathLike | None = None) -> None:
+    """Append a finished run's rows; if the table cannot take them, keep them in a JSON file beside it and say so.
+
+    Raises:
+        ResultsError: the rows were not appended; the message names the JSON file that holds them.
+    """
+    try:
+        append_results(rows, path)
+    except (OSError, ResultsError) as exc:
+        path = Path(path) if path is not None else default_results_path()
+        keep = path.with_name(f"{path.name}.unsaved-{int(time.time())}.json")
+        try:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            keep.write_text(json.dumps(rows, default=str, indent=1))
+            where = f"the rows are in {keep}"
+        except OSError:
+            log.error("results rows not saved: %s", json.dumps(rows, default=str))
+            where = "the rows are in the log above"
+        raise ResultsError(f"could not write the results table {path} ({exc}); {where}") from None
 
 
 def read_results(path: str | os.PathLike | None = None) -> pa.Table:

@@ -2,7 +2,8 @@
 
 Features stay float16, as stored, in RAM and on the training device (half the memory of
 float32, so the RAM cap admits twice as many rows); consumers cast each batch to float32.
-``load_features`` reads whole arrays into RAM (``FeatureCache.load``, under its RAM cap).
+``load_features`` reads whole arrays into RAM (``FeatureCache.load``, under its RAM cap);
+``load_at_pools`` reads each at its own pool, and ``flatten_features`` makes the linear probe's input.
 ``iter_feature_batches`` streams the same rows in row order, in fixed-size batches
 (``FeatureCache.iter_shards``), for consumers to whom order does not matter (kNN's train side,
 statistics). ``StreamedFeatures`` gives training and minibatch CKA a stream mixed across the whole
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +25,13 @@ from extract.cache import FeatureCache, cache_path, open_cache
 from extract.errors import CacheError
 
 from extract.inputs.read_ahead import read_ahead
+from extract.pooling import pool_features
 from probe.train import epoch_order
 from probe.views import ViewStack
 
 __all__ = [
-    "FeatureSet", "StreamedFeatures", "open_split", "in_shapes", "feature_bytes", "load_features",
-    "iter_feature_batches", "resolve_backbone_id", "WINDOW_SHARE",
+    "FeatureSet", "StreamedFeatures", "open_split", "in_shapes", "feature_bytes", "load_features", "choose_read_pool",
+    "load_at_pools", "flatten_features", "iter_feature_batches", "resolve_backbone_id", "WINDOW_SHARE",
 ]
 
 Key = tuple[int, int]
@@ -125,6 +127,52 @@ def load_features(cache: FeatureCache, keys: Sequence[Key], pool: int | None = N
     labels = np.asarray(cache.labels, dtype=np.int64)
     labels = labels if keep is None else labels[keep]
     return FeatureSet(features, torch.from_numpy(labels.copy()), list(cache.class_names), int((~valid).sum()))
+
+
+def choose_read_pool(cache: FeatureCache, key: Key, pool: int | None) -> int | None:
+    """Pool to read ``key`` at: ``pool`` when the stored maps are larger, else None (as stored, never finer)."""
+    if not pool:
+        return None
+    return pool if cache.shape(*key)[-1] > pool else None
+
+
+def load_at_pools(cache: FeatureCache, keys: Sequence[Key], read_pools: Mapping[Key, int | None],
+                  views: bool = False) -> FeatureSet:
+    """``load_features`` of several keys, each read at its own pool (``choose_read_pool``), into one ``FeatureSet``.
+
+    Args:
+        cache: an opened split. keys: its (b, t) arrays. read_pools: ``{(b, t): pool or None}``.
+        views: every stored view in a ``ViewStack`` (see ``load_features``).
+    """
+    loaded = None
+    for key in keys:
+        part = load_features(cache, [key], pool=read_pools[key], views=views)
+        if loaded is None:
+            loaded = part
+        else:
+            loaded.features.update(part.features)
+    return loaded
+
+
+def flatten_features(features: Mapping[Key, torch.Tensor], keys: Sequence[Key], pool: int | None,
+                     chunk_rows: int = 8192) -> torch.Tensor:
+    """The linear probe's input: each (b, t) map pooled to ``pool`` and flattened, concatenated over ``keys``.
+
+    Args:
+        features: ``{(b, t): (N, C, h, w)}``, float16 from the cache. keys: the order of the parts.
+        pool: side to pool maps larger than it to (``extract.pooling.pool_features``, a chunk of rows at a
+            time, averages in float32); None or 0 flattens the maps as they are.
+
+    Returns:
+        (N, sum of C * side * side) in the features' dtype.
+    """
+    parts = []
+    for key in keys:
+        x = features[key]
+        if pool and x.shape[-1] > pool:
+            x = torch.cat([pool_features(x[s:s + chunk_rows], pool).to(x.dtype) for s in range(0, x.shape[0], chunk_rows)])
+        parts.append(x.flatten(1))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def iter_feature_batches(

@@ -22,7 +22,7 @@ from extract.pooling import pooled_size
 from probe.attention_head import AttentionHead
 
 __all__ = [
-    "FeatureKey", "InShapes", "HeadSpec", "HEADS", "register_head", "list_heads", "create_head",
+    "FeatureKey", "InShapes", "HeadSpec", "HEADS", "register_head", "create_head",
     "default_lr", "count_parameters", "LinearHead", "MLPHead", "CNNHead",
 ]
 
@@ -182,10 +182,6 @@ def register_head(spec: HeadSpec) -> HeadSpec:
     return spec
 
 
-def list_heads() -> list[str]:
-    return list(HEADS)
-
-
 def _spec(name: str) -> HeadSpec:
     try:
         return HEADS[name]
@@ -197,7 +193,8 @@ def create_head(name: str, in_shapes: InShapes, num_classes: int, **overrides: A
     """Build a registered head; ``overrides`` win over its defaults.
 
     Args:
-        name: a key of ``HEADS`` (``linear``, ``mlp``, ``cnn``, ``attention``).
+        name: a key of ``HEADS`` (``linear``, ``mlp``, ``cnn``, ``attention``; ``difformer`` once ``fusion``
+            is imported).
         in_shapes: ``{(b, t): (C, h, w)}`` of the cached arrays it will read.
         num_classes: number of classes (output width).
         **overrides: head keyword arguments, e.g. ``pool=4``, ``hidden=(2048,)``, ``depth=4``.

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -241,8 +241,6 @@ def _float_batches(batches, device: torch.device):
         yield {key: value.to(device).float() for key, value in features.items()}, labels.to(device, torch.long)
 
 
-
-
 def _save(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -316,16 +314,8 @@ def fit(
     train_labels: torch.Tensor | None,
     test_features: Features | BatchSource,
     test_labels: torch.Tensor | None,
+    config: TrainConfig = TrainConfig(),
     *,
-    epochs: int = 28,
-    lr: float = 1e-2,
-    optimizer: str = "sgd",
-    step_size: int = 7,
-    gamma: float = 0.1,
-    batch_size: int = 256,
-    seed: int = 0,
-    backbone_lr: float | None = None,
-    steps: int | None = None,
     device: str | torch.device = "cpu",
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -342,8 +332,9 @@ def fit(
         train_features, test_features: ``{(b, t): (N, C, h, w)}`` float tensors (any device; moved to
             ``device`` once), or a ``BatchSource`` streamed from the cache each epoch (labels None).
         train_labels, test_labels: (N,) int64 class indices for tensors; None for a ``BatchSource``.
-        epochs, lr, optimizer, step_size, gamma, batch_size, seed, backbone_lr, steps: see ``TrainConfig`` (a
-            grid's lrs are its own; with ``steps``, the epochs are those the steps take, the last one cut short).
+        config: epochs, lr, optimizer, schedule, batch size, seed, backbone lr, steps (a grid's lrs are
+            its own and ``config.lr`` is ignored; with ``steps``, the epochs are those the steps take,
+            the last one cut short).
         device: where the head and the features live during training.
         checkpoint_dir: folder for ``checkpoint.pth`` written after every epoch (None: no checkpoints); a
             fine-tuned backbone is also written there as ``backbone.pt`` in the official layout.
@@ -363,11 +354,9 @@ def fit(
     """
     grid = isinstance(head, HeadGrid)
     if grid:
-        lr = max(head.lrs.values())
+        config = replace(config, lr=max(head.lrs.values()))
         if heldout_features is None:
             raise ProbeError("a learning-rate grid needs held-out rows to choose on: pass heldout_features")
-    config = TrainConfig(epochs=epochs, lr=lr, optimizer=optimizer, step_size=step_size, gamma=gamma,
-                         batch_size=batch_size, seed=seed, backbone_lr=backbone_lr, steps=steps)
     saved_config = {**asdict(config), **({"lr_grid": sorted(head.lrs.values())} if grid else {})}
     identity = dict(identity or {})
     device = torch.device(device)

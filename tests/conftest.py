@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets import ensure_unpacked
+from pipeline.archives import ensure_unpacked
 from pipeline.manifest import default_data_root, default_shared_dir
 from tests.shared_data import missing_shared
 

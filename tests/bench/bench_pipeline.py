@@ -36,7 +36,7 @@ def sample_cifar10_test(dest: str | os.PathLike, per_class: int) -> int:
     """
     import shutil
 
-    from pipeline.datasets import ensure_unpacked
+    from pipeline.archives import ensure_unpacked
     from pipeline.manifest import default_data_root, default_shared_dir
 
     if not (_cifar_root() / "test").is_dir():

@@ -1,5 +1,9 @@
 """DifFormer: the official architecture (parameter count, sharing across timesteps), trained through diffrep fuse."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -23,6 +27,15 @@ def _expected_parameters(blocks, timesteps, classes, dim=1024, depth=2, mlp=4):
     tokenizers = sum(2 * c * h * w + c * dim + dim for c, h, w in (SHAPES_256[b] for b in blocks))
     block = 2 * 2 * dim + 3 * dim * dim + dim * dim + dim + dim * mlp * dim + mlp * dim + mlp * dim * dim + dim
     return tokenizers + depth * block + dim + dim * len(timesteps) * classes + classes
+
+
+def test_importing_fusion_registers_difformer_and_probe_alone_does_not():
+    """The registry is complete exactly when ``fusion`` is imported: no other import registers its heads."""
+    code = ("import probe.heads as heads; alone = 'difformer' in heads.HEADS; import fusion; "
+            "print(alone, 'difformer' in heads.HEADS, heads.HEADS['difformer'].builder.__self__ is fusion.DifFormer)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.split() == ["False", "True", "True"]
 
 
 def test_parameter_count_on_the_256_model_is_the_official_code_s():

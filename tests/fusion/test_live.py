@@ -17,7 +17,7 @@ from fusion.diffeed import DifFeed
 from probe.live_images import LiveImages
 from probe.heads import create_head
 from probe.live_head import LiveHead, live_in_shapes
-from probe.train import BACKBONE_NAME, CHECKPOINT_NAME, fit
+from probe.train import BACKBONE_NAME, CHECKPOINT_NAME, TrainConfig, fit
 
 torch.set_num_threads(1)
 CONFIG = "32x32_small"
@@ -81,8 +81,8 @@ def _live_model(finetune=False):
 
 def test_steps_stop_training_inside_an_epoch(images):
     model = _live_model()
-    result = fit(model, _source(images, timesteps=(25,)), None, _source(images, timesteps=(25,)), None, epochs=5,
-                 steps=4, batch_size=6, optimizer="adam", lr=1e-3, progress=False)
+    result = fit(model, _source(images, timesteps=(25,)), None, _source(images, timesteps=(25,)), None,
+                 TrainConfig(epochs=5, steps=4, batch_size=6, optimizer="adam", lr=1e-3), progress=False)
     assert result.epochs == 1 and len(result.history) == 1  # 30 images / 6 = 5 steps an epoch: 4 steps end in epoch 1
 
 
@@ -90,8 +90,9 @@ def test_a_live_run_killed_mid_epoch_resumes_to_the_same_weights(images, tmp_pat
     """Fresh noise + crops every step, fine-tuned backbone: killed in epoch 2, resumed, bit-equal to a straight run."""
     def run(directory, source, resume=False, finetune=True):
         model = _live_model(finetune)
-        fit(model, source, None, _source(images, timesteps=(25,)), None, epochs=2, batch_size=6, optimizer="sgd",
-            lr=1e-2, backbone_lr=1e-3, checkpoint_dir=directory, resume=resume, progress=False)
+        fit(model, source, None, _source(images, timesteps=(25,)), None,
+            TrainConfig(epochs=2, batch_size=6, optimizer="sgd", lr=1e-2, backbone_lr=1e-3),
+            checkpoint_dir=directory, resume=resume, progress=False)
         return model
 
     straight = run(tmp_path / "straight", _source(images, fresh_noise=True, augment=True, timesteps=(25,)))
@@ -121,8 +122,9 @@ def test_a_live_run_killed_mid_epoch_resumes_to_the_same_weights(images, tmp_pat
 def test_finetuning_trains_the_read_blocks_and_writes_a_loadable_official_checkpoint(images, tmp_path):
     model = _live_model(finetune=True)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    fit(model, _source(images, timesteps=(25,)), None, _source(images, timesteps=(25,)), None, epochs=1,
-        batch_size=10, optimizer="sgd", lr=1e-2, backbone_lr=1e-2, checkpoint_dir=tmp_path, progress=False)
+    fit(model, _source(images, timesteps=(25,)), None, _source(images, timesteps=(25,)), None,
+        TrainConfig(epochs=1, batch_size=10, optimizer="sgd", lr=1e-2, backbone_lr=1e-2), checkpoint_dir=tmp_path,
+        progress=False)
     assert (tmp_path / CHECKPOINT_NAME).exists()
     tuned = create_backbone(CONFIG, checkpoint=str(tmp_path / BACKBONE_NAME))  # strict load in the official layout
     state = tuned.state_dict()
@@ -134,8 +136,8 @@ def test_finetuning_trains_the_read_blocks_and_writes_a_loadable_official_checkp
 
 def test_frozen_checkpoints_leave_the_backbone_out(images, tmp_path):
     model = _live_model()
-    fit(model, _source(images, timesteps=(25,)), None, _source(images, timesteps=(25,)), None, epochs=1,
-        batch_size=10, optimizer="sgd", lr=1e-2, checkpoint_dir=tmp_path, progress=False)
+    fit(model, _source(images, timesteps=(25,)), None, _source(images, timesteps=(25,)), None,
+        TrainConfig(epochs=1, batch_size=10, optimizer="sgd", lr=1e-2), checkpoint_dir=tmp_path, progress=False)
     saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["head"]
     assert saved and not any(k.startswith("backbone.") for k in saved) and not (tmp_path / BACKBONE_NAME).exists()
 

@@ -1,11 +1,13 @@
 """The results table: rows append, columns are typed, bad rows are refused with one line."""
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ResultsError
-from pipeline.results import RESULTS_SCHEMA, append_result, append_results, read_results
+from pipeline.results import RESULTS_SCHEMA, append_results, read_results, record_rows
 
 ROW = dict(dataset="cifar10", train_size=500, test_size=200, backbone_id="32x32_small-random0", head="linear",
            blocks=[24], timesteps=[150, 90], pool=2, parameters=1234, epochs=28, lr=0.01, solver="sgd",
@@ -14,7 +16,7 @@ ROW = dict(dataset="cifar10", train_size=500, test_size=200, backbone_id="32x32_
 
 def test_append_creates_then_appends(tmp_path):
     path = tmp_path / "results" / "results.parquet"
-    append_result(ROW, path)
+    append_results([ROW], path)
     append_results([dict(ROW, head="knn", k=20, top1=0.3, parameters=0), dict(ROW, seed=1)], path)
     table = read_results(path)
     assert table.schema == RESULTS_SCHEMA and table.num_rows == 3
@@ -34,8 +36,28 @@ def test_older_files_without_a_column_read_as_null(tmp_path):
 
 def test_bad_rows_and_missing_file(tmp_path):
     with pytest.raises(ResultsError, match="no column accuracy"):
-        append_result(dict(ROW, accuracy=1), tmp_path / "r.parquet")
+        append_results([dict(ROW, accuracy=1)], tmp_path / "r.parquet")
     with pytest.raises(ResultsError, match="needs top1"):
-        append_result(dict(ROW, top1=None), tmp_path / "r.parquet")
+        append_results([dict(ROW, top1=None)], tmp_path / "r.parquet")
     with pytest.raises(ResultsError, match="no results table"):
         read_results(tmp_path / "none.parquet")
+
+
+def test_rows_the_table_refuses_are_kept_beside_it(tmp_path):
+    path = tmp_path / "results.parquet"
+    record_rows([ROW], path)
+    rows = [dict(ROW, seed=1), dict(ROW, seed=2, accuracy=1)]  # the second has a column the table does not
+    with pytest.raises(ResultsError) as info:
+        record_rows(rows, path)
+    kept = list(tmp_path.glob("results.parquet.unsaved-*.json"))
+    assert len(kept) == 1 and f"the rows are in {kept[0]}" in str(info.value)
+    assert json.loads(kept[0].read_text()) == json.loads(json.dumps(rows))
+    assert read_results(path).column("seed").to_pylist() == [0], "nothing of a refused batch is appended"
+
+
+def test_rows_that_cannot_be_kept_either_go_to_the_log(tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with pytest.raises(ResultsError, match="the rows are in the log above"):
+        record_rows([ROW], blocked / "results.parquet")
+    assert any('"top1": 0.41' in record.getMessage() for record in caplog.records)

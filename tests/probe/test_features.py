@@ -7,9 +7,12 @@ import torch
 from extract.cache import CacheSpec, cache_path, create_cache, open_cache
 from extract.errors import CacheError
 import probe.train as train_module
-from probe.features import StreamedFeatures, in_shapes, iter_feature_batches, load_features, resolve_backbone_id
+from probe.features import (
+    StreamedFeatures, choose_read_pool, flatten_features, in_shapes, iter_feature_batches, load_at_pools, load_features,
+    resolve_backbone_id,
+)
 from probe.heads import create_head
-from probe.train import evaluate, fit, tensor_batches
+from probe.train import TrainConfig, evaluate, fit, tensor_batches
 from tests.extract.shard_writes import write_and_mark
 
 
@@ -35,6 +38,22 @@ def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3,
         write_and_mark(path, shard, {key: value[rows] for key, value in data.items()},
                        invalid={row: "broken" for row in range(rows.start, rows.stop) if not valid[row]})
     return open_cache(root, dataset, split, backbone_id), data, labels, valid
+
+
+def test_keys_read_at_their_own_pools_then_flattened_as_the_linear_probe_reads_them(tmp_path):
+    cache, data, labels, valid = make_cache(tmp_path)
+    keys = [(24, 150), (19, 90)]
+    assert [choose_read_pool(cache, key, pool) for key, pool in zip(keys, (2, 4))] == [2, None]  # never finer than stored
+    assert choose_read_pool(cache, keys[0], None) is None
+    loaded = load_at_pools(cache, keys, {keys[0]: 2, keys[1]: None})
+    assert loaded.features[keys[0]].shape == (21, 3, 2, 2) and loaded.features[keys[1]].shape == (21, 3, 4, 4)
+    stored = {key: torch.from_numpy(data[key][valid]) for key in keys}
+    flat = flatten_features(stored, keys, 2, chunk_rows=4)  # chunks of 4 rows: the same as one pass
+    by_hand = [value.float().reshape(21, 3, 2, 2, 2, 2).mean(dim=(3, 5)).half().flatten(1)
+               for value in (stored[key] for key in keys)]  # 2x2 windows averaged in float32
+    assert flat.dtype == torch.float16 and flat.shape == (21, 2 * 3 * 2 * 2)
+    torch.testing.assert_close(flat, torch.cat(by_hand, dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(flatten_features(stored, keys[:1], None), stored[keys[0]].flatten(1), rtol=0, atol=0)
 
 
 def test_load_drops_invalid_rows_and_keeps_float16(tmp_path):
@@ -97,14 +116,14 @@ def test_fit_on_streamed_splits_learns_and_resumes_bit_exact(tmp_path, monkeypat
     test_cache, *_ = make_cache(tmp_path, n=30, split="test", signal=4.0, seed=1)
     keys = [(24, 150)]
     train, test = StreamedFeatures(train_cache, keys, window_bytes=2 * 5 * 96), StreamedFeatures(test_cache, keys)
-    options = dict(epochs=4, lr=0.2, batch_size=8, step_size=2, progress=False)
+    config = TrainConfig(epochs=4, lr=0.2, batch_size=8, step_size=2)
 
     def head():
         torch.manual_seed(0)
         return create_head("linear", in_shapes(train_cache, keys), 3)
 
     straight = head()
-    result = fit(straight, train, None, test, None, **options)
+    result = fit(straight, train, None, test, None, config, progress=False)
     eager = load_features(test_cache, keys)
     assert result.top1 > 0.9
     assert result.top1 == evaluate(straight, tensor_batches(eager.features, eager.labels, torch.arange(eager.num_images), 7))["top1"]
@@ -119,10 +138,10 @@ def test_fit_on_streamed_splits_learns_and_resumes_bit_exact(tmp_path, monkeypat
 
     monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_three)
     with pytest.raises(KeyboardInterrupt):
-        fit(head(), train, None, test, None, **options, checkpoint_dir=tmp_path / "ckpt")
+        fit(head(), train, None, test, None, config, progress=False, checkpoint_dir=tmp_path / "ckpt")
     monkeypatch.setattr(train_module, "train_one_epoch", real)
     resumed = create_head("linear", in_shapes(train_cache, keys), 3)
-    fit(resumed, train, None, test, None, **options, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    fit(resumed, train, None, test, None, config, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -135,12 +154,12 @@ def test_a_split_that_fits_one_window_streams_the_in_ram_epochs_exactly(tmp_path
     stream = StreamedFeatures(train_cache, keys)  # the default share of the RAM cap holds these 58 rows
     assert len(stream.windows(0, 0)) == 1
     eager, test = load_features(train_cache, keys), load_features(test_cache, keys)
-    options = dict(epochs=3, lr=0.3, batch_size=8, step_size=2, seed=5, progress=False)
+    config = TrainConfig(epochs=3, lr=0.3, batch_size=8, step_size=2, seed=5)
     heads = []
     for train, labels in ((eager.features, eager.labels), (stream, None)):
         torch.manual_seed(0)
         heads.append(create_head("linear", in_shapes(train_cache, keys), 3))
-        fit(heads[-1], train, labels, test.features, test.labels, **options)
+        fit(heads[-1], train, labels, test.features, test.labels, config, progress=False)
     for a, b in zip(heads[0].state_dict().values(), heads[1].state_dict().values()):
         assert torch.equal(a, b)
     small = StreamedFeatures(train_cache, keys, window_bytes=20 * 2 * 96)  # several windows: mixed, not equal

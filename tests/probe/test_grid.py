@@ -1,11 +1,13 @@
 """A learning-rate grid trained in one pass equals separate runs, bit for bit on the CPU."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from probe.grid import HeadGrid
 from probe.heads import create_head
-from probe.train import fit
+from probe.train import TrainConfig, fit
 
 torch.set_num_threads(1)
 
@@ -29,13 +31,13 @@ def test_grid_heads_equal_separate_runs_bit_for_bit(optimizer):
         return create_head("linear", shapes, 4, pool=2)
 
     grid = HeadGrid(build, lrs, seed=5)
-    result = fit(grid, train_x, train_y, test_x, test_y, epochs=3, step_size=2, optimizer=optimizer, batch_size=16,
-                 seed=5, heldout_features=test_x, heldout_labels=test_y, progress=False)
+    config = TrainConfig(epochs=3, step_size=2, optimizer=optimizer, batch_size=16, seed=5)  # lr: the grid's own
+    result = fit(grid, train_x, train_y, test_x, test_y, config, heldout_features=test_x, heldout_labels=test_y,
+                 progress=False)
     for key, lr in grid.lrs.items():
         torch.manual_seed(5)
         alone = build()
-        fit(alone, train_x, train_y, test_x, test_y, epochs=3, step_size=2, lr=lr, optimizer=optimizer, batch_size=16,
-            seed=5, progress=False)
+        fit(alone, train_x, train_y, test_x, test_y, replace(config, lr=lr), progress=False)
         for name, value in alone.state_dict().items():
             assert torch.equal(value, grid.heads[key].state_dict()[name]), (lr, name)
     assert set(result.heldout_top1) == set(lrs)

@@ -5,7 +5,7 @@ import torch
 
 from extract.backbone.configs import get_config
 from probe.errors import ProbeError
-import fusion.difformer  # noqa: F401 - registers the difformer head, so the registry below is complete
+import fusion  # noqa: F401 - registers the difformer head, so the registry below is complete
 from probe.heads import HEADS, count_parameters, create_head, default_lr
 
 torch.set_num_threads(1)

@@ -33,15 +33,14 @@ def _head(name="linear", seed=0):
 def test_protocol_defaults():
     config = TrainConfig()
     assert (config.epochs, config.step_size, config.gamma, config.optimizer) == (28, 7, 0.1, "sgd")
-    defaults = {k: v.default for k, v in inspect.signature(fit).parameters.items() if v.default is not v.empty}
-    assert defaults["epochs"] == 28 and defaults["step_size"] == 7 and defaults["gamma"] == 0.1
+    assert inspect.signature(fit).parameters["config"].default == config  # fit trains by the protocol unless told
     with pytest.raises(ProbeError, match="invalid optimizer 'rmsprop': only sgd, adam"):
         TrainConfig(optimizer="rmsprop")
 
 
 def test_sgd_has_no_momentum_and_lr_steps_every_seven_epochs(tmp_path):
     train, labels = _data(40, 0)
-    result = fit(_head(), train, labels, train, labels, epochs=15, lr=0.1, batch_size=16, progress=False,
+    result = fit(_head(), train, labels, train, labels, TrainConfig(epochs=15, lr=0.1, batch_size=16), progress=False,
                  checkpoint_dir=tmp_path)
     assert [round(h["lr"], 6) for h in result.history] == [0.1] * 7 + [0.01] * 7 + [0.001]
     state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
@@ -54,17 +53,18 @@ def test_sgd_has_no_momentum_and_lr_steps_every_seven_epochs(tmp_path):
 def test_fit_learns_separable_data(head_name, optimizer):
     train, labels = _data(64, 0)
     test, test_labels = _data(33, 1)
-    result = fit(_head(head_name), train, labels, test, test_labels, epochs=6, lr=1e-2 if optimizer == "sgd" else 1e-3,
-                 optimizer=optimizer, batch_size=16, progress=False)
+    result = fit(_head(head_name), train, labels, test, test_labels,
+                 TrainConfig(epochs=6, lr=1e-2 if optimizer == "sgd" else 1e-3, optimizer=optimizer, batch_size=16),
+                 progress=False)
     assert result.top1 > 0.8 and result.top5 == 1.0
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
 def test_killed_and_resumed_equals_straight_through(tmp_path, monkeypatch):
     train, labels = _data(50, 0)
-    options = dict(epochs=9, lr=0.05, batch_size=16, seed=3, step_size=3, progress=False)
+    config = TrainConfig(epochs=9, lr=0.05, batch_size=16, seed=3, step_size=3)
     straight = _head(seed=7)
-    fit(straight, train, labels, train, labels, **options, checkpoint_dir=tmp_path / "a")
+    fit(straight, train, labels, train, labels, config, progress=False, checkpoint_dir=tmp_path / "a")
 
     real = train_module.train_one_epoch
     calls = {"n": 0}
@@ -78,13 +78,14 @@ def test_killed_and_resumed_equals_straight_through(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "train_one_epoch", dies_in_epoch_five)
     killed = _head(seed=7)
     with pytest.raises(KeyboardInterrupt):
-        fit(killed, train, labels, train, labels, **options, checkpoint_dir=tmp_path / "b")
+        fit(killed, train, labels, train, labels, config, progress=False, checkpoint_dir=tmp_path / "b")
     monkeypatch.setattr(train_module, "train_one_epoch", real)
     assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["epoch"] == 3
 
     torch.manual_seed(12345)  # a different global RNG state must not matter after resume
     resumed = _head(seed=99)  # fresh weights: everything comes from the checkpoint
-    result = fit(resumed, train, labels, train, labels, **options, checkpoint_dir=tmp_path / "b", resume=True)
+    result = fit(resumed, train, labels, train, labels, config, progress=False, checkpoint_dir=tmp_path / "b",
+                 resume=True)
     assert len(result.history) == 9
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
@@ -92,9 +93,10 @@ def test_killed_and_resumed_equals_straight_through(tmp_path, monkeypatch):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     train, labels = _data(20, 0)
-    fit(_head(), train, labels, train, labels, epochs=1, progress=False, checkpoint_dir=tmp_path)
+    fit(_head(), train, labels, train, labels, TrainConfig(epochs=1), progress=False, checkpoint_dir=tmp_path)
     with pytest.raises(ProbeError, match="other settings"):
-        fit(_head(), train, labels, train, labels, epochs=1, lr=0.5, progress=False, checkpoint_dir=tmp_path, resume=True)
+        fit(_head(), train, labels, train, labels, TrainConfig(epochs=1, lr=0.5), progress=False, checkpoint_dir=tmp_path,
+            resume=True)
 
 
 def test_evaluate_top5_and_odd_sizes():
@@ -109,4 +111,4 @@ def test_evaluate_top5_and_odd_sizes():
 def test_rows_and_labels_must_agree():
     train, labels = _data(10, 0)
     with pytest.raises(ProbeError, match="labels"):
-        fit(_head(), train, labels[:5], train, labels, epochs=1, progress=False)
+        fit(_head(), train, labels[:5], train, labels, TrainConfig(epochs=1), progress=False)

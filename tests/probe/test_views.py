@@ -2,7 +2,7 @@
 
 import torch
 
-from probe.train import _epoch_batches, fit
+from probe.train import TrainConfig, _epoch_batches, fit
 from probe.views import ViewStack, take_rows, view_choice
 
 
@@ -61,6 +61,6 @@ def test_a_head_learns_from_a_view_stack_and_is_scored_on_view_0():
             return self.net(x[(4, 90)])
 
     test = {(4, 90): features[(4, 90)][0]}
-    result = fit(Head(), features, labels, test, labels, epochs=5, batch_size=25, optimizer="adam", lr=5e-2,
+    result = fit(Head(), features, labels, test, labels, TrainConfig(epochs=5, batch_size=25, optimizer="adam", lr=5e-2),
                  progress=False)
     assert len(result.history) == 5 and result.top1 == 1.0
