@@ -256,7 +256,8 @@ def test_a_second_run_on_the_same_cache_is_refused_while_the_first_holds_it(data
 
     from extract.errors import CacheError
     from pipeline.cluster import TaskRunner
-    from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+    from pipeline.extraction import ExtractionRequest, plan_extraction
+    from pipeline.extraction_run import run_extraction
 
     request = ExtractionRequest(dataset="cifar10", split="test", timesteps=(90,), blocks=(4,), cache_dir=str(tmp_path),
                                 config_name="32x32_small", pool=4, limit=10, data_root=str(data_root))
@@ -276,7 +277,8 @@ def test_a_second_run_on_the_same_cache_is_refused_while_the_first_holds_it(data
 def test_resuming_with_another_batch_size_or_thread_count_is_refused(data_root, tmp_path):
     from extract.errors import CacheMismatchError
     from pipeline.cluster import TaskRunner
-    from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+    from pipeline.extraction import ExtractionRequest, plan_extraction
+    from pipeline.extraction_run import run_extraction
 
     def request(**changes):
         base = dict(dataset="cifar10", split="test", timesteps=(90,), blocks=(4,), cache_dir=str(tmp_path),
