@@ -104,8 +104,6 @@ def _extract(settings: DemoSettings, echo, *, checkpoint: str | None, weight_see
         for split, per_class in (("train", settings.train_per_class), ("test", settings.test_per_class))
     ]
     run = fill_caches(requests, synchronous=settings.synchronous, progress=settings.progress, echo=echo)
-    if not run.summaries:
-        echo("   cache complete: nothing to extract")
     return run.plans[0].spec.backbone_id
 
 

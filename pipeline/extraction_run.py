@@ -120,6 +120,9 @@ def fill_caches(
         return run
     if confirm is not None:
         confirm(plans)
+    if not any(plan.jobs or plan.index_damage for plan in plans):
+        echo("nothing to do: every requested array is complete")
+        return run
     try:
         with contextlib.ExitStack() as locks:
             for plan in plans:  # refuse a busy cache before any cluster starts
