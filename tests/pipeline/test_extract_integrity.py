@@ -327,6 +327,20 @@ def test_ctrl_c_in_process_prints_one_line_and_keeps_finished_shards(reference, 
     assert _files(tmp_path / "cifar10" / "test") == _files(reference / "cifar10" / "test")
 
 
+def test_ctrl_c_while_planning_says_nothing_ran(data_root, tmp_path, monkeypatch):
+    import pipeline.extraction_run as extraction_run
+
+    def interrupted(request, dry_run=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extraction_run, "plan_extraction", interrupted)
+    result = _extract(data_root, tmp_path, "--split", "test", "--synchronous")
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines() == [
+        "interrupted while planning, before any shard ran: run the same command again"]
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.e2e
 def test_ctrl_c_stops_extract_in_one_line_and_the_same_command_resumes(reference, data_root, tmp_path):
     cache_dir, hold = tmp_path / "cache", tmp_path / "hold"
