@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.cache import ShardMarks, write_shard_data
+from extract.cache import CacheSpec, ShardMarks, write_shard_data
 from extract.backbone.registry import create_backbone
 from extract.inputs.device_decode import check_decode_device, load_pixels_on_device
 from extract.errors import CacheMismatchError, DiskSpaceError
@@ -74,16 +74,17 @@ class NextShard:
 
 @dataclass(frozen=True)
 class ShardJob:
-    """Everything one job needs (picklable).
+    """Everything one job needs (picklable): the cache's spec, and what is this job's own.
 
     Args:
-        cache: path of the cache group; shard: shard number; start: its first cache row.
+        cache: path of the cache group; spec: its ``CacheSpec`` (backbone configuration and weight seed,
+            image size, schedule, noise seed, pool, precision: everything that changes the numbers).
+        shard: shard number; start: its first cache row.
         paths: the shard's image paths, rows start.. in order.
         image_ids: each row's image id (position in the dataset index: the key of its noise);
             empty means start, start + 1, ... (caches in index order).
         todo: ``((view, t, (b, ...)), ...)``: for each (view, t), the blocks still to write.
-        config_name, checkpoint, weight_seed: the backbone (weights from the file, else random from the seed).
-        image_size, noise_schedule, diffusion_steps, noise_seed, pool, precision: as in the CacheSpec.
+        checkpoint: the weights file (None: random weights from ``spec.weight_seed``).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...; batch_size: images per forward.
         num_threads: torch intra-op threads, set by the job itself: CPU float results depend on the
             thread count (and on batch_size), so a fixed value gives the same bits in-process and on
@@ -96,19 +97,12 @@ class ShardJob:
     """
 
     cache: str
+    spec: CacheSpec
     shard: int
     start: int
     paths: tuple[str, ...]
     todo: tuple[tuple[int, int, tuple[int, ...]], ...]
-    config_name: str
-    image_size: int
-    noise_schedule: str
-    diffusion_steps: int
     checkpoint: str | None = None
-    weight_seed: int | None = 0
-    noise_seed: int = 0
-    pool: int = 16
-    precision: str = "fp32"
     device: str = "auto"
     batch_size: int = 64
     num_threads: int = DEFAULT_THREADS
@@ -154,11 +148,11 @@ def build_backbone(config_name: str, checkpoint: str | None = None, weight_seed:
 
 
 def _backbone(job: ShardJob, device: torch.device) -> nn.Module:
-    key = (job.config_name, job.checkpoint, None if job.checkpoint else job.weight_seed, str(device))
+    key = (job.spec.config_name, job.checkpoint, None if job.checkpoint else job.spec.weight_seed, str(device))
     if key not in _BACKBONES:
         _BACKBONES.clear()
-        logger.info("building backbone %s on %s", job.config_name, device)
-        model = build_backbone(job.config_name, job.checkpoint, job.weight_seed).to(device)
+        logger.info("building backbone %s on %s", job.spec.config_name, device)
+        model = build_backbone(job.spec.config_name, job.checkpoint, job.spec.weight_seed).to(device)
         for param in model.parameters():
             param.requires_grad_(False)
         _BACKBONES[key] = model
@@ -210,19 +204,19 @@ def default_decode_threads(workers: int = 1, device: str = "auto", torch_threads
 
 
 def _pixels_key(job: ShardJob, path: str) -> tuple:
-    return ("pixels", path, job.image_size)
+    return ("pixels", path, job.spec.image_size)
 
 
 def _device_pixels_key(job: ShardJob, paths: tuple[str, ...]) -> tuple:
-    return ("device-pixels", paths, job.image_size, job.decode_device)
+    return ("device-pixels", paths, job.spec.image_size, job.decode_device)
 
 
 def _noise_key(job: ShardJob, ids: tuple[int, ...], t: int, draw: int = 0) -> tuple:
-    return ("noise", job.noise_seed, ids, int(t), int(draw), job.image_size)
+    return ("noise", job.spec.noise_seed, ids, int(t), int(draw), job.spec.image_size)
 
 
 def _noise(job: ShardJob, ids: tuple[int, ...], t: int, pin: bool, draw: int = 0) -> torch.Tensor:
-    noise = seeded_noise(job.noise_seed, ids, int(t), (3, job.image_size, job.image_size), draw=draw)
+    noise = seeded_noise(job.spec.noise_seed, ids, int(t), (3, job.spec.image_size, job.spec.image_size), draw=draw)
     return noise.pin_memory() if pin else noise
 
 
@@ -236,12 +230,12 @@ class _Batches:
         if self.on_device:
             self.pending = [
                 PREFETCHER.take(_device_pixels_key(job, job.paths[lo:hi]), load_pixels_on_device,
-                                job.paths[lo:hi], job.image_size, device)
+                                job.paths[lo:hi], job.spec.image_size, device)
                 for lo, hi in bounds
             ]
         else:
             self.pending = [
-                [PREFETCHER.take(_pixels_key(job, path), load_pixels, path, job.image_size) for path in job.paths[lo:hi]]
+                [PREFETCHER.take(_pixels_key(job, path), load_pixels, path, job.spec.image_size) for path in job.paths[lo:hi]]
                 for lo, hi in bounds
             ]
         self.ready: dict[int, tuple[torch.Tensor, np.ndarray, dict[int, str]]] = {}
@@ -258,7 +252,7 @@ class _Batches:
 
     def _gather(self, k: int) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
         lo, hi = self.bounds[k]
-        size = self.job.image_size
+        size = self.job.spec.image_size
         pixels = torch.zeros((hi - lo, 3, size, size), dtype=torch.uint8, pin_memory=self.cuda)
         rows = pixels.numpy()
         ok = np.zeros(hi - lo, dtype=bool)
@@ -336,14 +330,14 @@ def _run(job: ShardJob) -> ShardResult:
     check_decode_device(job.decode_device, device)
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: the fastest kernels are found once
-    precision = resolve_precision(job.precision, job.device)
+    precision = resolve_precision(job.spec.precision, job.device)
     compute = compute_settings(device, precision)
     for array, recorded in job.recorded_compute:  # before any forward: nothing of this shard is written
         problem = compute_conflict(array, recorded, compute)
         if problem:
             raise CacheMismatchError(problem)
     model = _backbone(job, device)
-    schedule = get_schedule(job.noise_schedule, job.diffusion_steps)
+    schedule = get_schedule(job.spec.noise_schedule, job.spec.diffusion_steps)
     schedule.check_timesteps([t for _, t, _ in job.todo])
     count = len(job.paths)
     ids = job.ids
@@ -395,7 +389,7 @@ def _run(job: ShardJob) -> ShardResult:
                 # the one noisy forward (extract.forward): pinned noise copied without blocking, no copy that syncs
                 x_t = diffuse(x0, t, noise[(k, t, draw)].result(), schedule)
                 with torch.inference_mode():
-                    outputs.put(lo, hi, block_features(model, x_t, t, blocks, pool=job.pool, precision=precision))
+                    outputs.put(lo, hi, block_features(model, x_t, t, blocks, pool=job.spec.pool, precision=precision))
                 del x_t, x0
             outputs.settle()
             if p + 1 >= len(job.todo) or (int(job.todo[p + 1][1]), int(job.todo[p + 1][0]) // 2) != (t, draw):
@@ -425,13 +419,13 @@ def _queue_next_shard(job: ShardJob, cuda: bool) -> None:
         return
     if job.decode_device == "cpu":
         for path in hint.paths:
-            PREFETCHER.ahead(_pixels_key(job, path), load_pixels, path, job.image_size)
+            PREFETCHER.ahead(_pixels_key(job, path), load_pixels, path, job.spec.image_size)
     size = max(1, job.batch_size)
     for lo in range(0, len(hint.paths), size):
         hi = min(lo + size, len(hint.paths))
         if job.decode_device != "cpu":
             paths = hint.paths[lo:hi]
-            PREFETCHER.ahead(_device_pixels_key(job, paths), load_pixels_on_device, paths, job.image_size,
+            PREFETCHER.ahead(_device_pixels_key(job, paths), load_pixels_on_device, paths, job.spec.image_size,
                              resolve_device(job.device))
         if hint.t is not None:
             hint_ids = hint.image_ids[lo:hi] if hint.image_ids else tuple(range(hint.start + lo, hint.start + hi))

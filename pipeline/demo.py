@@ -23,12 +23,12 @@ from extract.backbone.registry import create_backbone
 from extract.inputs.images import load_batch
 from probe.logistic import converged_linear_probe
 
-from pipeline.cluster import open_runner
 from pipeline.datasets import build_index
 from pipeline.evaluate import (
     CacheSelection, CkaRequest, FitProtocol, ProbeRequest, SweepRequest, fmt_keys, run_cka, run_probe, run_sweep,
 )
-from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+from pipeline.extraction import ExtractionRequest
+from pipeline.extraction_run import fill_caches
 from pipeline.findings import check_findings, findings_paragraph
 from pipeline.report import markdown_table
 from pipeline.results import results_table
@@ -96,24 +96,16 @@ class _Stages:
 
 def _extract(settings: DemoSettings, echo, *, checkpoint: str | None, weight_seed: int, timesteps, blocks) -> str:
     """Fill the train and test caches of one backbone; returns its backbone id."""
-    plans = []
-    for split, per_class in (("train", settings.train_per_class), ("test", settings.test_per_class)):
-        request = ExtractionRequest(
+    requests = [
+        ExtractionRequest(
             dataset="cifar10", split=split, timesteps=tuple(timesteps), blocks=tuple(blocks),
             cache_dir=settings.cache_dir, pool=settings.pool, config_name=settings.config_name,
             checkpoint=checkpoint, weight_seed=weight_seed, per_class=per_class, device=settings.device,
         )
-        plans.append(plan_extraction(request))
-    for plan in plans:
-        echo(plan.describe())
-    if any(plan.jobs for plan in plans):
-        with open_runner(synchronous=settings.synchronous, device=settings.device) as runner:
-            for plan in plans:
-                if plan.jobs:
-                    echo(run_extraction(plan, runner, progress=settings.progress).describe())
-    else:
-        echo("   cache complete: nothing to extract")
-    return plans[0].spec.backbone_id
+        for split, per_class in (("train", settings.train_per_class), ("test", settings.test_per_class))
+    ]
+    run = fill_caches(requests, synchronous=settings.synchronous, progress=settings.progress, echo=echo)
+    return run.plans[0].spec.backbone_id
 
 
 def _adm_init_checkpoint(settings: DemoSettings) -> str:

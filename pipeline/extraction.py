@@ -1,49 +1,39 @@
-"""The extract stage: plan what is missing in a cache (images, arrays, bytes, forwards), check the disk, and run shard jobs.
+"""The extract stage's plan: what is missing in a cache (images, arrays, bytes, forwards), the disk check, and the shard jobs.
 
 ``plan_extraction(request)`` reads the dataset index and the cache (if any) and returns an
 ``ExtractionPlan`` whose ``describe()`` is what ``diffrep extract`` prints before it starts; it
-raises DiskSpaceError when the disk cannot hold the new data. ``run_extraction(plan, runner)``
-creates the cache metadata, runs one ``extract.job`` task per shard with something left to do,
-shows a progress bar, records the run in the cache attributes, and returns a ``RunSummary``.
+raises DiskSpaceError when the disk cannot hold the new data. The request's settings reach the
+jobs through one ``CacheSpec`` (``ExtractionRequest.cache_spec``), which every ``ShardJob``
+carries. Running the plans is ``pipeline.extraction_run``.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
 import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from extract.backbone.adm import normalize_blocks
+from extract.backbone.configs import BackboneConfig, get_config
 from extract.cache import (
-    CacheSpec, FeatureCache, MarkWriter, cache_path, count_objects, create_cache, inner_chunk_rows,
-    record_run, reset_shards, view_suffix,
+    CacheSpec, FeatureCache, cache_path, count_objects, inner_chunk_rows, view_suffix,
 )
-from extract.backbone.configs import get_config
 from extract.backbone.identity import backbone_id as weights_id
-from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiffrepError, DiskSpaceError
-from extract.job import DEFAULT_THREADS, ShardJob, ShardResult, link_next_shards, run_shard_job
 from extract.cache.order import row_order
-from extract.pooling import pooled_size
 from extract.cache.provenance import compute_conflict
+from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiskSpaceError
+from extract.job import DEFAULT_THREADS, ShardJob
+from extract.pooling import pooled_size
 from extract.schedule import get_schedule
 
-from pipeline.cluster import TaskRunner
 from pipeline.datasets import ImageIndex, build_index, select_subset
-from pipeline.locks import LockHeld, file_lock
 
-__all__ = [
-    "ExtractionRequest", "ExtractionPlan", "RunSummary", "ExtractionInterrupted", "dataset_splits", "plan_extraction",
-    "lock_cache", "run_extraction", "finished_shards", "format_bytes",
-]
+__all__ = ["ExtractionRequest", "ExtractionPlan", "dataset_splits", "plan_extraction", "format_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +91,21 @@ class ExtractionRequest:
     decode_threads: int = 2
     decode_device: str = "cpu"
     order_seed: int = 0
+
+    def cache_spec(self, config: BackboneConfig, checkpoint_sha256: str, num_images: int) -> CacheSpec:
+        """The cache this request fills, for its resolved backbone configuration, the checkpoint's
+        SHA-256 ('' for random weights) and the images its subset keeps."""
+        subset = ",".join(f"{k}={v}" for k, v in (("per_class", self.per_class), ("limit", self.limit)) if v is not None)
+        weight_seed = None if checkpoint_sha256 else int(self.weight_seed)
+        return CacheSpec(
+            dataset=self.dataset, split=self.split,
+            backbone_id=weights_id(config.name, weight_seed=weight_seed, sha256=checkpoint_sha256),
+            config_name=config.name, config_flags=config.flags, checkpoint_sha256=checkpoint_sha256,
+            weight_seed=weight_seed, image_size=config.image_size, noise_schedule=config.noise_schedule,
+            diffusion_steps=config.diffusion_steps, noise_seed=int(self.noise_seed), flip=bool(self.flip),
+            pool=int(self.pool), precision=self.precision, subset=subset or "all", num_images=num_images,
+            shard_size=int(self.shard_size), row_order_seed=int(self.order_seed), noise_draws=int(self.noise_draws),
+        )
 
 
 @dataclass
@@ -191,35 +196,6 @@ class ExtractionPlan:
             f"  objects: {objects['total']:,} files when complete ({objects['data']:,} data shards, "
             f"{objects['markers']:,} marker, {objects['index']:,} index, {objects['metadata']:,} metadata)"
         )
-        return "\n".join(lines)
-
-
-@dataclass
-class RunSummary:
-    """What a run did: shards written and failed, images, forwards, invalid images with reasons, time."""
-
-    path: str
-    shards_done: int = 0
-    shards_skipped: int = 0
-    failed: dict[int, str] = field(default_factory=dict)
-    images: int = 0
-    forwards: int = 0
-    seconds: float = 0.0
-    invalid: dict[int, tuple[str, str]] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        rate = self.images / self.seconds if self.seconds > 0 else 0.0
-        lines = [
-            f"wrote {self.shards_done} shards ({self.images} images, {self.forwards} forwards) in {self.seconds:.1f} s, "
-            f"{rate:.1f} images/s; {self.shards_skipped} shards were already complete",
-            f"  cache {self.path}",
-        ]
-        if self.invalid:
-            lines.append(f"  {len(self.invalid)} image(s) could not be read (rows marked invalid, features zero):")
-            lines.extend(f"    {path}: {reason}" for _, (path, reason) in sorted(self.invalid.items()))
-        if self.failed:
-            lines.append(f"  {len(self.failed)} shard(s) failed:")
-            lines.extend(f"    shard {shard}: {error}" for shard, error in sorted(self.failed.items()))
         return "\n".join(lines)
 
 
@@ -368,19 +344,7 @@ def plan_extraction(
         )
     else:
         index = select_subset(index, per_class=request.per_class, limit=request.limit)
-    subset = "all"
-    if request.per_class is not None or request.limit is not None:
-        subset = ",".join(f"{k}={v}" for k, v in (("per_class", request.per_class), ("limit", request.limit)) if v is not None)
-    spec = CacheSpec(
-        dataset=request.dataset, split=request.split,
-        backbone_id=weights_id(config.name, weight_seed=None if sha256 else request.weight_seed, sha256=sha256),
-        config_name=config.name, config_flags=config.flags, checkpoint_sha256=sha256,
-        weight_seed=None if sha256 else int(request.weight_seed), image_size=config.image_size,
-        noise_schedule=config.noise_schedule, diffusion_steps=config.diffusion_steps,
-        noise_seed=int(request.noise_seed), flip=bool(request.flip), pool=int(request.pool),
-        precision=request.precision, subset=subset, num_images=index.num_images, shard_size=int(request.shard_size),
-        row_order_seed=int(request.order_seed), noise_draws=int(request.noise_draws),
-    )
+    spec = request.cache_spec(config, sha256, index.num_images)
     # absolute: workers of a remote cluster (and the disk check) must not depend on our cwd
     path = cache_path(os.path.abspath(request.cache_dir), spec.dataset, spec.split, spec.backbone_id)
     _check_cache_dir(request.cache_dir, path)
@@ -437,13 +401,9 @@ def plan_extraction(
             checks = tuple((f"b{b}/t{t}{view_suffix(view)}", recorded[(b, t, view)]) for view, t, todo_blocks in todo
                            for b in todo_blocks if recorded.get((b, t, view)))
             jobs.append(ShardJob(
-                cache=path, shard=shard, start=start, paths=tuple(ordered_paths[start:stop]), todo=tuple(todo),
-                image_ids=rows, recorded_compute=checks,
-                config_name=config.name, image_size=config.image_size, noise_schedule=config.noise_schedule,
-                diffusion_steps=config.diffusion_steps, checkpoint=request.checkpoint,
-                weight_seed=None if sha256 else int(request.weight_seed), noise_seed=spec.noise_seed,
-                pool=spec.pool, precision=request.precision, device=request.device,
-                batch_size=int(request.batch_size), num_threads=int(request.num_threads),
+                cache=path, spec=spec, shard=shard, start=start, paths=tuple(ordered_paths[start:stop]),
+                todo=tuple(todo), image_ids=rows, recorded_compute=checks, checkpoint=request.checkpoint,
+                device=request.device, batch_size=int(request.batch_size), num_threads=int(request.num_threads),
                 decode_threads=int(request.decode_threads), decode_device=request.decode_device,
             ))
     bytes_free = shutil.disk_usage(_existing_parent(path)).free
@@ -463,158 +423,8 @@ def plan_extraction(
     return plan
 
 
-def _mark(marker: MarkWriter, result: ShardResult) -> ShardResult | DiffrepError:
-    """Mark a finished shard (its data is on disk); a refusal or a full disk comes back as the shard's error."""
-    try:
-        marker.mark([result.marks()])
-    except CacheMismatchError as exc:  # another device kind or precision than the array's: not marked
-        return exc
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return DiskSpaceError(f"disk full while marking shard {result.shard} of {marker.path}: free space and run "
-                                  "the same command again (completed shards are kept)")
-        raise
-    return result
-
-
 def _prod(shape: tuple[int, ...]) -> int:
     out = 1
     for n in shape:
         out *= n
     return out
-
-
-class ExtractionInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run: the shards finished so far are written and marked, the rest left to the next run.
-
-    A KeyboardInterrupt, so that library callers still stop; ``summary`` is what the run did.
-    """
-
-    def __init__(self, summary: "RunSummary", total: int):
-        super().__init__(f"{summary.shards_done} of {total} shards finished")
-        self.summary, self.total = summary, total
-
-
-def finished_shards(plan: ExtractionPlan) -> int:
-    """How many of the plan's shard jobs are now fully written, read from the cache itself.
-
-    After an interrupt this is the truth a user needs (a result may be lost in flight although
-    its shard is written, or a worker may finish one while the run stops).
-    """
-    if not plan.jobs or not os.path.exists(os.path.join(plan.path, "zarr.json")):
-        return 0
-    cache = FeatureCache(plan.path)
-    missing: dict[tuple[int, int, int], set[int]] = {}
-
-    def written(shard: int, b: int, t: int, view: int) -> bool:
-        if (b, t, view) not in missing:
-            missing[(b, t, view)] = set(cache.missing_shards(b, t, view))
-        return shard not in missing[(b, t, view)]
-
-    return sum(all(written(job.shard, b, t, view) for view, t, blocks in job.todo for b in blocks) for job in plan.jobs)
-
-
-_HELD: set[str] = set()
-
-
-@contextmanager
-def lock_cache(plan: ExtractionPlan) -> Iterator[None]:
-    """Hold ``<cache>.lock`` for a run (re-entrant in this process), so two runs never write the same shards.
-
-    Take it before starting any cluster: a refused run then starts nothing.
-
-    Raises:
-        CacheError: another process holds the lock (names it).
-    """
-    lock_path = plan.path.rstrip(os.sep) + ".lock"
-    if lock_path in _HELD:
-        yield
-        return
-    try:
-        with file_lock(lock_path, blocking=False):
-            _HELD.add(lock_path)
-            try:
-                yield
-            finally:
-                _HELD.discard(lock_path)
-    except LockHeld as held:  # two runs on one cache would plan and write the same shards
-        raise CacheError(
-            f"another diffrep extract ({held.holder}) is writing {plan.path}: wait for it to finish, or use another --cache-dir"
-        ) from None
-
-
-def run_extraction(plan: ExtractionPlan, runner: TaskRunner, progress: bool = True, retries: int = 2) -> RunSummary:
-    """Create the cache metadata, forget damaged shards, then run the plan's shard jobs and record the run.
-
-    Args:
-        plan: from ``plan_extraction``; runner: from ``pipeline.cluster.open_runner``.
-        progress: show a progress bar (images/s, time left) on stderr; retries: per failed task.
-
-    Returns:
-        RunSummary; shards that failed after their retries are listed in ``failed`` (their markers
-        stay unset, so running the same command again finishes them).
-
-    Raises:
-        CacheError: another run holds the cache; ExtractionInterrupted: Ctrl-C (finished shards are kept).
-    """
-    with lock_cache(plan):
-        return _run_locked(plan, runner, progress, retries)
-
-
-def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retries: int) -> RunSummary:
-    from tqdm import tqdm
-
-    began = time.perf_counter()
-    create_cache(  # also rewrites lost chunks of index/path and index/label
-        plan.request.cache_dir, plan.spec, plan.paths, plan.labels, plan.class_names,
-        arrays=plan.shapes, native_sizes=plan.native_sizes,
-    )
-    if plan.damaged or plan.index_damage:  # their markers lie: unset them (and drop the remains) before rerunning
-        reset_shards(plan.path, plan.damaged, {k: v for k, v in plan.index_damage.items() if k in ("valid", "error")})
-    summary = RunSummary(path=plan.path, shards_skipped=plan.spec.num_shards - len(plan.jobs))
-    jobs = plan.jobs
-    fatal: DiffrepError | None = None
-    bar = tqdm(total=plan.images_to_run, unit="img", desc=f"{plan.spec.dataset}/{plan.spec.split}",
-               disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    jobs = link_next_shards(jobs)  # each job decodes the next one's first batches ahead
-    marker = MarkWriter(plan.path)  # this process alone writes markers, index rows and provenance
-    computed: list[dict] = []
-    results = runner.run(run_shard_job, jobs, retries=retries, name=f"extract-{plan.spec.split}-shard")
-    interrupted = False
-    try:
-        for job, result in results:
-            if isinstance(result, ShardResult):
-                result = _mark(marker, result)
-            if isinstance(result, ShardResult):
-                summary.shards_done += 1
-                summary.images += result.images
-                summary.forwards += result.forwards
-                for row, reason in result.invalid.items():
-                    summary.invalid[row] = (plan.row_path(row), reason)
-                if result.compute is not None and result.compute not in computed:
-                    computed.append(result.compute)
-                bar.update(result.images)
-            else:
-                summary.failed[job.shard] = f"{type(result).__name__}: {' '.join(str(result).split())}"[:300]
-                logger.error("shard %d failed: %s", job.shard, summary.failed[job.shard])
-                if isinstance(result, DiffrepError):  # a bad setting fails every shard alike: stop now
-                    fatal = result
-                    break
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        results.close()  # cancels what is still queued before the run is recorded and the lock let go
-        bar.close()
-        summary.seconds = time.perf_counter() - began
-        record_run(plan.path, summary.invalid, {
-            "arrays": [f"b{b}/t{t}" for (b, t) in sorted(plan.shapes)],
-            "shards_written": summary.shards_done, "shards_failed": sorted(summary.failed),
-            "images": summary.images, "forwards": summary.forwards, "seconds": round(summary.seconds, 2),
-            "where": runner.description, "threads": plan.request.num_threads,
-            "batch_size": plan.request.batch_size, "decode_device": plan.request.decode_device, "compute": computed,
-        })
-    if interrupted:
-        raise ExtractionInterrupted(summary, len(jobs))
-    if fatal is not None:
-        raise fatal
-    return summary

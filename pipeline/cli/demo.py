@@ -6,7 +6,6 @@ import os
 
 import click
 
-from pipeline.cli.main import main
 from pipeline.cli.options import BlockList, PoolList, TimestepList, device_option
 
 
@@ -14,7 +13,7 @@ def _default_demo_cache() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "diffrep", "demo")
 
 
-@main.command("demo")
+@click.command("demo")
 @click.option("--per-class", "train_per_class", type=click.IntRange(min=1), default=200, show_default=True,
               help="Train images per class (CIFAR-10 has 5000).")
 @click.option("--test-per-class", type=click.IntRange(min=1), default=100, show_default=True,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import click
 
-from pipeline.cli.main import main
 from pipeline.cli.options import (
     BlockList, PoolList, TimestepList, cache_dir_option, checkpoint_option, config_option, dataset_option,
     device_option,
@@ -16,7 +14,7 @@ from pipeline.cli.options import (
 _CONFIRM_BYTES = 100e9
 
 
-@main.command("extract")
+@click.command("extract")
 @dataset_option()
 @click.option("--split", "splits", default=None,
               help="Comma-separated splits, each its own cache (default: every split of the dataset, e.g. train,test).")
@@ -71,14 +69,14 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
     are redone); adding timesteps or blocks writes only the new arrays. Unreadable images are
     reported and marked invalid. Ctrl-C stops it with every finished shard kept.
     """
-    from extract.errors import CacheIncompleteError, ConfigError
-
+    from extract.errors import ConfigError
     from extract.inputs.device_decode import check_decode_device
     from extract.job import default_decode_threads
     from extract.precision import resolve_device, resolve_precision
 
     from pipeline.cluster import count_gpus
-    from pipeline.extraction import ExtractionRequest, dataset_splits, plan_extraction
+    from pipeline.extraction import ExtractionRequest, dataset_splits
+    from pipeline.extraction_run import fill_caches
 
     precision = resolve_precision(precision, device)
     if decode_device != "cpu" and scheduler is None:  # a remote cluster's workers check their own GPUs
@@ -88,74 +86,29 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
         decode_threads = default_decode_threads(1 if synchronous else (workers or max(1, per_gpu)), device, threads)
     if len(pool) != 1:
         raise ConfigError(f"extract stores one pool size, got {len(pool)}: pass --pool 16 (coarser pools derive at read time)")
-    plans = []
     if splits is None:
         split_names = dataset_splits(dataset, data_root)
     else:
         split_names = [s.strip() for s in splits.split(",") if s.strip()]
     if split_dir is not None and len(split_names) != 1:
         raise click.UsageError(f"--split-dir is the folder of one split: pass --split too (one of {', '.join(split_names)})")
-    try:
-        for split in split_names:
-            request = ExtractionRequest(
-                dataset=dataset, split=split, timesteps=tuple(timesteps), blocks=tuple(blocks), cache_dir=cache_dir,
-                pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,
-                noise_seed=noise_seed, flip=flip, noise_draws=noise_draws, shard_size=shard_size, batch_size=batch_size, per_class=per_class,
-                limit=limit, data_root=data_root, split_dir=split_dir, device=device, precision=precision,
-                num_threads=threads, order_seed=order_seed, decode_threads=decode_threads, decode_device=decode_device,
-            )
-            plan = plan_extraction(request, dry_run=dry_run)
-            click.echo(plan.describe())
-            plans.append(plan)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted while planning, before any shard ran: run the same command again", err=True)
-        raise SystemExit(130) from None
-    if dry_run:
-        return
+    requests = [
+        ExtractionRequest(
+            dataset=dataset, split=split, timesteps=tuple(timesteps), blocks=tuple(blocks), cache_dir=cache_dir,
+            pool=pool[0], config_name=config_name, checkpoint=checkpoint, weight_seed=weight_seed,
+            noise_seed=noise_seed, flip=flip, noise_draws=noise_draws, shard_size=shard_size, batch_size=batch_size,
+            per_class=per_class, limit=limit, data_root=data_root, split_dir=split_dir, device=device,
+            precision=precision, num_threads=threads, order_seed=order_seed, decode_threads=decode_threads,
+            decode_device=decode_device,
+        )
+        for split in split_names
+    ]
+    fill_caches(requests, scheduler=scheduler, synchronous=synchronous, workers=workers, progress=not no_progress,
+                dry_run=dry_run, confirm=None if yes or not sys.stdin.isatty() else _confirm_large, echo=click.echo)
+
+
+def _confirm_large(plans) -> None:
+    """Ask before writing more than 100 GB (an interactive run without --yes)."""
     total = sum(plan.bytes_new for plan in plans)
-    if total > _CONFIRM_BYTES and not yes and sys.stdin.isatty():
+    if total > _CONFIRM_BYTES:
         click.confirm(f"write {total / 1e9:.0f} GB?", abort=True)
-    if not any(plan.jobs or plan.index_damage for plan in plans):
-        click.echo("nothing to do: every requested array is complete")
-        return
-    failed = _run_plans(plans, scheduler, synchronous, workers, device, no_progress)
-    if failed:
-        raise CacheIncompleteError(
-            f"{failed} shard(s) failed after retries (listed above): run the same command again to finish them"
-        )
-
-
-def _run_plans(plans, scheduler, synchronous, workers, device, no_progress) -> int:
-    """Lock every cache, then start the cluster and run the plans; returns the failed shard count.
-
-    Ctrl-C prints one line (how many shards are written, how to resume) and exits with status 130.
-    """
-    from pipeline.cluster import TaskRunner, open_runner
-    from pipeline.extraction import finished_shards, lock_cache, run_extraction
-
-    failed = 0
-    try:
-        with contextlib.ExitStack() as locks:
-            for plan in plans:  # refuse a busy cache before any cluster starts
-                locks.enter_context(lock_cache(plan))
-            for plan in plans:
-                if plan.index_damage and not plan.jobs:  # only index chunks to rewrite: no cluster needed
-                    click.echo(run_extraction(plan, TaskRunner(), progress=False).describe())
-            todo = [plan for plan in plans if plan.jobs]
-            if not todo:
-                return 0
-            with open_runner(scheduler=scheduler, synchronous=synchronous, workers=workers, device=device) as runner:
-                click.echo(f"running on {runner.description}")
-                for plan in todo:
-                    summary = run_extraction(plan, runner, progress=not no_progress)
-                    click.echo(summary.describe())
-                    failed += len(summary.failed)
-    except KeyboardInterrupt:  # the cluster is closed by now: count what is on disk
-        total = sum(len(plan.jobs) for plan in plans)
-        finished = sum(finished_shards(plan) for plan in plans)
-        click.echo(
-            f"\ninterrupted: {finished} of {total} shards finished and are kept; run the same command again "
-            f"to do the other {total - finished}", err=True,
-        )
-        raise SystemExit(130) from None
-    return failed

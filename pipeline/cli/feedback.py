@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.main import main
 from pipeline.cli.options import checkpoint_option, config_option, dataset_option, default_cache_dir, device_option
 
 
-@main.command("feedback")
+@click.command("feedback")
 @dataset_option()
 @click.option("--timestep", "-t", type=click.IntRange(min=0), default=150, show_default=True)
 @click.option("--strategy", type=click.Choice(["bottleneck", "all", "windowed", "multi-scale"]), default="bottleneck",

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.main import main
-from pipeline.cli.probe import _cache_options
-from pipeline.cli.options import BlockList, FloatList, TimestepList, device_option
+from pipeline.cli.options import BlockList, FloatList, TimestepList, cache_options, device_option
 
 
-@main.command("fuse")
-@_cache_options
+@click.command("fuse")
+@cache_options
 @click.option("--blocks", "-b", type=BlockList(), default="19,24,30", show_default=True, help="Blocks fused.")
 @click.option("--timesteps", "-t", type=TimestepList(), default="90,150,300", show_default=True, help="Timesteps fused.")
 @click.option("--dim", type=click.IntRange(min=8), default=None, help="Token width [default: 1024].")

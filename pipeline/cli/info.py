@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.main import main
 from pipeline.cli.options import checkpoint_option, config_option
 
 
-@main.command("info")
+@click.command("info")
 @config_option()
 @checkpoint_option()
 @click.option("--list", "list_only", is_flag=True, help="List the named configurations and exit.")

@@ -1,6 +1,10 @@
-"""The ``diffrep`` command line: thin commands that parse, call one library function, and print.
+"""The ``diffrep`` command line: the one group, and the one place that adds its commands.
 
-Every ``DiffrepError`` raised below becomes one line on stderr and exit status 1.
+Commands live one concept per module (``pipeline.cli.extract``, ``.probe``, ...) as plain click
+commands that parse, call one library function, and print; they import nothing from here, and load
+torch only when they run (``--help`` stays fast). Every ``DiffrepError`` raised below becomes one
+line on stderr and exit status 1; a Ctrl-C that carries a message (``ExtractionInterrupted``)
+becomes that line and exit status 130.
 """
 
 from __future__ import annotations
@@ -10,18 +14,32 @@ import logging
 import click
 
 from extract.errors import DiffrepError
+from pipeline.cli.demo import demo
+from pipeline.cli.extract import extract
+from pipeline.cli.feedback import feedback
+from pipeline.cli.fuse import fuse
+from pipeline.cli.info import info
+from pipeline.cli.pretrain import pretrain
+from pipeline.cli.probe import cka, knn, probe, report, sweep
+from pipeline.cli.verify import verify
 
 __all__ = ["main"]
 
 
 class _Group(click.Group):
-    """A click group that turns library errors into one-line messages."""
+    """A click group that turns library errors into one-line messages, and a Ctrl-C that says what to do into
+    that line on stderr and exit status 130."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DiffrepError as exc:
             raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt as exc:
+            if not str(exc):  # a bare Ctrl-C: click's "Aborted!"
+                raise
+            click.echo(f"\n{exc}", err=True)
+            raise SystemExit(130) from None
 
 
 @click.group("diffrep", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,12 +60,6 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-# Commands live one concept per module and register themselves on `main`.
-from pipeline.cli import info  # noqa: E402,F401
-from pipeline.cli import extract  # noqa: E402,F401
-from pipeline.cli import probe  # noqa: E402,F401
-from pipeline.cli import demo  # noqa: E402,F401
-from pipeline.cli import pretrain  # noqa: E402,F401
-from pipeline.cli import fuse  # noqa: E402,F401
-from pipeline.cli import feedback  # noqa: E402,F401
-from pipeline.cli import verify  # noqa: E402,F401
+# Each command lives in its own module as a plain click command; this is the one place that adds them.
+for _command in (info, extract, probe, knn, cka, sweep, report, demo, pretrain, fuse, feedback, verify):
+    main.add_command(_command)

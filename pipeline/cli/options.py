@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import click
 
 __all__ = [
-    "IntList", "BlockList", "TimestepList", "PoolList", "FloatList",
+    "IntList", "BlockList", "TimestepList", "PoolList", "FloatList", "int_tuple",
     "config_option", "checkpoint_option", "dataset_option", "cache_dir_option", "device_option",
-    "default_cache_dir",
+    "default_cache_dir", "cache_options", "protocol_options", "SOLVER_CHOICES", "L2_DEFAULT",
 ]
+
+# Kept literal so that `--help` does not import torch; tests hold them equal to the library's.
+SOLVER_CHOICES = ("lbfgs", "sgd", "adam")  # pipeline.evaluate.SOLVERS
+L2_DEFAULT = "1e-4,1e-3,1e-2"  # probe.logistic.DEFAULT_L2_GRID
 
 
 class IntList(click.ParamType):
@@ -143,3 +148,85 @@ class FloatList(click.ParamType):
         if bad:
             self.fail(f"{bad[0]:g} is not {'non-negative' if self.allow_zero else 'positive'}", param, ctx)
         return tuple(dict.fromkeys(out))
+
+
+def int_tuple(ctx, param, value):
+    """Parse ``2048,1024`` into (2048, 1024), order kept (hidden and channel sizes)."""
+    if value is None:
+        return None
+    try:
+        sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 2048,1024") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r}: give positive sizes, e.g. 2048,1024")
+    return sizes
+
+
+def cache_options(fn):
+    """--dataset, --cache-dir, --config, --backbone-id, --train-split/--test-split, --allow-same-split, --results,
+    --ram-cap-gb: gathered into one ``CacheSelection`` passed as ``cache``."""
+    decorators = [
+        dataset_option(),
+        cache_dir_option(),
+        config_option(),
+        click.option("--backbone-id", default=None,
+                     help="Cache folder of the backbone (e.g. 256x256_uncond-1a2b3c4d5e6f); default: the one "
+                          "cache of --config for this dataset."),
+        click.option("--train-split", default="train", show_default=True, help="Split to train on (or the kNN memory)."),
+        click.option("--test-split", default="test", show_default=True, help="Split to score."),
+        click.option("--allow-same-split", is_flag=True, help="Allow --test-split equal to --train-split (scores on training rows)."),
+        click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None,
+                     help="Results table to append to [default: $DIFFREP_RESULTS or results/results.parquet]."),
+        click.option("--ram-cap-gb", type=float, default=None,
+                     help="Most RAM one cached array may take when read whole (default: the cache's, half the RAM)."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(dataset, cache_dir, config_name, backbone_id, train_split, test_split, allow_same_split, results_path,
+                ram_cap_gb, **options):
+        from pipeline.evaluate import CacheSelection
+
+        cache = CacheSelection(dataset=dataset, cache_dir=cache_dir, config_name=config_name, backbone_id=backbone_id,
+                               train_split=train_split, test_split=test_split, allow_same_split=allow_same_split,
+                               results_path=results_path, ram_cap_gb=ram_cap_gb)
+        return fn(cache=cache, **options)
+
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)
+
+
+def protocol_options(fn):
+    """--solver, --lr, --l2, --heldout-fraction, --epochs, --batch-size, --seed: how a linear probe is fitted."""
+    decorators = [
+        click.option("--solver", type=click.Choice(SOLVER_CHOICES), default=None,
+                     help="lbfgs: the converged probe (standardised features, logistic regression to its optimum, "
+                          "L2 chosen on held-out rows; linear head only, the default for it). sgd / adam: the "
+                          "paper's protocol (28 epochs, StepLR 7); the default for the other heads."),
+        click.option("--lr", type=FloatList(), default=None,
+                     help="Learning rate(s) of sgd/adam; several (e.g. 1e-3,1e-2,1e-1) train in one pass and the best "
+                          "on the held-out rows is scored [default: 1e-2 linear/MLP/CNN, 5e-2 attention]."),
+        click.option("--l2", type=FloatList(allow_zero=True), default=L2_DEFAULT,
+                     show_default=True, help="L2 weights the converged probe chooses from on the held-out rows."),
+        click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+                     show_default=True, help="Share of every class held out of the train split to choose L2 / lr."),
+        click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True,
+                     help="Epochs of sgd/adam (StepLR divides the lr by 10 every 7)."),
+        click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Train on this share of every class's labelled images (e.g. 0.01, 0.1), drawn with --seed."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step (sgd/adam)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the held-out rows, the heads' initialisation and the batch order."),
+        click.option("--views/--view-0", "views", default=True, show_default=True,
+                     help="sgd/adam: train on every view the cache stores (extract --noise-draws K, --flip), one per "
+                          "image per epoch, seeded; scoring always reads view 0."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(solver, lr, l2, heldout_fraction, epochs, label_fraction, batch_size, seed, views, **options):
+        from pipeline.evaluate import FitProtocol
+
+        protocol = FitProtocol(solver=solver, lr=lr, l2=l2, heldout_fraction=heldout_fraction, epochs=epochs,
+                               label_fraction=label_fraction, batch_size=batch_size, seed=seed, views=views)
+        return fn(protocol=protocol, **options)
+
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.main import main
 from pipeline.cli.options import config_option, dataset_option, device_option
 
 
-@main.command("pretrain")
+@click.command("pretrain")
 @config_option(default="32x32_small")
 @dataset_option(default="cifar10")
 @click.option("--split", default="train", show_default=True, help="Split whose images train the model (labels are never read).")

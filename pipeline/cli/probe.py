@@ -10,98 +10,10 @@ import functools
 
 import click
 
-from pipeline.cli.main import main
 from pipeline.cli.options import (
-    BlockList, FloatList, IntList, PoolList, TimestepList, cache_dir_option, checkpoint_option, config_option,
-    dataset_option, device_option,
+    BlockList, IntList, PoolList, TimestepList, cache_dir_option, cache_options, checkpoint_option, config_option,
+    dataset_option, device_option, int_tuple, protocol_options,
 )
-
-
-def _int_tuple(ctx, param, value):
-    """Parse ``2048,1024`` into (2048, 1024), order kept (hidden and channel sizes)."""
-    if value is None:
-        return None
-    try:
-        sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 2048,1024") from None
-    if not sizes or min(sizes) < 1:
-        raise click.BadParameter(f"{value!r}: give positive sizes, e.g. 2048,1024")
-    return sizes
-
-
-# Kept literal so that `--help` does not import torch; tests hold them equal to the library's.
-SOLVER_CHOICES = ("lbfgs", "sgd", "adam")  # pipeline.evaluate.SOLVERS
-L2_DEFAULT = "1e-4,1e-3,1e-2"  # probe.logistic.DEFAULT_L2_GRID
-
-
-def _cache_options(fn):
-    """--dataset, --cache-dir, --config, --backbone-id, --train-split/--test-split, --allow-same-split, --results,
-    --ram-cap-gb: gathered into one ``CacheSelection`` passed as ``cache``."""
-    decorators = [
-        dataset_option(),
-        cache_dir_option(),
-        config_option(),
-        click.option("--backbone-id", default=None,
-                     help="Cache folder of the backbone (e.g. 256x256_uncond-1a2b3c4d5e6f); default: the one "
-                          "cache of --config for this dataset."),
-        click.option("--train-split", default="train", show_default=True, help="Split to train on (or the kNN memory)."),
-        click.option("--test-split", default="test", show_default=True, help="Split to score."),
-        click.option("--allow-same-split", is_flag=True, help="Allow --test-split equal to --train-split (scores on training rows)."),
-        click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None,
-                     help="Results table to append to [default: $DIFFREP_RESULTS or results/results.parquet]."),
-        click.option("--ram-cap-gb", type=float, default=None,
-                     help="Most RAM one cached array may take when read whole (default: the cache's, half the RAM)."),
-    ]
-
-    @functools.wraps(fn)
-    def wrapper(dataset, cache_dir, config_name, backbone_id, train_split, test_split, allow_same_split, results_path,
-                ram_cap_gb, **options):
-        from pipeline.evaluate import CacheSelection
-
-        cache = CacheSelection(dataset=dataset, cache_dir=cache_dir, config_name=config_name, backbone_id=backbone_id,
-                               train_split=train_split, test_split=test_split, allow_same_split=allow_same_split,
-                               results_path=results_path, ram_cap_gb=ram_cap_gb)
-        return fn(cache=cache, **options)
-
-    return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)
-
-
-def _protocol_options(fn):
-    """--solver, --lr, --l2, --heldout-fraction, --epochs, --batch-size, --seed: how a linear probe is fitted."""
-    decorators = [
-        click.option("--solver", type=click.Choice(SOLVER_CHOICES), default=None,
-                     help="lbfgs: the converged probe (standardised features, logistic regression to its optimum, "
-                          "L2 chosen on held-out rows; linear head only, the default for it). sgd / adam: the "
-                          "paper's protocol (28 epochs, StepLR 7); the default for the other heads."),
-        click.option("--lr", type=FloatList(), default=None,
-                     help="Learning rate(s) of sgd/adam; several (e.g. 1e-3,1e-2,1e-1) train in one pass and the best "
-                          "on the held-out rows is scored [default: 1e-2 linear/MLP/CNN, 5e-2 attention]."),
-        click.option("--l2", type=FloatList(allow_zero=True), default=L2_DEFAULT,
-                     show_default=True, help="L2 weights the converged probe chooses from on the held-out rows."),
-        click.option("--heldout-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-                     show_default=True, help="Share of every class held out of the train split to choose L2 / lr."),
-        click.option("--epochs", type=click.IntRange(min=1), default=28, show_default=True,
-                     help="Epochs of sgd/adam (StepLR divides the lr by 10 every 7)."),
-        click.option("--label-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
-                     help="Train on this share of every class's labelled images (e.g. 0.01, 0.1), drawn with --seed."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per step (sgd/adam)."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed of the held-out rows, the heads' initialisation and the batch order."),
-        click.option("--views/--view-0", "views", default=True, show_default=True,
-                     help="sgd/adam: train on every view the cache stores (extract --noise-draws K, --flip), one per "
-                          "image per epoch, seeded; scoring always reads view 0."),
-    ]
-
-    @functools.wraps(fn)
-    def wrapper(solver, lr, l2, heldout_fraction, epochs, label_fraction, batch_size, seed, views, **options):
-        from pipeline.evaluate import FitProtocol
-
-        protocol = FitProtocol(solver=solver, lr=lr, l2=l2, heldout_fraction=heldout_fraction, epochs=epochs,
-                               label_fraction=label_fraction, batch_size=batch_size, seed=seed, views=views)
-        return fn(protocol=protocol, **options)
-
-    return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)
 
 
 def _live_options(fn):
@@ -144,19 +56,19 @@ def _live_options(fn):
     return functools.reduce(lambda f, d: d(f), reversed(decorators), wrapper)
 
 
-@main.command("probe")
-@_cache_options
+@click.command("probe")
+@cache_options
 @click.option("--blocks", "-b", type=BlockList(), required=True, help="Block(s) b whose cached features the head reads, e.g. 24 or 19,24.")
 @click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
 @click.option("--head", type=click.Choice(["linear", "mlp", "cnn", "attention", "difformer"]), default="linear",
               show_default=True, help="Head architecture (difformer: the paper's fusion, as diffrep fuse).")
 @click.option("--pool", type=click.IntRange(min=1), default=None,
               help="Pooled side the head sees: linear/MLP 2, CNN 16, attention token grid 16 by default.")
-@click.option("--hidden", callback=_int_tuple, default=None, help="MLP hidden sizes, e.g. 2048,1024 [default: 1024].")
-@click.option("--channels", callback=_int_tuple, default=None, help="CNN channels of its two convolutions [default: 256,256].")
+@click.option("--hidden", callback=int_tuple, default=None, help="MLP hidden sizes, e.g. 2048,1024 [default: 1024].")
+@click.option("--channels", callback=int_tuple, default=None, help="CNN channels of its two convolutions [default: 256,256].")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Attention head transformer blocks [default: 2].")
 @click.option("--dim", type=click.IntRange(min=8), default=None, help="Attention head token width [default: 1024].")
-@_protocol_options
+@protocol_options
 @device_option()
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Where checkpoint.pth is written each epoch (sgd/adam) [default: results/checkpoints/<run>].")
@@ -220,8 +132,8 @@ def _protocol_text(row: dict) -> str:
     return f"{row.get('solver')}, lr {row.get('lr'):g}"
 
 
-@main.command("knn")
-@_cache_options
+@click.command("knn")
+@cache_options
 @click.option("--blocks", "-b", type=BlockList(), required=True, help="Block(s) b, e.g. 24 (several are concatenated).")
 @click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Timestep(s) t, e.g. 150.")
 @click.option("--pool", type=click.IntRange(min=1), default=2, show_default=True, help="Pooled side of the maps before flattening.")
@@ -247,7 +159,7 @@ def knn(cache, **options) -> None:
                    f"  ({row['train_size']} train / {row['test_size']} test images)")
 
 
-@main.command("cka")
+@click.command("cka")
 @dataset_option()
 @cache_dir_option()
 @config_option()
@@ -280,14 +192,14 @@ def cka(**options) -> None:
         click.echo(f"wrote {path}")
 
 
-@main.command("sweep")
-@_cache_options
+@click.command("sweep")
+@cache_options
 @click.option("--blocks", "-b", type=BlockList(), default=None, help="Only these blocks [default: every cached block].")
 @click.option("--timesteps", "-t", type=TimestepList(), default=None, help="Only these timesteps [default: every cached one].")
 @click.option("--pools", type=PoolList(), default="1,2,4", show_default=True, help="Pool sizes, one heatmap panel each.")
 @click.option("--head", type=click.Choice(["linear", "knn"]), default="linear", show_default=True,
               help="Linear probe, or kNN (k=20).")
-@_protocol_options
+@protocol_options
 @click.option("--standardize/--no-standardize", default=True, show_default=True,
               help="kNN: standardise features with the training split's statistics first.")
 @device_option()
@@ -311,7 +223,7 @@ def sweep(cache, **options) -> None:
         click.echo(f"wrote {path}")
 
 
-@main.command("report")
+@click.command("report")
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None,
               help="Results table [default: $DIFFREP_RESULTS or results/results.parquet].")
 @click.option("--dataset", default=None, help="Only rows of this dataset.")

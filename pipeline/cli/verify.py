@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.main import main
 from pipeline.cli.options import cache_dir_option
 
 
-@main.command("verify")
+@click.command("verify")
 @cache_dir_option()
 @click.option("--dataset", default=None, help="Only the caches of this dataset (default: every cache under --cache-dir).")
 @click.option("--split", default=None, help="Only the caches of this split.")

@@ -199,7 +199,8 @@ def bench_storage(config: str = "256x256_uncond", images: int = 1024, shard_size
 def bench_pipeline(images_per_class: int = 30, threads: int = 2) -> list[str]:
     """End-to-end in-process extraction (decode, noise, truncated forward, pool, write) on CIFAR-10, small config."""
     from pipeline.cluster import open_runner
-    from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+    from pipeline.extraction import ExtractionRequest, plan_extraction
+    from pipeline.extraction_run import run_extraction
 
     root = tempfile.mkdtemp(prefix="diffrep-bench-")
     try:

@@ -107,11 +107,12 @@ def _noise_ms(image_size: int, count: int = 32) -> float:
 def _pure_forward(config: str, checkpoint: str | None, blocks, timesteps, batch: int, batches: int, precision: str,
                   device: torch.device, threads: int) -> float:
     """images/s of the truncated forward alone (every timestep per image), inputs already on the device."""
+    from extract.cache import CacheSpec
     from extract.job import _backbone, ShardJob
     from extract.precision import autocast
 
-    job = ShardJob(cache="", shard=0, start=0, paths=(), todo=(), config_name=config, image_size=0,
-                   noise_schedule="linear", diffusion_steps=1000, checkpoint=checkpoint, device=str(device))
+    spec = CacheSpec(dataset="", split="", backbone_id="", config_name=config, image_size=0, num_images=0)
+    job = ShardJob(cache="", spec=spec, shard=0, start=0, paths=(), todo=(), checkpoint=checkpoint, device=str(device))
     model = _backbone(job, device)
     size = model.image_size
     previous = torch.get_num_threads()
@@ -143,7 +144,8 @@ def _pipeline(root: Path, cache_dir: str, config: str, checkpoint: str | None, b
               shard: int, images: int, precision: str, device: str, threads: int, decode_threads: int) -> float:
     """images/s of a real in-process extraction of ``images`` JPEGs (a one-shard warm-up run first)."""
     from pipeline.cluster import open_runner
-    from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+    from pipeline.extraction import ExtractionRequest, plan_extraction
+    from pipeline.extraction_run import run_extraction
 
     def run(limit: int, where: str) -> float:
         request = ExtractionRequest(

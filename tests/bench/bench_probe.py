@@ -116,7 +116,7 @@ def _bench(per_class: int, batch_size: int, repeats: int, threads: int) -> list[
             return lines + [f"  extract failed: {result.output.strip().splitlines()[-1:]}"]
         lines.append(f"  extract once into the cache: {time.perf_counter() - began:.2f} s")
         torch.set_num_threads(threads)  # the in-process extraction job sets its own thread count
-        cache = open_cache(cache_dir, "cifar10", "train"(CONFIG, weight_seed=0))
+        cache = open_cache(cache_dir, "cifar10", "train", backbone_id(CONFIG, weight_seed=0))
         model = build_backbone(CONFIG, weight_seed=0)
         schedule = get_schedule(config.noise_schedule, config.diffusion_steps)
         lines.append(f"  live features equal the cached ones: max |difference| {_live_vs_cache(model, schedule, index, cache):.1e}"

@@ -15,7 +15,8 @@ import tempfile
 from extract.backbone.configs import bundled_checkpoint
 from pipeline.cluster import open_runner
 from pipeline.evaluate import CacheSelection, FitProtocol, ProbeRequest, run_probe
-from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+from pipeline.extraction import ExtractionRequest, plan_extraction
+from pipeline.extraction_run import run_extraction
 
 PROTOCOLS = (
     ("paper default: sgd 1e-2", dict(solver="sgd", lr=(1e-2,))),

@@ -67,8 +67,7 @@ def _cache(root, paths, flip=False, shard_size=12, labels=None, row_order_seed=N
 
 
 def _job(cache, paths, todo, **overrides):
-    fields = dict(cache=cache.path, shard=0, start=0, paths=tuple(paths), todo=todo, config_name=CONFIG,
-                  image_size=32, noise_schedule="linear", diffusion_steps=1000, pool=POOL, batch_size=5,
+    fields = dict(cache=cache.path, spec=cache.spec, shard=0, start=0, paths=tuple(paths), todo=todo, batch_size=5,
                   num_threads=1, decode_threads=1)
     return ShardJob(**{**fields, **overrides})
 

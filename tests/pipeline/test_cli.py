@@ -1,5 +1,10 @@
 """Every ``diffrep`` command explains itself, and library errors reach the user as one line."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -32,3 +37,35 @@ def test_ranges_expand_and_backwards_ranges_are_refused():
     assert "unknown dataset 'nosuch'" in ok.output  # the blocks parsed; the dataset is the first error
     bad = CliRunner().invoke(main, ["extract", "--dataset", "cifar10", "--timesteps", "90", "--blocks", "19,30-24"])
     assert bad.exit_code == 2 and "range 30-24 runs backwards: write 24-30" in bad.output
+
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI_MODULES = sorted(path.stem for path in (ROOT / "pipeline" / "cli").glob("*.py") if path.stem != "__init__")
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with this checkout first on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_every_cli_module_imports_on_its_own(module):
+    done = _python(f"import pipeline.cli.{module}")
+    assert done.returncode == 0, done.stderr
+
+
+def test_help_never_loads_torch():
+    done = _python(
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from pipeline.cli.main import main\n"
+        "for command in [[]] + [[name] for name in sorted(main.commands)]:\n"
+        "    result = CliRunner().invoke(main, [*command, '--help'])\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "    loaded = sorted(name for name in ('torch', 'numpy', 'zarr', 'distributed') if name in sys.modules)\n"
+        "    assert not loaded, f'diffrep {\" \".join(command)} --help loaded {loaded}'\n"
+        "print(len(main.commands))\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 12, "every command's help was shown"

@@ -42,5 +42,5 @@ def test_demo_extracts_probes_reports_and_reuses_its_cache(cifar10_root, tmp_pat
 
     second = CliRunner().invoke(main, args, catch_exceptions=False)
     assert second.exit_code == 0, second.output
-    assert second.output.count("cache complete: nothing to extract") == (3 if trained else 1)
+    assert second.output.count("nothing to do: every requested array is complete") == (3 if trained else 1)
     assert pq.read_table(out / "results.parquet").num_rows == 2 * rows

@@ -327,38 +327,59 @@ def test_ctrl_c_in_process_prints_one_line_and_keeps_finished_shards(reference, 
     assert _files(tmp_path / "cifar10" / "test") == _files(reference / "cifar10" / "test")
 
 
+def test_ctrl_c_while_planning_says_nothing_ran(data_root, tmp_path, monkeypatch):
+    import pipeline.extraction_run as extraction_run
+
+    def interrupted(request, dry_run=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extraction_run, "plan_extraction", interrupted)
+    result = _extract(data_root, tmp_path, "--split", "test", "--synchronous")
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines() == [
+        "interrupted while planning, before any shard ran: run the same command again"]
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.e2e
 def test_ctrl_c_stops_extract_in_one_line_and_the_same_command_resumes(reference, data_root, tmp_path):
-    cache_dir = tmp_path / "cache"
+    cache_dir, hold = tmp_path / "cache", tmp_path / "hold"
+    hold.mkdir()
     args = [str(Path(sys.executable).parent / "diffrep"), "extract", *COMMON, "--data-root", str(data_root),
             "--cache-dir", str(cache_dir), "--split", "test", "--workers", "1"]
-    env = {**os.environ, "DIFFREP_TEST_SLEEP_AFTER_WRITES": "1",  # each shard takes a second: time to press Ctrl-C
+    env = {**os.environ, "DIFFREP_TEST_HOLD_AFTER_WRITES": f"1:{hold}",  # the worker writes one shard, then waits
            "DASK_DISTRIBUTED__WORKER__PRELOAD": f'["{TESTS / "write_hooks.py"}"]'}
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        markers = cache_dir / "cifar10" / "test" / BACKBONE / "done" / "b10" / "t90" / "c"
-        deadline = time.monotonic() + 120
-        while not (markers.is_dir() and any(markers.iterdir())) and time.monotonic() < deadline and process.poll() is None:
+        deadline = time.monotonic() + 300  # a guard against a run that never gets there, not a race
+        while not (_first_shard_marked(cache_dir) and (hold / "held").exists()):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "no shard was marked in 300 s"
             time.sleep(0.05)
-        assert markers.is_dir() and any(markers.iterdir()), "a first shard was written"
         os.killpg(process.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
-        out, err = process.communicate(timeout=60)
+        out, err = process.communicate(timeout=120)
     finally:
+        (hold / "release").touch()
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("interrupted: ") and " of 4 shards finished and are kept; run the same command again " \
-        "to do the other " in lines[0]
-    done = int(lines[0].split()[1])
-    cache = open_cache(cache_dir, "cifar10", "test", BACKBONE)
-    assert 1 <= done < 4 and len(cache.missing_shards(4, 90)) == 4 - done
+    assert lines == ["interrupted: 1 of 4 shards finished and are kept; run the same command again to do the other 3"]
+    assert open_cache(cache_dir, "cifar10", "test", BACKBONE).missing_shards(4, 90) == [1, 2, 3]
     resumed = _extract(data_root, cache_dir, "--split", "test", "--synchronous")
-    assert resumed.exit_code == 0 and f"wrote {4 - done} shards" in resumed.output, resumed.output
+    assert resumed.exit_code == 0 and "wrote 3 shards" in resumed.output, resumed.output
     assert _files(cache_dir / "cifar10" / "test") == _files(reference / "cifar10" / "test")
+
+
+def _first_shard_marked(cache_dir) -> bool:
+    """Whether the run has marked shard 0 of both arrays (markers are written b10, then b4)."""
+    markers = cache_dir / "cifar10" / "test" / BACKBONE / "done" / "b4" / "t90" / "c"
+    if not (markers.is_dir() and any(markers.iterdir())):
+        return False
+    cache = open_cache(cache_dir, "cifar10", "test", BACKBONE)
+    return cache.missing_shards(10, 90) == cache.missing_shards(4, 90) == [1, 2, 3]
 
 
 def test_repair_waits_for_a_running_extract(reference, tmp_path):

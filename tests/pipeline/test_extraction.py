@@ -257,7 +257,8 @@ def test_a_second_run_on_the_same_cache_is_refused_while_the_first_holds_it(data
 
     from extract.errors import CacheError
     from pipeline.cluster import TaskRunner
-    from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+    from pipeline.extraction import ExtractionRequest, plan_extraction
+    from pipeline.extraction_run import run_extraction
 
     request = ExtractionRequest(dataset="cifar10", split="test", timesteps=(90,), blocks=(4,), cache_dir=str(tmp_path),
                                 config_name="32x32_small", pool=4, limit=10, data_root=str(data_root))
@@ -274,10 +275,39 @@ def test_a_second_run_on_the_same_cache_is_refused_while_the_first_holds_it(data
     assert summary.shards_done == 1 and open_cache(tmp_path, "cifar10", "test", BACKBONE).is_complete(4, 90)
 
 
+def test_a_busy_cache_stops_fill_caches_before_anything_is_written_or_started(data_root, tmp_path, monkeypatch):
+    """The CLI and the demo both go through fill_caches: every cache is locked before any is written or a runner opens."""
+    import fcntl
+
+    import pipeline.extraction_run as extraction_run
+    from extract.errors import CacheError
+    from pipeline.extraction import ExtractionRequest, plan_extraction
+
+    def no_runner(**kwargs):
+        raise AssertionError("a runner was opened while a cache was held")
+
+    monkeypatch.setattr(extraction_run, "open_runner", no_runner)
+    free, busy = (ExtractionRequest(dataset="cifar10", split="test", timesteps=(90,), blocks=(4,), config_name="32x32_small",
+                                    cache_dir=str(tmp_path / name), pool=4, limit=10, data_root=str(data_root))
+                  for name in ("free", "busy"))
+    free_path, busy_path = plan_extraction(free).path, plan_extraction(busy).path
+    os.makedirs(os.path.dirname(busy_path))
+    echoed = []
+    with open(busy_path + ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345 on elsewhere")
+        held.flush()
+        with pytest.raises(CacheError, match=r"another diffrep extract \(pid 12345 on elsewhere\) is writing .*busy"):
+            extraction_run.fill_caches([free, busy], progress=False, echo=echoed.append)
+    assert [line.splitlines()[0] for line in echoed] == ["extract cifar10/test: 10 images (limit=10), 1 shards of 256"] * 2
+    assert not os.path.exists(free_path), "the free cache waits for the busy one: nothing is written"
+
+
 def test_resuming_with_another_batch_size_or_thread_count_is_refused(data_root, tmp_path):
     from extract.errors import CacheMismatchError
     from pipeline.cluster import TaskRunner
-    from pipeline.extraction import ExtractionRequest, plan_extraction, run_extraction
+    from pipeline.extraction import ExtractionRequest, plan_extraction
+    from pipeline.extraction_run import run_extraction
 
     def request(**changes):
         base = dict(dataset="cifar10", split="test", timesteps=(90,), blocks=(4,), cache_dir=str(tmp_path),

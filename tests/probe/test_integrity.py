@@ -153,7 +153,7 @@ def test_lbfgs_on_a_non_linear_head_is_refused(toy):
 
 
 def test_cli_literals_equal_the_library_constants():
-    from pipeline.cli.probe import L2_DEFAULT, SOLVER_CHOICES
+    from pipeline.cli.options import L2_DEFAULT, SOLVER_CHOICES
     from pipeline.evaluate import SOLVERS
     from probe.logistic import DEFAULT_L2_GRID
 
