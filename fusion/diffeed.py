@@ -4,7 +4,7 @@ Pass 1 runs the frozen backbone without gradients until the deepest feedback sou
 block b goes through its own feedback layer (1x1 conv without bias, BatchNorm, ReLU) to the
 channels of encoder block 2L+2-b (its mirror: 38-b on the 256x256 model), is resized when sizes
 differ, and is added to that encoder block's output in pass 2, so it also feeds the block's skip
-connection. Pass 2 is the same walk (``UNetModel.features(..., inject=...)``) on the SAME x_t and
+connection. Pass 2 is the same walk (``extract.forward.block_features(..., inject=...)``) on the SAME x_t and
 stops at the read-out block, whose features go to the head.
 
 Strategies (sources in the model's own numbering, M = L+1 the middle block; 256x256: M = 19):
@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from extract.backbone.adm import UNetModel
+from extract.forward import block_features
 from extract.precision import autocast
 from probe.errors import ProbeError
 from probe.live_head import TunableBackbone
@@ -131,12 +132,14 @@ class DifFeed(TunableBackbone):
         then skipped.
         """
         last = [self.backbone.num_blocks] if self.full_passes else []
+        if sources is None:
+            with torch.no_grad():
+                sources = block_features(self.backbone, x_t, timesteps, self.sources + last, precision=self.precision)
         with autocast(x_t.device, self.precision):
-            if sources is None:
-                with torch.no_grad():
-                    sources = self.backbone.features(x_t, timesteps, self.sources + last)
             inject = self.feedback_maps(sources)
-            return self.backbone.features(x_t, timesteps, [self.readout] + last, inject=inject)[self.readout]
+        readout = block_features(self.backbone, x_t, timesteps, [self.readout] + last, inject=inject,
+                                 precision=self.precision)
+        return readout[self.readout]
 
     def forward(self, images: Mapping[tuple[int, int], torch.Tensor]) -> torch.Tensor:
         """``{(0, t): (N, 3, H, W) noisy images at timestep t}`` (as ``probe.live_images.LiveImages`` yields),
