@@ -12,7 +12,7 @@ from extract.backbone.configs import bundled_checkpoint, get_config
 from extract.backbone.registry import create_backbone
 from extract.cache import open_cache
 from extract.schedule import get_schedule
-from pipeline.live_probe import live_splits
+from pipeline.live_probe import LiveSelection, live_splits
 from probe.features import resolve_backbone_id
 from probe.live_head import LiveHead
 
@@ -52,8 +52,8 @@ def test_cached_rows_equal_the_live_heads_features(data_root, tmp_path):
     # the live path of `diffrep probe --live`: its test split has seeded noise and no augmentation
     cfg = get_config(CONFIG)
     schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
-    _, live_images, _ = live_splits("cifar10", "train", "test", cfg.image_size, TIMESTEPS, schedule,
-                                    data_root=str(data_root), decode_threads=1)
+    selection = LiveSelection("cifar10", "train", "test", data_root=str(data_root), decode_threads=1)
+    _, live_images, _ = live_splits(selection, cfg.image_size, TIMESTEPS, schedule)
     backbone = create_backbone(CONFIG, checkpoint=checkpoint) if checkpoint else create_backbone(CONFIG, weight_seed=2)
     model = LiveHead(backbone, torch.nn.Identity(), BLOCKS, TIMESTEPS, POOL).eval()
     rows = {key: [] for key in ((b, t) for b in BLOCKS for t in TIMESTEPS)}
