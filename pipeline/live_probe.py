@@ -34,12 +34,12 @@ from probe.train import BACKBONE_NAME, fit
 
 from pipeline.datasets import build_index
 from pipeline.evaluate import FitProtocol, fmt_keys
+from pipeline.evaluate.probe import TOKEN_HEADS, head_overrides
 from pipeline.results import default_results_path, record_rows
 
 __all__ = ["LiveProbeRequest", "LiveSelection", "live_splits", "run_live_probe", "LIVE_HEADS"]
 
 LIVE_HEADS = ("linear", "mlp", "cnn", "attention", "difformer")
-_TOKEN_HEADS = ("attention", "difformer")
 
 
 @dataclass(frozen=True)
@@ -150,16 +150,6 @@ def live_splits(selection: LiveSelection, image_size: int, timesteps, schedule,
     return splits[0], splits[1], num_classes
 
 
-def _overrides(request: LiveProbeRequest) -> dict:
-    overrides = {}
-    if request.pool is not None:
-        overrides["token_pool" if request.head in _TOKEN_HEADS else "pool"] = request.pool
-    for name in ("hidden", "channels", "depth", "dim"):
-        if getattr(request, name) is not None:
-            overrides[name] = getattr(request, name)
-    return overrides
-
-
 def run_live_probe(request: LiveProbeRequest) -> dict:
     """Train the head through the live backbone, score the test split, record and return the results row."""
     fitting = request.protocol
@@ -179,7 +169,7 @@ def run_live_probe(request: LiveProbeRequest) -> dict:
     schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
     selection = LiveSelection.of(request, label_fraction=fitting.label_fraction, seed=fitting.seed)
     train, test, num_classes = live_splits(selection, cfg.image_size, request.timesteps, schedule)
-    overrides = _overrides(request)
+    overrides = head_overrides(request)
     torch.manual_seed(fitting.seed)
     head = create_head(request.head, shapes, num_classes, **overrides)
     model = LiveHead(backbone, head, request.blocks, request.timesteps, request.cache_pool,
@@ -202,8 +192,8 @@ def run_live_probe(request: LiveProbeRequest) -> dict:
                                   steps=request.steps)
     result = fit(model, train, None, test, None, config, device=device, checkpoint_dir=checkpoint_dir,
                  resume=request.resume, identity=identity, progress=request.progress)
-    head_pool = overrides.get("token_pool" if request.head in _TOKEN_HEADS else "pool",
-                              16 if request.head in _TOKEN_HEADS else HEADS[request.head].defaults.get("pool"))
+    head_pool = overrides.get("token_pool" if request.head in TOKEN_HEADS else "pool",
+                              16 if request.head in TOKEN_HEADS else HEADS[request.head].defaults.get("pool"))
     row = dict(dataset=request.dataset, train_split=request.train_split, test_split=request.test_split,
                backbone_id=backbone_id, noise_seed=request.noise_seed, head=request.head,
                protocol="live", solver=solver, blocks=list(request.blocks), timesteps=list(request.timesteps),

@@ -42,12 +42,12 @@ from pipeline.evaluate.cache_pair import (
 )
 from pipeline.results import default_results_path, record_rows
 
-__all__ = ["ProbeRequest", "run_probe", "choose_solver", "fit_converged", "fit_paper", "SOLVERS"]
+__all__ = ["ProbeRequest", "run_probe", "choose_solver", "fit_converged", "fit_paper", "head_overrides", "SOLVERS", "TOKEN_HEADS"]
 
 log = logging.getLogger(__name__)
 
 SOLVERS = ("lbfgs", "sgd", "adam")
-_TOKEN_HEADS = ("attention", "difformer")  # heads whose --pool is the token grid
+TOKEN_HEADS = ("attention", "difformer")  # heads whose --pool is the token grid
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,11 @@ def fit_paper(build: Callable[[], torch.nn.Module], lrs: tuple[float, ...], opti
                 batch_size=fitting.batch_size, train_seconds=result.train_seconds)
 
 
-def _overrides(request: ProbeRequest) -> dict:
-    """The head options the request sets (``pool`` is the token grid of the token heads)."""
+def head_overrides(request) -> dict:
+    """The head options a request (cached or live) sets (``pool`` is the token grid of the token heads)."""
     overrides = {}
     if request.pool is not None:
-        overrides["token_pool" if request.head in _TOKEN_HEADS else "pool"] = request.pool
+        overrides["token_pool" if request.head in TOKEN_HEADS else "pool"] = request.pool
     for name in ("hidden", "channels", "depth", "dim"):
         if getattr(request, name) is not None:
             overrides[name] = getattr(request, name)
@@ -159,8 +159,8 @@ def run_probe(request: ProbeRequest) -> dict:
     head, solver = request.head, choose_solver(request.head, fitting.solver)
     pair = open_pair(selection)
     keys = keys_of(request.blocks, request.timesteps)
-    overrides = _overrides(request)
-    head_pool = overrides.get("token_pool", AttentionHeadConfig().token_pool) if head in _TOKEN_HEADS else \
+    overrides = head_overrides(request)
+    head_pool = overrides.get("token_pool", AttentionHeadConfig().token_pool) if head in TOKEN_HEADS else \
         overrides.get("pool", HEADS[head].defaults["pool"])
     require_arrays(pair, keys, selection)
     if head == "attention" and len(request.timesteps) > 1:
