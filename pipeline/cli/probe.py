@@ -11,7 +11,7 @@ import functools
 import click
 
 from pipeline.cli.options import (
-    BlockList, IntList, PoolList, TimestepList, cache_dir_option, cache_options, checkpoint_option, config_option,
+    BlockList, FolderName, IntList, PoolList, RamCapGb, TimestepList, cache_dir_option, cache_options, checkpoint_option, config_option,
     dataset_option, device_option, int_tuple, protocol_options,
 )
 
@@ -163,8 +163,9 @@ def knn(cache, **options) -> None:
 @dataset_option()
 @cache_dir_option()
 @config_option()
-@click.option("--backbone-id", default=None, help="Cache folder of the backbone; default: the one cache of --config.")
-@click.option("--split", default="test", show_default=True, help="Split whose images are compared.")
+@click.option("--backbone-id", type=FolderName("backbone id"), default=None,
+              help="Cache folder of the backbone; default: the one cache of --config.")
+@click.option("--split", type=FolderName("split"), default="test", show_default=True, help="Split whose images are compared.")
 @click.option("--blocks", "-b", type=BlockList(), required=True, help="Blocks of the block x block matrix, e.g. 19,24,30.")
 @click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Timesteps of the timestep x timestep matrix.")
 @click.option("--at-t", type=int, default=None, help="Fixed t of the block matrix [default: first of --timesteps].")
@@ -178,7 +179,7 @@ def knn(cache, **options) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --limit's draw and of the minibatch order.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/cka", show_default=True,
               help="Folder for the CKA Parquet table and heatmaps.")
-@click.option("--ram-cap-gb", type=float, default=None, help="RAM cap for whole-array reads.")
+@click.option("--ram-cap-gb", type=RamCapGb(), default=None, help="RAM cap for whole-array reads (GiB).")
 @device_option()
 def cka(**options) -> None:
     """Linear CKA between cached arrays: block x block at a fixed t, timestep x timestep at a fixed b.

@@ -9,6 +9,7 @@ caches; ``take_label_fraction`` draws the training rows of ``--label-fraction``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,6 +25,7 @@ from probe.views import take_rows
 
 from pipeline.errors import DatasetError
 from pipeline.manifest import get_dataset
+from pipeline.names import check_name
 
 __all__ = [
     "Key", "CacheSelection", "FitProtocol", "CachePair", "fmt_keys", "keys_of", "open_pair", "require_arrays",
@@ -57,6 +59,16 @@ class CacheSelection:
     allow_same_split: bool = False
     results_path: str | None = None
     ram_cap_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        """Names become cache and checkpoint folders; the cap a number of bytes (checked before either is used)."""
+        for what, name in (("dataset", self.dataset), ("split", self.train_split), ("split", self.test_split)):
+            check_name(name, what)
+        if self.backbone_id is not None:
+            check_name(self.backbone_id, "backbone id")
+        if self.ram_cap_gb is not None and not (math.isfinite(self.ram_cap_gb) and self.ram_cap_gb > 0):
+            raise ProbeError(f"RAM cap {self.ram_cap_gb} GiB is not a positive, finite number: pass e.g. "
+                             f"--ram-cap-gb 16, or leave it out for half the RAM")
 
 
 @dataclass(frozen=True)
