@@ -11,6 +11,7 @@ otherwise it runs live, and the plan says which.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def _pass1(request: FeedbackRequest, model: DifFeed, source: LiveImages, split: 
     return found
 
 
-def run_feedback(plan: FeedbackPlan) -> dict:
+def run_feedback(plan: FeedbackPlan, announce: Callable[[dict], None] | None = None) -> dict:
     """Train DifFeed by the protocol, score the test split, record and return the results row."""
     r = plan.request
     device = resolve_device(r.device)
@@ -208,7 +209,7 @@ def run_feedback(plan: FeedbackPlan) -> dict:
                epochs=result.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed, heldout_size=0,
                label_fraction=r.label_fraction, fresh_noise=r.fresh_noise, augment=r.augment, finetune=r.finetune,
                top1=result.top1, top5=result.top5, train_seconds=result.train_seconds)
-    record_rows([row], r.results_path)
+    record_rows([row], r.results_path, announce)
     row["pass1_from_cache"] = from_cache
     if r.finetune:
         row["backbone_path"] = str(Path(checkpoint_dir) / BACKBONE_NAME)

@@ -77,8 +77,8 @@ def feedback(dry_run, **options) -> None:
     click.echo(plan.describe())
     if dry_run:
         return
-    row = run_feedback(plan)
-    click.echo(f"DifFeed ({row['strategy']}, read-out b={row['blocks'][0]}, t={row['timesteps'][0]}) on {row['dataset']}: "
-               f"top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% in {row['train_seconds']:.1f} s")
+    row = run_feedback(plan, announce=lambda row: click.echo(
+        f"DifFeed ({row['strategy']}, read-out b={row['blocks'][0]}, t={row['timesteps'][0]}) on {row['dataset']}: "
+        f"top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% in {row['train_seconds']:.1f} s"))
     if row.get("backbone_path"):
         click.echo(f"tuned backbone (official layout, loadable by --checkpoint): {row['backbone_path']}")

@@ -1,7 +1,7 @@
 """``diffrep probe | knn | cka | sweep | report``: evaluate cached features without touching the backbone.
 
-Each command parses its options, calls one function of ``pipeline.evaluate`` and prints what it
-returns.
+Each command parses its options and calls one function of ``pipeline.evaluate``, which hands every
+finished row to the command's ``announce`` (printed) before the results table is written.
 """
 
 from __future__ import annotations
@@ -97,19 +97,21 @@ def probe(cache, live, **options) -> None:
     """
     from pipeline.evaluate import ProbeRequest, fmt_keys, run_probe
 
+    def announce(row: dict) -> None:  # printed before the results table is written: a failed write loses nothing
+        click.echo(f"{row['head']} ({_protocol_text(row)}) on {row['dataset']} b={fmt_keys(options['blocks'])} "
+                   f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
+                   f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
+                   f"in {row['train_seconds']:.1f} s")
+
     if live is not None:
-        row = _run_live(cache, live, options)
+        row = _run_live(cache, live, options, announce)
     else:
-        row = run_probe(ProbeRequest(cache=cache, **options))
-    click.echo(f"{row['head']} ({_protocol_text(row)}) on {row['dataset']} b={fmt_keys(options['blocks'])} "
-               f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
-               f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
-               f"in {row['train_seconds']:.1f} s")
+        row = run_probe(ProbeRequest(cache=cache, **options), announce)
     if row.get("backbone_path"):
         click.echo(f"tuned backbone (official layout, loadable by --checkpoint): {row['backbone_path']}")
 
 
-def _run_live(cache, live: dict, options: dict) -> dict:
+def _run_live(cache, live: dict, options: dict, announce) -> dict:
     """``diffrep probe --live``: the cache options that still mean something, the live ones, one results row."""
     from pipeline.errors import DatasetError
     from pipeline.live_probe import LiveProbeRequest, run_live_probe
@@ -119,7 +121,7 @@ def _run_live(cache, live: dict, options: dict) -> dict:
     request = LiveProbeRequest(
         dataset=cache.dataset, config_name=cache.config_name, train_split=cache.train_split, test_split=cache.test_split,
         results_path=cache.results_path, **live, **options)
-    return run_live_probe(request)
+    return run_live_probe(request, announce)
 
 
 def _protocol_text(row: dict) -> str:
@@ -153,10 +155,9 @@ def knn(cache, **options) -> None:
     from pipeline.evaluate import KnnRequest, run_knn
 
     options["k"] = tuple(options["k"])
-    rows = run_knn(KnnRequest(cache=cache, **options))
-    for row in rows:
-        click.echo(f"knn k={row['k']:<4} top-1 {100 * row['top1']:.2f}%  top-5 {100 * row['top5']:.2f}%"
-                   f"  ({row['train_size']} train / {row['test_size']} test images)")
+    run_knn(KnnRequest(cache=cache, **options), announce=lambda row: click.echo(
+        f"knn k={row['k']:<4} top-1 {100 * row['top1']:.2f}%  top-5 {100 * row['top5']:.2f}%"
+        f"  ({row['train_size']} train / {row['test_size']} test images)"))
 
 
 @click.command("cka")
@@ -217,7 +218,9 @@ def sweep(cache, **options) -> None:
     from pipeline.evaluate import SweepRequest, run_sweep
     from pipeline.report import format_table
 
-    table, written = run_sweep(SweepRequest(cache=cache, **options))
+    table, written = run_sweep(SweepRequest(cache=cache, **options), announce=lambda row: click.echo(
+        f"b={row['blocks'][0]} t={row['timesteps'][0]} pool={row['pool']}: top-1 {100 * row['top1']:.2f}%, "
+        f"top-5 {100 * row['top5']:.2f}%"))
     click.echo(format_table(table, columns=("blocks", "timesteps", "pool", "head", "protocol", "l2", "lr", "top1",
                                             "top5", "train_seconds")))
     for path in written:

@@ -152,7 +152,7 @@ def _overrides(request: ProbeRequest) -> dict:
     return overrides
 
 
-def run_probe(request: ProbeRequest) -> dict:
+def run_probe(request: ProbeRequest, announce: Callable[[dict], None] | None = None) -> dict:
     """Train one head on cached train features, score it on the test features, record the row; returns it."""
     selection = request.cache
     fitting = request.protocol
@@ -184,7 +184,7 @@ def run_probe(request: ProbeRequest) -> dict:
         row.update(fit_converged(flatten_features(train.features, keys, head_pool), train.labels,
                                  flatten_features(test.features, keys, head_pool), test.labels, num_classes, fitting,
                                  device))
-        record_rows([row], selection.results_path)
+        record_rows([row], selection.results_path, announce)
         return row
     lrs = tuple(fitting.lr) if fitting.lr else (default_lr(head),)
     identity = dict(provenance(selection, pair), head=head, options={k: list(v) if isinstance(v, tuple) else v
@@ -229,5 +229,5 @@ def run_probe(request: ProbeRequest) -> dict:
         row.update(train_size=train.num_images, test_size=test.num_images, train_views=pair.train.spec.views if views else 1)
         row.update(fit_paper(lambda: create_head(head, shapes, num_classes, **overrides), lrs, solver, train, test,
                              fitting, device, request.progress, checkpoint_dir, request.resume, identity))
-    record_rows([row], selection.results_path)
+    record_rows([row], selection.results_path, announce)
     return row

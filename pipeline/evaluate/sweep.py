@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class SweepRequest:
     progress: bool = False
 
 
-def run_sweep(request: SweepRequest) -> tuple[pa.Table, list[Path]]:
+def run_sweep(request: SweepRequest, announce: Callable[[dict], None] | None = None) -> tuple[pa.Table, list[Path]]:
     """Linear probes (or kNN) over every (b, t, pool); returns the sweep table and the files written."""
     selection = request.cache
     pair = open_pair(selection)
@@ -102,7 +103,7 @@ def run_sweep(request: SweepRequest) -> tuple[pa.Table, list[Path]]:
                 row.update(head="linear", **fit_paper(lambda: create_head("linear", shapes, num_classes, pool=pool or None),
                                                       lrs, solver, train, test, fitting, device, request.progress))
             log.info("sweep b=%d t=%d pool=%d: top-1 %.4f", key[0], key[1], pool, row["top1"])
-            record_rows([row], selection.results_path)  # one row at a time: an interrupted sweep keeps what it measured
+            record_rows([row], selection.results_path, announce)  # one row at a time: an interrupted sweep keeps what it measured
             rows.append(row)
     table = results_table(rows)
     out_dir = Path(request.out_dir)
