@@ -2,7 +2,8 @@
 
 A reader that finds an array absent, unfinished or with lost shards knows only the cache; the command
 that fills it must repeat every setting the cache was written with (configuration, weights, split,
-subset, shard size, pool, noise, views, precision, row order, where the images were), or it plans
+subset, shard size, pool, noise, views, precision, row order, batch size and threads, where the images
+were), or it plans
 another, often far bigger, job. ``extract_command_for`` builds that line from the cache's
 ``CacheSpec`` and its last run record; ``advised`` turns a structured ``CacheIncompleteError`` into
 its one line with that command (the CLI calls it on every error it prints).
@@ -29,8 +30,9 @@ def extract_command_for(spec: CacheSpec, blocks: Iterable[int], timesteps: Itera
         spec: the cache's spec (everything that changes its numbers).
         blocks, timesteps: the arrays to write (every block at every timestep, as extract does).
         cache_dir: the cache root (``--cache-dir``), the folder above ``<dataset>/<split>/<backbone id>``.
-        runs: the cache's run records (``FeatureCache.runs``); the last one that recorded the checkpoint
-            path and image folders gives them, else the checkpoint is a placeholder naming its sha256.
+        runs: the cache's run records (``FeatureCache.runs``): the last one that recorded the checkpoint
+            path and image folders gives them (else the checkpoint is a placeholder naming its sha256), the
+            last one gives the batch size, torch threads and decode device the numbers depend on.
     """
     recorded = next((run for run in reversed(list(runs)) if "checkpoint" in run), {})
     words = ["diffrep", "extract", "--dataset", spec.dataset, "--split", spec.split, "--config", spec.config_name]
@@ -54,6 +56,12 @@ def extract_command_for(spec: CacheSpec, blocks: Iterable[int], timesteps: Itera
     for key, flag in (("data_root", "--data-root"), ("split_dir", "--split-dir")):
         if recorded.get(key):
             words += [flag, str(recorded[key])]
+    computed = next((run for run in reversed(list(runs)) if "batch_size" in run), {})
+    for key, flag in (("batch_size", "--batch-size"), ("threads", "--threads")):  # CPU results depend on them
+        if computed.get(key):
+            words += [flag, str(computed[key])]
+    if computed.get("decode_device", "cpu") != "cpu":
+        words += ["--decode-device", str(computed["decode_device"])]
     words += ["--cache-dir", os.fspath(cache_dir)]
     return " ".join(word if word.startswith("<") else shlex.quote(word) for word in words)
 

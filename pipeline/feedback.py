@@ -30,6 +30,7 @@ from probe.heads import count_parameters, create_head
 from probe.live_head import default_precision
 from probe.train import BACKBONE_NAME, TrainConfig, fit
 
+from pipeline.advice import advised
 from pipeline.live_probe import LiveSelection, live_splits
 from pipeline.results import default_results_path, record_rows
 
@@ -176,6 +177,8 @@ def _pass1(request: FeedbackRequest, model: DifFeed, source: LiveImages, split: 
     sides = {b: side for b, (_, side) in model.backbone.block_shapes().items()}
     found = find_cached_pass1(request.cache_dir, request.dataset, split, _backbone_id(request), request.noise_seed,
                               model.sources, request.timestep, sides, source.paths)
+    if found.missing is not None:  # the exact command that adds the missing source arrays to that cache
+        found.reason = f"runs live ({advised(found.missing)})"
     if found.features is not None:
         source.cached = found.features
         source.image_ids = found.image_ids

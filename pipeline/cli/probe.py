@@ -208,6 +208,9 @@ def cka(**options) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/sweeps", show_default=True,
               help="Folder for the sweep table (Parquet, Markdown) and heatmaps.")
 @click.option("--progress/--no-progress", default=False, show_default=True)
+@click.option("--skip-incomplete", is_flag=True,
+              help="Sweep the complete cells when some (b, t) are absent, unfinished or damaged in a split; they are "
+                   "named in the output and the report (without it such a cell stops the sweep before it trains).")
 def sweep(cache, **options) -> None:
     """Linear probes (or kNN) over every cached (b, t) and pool size: the paper's Figures 3 and 4.
 
@@ -218,13 +221,15 @@ def sweep(cache, **options) -> None:
     from pipeline.evaluate import SweepRequest, run_sweep
     from pipeline.report import format_table
 
-    table, written = run_sweep(SweepRequest(cache=cache, **options), announce=lambda row: click.echo(
+    table, written, missing = run_sweep(SweepRequest(cache=cache, **options), announce=lambda row: click.echo(
         f"b={row['blocks'][0]} t={row['timesteps'][0]} pool={row['pool']}: top-1 {100 * row['top1']:.2f}%, "
         f"top-5 {100 * row['top5']:.2f}%"))
     click.echo(format_table(table, columns=("blocks", "timesteps", "pool", "head", "protocol", "l2", "lr", "top1",
                                             "top5", "train_seconds")))
     for path in written:
         click.echo(f"wrote {path}")
+    for cell, problem in missing.items():
+        click.echo(f"not measured (--skip-incomplete): {problem}")
 
 
 @click.command("report")

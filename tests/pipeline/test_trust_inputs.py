@@ -106,7 +106,7 @@ def test_the_shipped_manifest_uses_only_known_loaders():
 
 @pytest.fixture()
 def toy(tmp_path):
-    keys = ((24, 150), (19, 90))
+    keys = ((24, 150), (19, 90), (24, 90), (19, 150))
     make_cache(tmp_path / "cache", n=61, keys=keys, split="train", signal=4.0, seed=0)
     make_cache(tmp_path / "cache", n=31, keys=keys, split="test", signal=4.0, seed=1, invalid=(5,))
     return tmp_path
@@ -127,10 +127,12 @@ def test_a_ram_cap_that_is_not_a_positive_number_is_refused_in_one_line(toy, com
     assert not (toy / "results").exists()
 
 
-@pytest.mark.parametrize("command", [["knn", "--pool", "4"], ["sweep", "--pools", "4"], ["probe", "--pool", "4"],
-                                     ["cka", "-b", "19", "-t", "90,150", "--estimator", "linear"]])
+@pytest.mark.parametrize("command", [["knn", "--pool", "4", "-b", "24", "-t", "150"],
+                                     ["sweep", "--pools", "4", "-b", "24", "-t", "150"],
+                                     ["probe", "--pool", "4", "-b", "24", "-t", "150"],
+                                     ["cka", "-b", "19,24", "-t", "90", "--estimator", "linear"]])
 def test_over_the_ram_cap_the_advice_names_command_line_flags(toy, command):
-    result = _invoke(toy, *command, "-b", "24", "-t", "150", "--ram-cap-gb", "1e-7")
+    result = _invoke(toy, *command, "--ram-cap-gb", "1e-7")
     assert result.exit_code == 1
     line = _error_line(result)
     assert "--ram-cap-gb" in line and "--pool" in line
