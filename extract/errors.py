@@ -42,7 +42,19 @@ class CacheMismatchError(CacheError):
 
 
 class CacheIncompleteError(CacheError):
-    """A cache array some of whose shards are not written yet."""
+    """A cache array some of whose shards are not written yet (or lost), or that is not there at all.
+
+    Attributes (optional; the command line builds the exact ``diffrep extract`` command from them,
+    ``pipeline.advice.advised``):
+        problem: what is missing, without the remedy. spec: the cache's ``CacheSpec``. path: its folder.
+        arrays: the (b, t) arrays that command must write. runs: the cache's run records.
+    """
+
+    def __init__(self, message: str, *, problem: str | None = None, spec=None, path: str | None = None,
+                 arrays=(), runs=()):
+        super().__init__(message)
+        self.problem, self.spec, self.path = problem or message, spec, path
+        self.arrays, self.runs = tuple(arrays), tuple(runs)
 
 
 class DiskSpaceError(DiffrepError, OSError):

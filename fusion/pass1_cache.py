@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from extract.cache import cache_path, open_cache
-from extract.errors import CacheError
+from extract.errors import CacheError, CacheIncompleteError
 
 __all__ = ["CachedPass1", "find_cached_pass1"]
 
@@ -33,11 +33,14 @@ class CachedPass1:
         features: ``{(source, t): (N, C, h, w) float16}`` aligned with the images asked about (None: live).
         image_ids: the cache's noise id of each image (the live x_t must use them).
         reason: where the features come from, or why pass 1 runs live (for the plan).
+        missing: when arrays of the cache are missing, the error that names them with what the command line
+            needs to print the exact extract command that adds them (``pipeline.advice.advised``).
     """
 
     features: dict | None
     image_ids: np.ndarray | None
     reason: str
+    missing: CacheIncompleteError | None = None
 
 
 def _cache_noise_ids(cache) -> np.ndarray:
@@ -69,8 +72,15 @@ def find_cached_pass1(cache_dir: str | os.PathLike | None, dataset: str, split: 
             return live(f"the cache's noise seed is {cache.spec.noise_seed}, not {noise_seed}")
         missing = [b for b in sources if not cache.has_array(b, t) or not cache.is_complete(b, t, 0)]
         if missing:
-            return live(f"the cache lacks complete b{','.join(map(str, missing))} at t={t}; add them with "
-                        f"diffrep extract --blocks {','.join(map(str, missing))} --timesteps {t} --pool none")
+            what = f"the cache lacks complete b{','.join(map(str, missing))} at t={t}"
+            if cache.spec.pool and any(cache.spec.pool < native_sides[b] for b in missing):
+                return live(f"{what} and pools its maps to {cache.spec.pool}, while pass 1 needs full maps: extract "
+                            f"them with --pool none into another --cache-dir")
+            found = live(f"{what}: add them with the diffrep extract command that wrote it, with --blocks "
+                         f"{','.join(map(str, missing))} --timesteps {t}")
+            found.missing = CacheIncompleteError(found.reason, problem=what, spec=cache.spec, path=cache.path,
+                                                 arrays=[(b, t) for b in missing], runs=cache.runs)
+            return found
         pooled = [b for b in sources if cache.shape(b, t)[-1] != native_sides[b]]
         if pooled:
             return live(f"the cache pools b{','.join(map(str, pooled))} (pass 1 needs full maps: extract with --pool none)")

@@ -22,7 +22,8 @@ from extract.inputs.images import IMAGE_EXTENSIONS
 
 from pipeline.archives import WHERE_HINT, ArchiveTree, DiskTree, ensure_unpacked, listed_archive
 from pipeline.errors import DatasetError
-from pipeline.manifest import DatasetSpec, Manifest, SplitSpec, get_dataset
+from pipeline.names import check_name
+from pipeline.manifest import TORCHVISION_LOADERS, DatasetSpec, Manifest, SplitSpec, get_dataset
 
 __all__ = ["ImageIndex", "build_index", "select_subset"]
 
@@ -229,9 +230,12 @@ def _read_torchvision(spec: DatasetSpec, split: SplitSpec) -> Entries:
     """A torchvision dataset built with download=False, read for its (path, label) pairs only."""
     import torchvision.datasets
 
-    loader = getattr(torchvision.datasets, str(spec.loader), None)
+    if spec.loader not in TORCHVISION_LOADERS:  # never getattr on a name the manifest did not pass
+        raise DatasetError(f"dataset '{spec.name}' has unknown loader {str(spec.loader)[:60]!r}: use one of "
+                           f"{', '.join(TORCHVISION_LOADERS)} in the manifest")
+    loader = getattr(torchvision.datasets, spec.loader, None)
     if loader is None:
-        raise DatasetError(f"dataset '{spec.name}': torchvision.datasets has no loader '{spec.loader}': fix 'loader' in the manifest")
+        raise DatasetError(f"dataset '{spec.name}': this torchvision has no datasets.{spec.loader}: upgrade torchvision")
     kwargs = dict(spec.options)
     if split.key is not None:
         kwargs["split"] = split.key
@@ -370,8 +374,10 @@ def build_index(
 
     Raises:
         DatasetError: unknown dataset or split, missing folder or file, a class without images,
-            no classes, or a ``per_class``/``limit`` below 1.
+            no classes, or a ``per_class``/``limit`` below 1; BadNameError: a dataset or split name that
+            cannot be a folder name.
     """
+    check_name(split, "split")
     for label, value in (("per_class", per_class), ("limit", limit)):
         if value is not None and value < 1:
             raise DatasetError(f"{label} must be at least 1, got {value}: pass a positive number or leave it out")

@@ -168,8 +168,8 @@ def run_demo(settings: DemoSettings, echo: Callable[[str], None] = print) -> dic
                            backbone_id=backbone_id, results_path=results_path)
     common = dict(cache=cache, blocks=tuple(settings.blocks), timesteps=tuple(settings.timesteps),
                   pools=tuple(settings.probe_pools), device=settings.device, out_dir=str(out_dir))
-    linear, written = stages.run("linear probes (converged)", run_sweep, SweepRequest(head="linear", **common))
-    knn, written_knn = stages.run("kNN (k=20)", run_sweep, SweepRequest(head="knn", **common))
+    linear, written, _ = stages.run("linear probes (converged)", run_sweep, SweepRequest(head="linear", **common))
+    knn, written_knn, _ = stages.run("kNN (k=20)", run_sweep, SweepRequest(head="knn", **common))
     written += written_knn
     grid = _grid(linear, "linear")
     best_key = max(grid, key=lambda k: (grid[k], -k[1], -k[0]))

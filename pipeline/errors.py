@@ -2,7 +2,7 @@
 
 from extract.errors import DiffrepError
 
-__all__ = ["DatasetError", "ResultsError"]
+__all__ = ["DatasetError", "ResultsError", "BadNameError"]
 
 
 class DatasetError(DiffrepError, FileNotFoundError):
@@ -11,3 +11,7 @@ class DatasetError(DiffrepError, FileNotFoundError):
 
 class ResultsError(DiffrepError, ValueError):
     """A results table that cannot be read or written as asked."""
+
+
+class BadNameError(DiffrepError, ValueError):
+    """A dataset, split or backbone name that cannot be one folder name (a path, ``..``, control characters)."""

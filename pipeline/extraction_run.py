@@ -281,9 +281,16 @@ def _run_locked(plan: ExtractionPlan, runner: TaskRunner, progress: bool, retrie
             "images": summary.images, "forwards": summary.forwards, "seconds": round(summary.seconds, 2),
             "where": runner.description, "threads": plan.request.num_threads,
             "batch_size": plan.request.batch_size, "decode_device": plan.request.decode_device, "compute": computed,
+            **_sources(plan.request),
         })
     if interrupted:
         raise ExtractionInterrupted(summary.shards_done, len(jobs))
     if fatal is not None:
         raise fatal
     return summary
+
+
+def _sources(request: ExtractionRequest) -> dict:
+    """Where the weights and images came from, for the advice that repeats this command (``pipeline.advice``)."""
+    return {key: os.path.abspath(value) if value else None for key, value in
+            (("checkpoint", request.checkpoint), ("data_root", request.data_root), ("split_dir", request.split_dir))}

@@ -11,6 +11,7 @@ otherwise it runs live, and the plan says which.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from probe.heads import count_parameters, create_head
 from probe.live_head import default_precision
 from probe.train import BACKBONE_NAME, TrainConfig, fit
 
+from pipeline.advice import advised
 from pipeline.live_probe import LiveSelection, live_splits
 from pipeline.results import default_results_path, record_rows
 
@@ -175,13 +177,15 @@ def _pass1(request: FeedbackRequest, model: DifFeed, source: LiveImages, split: 
     sides = {b: side for b, (_, side) in model.backbone.block_shapes().items()}
     found = find_cached_pass1(request.cache_dir, request.dataset, split, _backbone_id(request), request.noise_seed,
                               model.sources, request.timestep, sides, source.paths)
+    if found.missing is not None:  # the exact command that adds the missing source arrays to that cache
+        found.reason = f"runs live ({advised(found.missing)})"
     if found.features is not None:
         source.cached = found.features
         source.image_ids = found.image_ids
     return found
 
 
-def run_feedback(plan: FeedbackPlan) -> dict:
+def run_feedback(plan: FeedbackPlan, announce: Callable[[dict], None] | None = None) -> dict:
     """Train DifFeed by the protocol, score the test split, record and return the results row."""
     r = plan.request
     device = resolve_device(r.device)
@@ -208,7 +212,7 @@ def run_feedback(plan: FeedbackPlan) -> dict:
                epochs=result.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed, heldout_size=0,
                label_fraction=r.label_fraction, fresh_noise=r.fresh_noise, augment=r.augment, finetune=r.finetune,
                top1=result.top1, top5=result.top5, train_seconds=result.train_seconds)
-    record_rows([row], r.results_path)
+    record_rows([row], r.results_path, announce)
     row["pass1_from_cache"] = from_cache
     if r.finetune:
         row["backbone_path"] = str(Path(checkpoint_dir) / BACKBONE_NAME)

@@ -13,6 +13,7 @@ the two ``LiveImages`` sources: label fraction and per-class subsets drawn as th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def live_splits(selection: LiveSelection, image_size: int, timesteps, schedule,
     return splits[0], splits[1], num_classes
 
 
-def run_live_probe(request: LiveProbeRequest) -> dict:
+def run_live_probe(request: LiveProbeRequest, announce: Callable[[dict], None] | None = None) -> dict:
     """Train the head through the live backbone, score the test split, record and return the results row."""
     fitting = request.protocol
     if request.head not in LIVE_HEADS:
@@ -202,7 +203,7 @@ def run_live_probe(request: LiveProbeRequest) -> dict:
                batch_size=fitting.batch_size, seed=fitting.seed, heldout_size=0, label_fraction=fitting.label_fraction,
                fresh_noise=request.fresh_noise, augment=request.augment, finetune=request.finetune,
                top1=result.top1, top5=result.top5, train_seconds=result.train_seconds)
-    record_rows([row], request.results_path)
+    record_rows([row], request.results_path, announce)
     if request.finetune:
         row["backbone_path"] = str(Path(checkpoint_dir) / BACKBONE_NAME)
     return row

@@ -16,9 +16,11 @@ from typing import Any, Mapping
 import yaml
 
 from pipeline.errors import DatasetError
+from pipeline.names import check_name
 
 __all__ = [
     "FORMATS",
+    "TORCHVISION_LOADERS",
     "Manifest",
     "SplitSpec",
     "DatasetSpec",
@@ -32,6 +34,12 @@ __all__ = [
 
 #: Layouts a manifest entry may name (see the header of data_manifest.yaml).
 FORMATS = ("folder", "list", "cub", "torchvision", "stanford_dogs")
+
+#: torchvision.datasets classes the ``torchvision`` format reads (those that list their image files and labels).
+TORCHVISION_LOADERS = ("Country211", "DTD", "FGVCAircraft", "Flowers102", "Food101", "GTSRB", "Imagenette",
+                       "RenderedSST2", "StanfordCars", "SUN397")
+#: Loader keyword arguments the manifest may not set: diffrep passes them itself (never downloading).
+_RESERVED_OPTIONS = ("download", "root", "split")
 
 _DATASET_KEYS = {"description", "format", "root", "source_archive", "classes", "loader", "options", "splits"}
 _SPLIT_KEYS = {"path", "format", "list", "key"}
@@ -170,6 +178,24 @@ def _check_entry(name: str, entry: Any, path: Path) -> None:
         raise DatasetError(f"{where} has format torchvision but no 'loader': name a torchvision.datasets class, e.g. FGVCAircraft")
     if "options" in entry and not isinstance(entry["options"], Mapping):
         raise DatasetError(f"{where}: 'options' must be a mapping of loader keyword arguments")
+    if "torchvision" in formats and entry["loader"] not in TORCHVISION_LOADERS:
+        raise DatasetError(f"{where} has unknown loader {str(entry['loader'])[:60]!r}: use one of "
+                           f"{', '.join(TORCHVISION_LOADERS)}, or format folder or list")
+    reserved = [key for key in _RESERVED_OPTIONS if key in (entry.get("options") or {})]
+    if "download" in reserved:
+        raise DatasetError(f"{where} sets options.download: diffrep never downloads at run time; download the data "
+                           f"yourself, point the entry's root at it and remove 'download' from its options")
+    if reserved:
+        raise DatasetError(f"{where} sets options.{reserved[0]}, which diffrep passes itself: remove it "
+                           f"(the folder is 'root', the split the split's 'key')")
+
+
+def _check_names(name: Any, entry: Any, path: Path) -> None:
+    """The dataset's name and its split names become cache folders: each must be one safe folder name."""
+    check_name(name, f"{path}: dataset")
+    if isinstance(entry, Mapping) and isinstance(entry.get("splits"), Mapping):
+        for split_name in entry["splits"]:
+            check_name(split_name, f"{path}: dataset '{name}' split")
 
 
 def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
@@ -182,7 +208,8 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
         The checked :class:`Manifest`.
 
     Raises:
-        DatasetError: the file is missing, is not YAML, or an entry breaks the schema.
+        DatasetError: the file is missing, is not YAML, or an entry breaks the schema (an unknown loader, a
+            download option); BadNameError: a dataset or split name that cannot be a folder name.
     """
     path = Path(path).expanduser() if path is not None else default_manifest_path()
     try:
@@ -198,6 +225,7 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
         raise DatasetError(f"data manifest {path} has no 'datasets' mapping: start it with 'datasets:' and one entry per dataset")
     datasets = document["datasets"]
     for name, entry in datasets.items():
+        _check_names(name, entry, path)
         _check_entry(str(name), entry, path)
     return Manifest(path=path, datasets={str(name): entry for name, entry in datasets.items()})
 
@@ -231,8 +259,9 @@ def get_dataset(
         The :class:`DatasetSpec`.
 
     Raises:
-        DatasetError: unknown dataset or unknown override key.
+        BadNameError: a name that cannot be a folder name; DatasetError: unknown dataset or override key.
     """
+    check_name(name, "dataset")
     manifest = manifest if manifest is not None else load_manifest()
     if name not in manifest.datasets:
         raise DatasetError(

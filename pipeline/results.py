@@ -4,18 +4,21 @@
 ``RESULTS_SCHEMA``; ``append_results`` adds rows atomically (read, concatenate, write to a temporary
 file, rename) while holding ``results.parquet.lock``, so concurrent runs never lose a row. A table
 that cannot be read is never the end of a finished run: it is moved aside (renamed, with a
-warning) and a new table is started with the row. ``record_rows`` is what a finished run calls: rows
-the table refuses are kept in a JSON file beside it, never lost.
+warning) and a new table is started with the row. ``record_rows`` is what a finished run calls, after
+showing its result: rows the table refuses are kept whole in a JSON file beside it (else in the temporary
+folder), or, when nothing can be written, carried in the error itself: never lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,30 +130,71 @@ def append_results(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike | 
                 os.replace(path, aside)
                 log.warning("%s; moved it to %s and started a new table", exc, aside)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk or a Ctrl-C leaves no half-written table behind
+                tmp.unlink()
+            raise
     return path
 
 
-def record_rows(rows: list[dict], path: str | os.PathLike | None = None) -> None:
-    """Append a finished run's rows; if the table cannot take them, keep them in a JSON file beside it and say so.
+def record_rows(rows: list[dict], path: str | os.PathLike | None = None,
+                announce: Callable[[dict], None] | None = None) -> None:
+    """Show a finished run's rows, then append them; if the table cannot take them, keep them in a JSON file.
+
+    ``announce`` (the CLI's summary line) is called with every row before anything is written, so a
+    table that cannot be written never takes the result with it. The JSON goes beside the table, else
+    to the temporary folder; it is written whole or not at all (never left empty or cut short).
 
     Raises:
-        ResultsError: the rows were not appended; the message names the JSON file that holds them.
+        ResultsError: the rows were not appended; the message names the JSON file that holds them, or,
+            when no folder could keep them, says so and carries the rows themselves.
     """
+    for row in rows if announce is not None else ():
+        announce(row)
     try:
         append_results(rows, path)
     except (OSError, ResultsError) as exc:
         path = Path(path) if path is not None else default_results_path()
-        keep = path.with_name(f"{path.name}.unsaved-{int(time.time())}.json")
-        try:
-            keep.parent.mkdir(parents=True, exist_ok=True)
-            keep.write_text(json.dumps(rows, default=str, indent=1))
-            where = f"the rows are in {keep}"
-        except OSError:
-            log.error("results rows not saved: %s", json.dumps(rows, default=str))
-            where = "the rows are in the log above"
-        raise ResultsError(f"could not write the results table {path} ({exc}); {where}") from None
+        reason = _reason(exc)
+        text = json.dumps(rows, default=str)
+        kept, failures = None, []
+        for folder in dict.fromkeys([path.parent, Path(tempfile.gettempdir())]):
+            try:
+                kept = _write_whole(folder / f"{path.name}.unsaved-{int(time.time())}-{os.getpid()}.json", text)
+                break
+            except OSError as failed:
+                failures.append(f"{folder}: {_reason(failed)}")
+        if kept is None:
+            raise ResultsError(f"could not write the results table {path} ({reason}) and could not keep the rows "
+                               f"anywhere ({'; '.join(failures)}): the rows are {text}") from None
+        fix = "; free space or fix the folder's permissions, then append them" if isinstance(exc, OSError) else ""
+        raise ResultsError(f"could not write the results table {path} ({reason}): the rows are in {kept}{fix}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """An error as a few words: the OS's reason and the file it concerns, or the message on one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return " ".join(str(exc).split())[:200]
+
+
+def _write_whole(target: Path, text: str) -> Path:
+    """Write ``text`` to ``target`` through a temporary file renamed into place; nothing is left if it fails."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return target
 
 
 def read_results(path: str | os.PathLike | None = None) -> pa.Table:

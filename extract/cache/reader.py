@@ -63,9 +63,6 @@ class FeatureCache:
         with explain_bad_metadata(self.path):
             return self._group[name]
 
-    def _rerun_hint(self) -> str:
-        return "run the same diffrep extract command again: it re-runs exactly those shards"
-
     # -- index ---------------------------------------------------------------------------------
     def index_chunk_shards(self, name: str, chunk: int) -> list[int]:
         """The shards whose rows lie in chunk ``chunk`` of index array ``name``."""
@@ -172,10 +169,7 @@ class FeatureCache:
             raise CacheError(f"view {view} is not in this cache ({', '.join(map(str, self.spec.view_ids))}): {hint}")
         name = array_name(b, t, view)
         if not self.has_array(b, t, view):
-            raise CacheError(
-                f"cache has no array {array_name(b, t)}: run diffrep extract --dataset {self.spec.dataset} "
-                f"--timesteps {t} --blocks {b}"
-            )
+            raise self._missing_work(f"cache {self.path} has no array {array_name(b, t)}", b, t)
         return self._node(name)
 
     def shape(self, b: int, t: int, pool: int | None = None) -> tuple[int, int, int, int]:
@@ -235,15 +229,21 @@ class FeatureCache:
         name = array_name(b, t, view)
         unmarked, damaged = self._state(b, t, view, array)
         if damaged:
-            raise CacheIncompleteError(
+            raise self._missing_work(
                 f"array {name} of {self.path} has {len(damaged)} damaged shard(s) {list_numbers(damaged)} "
-                f"(data object {'; '.join(sorted(set(damaged.values())))}): {self._rerun_hint()}"
-            )
+                f"(data object {'; '.join(sorted(set(damaged.values())))})", b, t,
+                "run the same diffrep extract command again: it re-runs exactly those shards")
         if unmarked:
-            raise CacheIncompleteError(
-                f"array {name} is missing {len(unmarked)} of {self.num_shards} shards: "
-                f"run diffrep extract --dataset {self.spec.dataset} --timesteps {t} --blocks {b} again to finish it"
-            )
+            raise self._missing_work(f"array {name} of {self.path} is missing {len(unmarked)} of {self.num_shards} shards",
+                                     b, t)
+
+    def _missing_work(self, problem: str, b: int, t: int, hint: str | None = None) -> CacheIncompleteError:
+        """The error for work ``diffrep extract`` does (write array b/t or its lost shards), carrying what the
+        command line needs to print that exact command (``pipeline.advice``)."""
+        hint = hint or (f"run the diffrep extract command that wrote this cache again with --blocks {b} "
+                        f"--timesteps {t} (its settings are in the cache's zarr.json)")
+        return CacheIncompleteError(f"{problem}: {hint}", problem=problem, spec=self.spec, path=self.path,
+                                    arrays=[(b, t)], runs=self.runs)
 
     def _read_shard(self, array: zarr.Array, name: str, shard: int, out: np.ndarray | None = None) -> np.ndarray:
         """The shard's rows as stored, read into ``out`` when given (a C-contiguous slice of the caller's result)."""

@@ -7,7 +7,7 @@ import sys
 import click
 
 from pipeline.cli.options import (
-    BlockList, PoolList, TimestepList, cache_dir_option, checkpoint_option, config_option, dataset_option,
+    BlockList, FolderName, PoolList, TimestepList, cache_dir_option, checkpoint_option, config_option, dataset_option,
     device_option,
 )
 
@@ -16,7 +16,7 @@ _CONFIRM_BYTES = 100e9
 
 @click.command("extract")
 @dataset_option()
-@click.option("--split", "splits", default=None,
+@click.option("--split", "splits", type=FolderName("split", many=True), default=None,
               help="Comma-separated splits, each its own cache (default: every split of the dataset, e.g. train,test).")
 @click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Diffusion timesteps, e.g. 90,150,300.")
 @click.option("--blocks", "-b", type=BlockList(), required=True, help="Paper block numbers, e.g. 19,24,30.")
@@ -89,7 +89,7 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
     if splits is None:
         split_names = dataset_splits(dataset, data_root)
     else:
-        split_names = [s.strip() for s in splits.split(",") if s.strip()]
+        split_names = splits
     if split_dir is not None and len(split_names) != 1:
         raise click.UsageError(f"--split-dir is the folder of one split: pass --split too (one of {', '.join(split_names)})")
     requests = [

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.options import checkpoint_option, config_option, dataset_option, default_cache_dir, device_option
+from pipeline.cli.options import (
+    FolderName, checkpoint_option, config_option, dataset_option, default_cache_dir, device_option,
+)
 
 
 @click.command("feedback")
@@ -17,8 +19,8 @@ from pipeline.cli.options import checkpoint_option, config_option, dataset_optio
 @config_option()
 @checkpoint_option()
 @click.option("--weight-seed", type=int, default=0, show_default=True, help="Seed of random weights (without --checkpoint).")
-@click.option("--train-split", default="train", show_default=True)
-@click.option("--test-split", default="test", show_default=True)
+@click.option("--train-split", type=FolderName("split"), default="train", show_default=True)
+@click.option("--test-split", type=FolderName("split"), default="test", show_default=True)
 @click.option("--per-class", type=click.IntRange(min=1), default=None, help="First N training images of each class.")
 @click.option("--test-per-class", type=click.IntRange(min=1), default=None, help="First N test images of each class.")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
@@ -75,8 +77,8 @@ def feedback(dry_run, **options) -> None:
     click.echo(plan.describe())
     if dry_run:
         return
-    row = run_feedback(plan)
-    click.echo(f"DifFeed ({row['strategy']}, read-out b={row['blocks'][0]}, t={row['timesteps'][0]}) on {row['dataset']}: "
-               f"top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% in {row['train_seconds']:.1f} s")
+    row = run_feedback(plan, announce=lambda row: click.echo(
+        f"DifFeed ({row['strategy']}, read-out b={row['blocks'][0]}, t={row['timesteps'][0]}) on {row['dataset']}: "
+        f"top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% in {row['train_seconds']:.1f} s"))
     if row.get("backbone_path"):
         click.echo(f"tuned backbone (official layout, loadable by --checkpoint): {row['backbone_path']}")

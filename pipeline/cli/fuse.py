@@ -44,8 +44,8 @@ def fuse(cache, **options) -> None:
 
     protocol = FitProtocol(**{name: options.pop(name) for name in
                               ("solver", "lr", "heldout_fraction", "epochs", "batch_size", "seed")})
-    row = run_probe(ProbeRequest(cache=cache, head="difformer", protocol=protocol, **options))
-    click.echo(f"DifFormer ({row['solver']}, lr {row['lr']:g}) on {row['dataset']} b={fmt_keys(options['blocks'])} "
-               f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
-               f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
-               f"in {row['train_seconds']:.1f} s")
+    run_probe(ProbeRequest(cache=cache, head="difformer", protocol=protocol, **options), announce=lambda row: click.echo(
+        f"DifFormer ({row['solver']}, lr {row['lr']:g}) on {row['dataset']} b={fmt_keys(options['blocks'])} "
+        f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
+        f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
+        f"in {row['train_seconds']:.1f} s"))

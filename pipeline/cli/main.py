@@ -3,7 +3,8 @@
 Commands live one concept per module (``pipeline.cli.extract``, ``.probe``, ...) as plain click
 commands that parse, call one library function, and print; they import nothing from here, and load
 torch only when they run (``--help`` stays fast). Every ``DiffrepError`` raised below becomes one
-line on stderr and exit status 1; a Ctrl-C that carries a message (``ExtractionInterrupted``)
+line on stderr and exit status 1 (a cache that lacks work ends with the exact extract command,
+``pipeline.advice``); a Ctrl-C that carries a message (``ExtractionInterrupted``)
 becomes that line and exit status 130.
 """
 
@@ -34,7 +35,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DiffrepError as exc:
-            raise click.ClickException(str(exc)) from exc
+            from pipeline.advice import advised
+
+            raise click.ClickException(advised(exc)) from exc
         except KeyboardInterrupt as exc:
             if not str(exc):  # a bare Ctrl-C: click's "Aborted!"
                 raise

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import click
 
 __all__ = [
-    "IntList", "BlockList", "TimestepList", "PoolList", "FloatList", "int_tuple",
+    "IntList", "BlockList", "TimestepList", "PoolList", "FloatList", "FolderName", "RamCapGb", "int_tuple",
     "config_option", "checkpoint_option", "dataset_option", "cache_dir_option", "device_option",
     "default_cache_dir", "cache_options", "protocol_options", "SOLVER_CHOICES", "L2_DEFAULT",
 ]
@@ -88,6 +89,47 @@ class PoolList(click.ParamType):
         return out
 
 
+class FolderName(click.ParamType):
+    """A dataset, split or backbone name, which becomes one folder name (``pipeline.names.check_name``);
+    ``many`` reads a comma-separated list of them."""
+
+    name = "name"
+
+    def __init__(self, what: str, many: bool = False):
+        self.what, self.many = what, many
+
+    def convert(self, value, param, ctx):
+        from pipeline.errors import BadNameError
+        from pipeline.names import check_name
+
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        names = [part.strip() for part in str(value).split(",") if part.strip()] if self.many else [value]
+        try:
+            names = [check_name(name, self.what) for name in names]
+        except BadNameError as exc:
+            self.fail(str(exc), param, ctx)
+        if self.many and not names:
+            self.fail(f"give at least one {self.what} name, e.g. train,test", param, ctx)
+        return names if self.many else names[0]
+
+
+class RamCapGb(click.ParamType):
+    """A RAM cap in GiB: a positive, finite number (``nan``, ``inf``, 0 and negatives are refused)."""
+
+    name = "gib"
+
+    def convert(self, value, param, ctx):
+        try:
+            cap = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of GiB, e.g. 16", param, ctx)
+        if not math.isfinite(cap) or cap <= 0:
+            self.fail(f"{value} is not a positive, finite number of GiB: pass e.g. 16, or leave it out for half "
+                      f"the RAM", param, ctx)
+        return cap
+
+
 def default_cache_dir() -> str:
     return os.environ.get("DIFFREP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffrep", "features"))
 
@@ -108,7 +150,7 @@ def checkpoint_option():
 
 def dataset_option(default: str | None = None):
     return click.option(
-        "--dataset", default=default, required=default is None,
+        "--dataset", type=FolderName("dataset"), default=default, required=default is None,
         help="Dataset name from data_manifest.yaml (e.g. cifar10, imagenet, cub).",
     )
 
@@ -170,15 +212,16 @@ def cache_options(fn):
         dataset_option(),
         cache_dir_option(),
         config_option(),
-        click.option("--backbone-id", default=None,
+        click.option("--backbone-id", type=FolderName("backbone id"), default=None,
                      help="Cache folder of the backbone (e.g. 256x256_uncond-1a2b3c4d5e6f); default: the one "
                           "cache of --config for this dataset."),
-        click.option("--train-split", default="train", show_default=True, help="Split to train on (or the kNN memory)."),
-        click.option("--test-split", default="test", show_default=True, help="Split to score."),
+        click.option("--train-split", type=FolderName("split"), default="train", show_default=True,
+                     help="Split to train on (or the kNN memory)."),
+        click.option("--test-split", type=FolderName("split"), default="test", show_default=True, help="Split to score."),
         click.option("--allow-same-split", is_flag=True, help="Allow --test-split equal to --train-split (scores on training rows)."),
         click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None,
                      help="Results table to append to [default: $DIFFREP_RESULTS or results/results.parquet]."),
-        click.option("--ram-cap-gb", type=float, default=None,
+        click.option("--ram-cap-gb", type=RamCapGb(), default=None,
                      help="Most RAM one cached array may take when read whole (default: the cache's, half the RAM)."),
     ]
 

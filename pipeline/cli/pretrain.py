@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.options import config_option, dataset_option, device_option
+from pipeline.cli.options import FolderName, config_option, dataset_option, device_option
 
 
 @click.command("pretrain")
 @config_option(default="32x32_small")
 @dataset_option(default="cifar10")
-@click.option("--split", default="train", show_default=True, help="Split whose images train the model (labels are never read).")
+@click.option("--split", type=FolderName("split"), default="train", show_default=True, help="Split whose images train the model (labels are never read).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True,
               help="Folder for ema.pt / model.pt (official layout, with a JSON each), train_state.pt, loss.csv, loss.png.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimizer steps in all.")

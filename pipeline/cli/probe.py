@@ -1,7 +1,7 @@
 """``diffrep probe | knn | cka | sweep | report``: evaluate cached features without touching the backbone.
 
-Each command parses its options, calls one function of ``pipeline.evaluate`` and prints what it
-returns.
+Each command parses its options and calls one function of ``pipeline.evaluate``, which hands every
+finished row to the command's ``announce`` (printed) before the results table is written.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import functools
 import click
 
 from pipeline.cli.options import (
-    BlockList, IntList, PoolList, TimestepList, cache_dir_option, cache_options, checkpoint_option, config_option,
+    BlockList, FolderName, IntList, PoolList, RamCapGb, TimestepList, cache_dir_option, cache_options, checkpoint_option, config_option,
     dataset_option, device_option, int_tuple, protocol_options,
 )
 
@@ -97,19 +97,21 @@ def probe(cache, live, **options) -> None:
     """
     from pipeline.evaluate import ProbeRequest, fmt_keys, run_probe
 
+    def announce(row: dict) -> None:  # printed before the results table is written: a failed write loses nothing
+        click.echo(f"{row['head']} ({_protocol_text(row)}) on {row['dataset']} b={fmt_keys(options['blocks'])} "
+                   f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
+                   f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
+                   f"in {row['train_seconds']:.1f} s")
+
     if live is not None:
-        row = _run_live(cache, live, options)
+        row = _run_live(cache, live, options, announce)
     else:
-        row = run_probe(ProbeRequest(cache=cache, **options))
-    click.echo(f"{row['head']} ({_protocol_text(row)}) on {row['dataset']} b={fmt_keys(options['blocks'])} "
-               f"t={fmt_keys(options['timesteps'])} ({row['parameters']:,} parameters, {row['train_size']} train / "
-               f"{row['test_size']} test images): top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
-               f"in {row['train_seconds']:.1f} s")
+        row = run_probe(ProbeRequest(cache=cache, **options), announce)
     if row.get("backbone_path"):
         click.echo(f"tuned backbone (official layout, loadable by --checkpoint): {row['backbone_path']}")
 
 
-def _run_live(cache, live: dict, options: dict) -> dict:
+def _run_live(cache, live: dict, options: dict, announce) -> dict:
     """``diffrep probe --live``: the cache options that still mean something, the live ones, one results row."""
     from pipeline.errors import DatasetError
     from pipeline.live_probe import LiveProbeRequest, run_live_probe
@@ -119,7 +121,7 @@ def _run_live(cache, live: dict, options: dict) -> dict:
     request = LiveProbeRequest(
         dataset=cache.dataset, config_name=cache.config_name, train_split=cache.train_split, test_split=cache.test_split,
         results_path=cache.results_path, **live, **options)
-    return run_live_probe(request)
+    return run_live_probe(request, announce)
 
 
 def _protocol_text(row: dict) -> str:
@@ -153,18 +155,18 @@ def knn(cache, **options) -> None:
     from pipeline.evaluate import KnnRequest, run_knn
 
     options["k"] = tuple(options["k"])
-    rows = run_knn(KnnRequest(cache=cache, **options))
-    for row in rows:
-        click.echo(f"knn k={row['k']:<4} top-1 {100 * row['top1']:.2f}%  top-5 {100 * row['top5']:.2f}%"
-                   f"  ({row['train_size']} train / {row['test_size']} test images)")
+    run_knn(KnnRequest(cache=cache, **options), announce=lambda row: click.echo(
+        f"knn k={row['k']:<4} top-1 {100 * row['top1']:.2f}%  top-5 {100 * row['top5']:.2f}%"
+        f"  ({row['train_size']} train / {row['test_size']} test images)"))
 
 
 @click.command("cka")
 @dataset_option()
 @cache_dir_option()
 @config_option()
-@click.option("--backbone-id", default=None, help="Cache folder of the backbone; default: the one cache of --config.")
-@click.option("--split", default="test", show_default=True, help="Split whose images are compared.")
+@click.option("--backbone-id", type=FolderName("backbone id"), default=None,
+              help="Cache folder of the backbone; default: the one cache of --config.")
+@click.option("--split", type=FolderName("split"), default="test", show_default=True, help="Split whose images are compared.")
 @click.option("--blocks", "-b", type=BlockList(), required=True, help="Blocks of the block x block matrix, e.g. 19,24,30.")
 @click.option("--timesteps", "-t", type=TimestepList(), required=True, help="Timesteps of the timestep x timestep matrix.")
 @click.option("--at-t", type=int, default=None, help="Fixed t of the block matrix [default: first of --timesteps].")
@@ -178,7 +180,7 @@ def knn(cache, **options) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --limit's draw and of the minibatch order.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/cka", show_default=True,
               help="Folder for the CKA Parquet table and heatmaps.")
-@click.option("--ram-cap-gb", type=float, default=None, help="RAM cap for whole-array reads.")
+@click.option("--ram-cap-gb", type=RamCapGb(), default=None, help="RAM cap for whole-array reads (GiB).")
 @device_option()
 def cka(**options) -> None:
     """Linear CKA between cached arrays: block x block at a fixed t, timestep x timestep at a fixed b.
@@ -206,6 +208,9 @@ def cka(**options) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/sweeps", show_default=True,
               help="Folder for the sweep table (Parquet, Markdown) and heatmaps.")
 @click.option("--progress/--no-progress", default=False, show_default=True)
+@click.option("--skip-incomplete", is_flag=True,
+              help="Sweep the complete cells when some (b, t) are absent, unfinished or damaged in a split; they are "
+                   "named in the output and the report (without it such a cell stops the sweep before it trains).")
 def sweep(cache, **options) -> None:
     """Linear probes (or kNN) over every cached (b, t) and pool size: the paper's Figures 3 and 4.
 
@@ -216,11 +221,15 @@ def sweep(cache, **options) -> None:
     from pipeline.evaluate import SweepRequest, run_sweep
     from pipeline.report import format_table
 
-    table, written = run_sweep(SweepRequest(cache=cache, **options))
+    table, written, missing = run_sweep(SweepRequest(cache=cache, **options), announce=lambda row: click.echo(
+        f"b={row['blocks'][0]} t={row['timesteps'][0]} pool={row['pool']}: top-1 {100 * row['top1']:.2f}%, "
+        f"top-5 {100 * row['top5']:.2f}%"))
     click.echo(format_table(table, columns=("blocks", "timesteps", "pool", "head", "protocol", "l2", "lr", "top1",
                                             "top5", "train_seconds")))
     for path in written:
         click.echo(f"wrote {path}")
+    for cell, problem in missing.items():
+        click.echo(f"not measured (--skip-incomplete): {problem}")
 
 
 @click.command("report")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.options import cache_dir_option
+from pipeline.cli.options import FolderName, cache_dir_option
 
 
 @click.command("verify")
 @cache_dir_option()
-@click.option("--dataset", default=None, help="Only the caches of this dataset (default: every cache under --cache-dir).")
-@click.option("--split", default=None, help="Only the caches of this split.")
+@click.option("--dataset", type=FolderName("dataset"), default=None, help="Only the caches of this dataset (default: every cache under --cache-dir).")
+@click.option("--split", type=FolderName("split"), default=None, help="Only the caches of this split.")
 @click.option("--repair", is_flag=True,
               help="Forget the bad shards (delete their files, unset their markers) so that the same diffrep extract "
                    "command writes exactly those again.")

@@ -9,6 +9,7 @@ caches; ``take_label_fraction`` draws the training rows of ``--label-fraction``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,18 +17,20 @@ import torch
 from extract.cache import FeatureCache
 from extract.errors import CacheError
 from probe.errors import ProbeError
-from probe.features import FeatureSet, open_split, resolve_backbone_id
+from probe.features import FeatureSet, feature_bytes, open_split, resolve_backbone_id
 from probe.logistic import DEFAULT_L2_GRID
 from probe.subsets import label_fraction_rows
 from probe.train import TrainConfig
 from probe.views import take_rows
 
+from pipeline.advice import extract_command_for
 from pipeline.errors import DatasetError
 from pipeline.manifest import get_dataset
+from pipeline.names import check_name
 
 __all__ = [
     "Key", "CacheSelection", "FitProtocol", "CachePair", "fmt_keys", "keys_of", "open_pair", "require_arrays",
-    "provenance", "take_label_fraction",
+    "require_in_ram", "gib", "provenance", "take_label_fraction",
 ]
 
 Key = tuple[int, int]
@@ -57,6 +60,16 @@ class CacheSelection:
     allow_same_split: bool = False
     results_path: str | None = None
     ram_cap_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        """Names become cache and checkpoint folders; the cap a number of bytes (checked before either is used)."""
+        for what, name in (("dataset", self.dataset), ("split", self.train_split), ("split", self.test_split)):
+            check_name(name, what)
+        if self.backbone_id is not None:
+            check_name(self.backbone_id, "backbone id")
+        if self.ram_cap_gb is not None and not (math.isfinite(self.ram_cap_gb) and self.ram_cap_gb > 0):
+            raise ProbeError(f"RAM cap {self.ram_cap_gb} GiB is not a positive, finite number: pass e.g. "
+                             f"--ram-cap-gb 16, or leave it out for half the RAM")
 
 
 @dataclass(frozen=True)
@@ -158,11 +171,27 @@ def require_arrays(pair: CachePair, keys, selection: CacheSelection) -> None:
         have = set(cache.arrays())
         missing = [key for key in keys if key not in have]
         if missing:
-            blocks = fmt_keys(sorted({b for b, _ in missing}))
-            timesteps = fmt_keys(sorted({t for _, t in missing}))
-            raise CacheError(f"the {split} cache has no array {', '.join(f'b{b}/t{t}' for b, t in missing)}: run "
-                             f"diffrep extract --dataset {selection.dataset} --split {split} --config "
-                             f"{cache.spec.config_name} --timesteps {timesteps} --blocks {blocks}")
+            command = extract_command_for(cache.spec, {b for b, _ in missing}, {t for _, t in missing},
+                                          selection.cache_dir, cache.runs)
+            raise CacheError(f"the {split} cache has no array {', '.join(f'b{b}/t{t}' for b, t in missing)}: "
+                             f"run {command}")
+
+
+def gib(count: int) -> str:
+    """Bytes as GiB with three significant digits (never '0.0 GiB' for a small but real size)."""
+    return f"{count / 2**30:.3g} GiB"
+
+
+def require_in_ram(cache: FeatureCache, keys, read_pool: dict, split: str, other: str = "") -> None:
+    """Refuse, in command-line terms, reading the ``keys`` of a split whole when they exceed its RAM cap.
+
+    Args:
+        read_pool: ``{key: pool}`` as read. other: a further remedy (``; or --solver sgd to stream``).
+    """
+    need = sum(feature_bytes(cache, [key], read_pool[key]) for key in keys)
+    if need > cache.ram_cap_bytes:
+        raise ProbeError(f"the {split} split's features take {gib(need)} in RAM, over the {gib(cache.ram_cap_bytes)} "
+                         f"cap: raise --ram-cap-gb or use a coarser --pool{other}")
 
 
 def provenance(selection: CacheSelection, pair: CachePair) -> dict:

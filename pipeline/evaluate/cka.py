@@ -22,7 +22,7 @@ from probe.errors import ProbeError
 from probe.features import StreamedFeatures, choose_read_pool, load_at_pools, open_split, resolve_backbone_id
 from probe.subsets import balanced_rows
 
-from pipeline.evaluate.cache_pair import Key
+from pipeline.evaluate.cache_pair import CacheSelection, Key, require_in_ram
 from pipeline.report import plot_cka_heatmap
 
 __all__ = ["CkaRequest", "run_cka", "cka_rows"]
@@ -53,6 +53,11 @@ class CkaRequest:
     out_dir: str = "results/cka"
     ram_cap_gb: float | None = None
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        """The names become the cache's and the outputs' file names; the cap a number of bytes."""
+        CacheSelection(dataset=self.dataset, cache_dir=self.cache_dir, backbone_id=self.backbone_id,
+                       train_split=self.split, test_split=self.split, allow_same_split=True, ram_cap_gb=self.ram_cap_gb)
 
 
 def cka_rows(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray | None:
@@ -87,6 +92,8 @@ def run_cka(request: CkaRequest) -> list[Path]:
     rows = cka_rows(np.asarray(cache.labels)[valid], request.limit, request.seed)
     device = resolve_device(request.device)
     if request.estimator == "linear" or len(set(read_pool.values())) > 1 or rows is not None:
+        require_in_ram(cache, keys, read_pool, request.split,
+                       "; or stream it: --estimator minibatch with one --pool and no --limit")
         loaded = load_at_pools(cache, keys, read_pool)
         index = torch.from_numpy(rows) if rows is not None else None
         arrays = [loaded.features[key] if index is None else loaded.features[key][index] for key in keys]

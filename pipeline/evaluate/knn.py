@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -15,7 +16,9 @@ from probe.features import choose_read_pool, flatten_features, iter_feature_batc
 from probe.knn import knn_classify
 from probe.logistic import Standardizer
 
-from pipeline.evaluate.cache_pair import CacheSelection, Key, fmt_keys, keys_of, open_pair, provenance
+from pipeline.evaluate.cache_pair import (
+    CacheSelection, Key, fmt_keys, keys_of, open_pair, provenance, require_arrays, require_in_ram,
+)
 from pipeline.results import record_rows
 
 __all__ = ["KnnRequest", "run_knn", "standardizer_on"]
@@ -45,12 +48,14 @@ class KnnRequest:
     device: str = "auto"
 
 
-def run_knn(request: KnnRequest) -> list[dict]:
+def run_knn(request: KnnRequest, announce: Callable[[dict], None] | None = None) -> list[dict]:
     """kNN of the test split against the (streamed) train split; records and returns one results row per k."""
     selection = request.cache
     pair = open_pair(selection)
     keys = keys_of(request.blocks, request.timesteps)
+    require_arrays(pair, keys, selection)
     read_pool = {key: choose_read_pool(pair.train, key, request.pool) for key in keys}
+    require_in_ram(pair.test, keys, read_pool, selection.test_split, "; the train split streams whatever its size")
     test = load_at_pools(pair.test, keys, read_pool)
     test_x = flatten_features(test.features, keys, request.pool)
     num_classes = len(test.class_names) or int(test.labels.max()) + 1
@@ -75,7 +80,7 @@ def run_knn(request: KnnRequest) -> list[dict]:
                  timesteps=list(request.timesteps), pool=int(request.pool or 0), k=min(k, train_size), parameters=0,
                  epochs=0, seed=0, top1=s["top1"], top5=s["top5"], train_seconds=seconds)
             for k, s in scores.items()]
-    record_rows(rows, selection.results_path)
+    record_rows(rows, selection.results_path, announce)
     return rows
 
 

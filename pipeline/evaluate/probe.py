@@ -38,7 +38,7 @@ from probe.train import fit
 from probe.views import take_rows
 
 from pipeline.evaluate.cache_pair import (
-    CacheSelection, FitProtocol, fmt_keys, keys_of, open_pair, provenance, require_arrays, take_label_fraction,
+    CacheSelection, FitProtocol, fmt_keys, gib, keys_of, open_pair, provenance, require_arrays, take_label_fraction,
 )
 from pipeline.results import default_results_path, record_rows
 
@@ -152,7 +152,7 @@ def head_overrides(request) -> dict:
     return overrides
 
 
-def run_probe(request: ProbeRequest) -> dict:
+def run_probe(request: ProbeRequest, announce: Callable[[dict], None] | None = None) -> dict:
     """Train one head on cached train features, score it on the test features, record the row; returns it."""
     selection = request.cache
     fitting = request.protocol
@@ -176,15 +176,15 @@ def run_probe(request: ProbeRequest) -> dict:
     streamed = request.stream or need > pair.train.ram_cap_bytes
     if solver == "lbfgs":
         if streamed:
-            raise ProbeError(f"the converged probe holds the features in memory ({need / 2**30:.1f} GiB as float16, over "
-                             f"the RAM cap): raise --ram-cap-gb, use a coarser --pool, or pass --solver sgd to stream")
+            raise ProbeError(f"the converged probe holds the features in memory ({gib(need)} as float16, over "
+                             f"the {gib(pair.train.ram_cap_bytes)} RAM cap): raise --ram-cap-gb, use a coarser --pool, or pass --solver sgd to stream")
         train = take_label_fraction(load_at_pools(pair.train, keys, read_pool), fitting)
         test = load_at_pools(pair.test, keys, read_pool)
         row.update(train_size=train.num_images, test_size=test.num_images)
         row.update(fit_converged(flatten_features(train.features, keys, head_pool), train.labels,
                                  flatten_features(test.features, keys, head_pool), test.labels, num_classes, fitting,
                                  device))
-        record_rows([row], selection.results_path)
+        record_rows([row], selection.results_path, announce)
         return row
     lrs = tuple(fitting.lr) if fitting.lr else (default_lr(head),)
     identity = dict(provenance(selection, pair), head=head, options={k: list(v) if isinstance(v, tuple) else v
@@ -221,7 +221,8 @@ def run_probe(request: ProbeRequest) -> dict:
         views = fitting.views and pair.train.spec.views > 1
         if views and need * pair.train.spec.views > pair.train.ram_cap_bytes:
             raise ProbeError(f"the {pair.train.spec.views} stored views of the train split take "
-                             f"{need * pair.train.spec.views / 2**30:.1f} GiB, over the RAM cap: raise --ram-cap-gb, "
+                             f"{gib(need * pair.train.spec.views)}, over the {gib(pair.train.ram_cap_bytes)} RAM cap: "
+                             f"raise --ram-cap-gb, "
                              f"use a coarser --pool, or pass --view-0 to train on the first view only")
         train = take_label_fraction(load_at_pools(pair.train, keys, read_pool, views), fitting)
         test = load_at_pools(pair.test, keys, read_pool)
@@ -229,5 +230,5 @@ def run_probe(request: ProbeRequest) -> dict:
         row.update(train_size=train.num_images, test_size=test.num_images, train_views=pair.train.spec.views if views else 1)
         row.update(fit_paper(lambda: create_head(head, shapes, num_classes, **overrides), lrs, solver, train, test,
                              fitting, device, request.progress, checkpoint_dir, request.resume, identity))
-    record_rows([row], selection.results_path)
+    record_rows([row], selection.results_path, announce)
     return row

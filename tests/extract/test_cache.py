@@ -113,14 +113,17 @@ def test_incomplete_and_missing_arrays_are_named(tmp_path):
     cache = _create(tmp_path)
     write_and_mark(cache.path, 1, {(4, 90): _data(4, 90, 4, 8)})
     assert not cache.is_complete(4, 90) and cache.missing_shards(4, 90) == [0, 2]
-    with pytest.raises(CacheIncompleteError, match=r"^array b4/t90 is missing 2 of 3 shards: run diffrep extract --dataset toy --timesteps 90 --blocks 4 again to finish it$"):
+    with pytest.raises(CacheIncompleteError, match=r"^array b4/t90 of .* is missing 2 of 3 shards: run the diffrep extract "
+                                                   r"command that wrote this cache again with --blocks 4 --timesteps 90") as info:
         cache.load(4, 90)
+    assert (info.value.spec, info.value.arrays) == (cache.spec, ((4, 90),))  # the CLI prints the exact command from these
     with pytest.raises(CacheIncompleteError):
         next(cache.iter_shards(4, 90))
     partial = cache.load(4, 90, allow_incomplete=True)
     np.testing.assert_array_equal(partial[4:8], _data(4, 90, 4, 8))
     assert not partial[:4].any()
-    with pytest.raises(CacheError, match=r"^cache has no array b30/t300: run diffrep extract --dataset toy --timesteps 300 --blocks 30$"):
+    with pytest.raises(CacheIncompleteError, match=r"^cache .* has no array b30/t300: run the diffrep extract command "
+                                                   r"that wrote this cache again with --blocks 30 --timesteps 300"):
         cache.load(30, 300)
     with pytest.raises(CacheError, match="no flipped view"):
         cache.load(4, 90, view=1)

@@ -165,9 +165,10 @@ def test_knn_and_probe_refuse_a_damaged_cache_in_one_line(reference, tmp_path):
               "--results", str(tmp_path / "results.parquet")]
     result = CliRunner().invoke(main, ["knn", *common, "-b", "10", "-t", "90", "--pool", "1", "--k", "3"])
     assert result.exit_code == 1, result.output
-    assert _one_error_line(result) == (
-        f"array b10/t90 of {train} has 1 damaged shard(s) 1 (data object missing): "
-        "run the same diffrep extract command again: it re-runs exactly those shards")
+    line = _one_error_line(result)  # the advice is the exact command that redoes the shard (pipeline.advice)
+    assert line.startswith(f"array b10/t90 of {train} has 1 damaged shard(s) 1 (data object missing): run diffrep "
+                           f"extract --dataset cifar10 --split train --config 32x32_small --weight-seed 0 --blocks 10 "
+                           f"--timesteps 90 --pool 4 --shard-size 10 ") and line.endswith(f"--cache-dir {cache_dir}")
     shutil.rmtree(cache_dir / "cifar10" / "test" / BACKBONE / "index" / "label" / "c")
     result = CliRunner().invoke(main, ["probe", *common, "-b", "4", "-t", "90"])
     assert result.exit_code == 1, result.output

@@ -1,6 +1,10 @@
 """The results table: rows append, columns are typed, bad rows are refused with one line."""
 
+import errno
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,9 +59,64 @@ def test_rows_the_table_refuses_are_kept_beside_it(tmp_path):
     assert read_results(path).column("seed").to_pylist() == [0], "nothing of a refused batch is appended"
 
 
-def test_rows_that_cannot_be_kept_either_go_to_the_log(tmp_path, caplog):
+def _fail_writes_under(monkeypatch, folders, error):
+    """Every fsync of a file under one of ``folders`` fails with ``error`` (a full disk shows there, after the
+    bytes were accepted): the file was opened and partly written, as on a real full disk."""
+    real = os.fsync
+
+    def fsync(fd):
+        if any(os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder)) for folder in folders):
+            raise OSError(error, os.strerror(error))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _full_table(monkeypatch, error):
+    def write_table(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1")  # the disk takes a few bytes, then refuses
+        raise OSError(error, os.strerror(error), str(where))
+
+    monkeypatch.setattr(pq, "write_table", write_table)
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
+def test_a_table_that_cannot_be_written_keeps_the_row_whole_in_the_first_folder_that_takes_it(tmp_path, monkeypatch, error):
+    table_dir, spare = tmp_path / "results", tmp_path / "tmp"
+    spare.mkdir()
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(spare))
+    _full_table(monkeypatch, error)
+    _fail_writes_under(monkeypatch, [table_dir], error)  # the table's folder takes no JSON either
+    shown = []
+    with pytest.raises(ResultsError) as info:
+        record_rows([ROW], table_dir / "results.parquet", announce=shown.append)
+    assert shown == [ROW], "the result is shown before anything is written"
+    assert sorted(p.name for p in table_dir.iterdir()) == ["results.parquet.lock"], "nothing empty or cut short is left"
+    kept = list(spare.iterdir())
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == json.loads(json.dumps([ROW]))
+    message = str(info.value)
+    assert "\n" not in message and f"the rows are in {kept[0]}" in message and os.strerror(error) in message
+
+
+def test_rows_no_folder_can_keep_are_carried_in_the_error_itself(tmp_path, monkeypatch):
+    table_dir, spare = tmp_path / "results", tmp_path / "tmp"
+    spare.mkdir()
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(spare))
+    _full_table(monkeypatch, errno.ENOSPC)
+    _fail_writes_under(monkeypatch, [table_dir, spare], errno.ENOSPC)
+    with pytest.raises(ResultsError) as info:
+        record_rows([ROW], table_dir / "results.parquet")
+    message = str(info.value)
+    assert "could not keep the rows anywhere" in message and str(spare) in message and "\n" not in message
+    assert json.loads(message.split("the rows are ", 1)[1]) == json.loads(json.dumps([ROW]))
+    assert list(spare.iterdir()) == [] and [p.name for p in table_dir.iterdir()] == ["results.parquet.lock"]
+
+
+def test_a_table_below_a_file_keeps_the_rows_in_the_temporary_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
-    with pytest.raises(ResultsError, match="the rows are in the log above"):
+    with pytest.raises(ResultsError, match="a-file"):
         record_rows([ROW], blocked / "results.parquet")
-    assert any('"top1": 0.41' in record.getMessage() for record in caplog.records)
+    kept = list(tmp_path.glob("results.parquet.unsaved-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())[0]["top1"] == 0.41
