@@ -10,6 +10,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheIncompleteError",
     "DiskSpaceError",
+    "RunInterrupted",
 ]
 
 
@@ -47,3 +48,7 @@ class CacheIncompleteError(CacheError):
 
 class DiskSpaceError(DiffrepError, OSError):
     """Not enough free disk for what was asked."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A Ctrl-C that says what was kept and how to go on: the CLI prints it as one line and exits with status 130."""
