@@ -192,7 +192,7 @@ def run_feedback(plan: FeedbackPlan) -> dict:
                     fresh_noise=r.fresh_noise, augment=r.augment, strategy=r.strategy, readout=model.readout,
                     timestep=r.timestep, dim=r.dim, depth=r.depth, pool=r.pool, per_class=r.per_class,
                     test_per_class=r.test_per_class, label_fraction=r.label_fraction, finetune=r.finetune,
-                    precision=model.precision)
+                    precision=model.precision, train_images=plan.train.num_images, test_images=plan.test.num_images)
     checkpoint_dir = r.checkpoint_dir or str(Path(r.results_path or default_results_path()).parent / "checkpoints" /
                                              f"{r.dataset}_diffeed_{r.strategy}_b{model.readout}_t{r.timestep}"
                                              f"{'_finetune' if r.finetune else ''}_s{r.seed}")

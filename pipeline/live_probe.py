@@ -193,7 +193,8 @@ def run_live_probe(request: LiveProbeRequest) -> dict:
                     cache_pool=request.cache_pool, options={k: list(v) if isinstance(v, tuple) else v
                                                             for k, v in sorted(overrides.items())},
                     per_class=request.per_class, test_per_class=request.test_per_class,
-                    label_fraction=fitting.label_fraction, finetune=request.finetune, precision=precision)
+                    label_fraction=fitting.label_fraction, finetune=request.finetune, precision=precision,
+                    train_images=train.num_images, test_images=test.num_images)
     checkpoint_dir = request.checkpoint_dir or str(
         Path(request.results_path or default_results_path()).parent / "checkpoints" /
         (f"{request.dataset}_{backbone_id}_live_{request.head}_b{fmt_keys(request.blocks)}_t{fmt_keys(request.timesteps)}"

@@ -151,7 +151,7 @@ def run_pretrain(request: PretrainRequest) -> tuple[PretrainResult, list[str]]:
             f.write(f"{step},{check.history[-1][1]:.4f}\n")
         return line
 
-    data = {"dataset": request.dataset, "split": request.split, "images": index.num_images,
+    data = {"dataset": request.dataset, "split": request.split, "limit": request.limit, "images": index.num_images,
             "labels_used": False}
     result = pretrain(request.config, index.paths, request.out_dir, steps=request.steps, minutes=request.minutes,
                       resume=request.resume, checkpoint_every=request.checkpoint_every, device=device,

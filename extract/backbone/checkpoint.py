@@ -70,13 +70,10 @@ def load_tensors(path: str | os.PathLike, remedy: str, what: str = "checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        if found or "Weights only load failed" in text:
-            holds = f"objects that are not tensors or plain values ({found.group(1)})" if found else \
-                "pickle instructions that a tensors-only load refuses"
-            raise CheckpointError(f"{what} {path} holds {holds}, so it is not loaded (loading it could run code): "
-                                  f"{remedy}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(f"{what} {path} holds objects that are not tensors or plain values "
+                                  f"({found.group(1)}), so it is not loaded (loading it could run code): {remedy}") from None
         raise CheckpointError(f"{what} {path} is not a readable PyTorch file: {_what_file(path)}; {remedy}") from None
     except Exception:  # noqa: BLE001 - torch raises many types for bad files; all mean the same to a user
         raise CheckpointError(f"{what} {path} is not a readable PyTorch file: {_what_file(path)}; {remedy}") from None
@@ -117,7 +114,8 @@ def _what_file(path: str) -> str:
     if head.startswith(b"PK\x03\x04"):
         return "it is a zip archive, as PyTorch writes them, but truncated or damaged"
     if head[:1] == b"\x80":
-        return "it is a pickle, as old PyTorch versions write them, but truncated or damaged"
+        return ("it is a pickle that a tensors-only load cannot read (damaged, or not written by torch.save), "
+                "so it is not loaded")
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from extract.cache import FeatureCache
-from extract.errors import CacheError
+from extract.errors import CacheError, DiffrepError
 from probe.errors import ProbeError
 from probe.features import FeatureSet, open_split, resolve_backbone_id
 from probe.logistic import DEFAULT_L2_GRID
@@ -153,16 +153,31 @@ def open_pair(selection: CacheSelection) -> CachePair:
 
 
 def require_arrays(pair: CachePair, keys, selection: CacheSelection) -> None:
-    """Every (b, t) in both splits, or one line with the extract command that adds all that is missing."""
+    """Every (b, t) in both splits, or one line with the extract command that adds all that is missing (or, for a
+    block or timestep the cache's configuration does not have, the valid range)."""
     for split, cache in ((selection.train_split, pair.train), (selection.test_split, pair.test)):
         have = set(cache.arrays())
         missing = [key for key in keys if key not in have]
         if missing:
+            _require_in_range(cache.spec, missing)
             blocks = fmt_keys(sorted({b for b, _ in missing}))
             timesteps = fmt_keys(sorted({t for _, t in missing}))
             raise CacheError(f"the {split} cache has no array {', '.join(f'b{b}/t{t}' for b, t in missing)}: run "
                              f"diffrep extract --dataset {selection.dataset} --split {split} --config "
                              f"{cache.spec.config_name} --timesteps {timesteps} --blocks {blocks}")
+
+
+def _require_in_range(spec, keys) -> None:
+    """Missing (b, t) that the cache's configuration cannot have get the valid range, not advice to extract them."""
+    from extract.backbone.registry import family_of
+    from extract.schedule import get_schedule
+
+    try:
+        family = family_of(spec.config_name)
+    except DiffrepError:
+        return  # a configuration this version does not know: the extract command will say so
+    family.normalize_blocks(spec.config_name, [b for b, _ in keys])
+    get_schedule(spec.noise_schedule, spec.diffusion_steps).check_timesteps([t for _, t in keys])
 
 
 def provenance(selection: CacheSelection, pair: CachePair) -> dict:

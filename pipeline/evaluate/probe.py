@@ -187,10 +187,14 @@ def run_probe(request: ProbeRequest) -> dict:
         record_rows([row], selection.results_path)
         return row
     lrs = tuple(fitting.lr) if fitting.lr else (default_lr(head),)
+    # what the checkpoint was trained on: the caches by their specs (subset, image count, order seed, noise
+    # seed, backbone ...; never their folder), the arrays, the head, the training rows drawn from them
     identity = dict(provenance(selection, pair), head=head, options={k: list(v) if isinstance(v, tuple) else v
                                                                       for k, v in sorted(overrides.items())},
                     blocks=list(request.blocks), timesteps=list(request.timesteps),
-                    label_fraction=fitting.label_fraction, views=fitting.views)
+                    label_fraction=fitting.label_fraction, views=fitting.views,
+                    heldout_fraction=fitting.heldout_fraction if len(lrs) > 1 else None,
+                    train_cache=pair.train.spec.to_attrs(), test_cache=pair.test.spec.to_attrs())
     checkpoint_dir = request.checkpoint_dir
     if checkpoint_dir is None:
         shaped = "".join(f"_{k}{fmt_keys(v) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(overrides.items()))
