@@ -1,5 +1,7 @@
 """The exceptions diffrep raises: one line each, saying what is wrong and what to do."""
 
+import contextlib
+
 __all__ = [
     "DiffrepError",
     "ConfigError",
@@ -11,6 +13,7 @@ __all__ = [
     "CacheIncompleteError",
     "DiskSpaceError",
     "RunInterrupted",
+    "interrupted_saying",
 ]
 
 
@@ -52,3 +55,14 @@ class DiskSpaceError(DiffrepError, OSError):
 
 class RunInterrupted(KeyboardInterrupt):
     """A Ctrl-C that says what was kept and how to go on: the CLI prints it as one line and exits with status 130."""
+
+
+@contextlib.contextmanager
+def interrupted_saying(message: str):
+    """Inside, a bare Ctrl-C becomes ``RunInterrupted(message)``; one that already says what was kept passes as it is."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if str(exc):
+            raise
+        raise RunInterrupted(message) from None

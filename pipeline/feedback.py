@@ -19,6 +19,7 @@ import torch
 from extract.backbone.configs import get_config
 from extract.backbone.identity import backbone_id
 from extract.backbone.registry import create_backbone
+from extract.errors import interrupted_saying
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs
@@ -29,6 +30,7 @@ from probe.heads import count_parameters, create_head
 from probe.live_head import default_precision
 from probe.train import BACKBONE_NAME, TrainConfig, fit
 
+from pipeline.evaluate.probe import INTERRUPTED_UNRECORDED
 from pipeline.live_probe import LiveSelection, live_splits
 from pipeline.results import default_results_path, record_rows
 
@@ -182,7 +184,16 @@ def _pass1(request: FeedbackRequest, model: DifFeed, source: LiveImages, split: 
 
 
 def run_feedback(plan: FeedbackPlan) -> dict:
-    """Train DifFeed by the protocol, score the test split, record and return the results row."""
+    """Train DifFeed by the protocol, score the test split, record and return the results row.
+
+    Raises:
+        RunInterrupted: Ctrl-C, saying what was kept (``probe.train.fit`` names the epoch's checkpoint).
+    """
+    with interrupted_saying(INTERRUPTED_UNRECORDED):
+        return _run_feedback(plan)
+
+
+def _run_feedback(plan: FeedbackPlan) -> dict:
     r = plan.request
     device = resolve_device(r.device)
     model = plan.model

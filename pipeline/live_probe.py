@@ -23,6 +23,7 @@ import fusion  # noqa: F401 - the full head registry: the difformer head trains 
 from extract.backbone.configs import get_config
 from extract.backbone.identity import backbone_id as weights_id
 from extract.backbone.registry import create_backbone
+from extract.errors import interrupted_saying
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from probe.live_images import LiveImages
@@ -34,6 +35,7 @@ from probe.train import BACKBONE_NAME, fit
 
 from pipeline.datasets import build_index
 from pipeline.evaluate import FitProtocol, fmt_keys
+from pipeline.evaluate.probe import INTERRUPTED_UNRECORDED
 from pipeline.results import default_results_path, record_rows
 
 __all__ = ["LiveProbeRequest", "LiveSelection", "live_splits", "run_live_probe", "LIVE_HEADS"]
@@ -161,7 +163,16 @@ def _overrides(request: LiveProbeRequest) -> dict:
 
 
 def run_live_probe(request: LiveProbeRequest) -> dict:
-    """Train the head through the live backbone, score the test split, record and return the results row."""
+    """Train the head through the live backbone, score the test split, record and return the results row.
+
+    Raises:
+        RunInterrupted: Ctrl-C, saying what was kept (``probe.train.fit`` names the epoch's checkpoint).
+    """
+    with interrupted_saying(INTERRUPTED_UNRECORDED):
+        return _run_live_probe(request)
+
+
+def _run_live_probe(request: LiveProbeRequest) -> dict:
     fitting = request.protocol
     if request.head not in LIVE_HEADS:
         raise ProbeError(f"head {request.head!r} cannot train live: choose one of {', '.join(LIVE_HEADS)}")

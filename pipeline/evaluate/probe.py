@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import fusion  # noqa: F401 - the full head registry: importing fusion registers the difformer head
+from extract.errors import interrupted_saying
 from extract.precision import resolve_device
 from probe.attention_head import AttentionHeadConfig
 from probe.errors import ProbeError
@@ -42,12 +43,15 @@ from pipeline.evaluate.cache_pair import (
 )
 from pipeline.results import default_results_path, record_rows
 
-__all__ = ["ProbeRequest", "run_probe", "choose_solver", "fit_converged", "fit_paper", "SOLVERS"]
+__all__ = ["ProbeRequest", "run_probe", "choose_solver", "fit_converged", "fit_paper", "SOLVERS", "INTERRUPTED_UNRECORDED"]
 
 log = logging.getLogger(__name__)
 
 SOLVERS = ("lbfgs", "sgd", "adam")
 _TOKEN_HEADS = ("attention", "difformer")  # heads whose --pool is the token grid
+#: A Ctrl-C outside a training loop (loading, the converged fit): what is kept and what to do.
+INTERRUPTED_UNRECORDED = ("interrupted before training finished: no row was recorded; the same command starts again "
+                          "(with --resume it continues from the checkpoint, if one was written)")
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,16 @@ def _overrides(request: ProbeRequest) -> dict:
 
 
 def run_probe(request: ProbeRequest) -> dict:
-    """Train one head on cached train features, score it on the test features, record the row; returns it."""
+    """Train one head on cached train features, score it on the test features, record the row; returns it.
+
+    Raises:
+        RunInterrupted: Ctrl-C, saying what was kept (``probe.train.fit`` names the epoch's checkpoint).
+    """
+    with interrupted_saying(INTERRUPTED_UNRECORDED):
+        return _run_probe(request)
+
+
+def _run_probe(request: ProbeRequest) -> dict:
     selection = request.cache
     fitting = request.protocol
     head, solver = request.head, choose_solver(request.head, fitting.solver)
