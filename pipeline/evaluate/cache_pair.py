@@ -159,7 +159,7 @@ def require_arrays(pair: CachePair, keys, selection: CacheSelection) -> None:
         have = set(cache.arrays())
         missing = [key for key in keys if key not in have]
         if missing:
-            _require_in_range(cache.spec, missing)
+            _require_in_range(cache.spec, missing, have)
             blocks = fmt_keys(sorted({b for b, _ in missing}))
             timesteps = fmt_keys(sorted({t for _, t in missing}))
             raise CacheError(f"the {split} cache has no array {', '.join(f'b{b}/t{t}' for b, t in missing)}: run "
@@ -167,8 +167,9 @@ def require_arrays(pair: CachePair, keys, selection: CacheSelection) -> None:
                              f"{cache.spec.config_name} --timesteps {timesteps} --blocks {blocks}")
 
 
-def _require_in_range(spec, keys) -> None:
-    """Missing (b, t) that the cache's configuration cannot have get the valid range, not advice to extract them."""
+def _require_in_range(spec, missing, have) -> None:
+    """Missing (b, t) whose block or timestep the cache's configuration does not have get the valid range, not
+    advice to extract them (a block or timestep the cache already holds at another (b, t) is valid)."""
     from extract.backbone.registry import family_of
     from extract.schedule import get_schedule
 
@@ -176,8 +177,11 @@ def _require_in_range(spec, keys) -> None:
         family = family_of(spec.config_name)
     except DiffrepError:
         return  # a configuration this version does not know: the extract command will say so
-    family.normalize_blocks(spec.config_name, [b for b, _ in keys])
-    get_schedule(spec.noise_schedule, spec.diffusion_steps).check_timesteps([t for _, t in keys])
+    blocks = {b for b, _ in missing} - {b for b, _ in have}
+    timesteps = {t for _, t in missing} - {t for _, t in have}
+    if blocks:
+        family.normalize_blocks(spec.config_name, blocks)
+    get_schedule(spec.noise_schedule, spec.diffusion_steps).check_timesteps(sorted(timesteps))
 
 
 def provenance(selection: CacheSelection, pair: CachePair) -> dict:
