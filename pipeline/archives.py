@@ -114,7 +114,7 @@ def ensure_unpacked(
         try:
             try:
                 with tarfile.open(archive) as tar:
-                    tar.extractall(scratch, filter="data")
+                    tar.extractall(scratch, filter=_safe_member)
             except tarfile.FilterError as exc:
                 raise _unsafe(archive, exc) from None
             except (tarfile.TarError, OSError, EOFError) as exc:
@@ -142,6 +142,13 @@ _UNSAFE_WHY = (
 )
 
 
+def _safe_member(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo:
+    """tarfile's ``data`` filter, which also refuses absolute names (it would only strip their leading ``/``)."""
+    if member.name.startswith(("/", os.sep)) or os.path.isabs(member.name):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, destination)
+
+
 def _unsafe(archive: Path | str, exc: tarfile.FilterError) -> DatasetError:
     """One line naming the member unpacking refuses and why: the archive is not unpacked at all."""
     why = next((text for kind, text in _UNSAFE_WHY if isinstance(exc, kind)), " ".join(str(exc).split()))
@@ -166,7 +173,7 @@ def list_archive(archive: str | os.PathLike, folder: str) -> tuple[list[str], in
     try:
         with tarfile.open(archive) as tar:
             for member in tar:
-                tarfile.data_filter(member, destination)  # a dry run refuses what unpacking would refuse
+                _safe_member(member, destination)  # a dry run refuses what unpacking would refuse
                 if member.isfile() and member.name.split("/", 1)[0] == folder:
                     names.append(member.name)
                     size += member.size
