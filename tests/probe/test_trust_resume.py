@@ -191,3 +191,14 @@ def test_a_block_the_configuration_lacks_names_the_range(toy):
     assert line == "Error: block 99 is out of range for 32x32_small: valid blocks are 1..19"
     line = _one_line(_run(toy, "probe", "-b", "24", "-t", "1000"), 1)
     assert line == "Error: timestep 1000 is out of range for the linear schedule: valid timesteps are 0..999"
+
+
+def test_every_torch_load_in_the_tree_is_weights_only():
+    """The one loader is ``extract.backbone.checkpoint.load_tensors``; no other module unpickles a file."""
+    root = Path(__file__).resolve().parents[2]
+    calls = [(path.relative_to(root).as_posix(), line.strip()) for package in ("extract", "probe", "fusion", "pipeline")
+             for path in sorted((root / package).rglob("*.py"))
+             for line in path.read_text(encoding="utf-8").splitlines() if "torch.load(" in line or "pickle.load" in line]
+    code = [(name, line) for name, line in calls if not line.startswith(("#", '"""', "``"))]
+    assert code == [("extract/backbone/checkpoint.py",
+                     'return torch.load(path, map_location="cpu", weights_only=True)')], code
