@@ -1,5 +1,7 @@
 """The exceptions diffrep raises: one line each, saying what is wrong and what to do."""
 
+import contextlib
+
 __all__ = [
     "DiffrepError",
     "ConfigError",
@@ -10,6 +12,8 @@ __all__ = [
     "CacheMismatchError",
     "CacheIncompleteError",
     "DiskSpaceError",
+    "RunInterrupted",
+    "interrupted_saying",
 ]
 
 
@@ -59,3 +63,18 @@ class CacheIncompleteError(CacheError):
 
 class DiskSpaceError(DiffrepError, OSError):
     """Not enough free disk for what was asked."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A Ctrl-C that says what was kept and how to go on: the CLI prints it as one line and exits with status 130."""
+
+
+@contextlib.contextmanager
+def interrupted_saying(message: str):
+    """Inside, a bare Ctrl-C becomes ``RunInterrupted(message)``; one that already says what was kept passes as it is."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if str(exc):
+            raise
+        raise RunInterrupted(message) from None

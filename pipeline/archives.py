@@ -82,8 +82,9 @@ def ensure_unpacked(
         ``data_root / folder``.
 
     Raises:
-        DatasetError: the archive is missing, damaged, fails its checksum, lacks ``folder``,
-            or the data root is inside the repository.
+        DatasetError: the archive is missing, damaged, fails its checksum, lacks ``folder``, has a member
+            that would land outside the data root (absolute path, ``..``, a link escaping it) or is a
+            device file (nothing is unpacked), or the data root is inside the repository.
     """
     archive = Path(archive).expanduser()
     data_root = Path(data_root).expanduser()
@@ -113,7 +114,9 @@ def ensure_unpacked(
         try:
             try:
                 with tarfile.open(archive) as tar:
-                    tar.extractall(scratch, filter="data")
+                    tar.extractall(scratch, filter=_safe_member)
+            except tarfile.FilterError as exc:
+                raise _unsafe(archive, exc) from None
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise DatasetError(f"cannot unpack {archive} ({' '.join(str(exc).split())}): the archive is damaged, restore it") from exc
             unpacked = scratch / folder
@@ -130,6 +133,29 @@ def ensure_unpacked(
     return target
 
 
+_UNSAFE_WHY = (
+    (tarfile.AbsolutePathError, "has an absolute path"),
+    (tarfile.OutsideDestinationError, "would be written outside the data root (a '..' in its path)"),
+    (tarfile.AbsoluteLinkError, "is a link to an absolute path"),
+    (tarfile.LinkOutsideDestinationError, "is a link that points outside the data root"),
+    (tarfile.SpecialFileError, "is a device or pipe, not a file"),
+)
+
+
+def _safe_member(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo:
+    """tarfile's ``data`` filter, which also refuses absolute names (it would only strip their leading ``/``)."""
+    if member.name.startswith(("/", os.sep)) or os.path.isabs(member.name):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, destination)
+
+
+def _unsafe(archive: Path | str, exc: tarfile.FilterError) -> DatasetError:
+    """One line naming the member unpacking refuses and why: the archive is not unpacked at all."""
+    why = next((text for kind, text in _UNSAFE_WHY if isinstance(exc, kind)), " ".join(str(exc).split()))
+    return DatasetError(f"refusing to unpack {archive}: member {exc.tarinfo.name!r} {why}, so nothing is unpacked; "
+                        f"get the archive from a source you trust, or unpack it yourself and pass --data-root")
+
+
 def list_archive(archive: str | os.PathLike, folder: str) -> tuple[list[str], int]:
     """The files an archive would unpack under its top-level ``folder``, without unpacking anything.
 
@@ -140,15 +166,19 @@ def list_archive(archive: str | os.PathLike, folder: str) -> tuple[list[str], in
         (member paths relative to the data root, e.g. ``cifar10-jpg/test/cat/0001.jpg``; their total bytes).
 
     Raises:
-        DatasetError: the archive is missing or damaged.
+        DatasetError: the archive is missing or damaged, or a member is unsafe (as ``ensure_unpacked`` refuses it).
     """
     names, size = [], 0
+    destination = os.path.realpath(tempfile.gettempdir())  # any folder: the filter checks paths, writes nothing
     try:
         with tarfile.open(archive) as tar:
             for member in tar:
+                _safe_member(member, destination)  # a dry run refuses what unpacking would refuse
                 if member.isfile() and member.name.split("/", 1)[0] == folder:
                     names.append(member.name)
                     size += member.size
+    except tarfile.FilterError as exc:
+        raise _unsafe(archive, exc) from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"cannot read {archive} ({' '.join(str(exc).split())}): the archive is damaged, restore it") from exc
     return names, size

@@ -23,10 +23,11 @@ from extract.backbone.configs import BackboneConfig, get_config
 from extract.cache import (
     CacheSpec, FeatureCache, cache_path, count_objects, inner_chunk_rows, view_suffix,
 )
+from extract.backbone.checkpoint import require_checkpoint_file
 from extract.backbone.identity import backbone_id as weights_id
 from extract.cache.order import row_order
 from extract.cache.provenance import compute_conflict
-from extract.errors import CacheError, CacheMismatchError, CheckpointError, ConfigError, DiskSpaceError
+from extract.errors import CacheError, CacheMismatchError, ConfigError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob
 from extract.pooling import pooled_size
 from extract.schedule import get_schedule
@@ -314,7 +315,7 @@ def plan_extraction(
 
     Raises:
         ConfigError, BlockRangeError, TimestepRangeError: bad backbone, blocks or timesteps;
-        DatasetError: unknown dataset or missing images; CheckpointError: missing checkpoint file;
+        DatasetError: unknown dataset or missing images; CheckpointError: missing or non-regular checkpoint file;
         CacheError: a --cache-dir that cannot hold a cache, damaged cache metadata;
         CacheMismatchError: the cache was written with other settings; DiskSpaceError: not enough space.
     """
@@ -333,8 +334,7 @@ def plan_extraction(
 
     sha256 = ""
     if request.checkpoint:
-        if not os.path.isfile(request.checkpoint):
-            raise CheckpointError(f"checkpoint {request.checkpoint} does not exist: pass the path of the official .pt file")
+        require_checkpoint_file(request.checkpoint)
         stat = os.stat(request.checkpoint)
         sha256 = _verified_checkpoint(config.name, os.path.abspath(request.checkpoint), stat.st_size, stat.st_mtime_ns)
     if index is None:

@@ -20,6 +20,7 @@ import torch
 from extract.backbone.configs import get_config
 from extract.backbone.identity import backbone_id
 from extract.backbone.registry import create_backbone
+from extract.errors import interrupted_saying
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from fusion.diffeed import DifFeed, default_readout, feedback_pairs
@@ -31,6 +32,7 @@ from probe.live_head import default_precision
 from probe.train import BACKBONE_NAME, TrainConfig, fit
 
 from pipeline.advice import advised
+from pipeline.evaluate.probe import INTERRUPTED_UNRECORDED
 from pipeline.live_probe import LiveSelection, live_splits
 from pipeline.results import default_results_path, record_rows
 
@@ -186,7 +188,16 @@ def _pass1(request: FeedbackRequest, model: DifFeed, source: LiveImages, split: 
 
 
 def run_feedback(plan: FeedbackPlan, announce: Callable[[dict], None] | None = None) -> dict:
-    """Train DifFeed by the protocol, score the test split, record and return the results row."""
+    """Train DifFeed by the protocol, score the test split, record and return the results row.
+
+    Raises:
+        RunInterrupted: Ctrl-C, saying what was kept (``probe.train.fit`` names the epoch's checkpoint).
+    """
+    with interrupted_saying(INTERRUPTED_UNRECORDED):
+        return _run_feedback(plan, announce)
+
+
+def _run_feedback(plan: FeedbackPlan, announce: Callable[[dict], None] | None) -> dict:
     r = plan.request
     device = resolve_device(r.device)
     model = plan.model
@@ -196,7 +207,7 @@ def run_feedback(plan: FeedbackPlan, announce: Callable[[dict], None] | None = N
                     fresh_noise=r.fresh_noise, augment=r.augment, strategy=r.strategy, readout=model.readout,
                     timestep=r.timestep, dim=r.dim, depth=r.depth, pool=r.pool, per_class=r.per_class,
                     test_per_class=r.test_per_class, label_fraction=r.label_fraction, finetune=r.finetune,
-                    precision=model.precision)
+                    precision=model.precision, train_images=plan.train.num_images, test_images=plan.test.num_images)
     checkpoint_dir = r.checkpoint_dir or str(Path(r.results_path or default_results_path()).parent / "checkpoints" /
                                              f"{r.dataset}_diffeed_{r.strategy}_b{model.readout}_t{r.timestep}"
                                              f"{'_finetune' if r.finetune else ''}_s{r.seed}")

@@ -24,6 +24,7 @@ import fusion  # noqa: F401 - the full head registry: the difformer head trains 
 from extract.backbone.configs import get_config
 from extract.backbone.identity import backbone_id as weights_id
 from extract.backbone.registry import create_backbone
+from extract.errors import interrupted_saying
 from extract.precision import resolve_device
 from extract.schedule import get_schedule
 from probe.live_images import LiveImages
@@ -35,7 +36,7 @@ from probe.train import BACKBONE_NAME, fit
 
 from pipeline.datasets import build_index
 from pipeline.evaluate import FitProtocol, fmt_keys
-from pipeline.evaluate.probe import TOKEN_HEADS, head_overrides
+from pipeline.evaluate.probe import INTERRUPTED_UNRECORDED, TOKEN_HEADS, head_overrides
 from pipeline.results import default_results_path, record_rows
 
 __all__ = ["LiveProbeRequest", "LiveSelection", "live_splits", "run_live_probe", "LIVE_HEADS"]
@@ -152,7 +153,16 @@ def live_splits(selection: LiveSelection, image_size: int, timesteps, schedule,
 
 
 def run_live_probe(request: LiveProbeRequest, announce: Callable[[dict], None] | None = None) -> dict:
-    """Train the head through the live backbone, score the test split, record and return the results row."""
+    """Train the head through the live backbone, score the test split, record and return the results row.
+
+    Raises:
+        RunInterrupted: Ctrl-C, saying what was kept (``probe.train.fit`` names the epoch's checkpoint).
+    """
+    with interrupted_saying(INTERRUPTED_UNRECORDED):
+        return _run_live_probe(request, announce)
+
+
+def _run_live_probe(request: LiveProbeRequest, announce: Callable[[dict], None] | None) -> dict:
     fitting = request.protocol
     if request.head not in LIVE_HEADS:
         raise ProbeError(f"head {request.head!r} cannot train live: choose one of {', '.join(LIVE_HEADS)}")
@@ -184,7 +194,8 @@ def run_live_probe(request: LiveProbeRequest, announce: Callable[[dict], None] |
                     cache_pool=request.cache_pool, options={k: list(v) if isinstance(v, tuple) else v
                                                             for k, v in sorted(overrides.items())},
                     per_class=request.per_class, test_per_class=request.test_per_class,
-                    label_fraction=fitting.label_fraction, finetune=request.finetune, precision=precision)
+                    label_fraction=fitting.label_fraction, finetune=request.finetune, precision=precision,
+                    train_images=train.num_images, test_images=test.num_images)
     checkpoint_dir = request.checkpoint_dir or str(
         Path(request.results_path or default_results_path()).parent / "checkpoints" /
         (f"{request.dataset}_{backbone_id}_live_{request.head}_b{fmt_keys(request.blocks)}_t{fmt_keys(request.timesteps)}"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from extract.errors import interrupted_saying
 from extract.forward import block_features, noisy_input
 from extract.inputs.images import load_batch
 from extract.precision import resolve_device
@@ -130,10 +131,15 @@ def plot_loss_curve(csv_path: str | Path, png_path: str | Path, probes: list[tup
 
 
 def run_pretrain(request: PretrainRequest) -> tuple[PretrainResult, list[str]]:
-    """Index the images, train, draw the loss curve; returns the result and the probe-check lines."""
+    """Index the images, train, draw the loss curve; returns the result and the probe-check lines.
+
+    Raises:
+        RunInterrupted: Ctrl-C, saying which step's checkpoint is kept (or that nothing new was written).
+    """
     device = resolve_device(request.device)
-    index = build_index(request.dataset, request.split, root=request.data_root, limit=request.limit)
-    check = ProbeCheck(request, device) if request.probe else None
+    with interrupted_saying("interrupted before training began: nothing new was written; the same command starts again"):
+        index = build_index(request.dataset, request.split, root=request.data_root, limit=request.limit)
+        check = ProbeCheck(request, device) if request.probe else None
     lines: list[str] = []
     probe_csv = Path(request.out_dir) / "probe.csv"
     if not request.resume:
@@ -151,7 +157,7 @@ def run_pretrain(request: PretrainRequest) -> tuple[PretrainResult, list[str]]:
             f.write(f"{step},{check.history[-1][1]:.4f}\n")
         return line
 
-    data = {"dataset": request.dataset, "split": request.split, "images": index.num_images,
+    data = {"dataset": request.dataset, "split": request.split, "limit": request.limit, "images": index.num_images,
             "labels_used": False}
     result = pretrain(request.config, index.paths, request.out_dir, steps=request.steps, minutes=request.minutes,
                       resume=request.resume, checkpoint_every=request.checkpoint_every, device=device,

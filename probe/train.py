@@ -7,6 +7,8 @@ A split too large for RAM comes as a ``BatchSource`` instead and is streamed fro
 Each epoch ends with one checkpoint dict {head, optimizer, scheduler, epoch, config, rng}; ``fit(...,
 resume=True)`` restores it and continues, so a run killed and resumed ends with the same weights,
 bit for bit, as one run straight through (batch order is a pure function of (seed, epoch)).
+Checkpoints hold only tensors and plain values and load with ``weights_only=True`` (a crafted file
+cannot run code); a Ctrl-C becomes one line saying which epoch's checkpoint is kept (``RunInterrupted``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from extract.backbone.checkpoint import load_tensors
+from extract.errors import RunInterrupted
 from probe.errors import ProbeError
 from probe.grid import HeadGrid
 from probe.views import ViewStack, num_rows_of, view_choice
@@ -291,21 +295,52 @@ def _to_device(data, labels, device: torch.device):
 
 
 def _read_checkpoint(path: Path) -> dict:
-    """The checkpoint dict, or one line saying the file is damaged and what to do."""
-    try:
-        # CPU first: the saved RNG states must stay CPU ByteTensors; load_state_dict moves the rest
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - truncated, garbage or foreign files all mean the same
-        raise ProbeError(f"checkpoint {path} is damaged or not a diffrep probe checkpoint ({type(exc).__name__}): "
-                         f"delete it to train from the start, or pass another --checkpoint-dir") from None
+    """The checkpoint dict, loaded as tensors and plain values only, or one line saying what the file is and what to do."""
+    # CPU first: the saved RNG states must stay CPU ByteTensors; load_state_dict moves the rest
+    state = load_tensors(path, "delete it to train from the start, or pass another --checkpoint-dir")
     if not isinstance(state, dict) or not {"head", "optimizer", "scheduler", "epoch", "config"} <= set(state):
         raise ProbeError(f"checkpoint {path} is not a diffrep probe checkpoint: delete it or pass another --checkpoint-dir")
     return state
 
 
-def _differences(saved: Mapping, asked: Mapping) -> dict:
-    return {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v} | \
-        {k: (v, None) for k, v in saved.items() if k not in asked}
+def _differences(saved, asked, name: str = "") -> list[tuple[str, object, object]]:
+    """(dotted field, saved, asked) for every leaf that differs; nested dicts are compared field by field."""
+    if isinstance(saved, Mapping) and isinstance(asked, Mapping):
+        return [d for key in [*asked, *(k for k in saved if k not in asked)]
+                for d in _differences(saved.get(key), asked.get(key), f"{name}.{key}" if name else str(key))]
+    return [] if saved == asked else [(name, saved, asked)]
+
+
+def _describe(changed: list[tuple[str, object, object]], limit: int = 4) -> str:
+    text = "; ".join(f"{name} {saved!r} saved, {asked!r} asked" for name, saved, asked in changed[:limit])
+    return text + (f"; {len(changed) - limit} more" if len(changed) > limit else "")
+
+
+def _interrupted(path: Path | None, epoch: int, num_epochs: int, kept: int) -> RunInterrupted:
+    """The one line of a Ctrl-C in ``epoch`` (0-based; ``num_epochs`` while scoring), ``kept`` epochs on disk."""
+    where = f"in epoch {epoch + 1} of {num_epochs}" if epoch < num_epochs else "while scoring the test split"
+    if path is None:
+        return RunInterrupted(f"interrupted {where}: nothing is kept (no checkpoint folder); the same command starts again")
+    if kept == 0:
+        return RunInterrupted(f"interrupted {where}, before the first checkpoint: nothing is kept; "
+                              f"the same command starts again")
+    return RunInterrupted(f"interrupted {where}: the checkpoint of epoch {kept} is in {path.parent}; "
+                          f"the same command with --resume continues from it")
+
+
+def _train_epoch(head, opt, scheduler, history: list, train_x, train_y, config: TrainConfig, epoch: int,
+                 num_epochs: int, per_epoch: int, device: torch.device, progress: bool) -> None:
+    """One epoch of ``fit``: its batches (cut short at ``config.steps``), the steps, the schedule, its history row."""
+    batches, num_batches = _epoch_batches(train_x, train_y, config.batch_size, config.seed, epoch, device)
+    if config.steps is not None and config.steps - epoch * per_epoch < num_batches:
+        num_batches = config.steps - epoch * per_epoch
+        batches = itertools.islice(batches, num_batches)
+    stats = train_one_epoch(head, opt, batches, num_batches, description=f"epoch {epoch + 1}/{num_epochs}",
+                            progress=progress)
+    stats = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats}
+    scheduler.step()
+    history.append(stats)
+    log.info("epoch %d/%d: loss %.4f, train acc %.4f", epoch + 1, num_epochs, stats["loss"], stats["acc"])
 
 
 def fit(
@@ -349,8 +384,9 @@ def fit(
         grid also the chosen lr and every lr's held-out top-1.
 
     Raises:
-        ProbeError: invalid options, mismatched rows, a damaged checkpoint, or one written with other
-            settings or for other features.
+        ProbeError: invalid options, mismatched rows, or a checkpoint written with other settings or for
+            other features. CheckpointError: a damaged checkpoint, or one holding objects that are not tensors.
+        RunInterrupted: Ctrl-C, saying which epoch's checkpoint is kept and that ``--resume`` continues.
     """
     grid = isinstance(head, HeadGrid)
     if grid:
@@ -377,8 +413,8 @@ def fit(
             changed = _differences(saved, asked)
             if changed:
                 raise ProbeError(
-                    f"checkpoint {path} was trained with other {what} {changed} (saved, asked): "
-                    f"pass the saved ones, or another --checkpoint-dir to train anew"
+                    f"checkpoint {path} was trained with other {what} ({_describe(changed)}): pass the same "
+                    f"options it was trained with, or another --checkpoint-dir to train anew"
                 )
         try:
             head.load_state_dict(state["head"])
@@ -400,36 +436,36 @@ def fit(
     per_epoch = -(-(train_x.num_images if train_y is None else int(train_y.shape[0])) // config.batch_size)
     num_epochs = config.epochs if config.steps is None else -(-config.steps // per_epoch)
     began = time.perf_counter()
-    for epoch in range(start_epoch, num_epochs):
-        batches, num_batches = _epoch_batches(train_x, train_y, config.batch_size, config.seed, epoch, device)
-        if config.steps is not None and config.steps - epoch * per_epoch < num_batches:
-            num_batches = config.steps - epoch * per_epoch
-            batches = itertools.islice(batches, num_batches)
-        stats = train_one_epoch(head, opt, batches, num_batches,
-                                description=f"epoch {epoch + 1}/{num_epochs}", progress=progress)
-        stats = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats}
-        scheduler.step()
-        history.append(stats)
-        log.info("epoch %d/%d: loss %.4f, train acc %.4f", epoch + 1, num_epochs, stats["loss"], stats["acc"])
-        if path is not None and getattr(head, "finetune", False):
-            _save(path.parent / BACKBONE_NAME, head.backbone_state_dict())
-        if path is not None:
-            _save(path, {"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch, "config": saved_config, "identity": identity, "rng": _rng_state(),
-                         "history": history})
-    train_seconds = time.perf_counter() - began
-    del train_x, train_y
-    chosen_lr, heldout_top1 = config.lr, {}
-    if grid:
-        held_x, held_y = _to_device(heldout_features, heldout_labels, device)
-        held = evaluate(head, _epoch_batches(held_x, held_y, max(config.batch_size, 1024), None, 0, device)[0])
-        heldout_top1 = {head.lrs[key]: value["top1"] for key, value in held.items()}
-        best = max(held, key=lambda key: (held[key]["top1"], -int(key)))  # ties: the first lr given
-        chosen_lr = head.lrs[best]
-        head = head.heads[best]
-        del held_x, held_y
-    test_x, test_y = _to_device(test_features, test_labels, device)
-    scores = evaluate(head, _epoch_batches(test_x, test_y, max(config.batch_size, 1024), None, 0, device)[0])
+    kept, epoch = start_epoch, start_epoch  # epochs whose checkpoint is on disk; the epoch running
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            _train_epoch(head, opt, scheduler, history, train_x, train_y, config, epoch, num_epochs, per_epoch,
+                         device, progress)
+            if path is not None and getattr(head, "finetune", False):
+                _save(path.parent / BACKBONE_NAME, head.backbone_state_dict())
+            if path is not None:
+                _save(path, {"head": head.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "config": saved_config,
+                             "identity": identity, "rng": _rng_state(), "history": history})
+                kept = epoch + 1
+        train_seconds = time.perf_counter() - began
+        epoch = num_epochs
+        del train_x, train_y
+        chosen_lr, heldout_top1 = config.lr, {}
+        if grid:
+            held_x, held_y = _to_device(heldout_features, heldout_labels, device)
+            held = evaluate(head, _epoch_batches(held_x, held_y, max(config.batch_size, 1024), None, 0, device)[0])
+            heldout_top1 = {head.lrs[key]: value["top1"] for key, value in held.items()}
+            best = max(held, key=lambda key: (held[key]["top1"], -int(key)))  # ties: the first lr given
+            chosen_lr = head.lrs[best]
+            head = head.heads[best]
+            del held_x, held_y
+        test_x, test_y = _to_device(test_features, test_labels, device)
+        scores = evaluate(head, _epoch_batches(test_x, test_y, max(config.batch_size, 1024), None, 0, device)[0])
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise _interrupted(path, epoch, num_epochs, kept) from None
     return FitResult(top1=scores["top1"], top5=scores["top5"], test_loss=scores["loss"],
                      train_seconds=train_seconds, epochs=num_epochs, history=history, lr=chosen_lr,
                      heldout_top1=heldout_top1)

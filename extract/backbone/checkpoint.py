@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
+import stat
 from collections.abc import Mapping
 
 import torch
@@ -16,7 +19,8 @@ from torch import nn
 
 from extract.errors import CheckpointError
 
-__all__ = ["read_state_dict", "compare_state_dict", "file_sha256", "state_dict_layout"]
+__all__ = ["read_state_dict", "load_tensors", "require_checkpoint_file", "compare_state_dict", "file_sha256",
+           "state_dict_layout"]
 
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "ema")
 
@@ -30,6 +34,51 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def require_checkpoint_file(path: str | os.PathLike, flag: str = "--checkpoint") -> None:
+    """Refuse, in one line, a checkpoint path that is missing, a folder, or not a regular file (a device, pipe, socket).
+
+    Raises:
+        CheckpointError: naming the path and what it is instead.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path given to {flag}") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror or exc}): check the path given to "
+                              f"{flag}") from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"checkpoint {path} is a folder: pass the .pt file itself to {flag}")
+    if not stat.S_ISREG(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else
+                "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        raise CheckpointError(f"checkpoint {path} is not a regular file ({kind}): pass the .pt file itself to {flag}")
+
+
+def load_tensors(path: str | os.PathLike, remedy: str, what: str = "checkpoint") -> object:
+    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings, lists, tuples and dicts, never code.
+
+    Args:
+        path: the file. remedy: what the user should do when it cannot be loaded (ends the one-line error).
+        what: how the error names the file (``checkpoint``, ``pretraining checkpoint`` ...).
+
+    Raises:
+        CheckpointError: the file holds objects that are not tensors or plain values (named; nothing of
+            it is run or loaded), or it is truncated, damaged or of another format.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(f"{what} {path} holds objects that are not tensors or plain values "
+                                  f"({found.group(1)}), so it is not loaded (loading it could run code): {remedy}") from None
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch file: {_what_file(path)}; {remedy}") from None
+    except Exception:  # noqa: BLE001 - torch raises many types for bad files; all mean the same to a user
+        raise CheckpointError(f"{what} {path} is not a readable PyTorch file: {_what_file(path)}; {remedy}") from None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ``.pt`` file into a flat ``{key: tensor}`` dict on the CPU.
 
@@ -37,22 +86,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Only tensors are loaded (``weights_only=True``): a checkpoint cannot run code.
 
     Raises:
-        CheckpointError: the file is missing, empty, truncated, or not a PyTorch state dict.
+        CheckpointError: the file is missing, not a regular file, empty, truncated, holds objects that
+            are not tensors, or is not a PyTorch state dict.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path given to --checkpoint")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a folder: pass the .pt file itself")
+    require_checkpoint_file(path)
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): download it again")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad files; all mean the same to a user
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable PyTorch file: {_what_file(path)}; pass the official .pt file "
-            "(download it again if it was cut short)"
-        ) from exc
+    obj = load_tensors(path, "pass the official .pt file (download it again if it was cut short)")
     for key in _CONTAINER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -73,7 +114,8 @@ def _what_file(path: str) -> str:
     if head.startswith(b"PK\x03\x04"):
         return "it is a zip archive, as PyTorch writes them, but truncated or damaged"
     if head[:1] == b"\x80":
-        return "it is a pickle, as old PyTorch versions write them, but truncated or damaged"
+        return ("it is a pickle that a tensors-only load cannot read (damaged, or not written by torch.save), "
+                "so it is not loaded")
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:

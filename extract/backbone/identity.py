@@ -11,8 +11,7 @@ from __future__ import annotations
 import functools
 import os
 
-from extract.backbone.checkpoint import file_sha256
-from extract.errors import CheckpointError
+from extract.backbone.checkpoint import file_sha256, require_checkpoint_file
 
 __all__ = ["backbone_id", "checkpoint_sha256"]
 
@@ -21,13 +20,11 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a checkpoint file, computed once per file version.
 
     Raises:
-        CheckpointError: the file does not exist.
+        CheckpointError: the file does not exist or is not a regular file.
     """
     path = os.path.realpath(os.fspath(path))
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path given to --checkpoint") from None
+    require_checkpoint_file(path)
+    stat = os.stat(path)
     return _sha256_of_version(path, stat.st_size, stat.st_mtime_ns)
 
 
@@ -50,7 +47,7 @@ def backbone_id(config_name: str, checkpoint: str | os.PathLike | None = None, w
         e.g. ``32x32_small-1a2b3c4d5e6f`` or ``32x32_small-random0``.
 
     Raises:
-        CheckpointError: ``checkpoint`` does not exist.
+        CheckpointError: ``checkpoint`` does not exist or is not a regular file.
     """
     digest = sha256 or (checkpoint_sha256(checkpoint) if checkpoint else "")
     if digest:

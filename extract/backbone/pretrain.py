@@ -11,6 +11,9 @@ seeded by (seed, step), and the batch order of an epoch from (seed, epoch), so a
 resumed from its last checkpoint ends with the same weights, bit for bit on a CPU, as a run
 straight through. Checkpoints are plain state dicts with the official parameter names
 (``ema.pt`` and ``model.pt``, loadable by ``--checkpoint``), each with a JSON of its provenance.
+``train_state.pt`` holds tensors and plain values only and loads with ``weights_only=True``; it records
+the recipe and the data (dataset, split, limit, image count), and a resume with either changed is
+refused. A Ctrl-C becomes one line saying which step's checkpoint is kept (``RunInterrupted``).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from extract.backbone.checkpoint import load_tensors
 from extract.backbone.configs import get_config
 from extract.backbone.diffusion_loss import diffusion_loss
 from extract.backbone.registry import create_backbone
-from extract.errors import CheckpointError, ConfigError
+from extract.errors import CheckpointError, ConfigError, RunInterrupted
 from extract.inputs.images import load_batch
 from extract.inputs.read_ahead import read_ahead
 from extract.precision import autocast
@@ -146,6 +150,31 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _read_state(state_path: Path, config: PretrainConfig, data: dict) -> dict:
+    """``train_state.pt`` as tensors and plain values, refused in one line when its recipe or data differ."""
+    state = load_tensors(state_path, "delete it to start over, or pass another --out", what="pretraining checkpoint")
+    if not isinstance(state, dict) or not {"model", "ema", "optimizer", "scheduler", "step"} <= set(state):
+        raise CheckpointError(f"{state_path} is not a diffrep pretraining checkpoint: delete it or pass another --out")
+    for what, saved, asked, flags in (("settings", state.get("config", {}), asdict(config), "settings"),
+                                      ("data", state.get("data", {}), data, "--dataset/--split/--limit")):
+        changed = {k: (saved.get(k), asked.get(k)) for k in {**saved, **asked} if saved.get(k) != asked.get(k)}
+        if changed:
+            listed = "; ".join(f"{k} {a!r} saved, {b!r} asked" for k, (a, b) in sorted(changed.items()))
+            raise ConfigError(f"{state_path} was trained with other {what} ({listed}): pass the same {flags}, "
+                              f"or another --out to train anew")
+    return state
+
+
+def _interrupted(out_dir: Path, step: int, steps: int | None, checkpoint_every: int, kept: int | None) -> RunInterrupted:
+    """The one line of a Ctrl-C at ``step``: which step's checkpoint is kept in ``out_dir`` and how to go on."""
+    where = f"at step {step}" + (f" of {steps}" if steps is not None else "")
+    if kept is None:
+        return RunInterrupted(f"interrupted {where}, before the first checkpoint (every {checkpoint_every} steps): "
+                              f"nothing is kept; the same command starts again")
+    return RunInterrupted(f"interrupted {where}: the checkpoint of step {kept} is in {out_dir}; "
+                          f"the same command with --resume continues from it")
+
+
 @dataclass(frozen=True)
 class _Run:
     """What one ``pretrain`` call asks beyond the recipe (see its Args): data, where, how long, how often, on what."""
@@ -190,7 +219,8 @@ def pretrain(
         resume: continue from ``out_dir/train_state.pt`` (its config must equal ``config``).
         checkpoint_every: steps between checkpoints. log_every: steps between loss.csv rows.
         device: training device. decode_threads: image-decoding threads ahead of the forward.
-        data: what the images are (dataset, split, count), recorded in the JSONs.
+        data: what the images are (dataset, split, limit), recorded in the JSONs and in ``train_state.pt``
+            with the image count; a resume on other data is refused.
         on_checkpoint: called with the EMA model and the step after each checkpoint; may return a line to log
             (e.g. a quick linear-probe check).
 
@@ -198,7 +228,9 @@ def pretrain(
         :class:`PretrainResult`.
 
     Raises:
-        ConfigError: neither steps nor minutes, no images, or a resume with another config.
+        ConfigError: neither steps nor minutes, no images, or a resume with another config or other data.
+        CheckpointError: ``train_state.pt`` is damaged or holds objects that are not tensors.
+        RunInterrupted: Ctrl-C, saying which step's checkpoint is kept and that ``--resume`` continues.
     """
     if steps is None and minutes is None:
         raise ConfigError("pretraining needs a stopping point: pass --steps N or --minutes M")
@@ -212,7 +244,7 @@ def pretrain(
         torch.set_num_threads(config.threads)
     run = _Run(paths=list(paths), out_dir=out_dir, steps=steps, minutes=minutes, resume=resume,
                checkpoint_every=checkpoint_every, log_every=log_every, device=device, decode_threads=decode_threads,
-               data=data or {}, on_checkpoint=on_checkpoint, progress=progress)
+               data={**(data or {}), "images": len(paths)}, on_checkpoint=on_checkpoint, progress=progress)
     try:
         return _pretrain(config, run)
     finally:
@@ -246,23 +278,16 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
 
     state_path = out_dir / STATE_NAME
     step, images_seen, trained_seconds, loss_value = 0, 0, 0.0, float("nan")
+    kept = None  # the step of the checkpoint on disk that this run can resume from
     if run.resume and state_path.exists():
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to a user
-            raise CheckpointError(f"{state_path} is not a readable pretraining checkpoint ({type(exc).__name__}): "
-                                  f"delete it to start over, or pass another --out") from None
-        if state.get("config") != asdict(config):
-            changed = {k: (state.get("config", {}).get(k), v) for k, v in asdict(config).items()
-                       if state.get("config", {}).get(k) != v}
-            raise ConfigError(f"{state_path} was trained with other settings {changed} (saved, asked): "
-                              f"pass the saved settings or another --out")
+        state = _read_state(state_path, config, run.data)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, images_seen = int(state["step"]), int(state["images_seen"])
         trained_seconds, loss_value = float(state["seconds"]), float(state["loss"])
+        kept = step
         log.info("resuming pretraining from %s at step %d", state_path, step)
     elif run.resume:
         log.warning("no pretraining checkpoint in %s: starting from step 0", out_dir)
@@ -285,10 +310,12 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
     written: list[Path] = []
 
     def save() -> None:
+        nonlocal kept
         seconds = trained_seconds + (time.perf_counter() - began)
         _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "step": step, "images_seen": images_seen,
-                      "seconds": seconds, "loss": loss_value, "config": asdict(config)}, state_path)
+                      "seconds": seconds, "loss": loss_value, "config": asdict(config), "data": run.data}, state_path)
+        kept = step
         meta = {"config": asdict(config), "flags": dict(backbone.flags), "noise_schedule": backbone.noise_schedule,
                 "diffusion_steps": backbone.diffusion_steps, "data": run.data, "steps": step, "images_seen": images_seen,
                 "wall_seconds": round(seconds, 1), "final_loss": loss_value, "device": str(device),
@@ -346,6 +373,10 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
             bar.update(1)
             if step % checkpoint_every == 0:
                 save()
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise _interrupted(out_dir, step, steps, checkpoint_every, kept) from None
     finally:
         feed.close()
         bar.close()

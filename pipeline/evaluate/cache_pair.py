@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from extract.cache import FeatureCache
-from extract.errors import CacheError
+from extract.errors import CacheError, DiffrepError
 from probe.errors import ProbeError
 from probe.features import FeatureSet, feature_bytes, open_split, resolve_backbone_id
 from probe.logistic import DEFAULT_L2_GRID
@@ -166,11 +166,13 @@ def open_pair(selection: CacheSelection) -> CachePair:
 
 
 def require_arrays(pair: CachePair, keys, selection: CacheSelection) -> None:
-    """Every (b, t) in both splits, or one line with the extract command that adds all that is missing."""
+    """Every (b, t) in both splits, or one line with the extract command that adds all that is missing (or, for a
+    block or timestep the cache's configuration does not have, the valid range)."""
     for split, cache in ((selection.train_split, pair.train), (selection.test_split, pair.test)):
         have = set(cache.arrays())
         missing = [key for key in keys if key not in have]
         if missing:
+            _require_in_range(cache.spec, missing, have)
             command = extract_command_for(cache.spec, {b for b, _ in missing}, {t for _, t in missing},
                                           selection.cache_dir, cache.runs)
             raise CacheError(f"the {split} cache has no array {', '.join(f'b{b}/t{t}' for b, t in missing)}: "
@@ -192,6 +194,23 @@ def require_in_ram(cache: FeatureCache, keys, read_pool: dict, split: str, other
     if need > cache.ram_cap_bytes:
         raise ProbeError(f"the {split} split's features take {gib(need)} in RAM, over the {gib(cache.ram_cap_bytes)} "
                          f"cap: raise --ram-cap-gb or use a coarser --pool{other}")
+
+
+def _require_in_range(spec, missing, have) -> None:
+    """Missing (b, t) whose block or timestep the cache's configuration does not have get the valid range, not
+    advice to extract them (a block or timestep the cache already holds at another (b, t) is valid)."""
+    from extract.backbone.registry import family_of
+    from extract.schedule import get_schedule
+
+    try:
+        family = family_of(spec.config_name)
+    except DiffrepError:
+        return  # a configuration this version does not know: the extract command will say so
+    blocks = {b for b, _ in missing} - {b for b, _ in have}
+    timesteps = {t for _, t in missing} - {t for _, t in have}
+    if blocks:
+        family.normalize_blocks(spec.config_name, blocks)
+    get_schedule(spec.noise_schedule, spec.diffusion_steps).check_timesteps(sorted(timesteps))
 
 
 def provenance(selection: CacheSelection, pair: CachePair) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import fusion  # noqa: F401 - the full head registry: importing fusion registers the difformer head
+from extract.errors import interrupted_saying
 from extract.precision import resolve_device
 from probe.attention_head import AttentionHeadConfig
 from probe.errors import ProbeError
@@ -42,12 +43,16 @@ from pipeline.evaluate.cache_pair import (
 )
 from pipeline.results import default_results_path, record_rows
 
-__all__ = ["ProbeRequest", "run_probe", "choose_solver", "fit_converged", "fit_paper", "head_overrides", "SOLVERS", "TOKEN_HEADS"]
+__all__ = ["ProbeRequest", "run_probe", "choose_solver", "fit_converged", "fit_paper", "head_overrides", "SOLVERS",
+           "TOKEN_HEADS", "INTERRUPTED_UNRECORDED"]
 
 log = logging.getLogger(__name__)
 
 SOLVERS = ("lbfgs", "sgd", "adam")
 TOKEN_HEADS = ("attention", "difformer")  # heads whose --pool is the token grid
+#: A Ctrl-C outside a training loop (loading, the converged fit): what is kept and what to do.
+INTERRUPTED_UNRECORDED = ("interrupted before training finished: no row was recorded; the same command starts again "
+                          "(with --resume it continues from the checkpoint, if one was written)")
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,16 @@ def head_overrides(request) -> dict:
 
 
 def run_probe(request: ProbeRequest, announce: Callable[[dict], None] | None = None) -> dict:
-    """Train one head on cached train features, score it on the test features, record the row; returns it."""
+    """Train one head on cached train features, score it on the test features, record the row; returns it.
+
+    Raises:
+        RunInterrupted: Ctrl-C, saying what was kept (``probe.train.fit`` names the epoch's checkpoint).
+    """
+    with interrupted_saying(INTERRUPTED_UNRECORDED):
+        return _run_probe(request, announce)
+
+
+def _run_probe(request: ProbeRequest, announce: Callable[[dict], None] | None) -> dict:
     selection = request.cache
     fitting = request.protocol
     head, solver = request.head, choose_solver(request.head, fitting.solver)
@@ -187,10 +201,14 @@ def run_probe(request: ProbeRequest, announce: Callable[[dict], None] | None = N
         record_rows([row], selection.results_path, announce)
         return row
     lrs = tuple(fitting.lr) if fitting.lr else (default_lr(head),)
+    # what the checkpoint was trained on: the caches by their specs (subset, image count, order seed, noise
+    # seed, backbone ...; never their folder), the arrays, the head, the training rows drawn from them
     identity = dict(provenance(selection, pair), head=head, options={k: list(v) if isinstance(v, tuple) else v
                                                                       for k, v in sorted(overrides.items())},
                     blocks=list(request.blocks), timesteps=list(request.timesteps),
-                    label_fraction=fitting.label_fraction, views=fitting.views)
+                    label_fraction=fitting.label_fraction, views=fitting.views,
+                    heldout_fraction=fitting.heldout_fraction if len(lrs) > 1 else None,
+                    train_cache=pair.train.spec.to_attrs(), test_cache=pair.test.spec.to_attrs())
     checkpoint_dir = request.checkpoint_dir
     if checkpoint_dir is None:
         shaped = "".join(f"_{k}{fmt_keys(v) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(overrides.items()))

@@ -88,7 +88,7 @@ def test_fuse_trains_records_and_names_the_missing_arrays(tmp_path):
     row = read_results(tmp_path / "results.parquet").to_pylist()[-1]
     assert row["head"] == "difformer" and row["blocks"] == "19,24" and row["timesteps"] == "90,150"
     assert row["top1"] > 0.9
-    missing = CliRunner().invoke(main, ["fuse", "-b", "19,24,30", "-t", "90,150,300", *common])
+    missing = CliRunner().invoke(main, ["fuse", "-b", "5,19,24", "-t", "90,150,300", *common])
     assert missing.exit_code == 1 and len(missing.output.strip().splitlines()) == 1
-    assert ("b19/t300, b24/t300, b30/t90, b30/t150, b30/t300: run diffrep extract --dataset toy --split train "
-            "--config 32x32_small --timesteps 90,150,300 --blocks 19,24,30") in missing.output
+    assert ("b5/t90, b5/t150, b5/t300, b19/t300, b24/t300: run diffrep extract --dataset toy --split train "
+            "--config 32x32_small --weight-seed 0 --blocks 5,19,24 --timesteps 90,150,300 --pool 4") in missing.output

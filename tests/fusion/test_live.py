@@ -138,7 +138,7 @@ def test_frozen_checkpoints_leave_the_backbone_out(images, tmp_path):
     model = _live_model()
     fit(model, _source(images, timesteps=(25,)), None, _source(images, timesteps=(25,)), None,
         TrainConfig(epochs=1, batch_size=10, optimizer="sgd", lr=1e-2), checkpoint_dir=tmp_path, progress=False)
-    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["head"]
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["head"]
     assert saved and not any(k.startswith("backbone.") for k in saved) and not (tmp_path / BACKBONE_NAME).exists()
 
 

@@ -71,11 +71,11 @@ def test_other_heads_on_two_arrays(toy, head, extra):
 
 
 def test_missing_array_and_cache_are_one_line_errors(toy):
-    result = _invoke(["probe", "--blocks", "30", "--timesteps", "300", *_results(toy)], toy)
+    result = _invoke(["probe", "--blocks", "5", "--timesteps", "300", *_results(toy)], toy)
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "Error: the train cache has no array b30/t300: run diffrep extract --dataset toy --split train "
-        "--config 32x32_small --weight-seed 0 --blocks 30 --timesteps 300 --pool 4 --shard-size 5 --noise-seed 0 "
+        "Error: the train cache has no array b5/t300: run diffrep extract --dataset toy --split train "
+        "--config 32x32_small --weight-seed 0 --blocks 5 --timesteps 300 --pool 4 --shard-size 5 --noise-seed 0 "
         f"--precision fp32 --cache-dir {toy / 'cache'}"]  # every setting of the cache (pipeline.advice)
     result = _invoke(["knn", "--blocks", "24", "--timesteps", "150", "--backbone-id", "other", *_results(toy)], toy)
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "no feature cache" in result.output

@@ -59,7 +59,7 @@ def test_damaged_checkpoint_on_resume_is_one_line(toy, damage):
     path = toy / "ckpt" / "checkpoint.pth"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint at all\n" * 10)
-    _one_line_error(_run(toy, *_sgd(toy, "--resume")), "damaged", "delete it")
+    _one_line_error(_run(toy, *_sgd(toy, "--resume")), "not a readable PyTorch file", "delete it")
 
 
 def test_resume_without_a_checkpoint_says_so(toy, caplog):

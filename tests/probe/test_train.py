@@ -43,7 +43,7 @@ def test_sgd_has_no_momentum_and_lr_steps_every_seven_epochs(tmp_path):
     result = fit(_head(), train, labels, train, labels, TrainConfig(epochs=15, lr=0.1, batch_size=16), progress=False,
                  checkpoint_dir=tmp_path)
     assert [round(h["lr"], 6) for h in result.history] == [0.1] * 7 + [0.01] * 7 + [0.001]
-    state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     group = state["optimizer"]["param_groups"][0]
     assert group["momentum"] == 0 and group["weight_decay"] == 0
     assert set(state) >= {"head", "optimizer", "scheduler", "epoch", "config", "rng"}
@@ -80,7 +80,7 @@ def test_killed_and_resumed_equals_straight_through(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fit(killed, train, labels, train, labels, config, progress=False, checkpoint_dir=tmp_path / "b")
     monkeypatch.setattr(train_module, "train_one_epoch", real)
-    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["epoch"] == 3
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["epoch"] == 3
 
     torch.manual_seed(12345)  # a different global RNG state must not matter after resume
     resumed = _head(seed=99)  # fresh weights: everything comes from the checkpoint
