@@ -9,6 +9,7 @@ __all__ = [
     "CacheError",
     "CacheMismatchError",
     "CacheIncompleteError",
+    "CacheDamagedError",
     "DiskSpaceError",
 ]
 
@@ -43,6 +44,11 @@ class CacheMismatchError(CacheError):
 
 class CacheIncompleteError(CacheError):
     """A cache array some of whose shards are not written yet."""
+
+
+class CacheDamagedError(CacheIncompleteError):
+    """Cache objects that changed after they were written (missing, short, undecodable, failing their checksum,
+    non-finite): ``diffrep verify --repair`` and ``diffrep extract`` redo them."""
 
 
 class DiskSpaceError(DiffrepError, OSError):
