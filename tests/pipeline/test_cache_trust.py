@@ -207,7 +207,8 @@ def test_feedback_refuses_a_truncated_marker_of_a_pass_one_source(data_root, tmp
                                          f"damaged (20 bytes, expected 32): run the same diffrep extract command")
 
 
-def test_a_full_disk_at_the_end_of_a_run_is_one_line_and_keeps_the_shards(reference, data_root, tmp_path, monkeypatch):
+def test_a_full_disk_at_the_end_of_a_run_is_one_line_and_keeps_the_shards(reference, data_root, tmp_path, monkeypatch,
+                                                                          caplog):
     import extract.cache.writer as writer
     import zarr.storage._local as local
 
@@ -231,6 +232,7 @@ def test_a_full_disk_at_the_end_of_a_run_is_one_line_and_keeps_the_shards(refere
                                        f"free space and run the same command again (completed shards are kept)")
     cache = open_cache(tmp_path, "cifar10", "test", BACKBONE)
     assert cache.missing_shards(4, 90) == [2, 3] and cache.runs == [], "the shards are kept; no history recorded"
+    assert any("history was not recorded" in r.getMessage() and "disk full" in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(writer, "write_shard_object", real_object)
     monkeypatch.setattr(local, "_put", real_put)
     resumed = _extract(data_root, tmp_path, "--split", "test", "--synchronous")
@@ -264,3 +266,45 @@ def test_an_array_recreated_after_its_metadata_was_lost_records_what_computed_it
     assert open_cache(cache_dir, "cifar10", "test", BACKBONE).missing_shards(4, 90) == [1], "nothing else lost"
     explicit = _extract(data_root, cache_dir, "--split", "test", "--synchronous", "--device", "cpu")
     assert _one_error_line(explicit).startswith("array b4/t90 was computed on cuda")
+
+
+def _forget_index_checksums(group):
+    for name in ("path", "label", "valid", "error", "image_id"):
+        zarr.open_array(str(group / "index" / name), mode="r+").attrs.put({})
+
+
+def test_a_cache_from_before_index_checksums_stays_readable_and_gets_them(reference, data_root, tmp_path):
+    cache_dir, group = _copy(reference, tmp_path)
+    for split in ("train", "test"):
+        _forget_index_checksums(cache_dir / "cifar10" / split / BACKBONE)
+    assert _probe(cache_dir, tmp_path / "r.parquet").exit_code == 0, "nothing to compare is not damage"
+    noted = _verify(cache_dir, "--split", "test")
+    assert noted.exit_code == 0, noted.output
+    assert f"{group}: the index has no chunk checksums (written by an older diffrep): verify --repair or the next " \
+           f"extract records them" in noted.output
+    recorded = _verify(cache_dir, "--split", "test", "--repair")
+    assert recorded.exit_code == 0 and f"{group}: recorded the index's chunk checksums" in recorded.output
+    assert _files(cache_dir / "cifar10" / "test") == _files(reference / "cifar10" / "test")
+    train = cache_dir / "cifar10" / "train" / BACKBONE
+    (train / "b4/t90/c/0/0/0/0").unlink()  # work to do: extract opens the cache for writing and records them
+    assert _extract(data_root, cache_dir, "--synchronous").exit_code == 0
+    assert _files(cache_dir) == _files(reference)
+    _shift_labels(train)
+    assert _verify(cache_dir).exit_code == 1
+
+
+def test_index_checksums_survive_a_marking_process_killed_between_chunk_and_checksum(tmp_path):
+    from extract.cache.integrity import INDEX_CHECKSUMS, PENDING_CHECKSUMS, values_checksum
+    from tests.probe.test_features import make_cache
+
+    cache, _, _, valid = make_cache(tmp_path, n=10, shard_size=5, keys=((24, 150),), invalid=(3,))
+    array = zarr.open_array(f"{cache.path}/index/valid", mode="r+")
+    assert array.attrs[INDEX_CHECKSUMS] == [values_checksum(valid)] and PENDING_CHECKSUMS not in array.attrs
+    fresh = np.ones(10, bool)
+    for old, new in ((values_checksum(valid), values_checksum(fresh)), (values_checksum(fresh), values_checksum(valid))):
+        # killed after the checksums were written, before or after the chunk: either content matches one of them
+        array.attrs.put({INDEX_CHECKSUMS: [new], PENDING_CHECKSUMS: {"0": old}})
+        assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).index_damage() == {}
+    array.attrs.put({INDEX_CHECKSUMS: [values_checksum(fresh)]})  # no pending: the stored rows are damage
+    assert open_cache(tmp_path, "toy", "train", cache.spec.backbone_id).index_damage() == {
+        "valid": {0: "checksum mismatch (the values changed after they were written)"}}
