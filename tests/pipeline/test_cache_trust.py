@@ -6,7 +6,6 @@ byte for byte.
 """
 
 import errno
-import shutil
 
 import numpy as np
 import pytest
