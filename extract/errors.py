@@ -11,6 +11,7 @@ __all__ = [
     "CacheError",
     "CacheMismatchError",
     "CacheIncompleteError",
+    "CacheDamagedError",
     "DiskSpaceError",
     "RunInterrupted",
     "interrupted_saying",
@@ -59,6 +60,11 @@ class CacheIncompleteError(CacheError):
         super().__init__(message)
         self.problem, self.spec, self.path = problem or message, spec, path
         self.arrays, self.runs = tuple(arrays), tuple(runs)
+
+
+class CacheDamagedError(CacheIncompleteError):
+    """Cache objects that changed after they were written (missing, short, undecodable, failing their checksum,
+    non-finite): ``diffrep verify --repair`` and ``diffrep extract`` redo them."""
 
 
 class DiskSpaceError(DiffrepError, OSError):

@@ -7,7 +7,8 @@ side) for the same backbone and noise seed. Reading them replaces the longest of
 image path and the live images then take the cache's noise ids, so pass 2 sees the very x_t the
 cached pass 1 saw. Anything else (no cache, another noise seed, a pooled or missing array,
 fresh noise or augmentation, more than the RAM cap) runs pass 1 live, and ``find_cached_pass1``
-says why.
+says why. A damaged cache (objects changed after they were written, Inf/NaN in a shard) is refused
+in one line, as every reader refuses it: the fix is to repair it, not to train on it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from extract.cache import cache_path, open_cache
-from extract.errors import CacheError, CacheIncompleteError
+from extract.errors import CacheDamagedError, CacheError, CacheIncompleteError
 
 __all__ = ["CachedPass1", "find_cached_pass1"]
 
@@ -59,6 +60,9 @@ def find_cached_pass1(cache_dir: str | os.PathLike | None, dataset: str, split: 
         noise_seed: the seed pass 2's noise uses; the cache must have been written with it.
         sources: the feedback source blocks. t: the timestep. native_sides: ``{block: map side}``.
         paths: the images, in the live source's order.
+
+    Raises:
+        CacheDamagedError: the cache holds damaged shards, markers or index chunks, or Inf/NaN features.
     """
     live = lambda why: CachedPass1(None, None, f"runs live ({why})")  # noqa: E731
     if cache_dir is None:
@@ -70,6 +74,9 @@ def find_cached_pass1(cache_dir: str | os.PathLike | None, dataset: str, split: 
         cache = open_cache(cache_dir, dataset, split, backbone_id)
         if cache.spec.noise_seed != noise_seed:
             return live(f"the cache's noise seed is {cache.spec.noise_seed}, not {noise_seed}")
+        for b in sources:
+            if cache.has_array(b, t):
+                cache.require_sound(b, t)
         missing = [b for b in sources if not cache.has_array(b, t) or not cache.is_complete(b, t, 0)]
         if missing:
             what = f"the cache lacks complete b{','.join(map(str, missing))} at t={t}"
@@ -96,6 +103,8 @@ def find_cached_pass1(cache_dir: str | os.PathLike | None, dataset: str, split: 
             return live(f"the source arrays take {need / 2**30:.1f} GiB, over the RAM cap")
         index = torch.from_numpy(rows)
         features = {(b, t): torch.from_numpy(np.ascontiguousarray(cache.load(b, t)))[index] for b in sources}
+    except CacheDamagedError:
+        raise
     except CacheError as exc:
         return live(str(exc))
     return CachedPass1(features, _cache_noise_ids(cache)[rows],

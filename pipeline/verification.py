@@ -1,10 +1,12 @@
-"""Checking caches at rest: every marked shard read back and compared with the checksum recorded when it was written.
+"""Checking caches at rest: every marked shard and index chunk read back and compared with the checksum recorded when it was written.
 
-Readers and ``diffrep extract`` check what is cheap (each object is there with its full size);
-``verify_caches`` also decodes every marked shard and compares its CRC-32 with the one in its
-marker, which catches damage that keeps sizes (a flipped bit, a file overwritten in place). With
-``repair`` it forgets the bad shards (their objects go, their markers are unset), so that the
-same ``diffrep extract`` command writes exactly those shards again.
+Readers and ``diffrep extract`` check what is cheap (each object is there with its full size, the
+index against its chunk checksums, each shard read for Inf/NaN); ``verify_caches`` also decodes
+every marked shard and compares its CRC-32 with the one in its marker, which catches damage that
+keeps sizes (a flipped bit, a file overwritten in place). With ``repair`` it forgets what is bad
+(shard objects go and their markers are unset; damaged marker objects and index chunks go), so that
+the same ``diffrep extract`` command writes exactly those again, and it records the index checksums
+of a cache written before they existed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from extract.cache import FeatureCache, reset_shards, view_suffix
+import zarr
+
+from extract.cache import FeatureCache, record_missing_checksums, reset_shards, view_suffix
 from extract.errors import CacheError
 
 from pipeline.locks import LockHeld, file_lock
@@ -27,7 +31,8 @@ class CacheReport:
 
     Attributes:
         path: the cache group; arrays: (b, t) arrays checked; shards: marked shards read.
-        bad: one line per bad shard or index chunk; unwritten: shards not written yet (not an error);
+        bad: one line per bad shard, marker object or index chunk; unwritten: shards not written yet (not an
+        error); notes: what is not an error but worth a line (index checksums not recorded);
         repaired: whether the bad shards were reset.
     """
 
@@ -36,6 +41,7 @@ class CacheReport:
     shards: int = 0
     bad: list[str] = field(default_factory=list)
     unwritten: int = 0
+    notes: list[str] = field(default_factory=list)
     repaired: bool = False
 
 
@@ -88,19 +94,31 @@ def verify_cache(path: str, repair: bool = False) -> CacheReport:
             unmarked = set(cache.missing_shards(b, t, view)) - set(problems)
             report.unwritten += len(unmarked)
             report.shards += cache.num_shards - len(unmarked)
-            for shard, why in problems.items():
+            marker = cache.marker_damage(b, t, view)
+            if marker:  # one line for the array: none of its shards can be told written
+                report.bad.append(f"{path}: done/{name}: completion markers damaged ({marker}): "
+                                  f"its {cache.num_shards} shard(s) are redone")
+            for shard, why in problems.items() if not marker else ():
                 report.bad.append(f"{path}: {name} shard {shard}: {why}")
             if problems:
                 damaged[(b, t, view)] = sorted(problems)
-    if repair and report.bad:
+    unrecorded = not index and not cache.index_checksums_recorded()
+    if unrecorded and not repair:
+        report.notes.append(f"{path}: the index has no chunk checksums (written by an older diffrep): "
+                            f"verify --repair or the next extract records them")
+    if repair and (report.bad or unrecorded):
         # the markers of an array share one object, rewritten by a running extract: never reset under it
         try:
             with file_lock(path.rstrip(os.sep) + ".lock", blocking=False):
-                reset_shards(path, damaged, {name: list(index[name]) for name in ("valid", "error") if name in index})
+                if report.bad:
+                    reset_shards(path, damaged, {name: list(chunks) for name, chunks in index.items()})
+                if unrecorded:
+                    record_missing_checksums(zarr.open_group(path, mode="r+"))
+                    report.notes.append(f"{path}: recorded the index's chunk checksums")
         except LockHeld as held:
             raise CacheError(f"diffrep extract ({held.holder}) is writing {path}: run verify --repair again when it "
                              f"has finished") from None
-        report.repaired = True
+        report.repaired = bool(report.bad)
     return report
 
 

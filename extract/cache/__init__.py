@@ -19,7 +19,9 @@ from extract.cache.reader import DEFAULT_RAM_CAP_BYTES, FeatureCache, open_cache
 from extract.cache.spec import (
     FORMAT_VERSION, CacheSpec, cache_path, count_objects, inner_chunk_rows, view_suffix,
 )
-from extract.cache.writer import MarkWriter, ShardMarks, create_cache, record_run, reset_shards, write_shard_data
+from extract.cache.writer import (
+    MarkWriter, ShardMarks, create_cache, record_missing_checksums, record_run, reset_shards, write_shard_data,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -33,6 +35,7 @@ __all__ = [
     "MarkWriter",
     "count_objects",
     "record_run",
+    "record_missing_checksums",
     "reset_shards",
     "open_cache",
     "inner_chunk_rows",

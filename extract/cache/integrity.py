@@ -6,6 +6,9 @@ pass for data. The cache is uncompressed, so the byte size of every stored objec
 the array metadata alone: checking existence and size costs one ``stat`` per object and catches
 missing, emptied and truncated objects. Bit-level damage needs the data itself: each marker
 carries the CRC-32 of its shard's values (``marker_value``), which ``diffrep verify`` recomputes.
+Index chunks carry theirs in their array's attributes (``INDEX_CHECKSUMS``, ``index_checksum_problems``),
+checked by every reader of the index, since it is small. A cheap scan for Inf/NaN (``all_finite``)
+runs on every shard a reader loads and every shard a writer stores.
 
 Zarr 3 lays a sharded array out as one object per shard, ``c/<s>/0/0/0`` (chunk-key encoding
 ``/``), holding its inner chunks back to back and, at its end, an index of 16 bytes per inner
@@ -23,8 +26,9 @@ import numpy as np
 import zarr
 
 __all__ = [
-    "WRITE_CONFIG", "MARKER_DONE", "shard_checksum", "marker_value", "marker_checksum", "object_path",
-    "object_problems", "remove_objects",
+    "WRITE_CONFIG", "MARKER_DONE", "INDEX_CHECKSUMS", "PENDING_CHECKSUMS", "shard_checksum", "marker_value",
+    "marker_checksum", "object_path", "object_problems", "remove_objects", "all_finite", "values_checksum",
+    "index_checksums", "index_checksum_problems", "marker_problem",
 ]
 
 WRITE_CONFIG = {"write_empty_chunks": True}
@@ -33,6 +37,13 @@ so a missing object always means lost data (Zarr would otherwise skip them and r
 
 MARKER_DONE = 1 << 32
 """A set marker is MARKER_DONE + the CRC-32 of its shard: nonzero whatever the checksum."""
+
+
+INDEX_CHECKSUMS = "chunk_crc32"
+"""Attribute of each index array: the CRC-32 of every chunk's values (``values_checksum``), taken when written."""
+PENDING_CHECKSUMS = "chunk_crc32_before"
+"""Attribute set only while the one marking process rewrites index chunks: ``{chunk: CRC-32 before}``, so that a
+process killed between a chunk and its checksum leaves a chunk that still matches one of the two."""
 
 
 def shard_checksum(data: np.ndarray) -> int:
@@ -135,3 +146,82 @@ def remove_objects(array: zarr.Array, indexes: Iterable[int]) -> None:
         path = object_path(array, index)
         if path is not None and os.path.lexists(path):
             os.remove(path)
+
+
+_FINITE_BLOCK = 1 << 18
+
+
+def all_finite(data: np.ndarray) -> bool:
+    """Whether an array holds no Inf or NaN.
+
+    float16 (every cache array) is checked by its bits, 256K values at a time through one small
+    buffer: a value is Inf or NaN when its exponent bits are all set (``abs bits >= 0x7C00``). About
+    16 GB/s on one core here, against 1.5 GB/s for reading a shard from disk and 1.4 GB/s for
+    ``np.isfinite`` on float16; other dtypes go through ``np.isfinite``.
+    """
+    data = np.asarray(data)
+    if data.dtype != np.float16:
+        return bool(np.isfinite(data).all()) if data.dtype.kind == "f" else True
+    bits = np.ascontiguousarray(data).reshape(-1).view(np.uint16)
+    scratch = np.empty(min(_FINITE_BLOCK, bits.size), dtype=np.uint16)
+    for start in range(0, bits.size, _FINITE_BLOCK):
+        part = bits[start:start + _FINITE_BLOCK]
+        masked = scratch[:part.size]
+        np.bitwise_and(part, 0x7FFF, out=masked)
+        if masked.max() >= 0x7C00:
+            return False
+    return True
+
+
+def values_checksum(values: np.ndarray) -> int:
+    """CRC-32 of an index chunk's values: numbers as little-endian bytes, strings as UTF-8 joined by NUL.
+
+    The same for the values whatever dtype they were read back as (numpy ``U``, ``StringDType`` or objects).
+    """
+    values = np.asarray(values)
+    if values.dtype.kind in "OTU":
+        text = "\0".join(str(v) for v in values.tolist()) if values.dtype.kind == "O" else "\0".join(values.tolist())
+        head = zlib.crc32(int(values.shape[0]).to_bytes(8, "little"))
+        return zlib.crc32(text.encode("utf-8", "surrogatepass"), head) & 0xFFFFFFFF
+    return shard_checksum(values)
+
+
+def index_checksums(values: np.ndarray, rows_per_chunk: int) -> list[int]:
+    """``values_checksum`` of every chunk of a 1-D index array's values (``rows_per_chunk`` rows each)."""
+    return [values_checksum(values[lo:lo + rows_per_chunk]) for lo in range(0, int(values.shape[0]), rows_per_chunk)]
+
+
+def index_checksum_problems(array: zarr.Array, values: np.ndarray, skip: Iterable[int] = ()) -> dict[int, str]:
+    """Chunks of an index array whose values (as read, ``values``) do not match the checksums recorded for them.
+
+    Returns ``{}`` when the array records none (a cache written before they were): nothing to compare.
+    Chunks in ``skip`` (already known bad) are not compared.
+    """
+    recorded = array.attrs.get(INDEX_CHECKSUMS)
+    rows = int(array.metadata.chunk_grid.chunk_shape[0])
+    count = -(-int(array.shape[0]) // rows)
+    if not isinstance(recorded, list) or len(recorded) != count:
+        return {}
+    before = array.attrs.get(PENDING_CHECKSUMS) or {}
+    skip = set(skip)
+    problems = {}
+    for chunk in range(count):
+        if chunk in skip:
+            continue
+        found = values_checksum(values[chunk * rows:(chunk + 1) * rows])
+        if found != recorded[chunk] and found != before.get(str(chunk)):
+            problems[chunk] = "checksum mismatch (the values changed after they were written)"
+    return problems
+
+
+def marker_problem(array: zarr.Array) -> str | None:
+    """Why the one object of a completion-marker array is damaged (e.g. ``20 bytes, expected 32``), else None.
+
+    A missing object is sound: every marker unset (Zarr stores no all-zero chunk of a marker array).
+    """
+    path = object_path(array, 0)
+    if path is None or not os.path.exists(path):
+        return None
+    size = os.stat(path).st_size
+    expected = int(array.shape[0]) * array.dtype.itemsize
+    return None if size == expected else (f"{size} bytes, expected {expected}" if size else "empty (0 bytes)")

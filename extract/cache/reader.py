@@ -2,7 +2,9 @@
 
 A marker is not proof: every object is stored even when it is all zeros, so a marked shard (or an
 index chunk) whose object is missing or short counts as not written (``extract.cache.integrity``);
-readers refuse it by name, and ``diffrep extract`` re-runs it.
+readers refuse it by name, and ``diffrep extract`` re-runs it. So do a marker object of the wrong size,
+index chunks that fail their recorded checksums, and shards holding Inf or NaN (each shard read is
+scanned for them: ``integrity.all_finite``, a vectorised pass over the bytes just read).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import numpy as np
 import zarr
 
 from extract.cache.damage import explain_bad_metadata, list_numbers, shorten_error
-from extract.cache.integrity import marker_checksum, object_problems, shard_checksum
+from extract.cache.integrity import (
+    INDEX_CHECKSUMS, all_finite, index_checksum_problems, marker_checksum, marker_problem, object_problems, shard_checksum,
+)
 from extract.cache.shard_io import read_shard_object
 from extract.cache.spec import (
     INDEX_NAMES, CacheSpec, array_name, cache_path, chunk_rows, chunk_shards, index_chunk_count, marker_name, read_spec,
 )
-from extract.errors import CacheError, CacheIncompleteError
+from extract.errors import CacheDamagedError, CacheError, CacheIncompleteError
 from extract.pooling import derive_pool
 
 __all__ = ["DEFAULT_RAM_CAP_BYTES", "FeatureCache", "open_cache"]
@@ -69,34 +73,50 @@ class FeatureCache:
         return list(chunk_shards(chunk_rows(self._node(f"index/{name}")), int(chunk), self.spec))
 
     def index_damage(self) -> dict[str, dict[int, str]]:
-        """``{name: {chunk: why}}`` for index arrays (path, label, valid, error, image_id) whose objects are missing or short.
+        """``{name: {chunk: why}}`` for index arrays (path, label, valid, error, image_id) whose chunks are missing,
+        short, undecodable or fail the checksums recorded when they were written.
 
+        Reads the whole index (small: 5 arrays of N values; the sound ones are kept for the properties).
         ``index_chunk_shards`` says which shards a chunk covers.
         """
         damage = {}
         for name in INDEX_NAMES:
-            array = self._node(f"index/{name}")
-            problems = object_problems(array, range(index_chunk_count(array)))
+            problems = self._index_problems(name)
             if problems:
-                damage[name] = problems
+                damage[name] = dict(sorted(problems.items()))
         return damage
 
-    def _index_array(self, name: str) -> np.ndarray:
-        if name not in self._index:
-            array = self._node(f"index/{name}")
-            problems = object_problems(array, range(index_chunk_count(array)))
-            if not problems:
+    def _index_problems(self, name: str) -> dict[int, str]:
+        """``{chunk: why}`` of one index array; when there is none its values are kept in ``self._index``."""
+        if name in self._index:
+            return {}
+        array = self._node(f"index/{name}")
+        problems = object_problems(array, range(index_chunk_count(array)))
+        if problems:
+            return problems
+        try:
+            values = array[:]
+        except ValueError:  # damage that keeps the size: find the chunks that do not decode
+            rows = chunk_rows(array)
+            for chunk in range(index_chunk_count(array)):
                 try:
-                    self._index[name] = array[:]
+                    array[chunk * rows:min((chunk + 1) * rows, self.num_images)]
                 except ValueError as exc:
-                    problems = {-1: f"cannot be decoded: {shorten_error(exc)}"}
-            if problems:
-                where = "" if -1 in problems else f" {list_numbers(problems)}"
-                raise CacheError(
-                    f"index/{name} of cache {self.path} has damaged chunks{where} "
-                    f"({'; '.join(sorted(set(problems.values())))}): run the same diffrep extract command again: "
-                    f"it rewrites them"
-                )
+                    problems[chunk] = f"cannot be decoded: {shorten_error(exc)}"
+            return problems or {0: "cannot be decoded"}
+        problems = index_checksum_problems(array, values)
+        if not problems:
+            self._index[name] = values
+        return problems
+
+    def _index_array(self, name: str) -> np.ndarray:
+        problems = self._index_problems(name)
+        if problems:
+            raise CacheDamagedError(
+                f"index/{name} of cache {self.path} has damaged chunks {list_numbers(problems)} "
+                f"({'; '.join(sorted(set(problems.values())))}): run the same diffrep extract command again: "
+                f"it rewrites them"
+            )
         return self._index[name]
 
     @property
@@ -187,22 +207,42 @@ class FeatureCache:
     def _native(array: zarr.Array) -> int:
         return int(array.attrs.get("native_size", array.shape[-1]))
 
-    def _markers(self, b: int, t: int, view: int, array: zarr.Array | None = None) -> np.ndarray | None:
-        """The array's markers, None without them; ``array``: the data array already opened (one lookup less)."""
-        name = marker_name(b, t, view)
+    def _marker_node(self, b: int, t: int, view: int, array: zarr.Array | None = None) -> zarr.Array | None:
+        """The array's marker array, None without it; ``array``: the data array already opened (one lookup less)."""
         with explain_bad_metadata(self.path):
             if array is None and not self.has_array(b, t, view):
                 return None
             try:
-                return self._group[name][:]
+                return self._group[marker_name(b, t, view)]
             except KeyError:
                 return None
 
+    def marker_damage(self, b: int, t: int, view: int = 0) -> str | None:
+        """Why the completion markers of an array cannot be read (their object has the wrong size), else None.
+
+        Damaged markers say nothing about any shard: all of the array's shards count as damaged.
+        """
+        node = self._marker_node(b, t, view)
+        return None if node is None else marker_problem(node)
+
+    def _markers(self, b: int, t: int, view: int, array: zarr.Array | None = None) -> np.ndarray | None:
+        """The array's markers, None without them (callers check ``marker_damage`` first)."""
+        node = self._marker_node(b, t, view, array)
+        return None if node is None else node[:]
+
     def _state(self, b: int, t: int, view: int, array: zarr.Array | None = None) -> tuple[set[int], dict[int, str]]:
-        """(unmarked shards, ``{marked shard: why}`` for those whose data object is missing or short)."""
-        done = self._markers(b, t, view, array)
-        if done is None:
+        """(unmarked shards, ``{marked shard: why}`` for those whose data object is missing or short).
+
+        Every shard is damaged when the marker object is.
+        """
+        node = self._marker_node(b, t, view, array)
+        if node is None:
             return set(range(self.num_shards)), {}
+        problem = marker_problem(node)
+        if problem:
+            why = f"completion markers {marker_name(b, t, view)} damaged ({problem})"
+            return set(), {shard: why for shard in range(self.num_shards)}
+        done = node[:]
         marked = [int(s) for s in np.flatnonzero(done != 0)]
         array = self._node(array_name(b, t, view)) if array is None else array
         damaged = object_problems(array, marked)
@@ -225,45 +265,69 @@ class FeatureCache:
         views = self.spec.view_ids if view is None else [view]
         return all(self.has_array(b, t, v) and not self.missing_shards(b, t, v) for v in views)
 
+    def require_sound(self, b: int, t: int, view: int = 0) -> None:
+        """Refuse an array whose written shards or markers are damaged (unwritten shards are not damage).
+
+        Raises:
+            CacheDamagedError: damaged markers or shards (names them and the command that redoes them).
+        """
+        self._check_sound(b, t, view, self._array(b, t, view))
+
     def _check_complete(self, b: int, t: int, view: int, array: zarr.Array | None = None) -> None:
+        unmarked = self._check_sound(b, t, view, array)
+        if unmarked:
+            raise self._missing_work(
+                f"array {array_name(b, t, view)} of {self.path} is missing {len(unmarked)} of {self.num_shards} shards",
+                b, t)
+
+    def _check_sound(self, b: int, t: int, view: int, array: zarr.Array | None = None) -> set[int]:
+        """The unmarked shards, after refusing damaged markers or shards in one line."""
         name = array_name(b, t, view)
+        node = self._marker_node(b, t, view, array)
+        problem = None if node is None else marker_problem(node)
+        if problem:
+            raise CacheDamagedError(
+                f"the completion markers of array {name} in {self.path} ({marker_name(b, t, view)}) are damaged "
+                f"({problem}): run the same diffrep extract command again: it redoes the {self.num_shards} shard(s) "
+                f"they covered"
+            )
         unmarked, damaged = self._state(b, t, view, array)
         if damaged:
             raise self._missing_work(
                 f"array {name} of {self.path} has {len(damaged)} damaged shard(s) {list_numbers(damaged)} "
                 f"(data object {'; '.join(sorted(set(damaged.values())))})", b, t,
-                "run the same diffrep extract command again: it re-runs exactly those shards")
-        if unmarked:
-            raise self._missing_work(f"array {name} of {self.path} is missing {len(unmarked)} of {self.num_shards} shards",
-                                     b, t)
+                "run the same diffrep extract command again: it re-runs exactly those shards", CacheDamagedError)
+        return unmarked
 
-    def _missing_work(self, problem: str, b: int, t: int, hint: str | None = None) -> CacheIncompleteError:
+    def _missing_work(self, problem: str, b: int, t: int, hint: str | None = None,
+                      error: type[CacheIncompleteError] = CacheIncompleteError) -> CacheIncompleteError:
         """The error for work ``diffrep extract`` does (write array b/t or its lost shards), carrying what the
         command line needs to print that exact command (``pipeline.advice``)."""
         hint = hint or (f"run the diffrep extract command that wrote this cache again with --blocks {b} "
                         f"--timesteps {t} (its settings are in the cache's zarr.json)")
-        return CacheIncompleteError(f"{problem}: {hint}", problem=problem, spec=self.spec, path=self.path,
-                                    arrays=[(b, t)], runs=self.runs)
+        return error(f"{problem}: {hint}", problem=problem, spec=self.spec, path=self.path, arrays=[(b, t)],
+                     runs=self.runs)
 
     def _read_shard(self, array: zarr.Array, name: str, shard: int, out: np.ndarray | None = None) -> np.ndarray:
         """The shard's rows as stored, read into ``out`` when given (a C-contiguous slice of the caller's result)."""
         start, stop = self.shard_bounds(shard)
         if out is None:
             out = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
-        if read_shard_object(array, shard, out):  # straight from the file (extract.cache.shard_io); else through Zarr
-            return out
-        try:
-            out[...] = array[start:stop]
-            return out
-        except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
-            raise self._undecodable(f"shard {shard} of {name}", exc) from exc
+        if not read_shard_object(array, shard, out):  # straight from the file (extract.cache.shard_io); else through Zarr
+            try:
+                out[...] = array[start:stop]
+            except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
+                raise self._damaged(f"shard {shard} of {name}", f"cannot be decoded ({shorten_error(exc)})") from exc
+        if not all_finite(out):  # flipped bits that make Inf/NaN: a vectorised pass over the bytes just read
+            raise self._damaged(f"shard {shard} of {name}", "holds Inf/NaN values")
+        return out
 
-    def _undecodable(self, what: str, exc: Exception) -> CacheError:
-        """The one-line error for stored bytes that do not decode: verify --repair, then extract again."""
+    def _damaged(self, what: str, why: str) -> CacheDamagedError:
+        """The one-line error for stored data that changed after it was written: verify --repair, then extract again."""
         root = os.path.dirname(os.path.dirname(os.path.dirname(self.path)))
-        return CacheError(
-            f"{what} in {self.path} cannot be decoded ({shorten_error(exc)}): run diffrep verify --cache-dir {root} "
-            f"--dataset {self.spec.dataset} --split {self.spec.split} --repair, then the same diffrep extract command again"
+        return CacheDamagedError(
+            f"{what} in {self.path} {why}: run diffrep verify --cache-dir {root} --dataset {self.spec.dataset} "
+            f"--split {self.spec.split} --repair, then the same diffrep extract command again: it redoes that shard"
         )
 
     def row_reader(self, b: int, t: int, pool: int | None = None, view: int = 0):
@@ -277,10 +341,14 @@ class FeatureCache:
         native, name = self._native(array), array_name(b, t, view)
 
         def read(start: int, stop: int) -> np.ndarray:
+            shard = start // self.spec.shard_size
             try:
                 data = array[start:stop]
             except ValueError as exc:  # damage that keeps the object's size: only its checksum tells
-                raise self._undecodable(f"rows {start}-{stop} of {name}", exc) from exc
+                raise self._damaged(f"shard {shard} (rows {start}-{stop}) of {name}",
+                                    f"cannot be decoded ({shorten_error(exc)})") from exc
+            if not all_finite(data):
+                raise self._damaged(f"shard {shard} (rows {start}-{stop}) of {name}", "holds Inf/NaN values")
             return derive_pool(data, native, pool)
 
         return read
@@ -397,6 +465,8 @@ class FeatureCache:
 
         Reads every marked shard: use it to check a cache (``diffrep verify``), not before each read.
         """
+        if self.marker_damage(b, t, view):
+            return self.damaged_shards(b, t, view)  # every shard: nothing says which were written, or what they held
         done = self._markers(b, t, view)
         if done is None:
             return {}
@@ -415,24 +485,18 @@ class FeatureCache:
             expected = marker_checksum(done[shard])
             if expected is not None and shard_checksum(data) != expected:
                 problems[shard] = "checksum mismatch (the data changed after it was written)"
+            elif not all_finite(data):
+                problems[shard] = "holds Inf/NaN values"
         return dict(sorted(problems.items()))
 
     def verify_index(self) -> dict[str, dict[int, str]]:
-        """``{name: {chunk: why}}`` for index chunks that are missing, short, or cannot be decoded (reads them all)."""
-        damage = self.index_damage()
-        for name in INDEX_NAMES:
-            array = self._node(f"index/{name}")
-            problems = damage.get(name, {})
-            rows = chunk_rows(array)
-            for chunk in range(index_chunk_count(array)):
-                if chunk not in problems:
-                    try:
-                        array[chunk * rows:min((chunk + 1) * rows, self.num_images)]
-                    except ValueError as exc:
-                        problems[chunk] = f"cannot be decoded: {shorten_error(exc)}"
-            if problems:
-                damage[name] = dict(sorted(problems.items()))
-        return damage
+        """``index_damage`` read afresh: chunks missing, short, undecodable or failing their checksums."""
+        self._index.clear()
+        return self.index_damage()
+
+    def index_checksums_recorded(self) -> bool:
+        """Whether every index array records its chunk checksums (caches written before they existed do not)."""
+        return all(isinstance(self._node(f"index/{name}").attrs.get(INDEX_CHECKSUMS), list) for name in INDEX_NAMES)
 
 
 def open_cache(

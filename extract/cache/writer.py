@@ -4,11 +4,16 @@ Objects: a worker writes whole data shards only (``write_shard_data``), so two j
 Zarr object. Every object it does not own (markers, the valid/error rows of the index, attributes)
 is written by the one process that orchestrates a run (``MarkWriter``, ``record_run``), after the
 shard's data is on disk; the index is written once, in chunks of many shards, by ``create_cache``.
+Every index chunk's checksum is recorded in its array's attributes when the chunk is written
+(``integrity.INDEX_CHECKSUMS``); a cache written before they existed gets them on the next
+``create_cache`` of an extract (path, label and image_id after they are compared with the dataset;
+valid and error as they stand) or ``diffrep verify --repair``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import logging
 import os
 import re
@@ -22,16 +27,19 @@ import numpy as np
 import zarr
 
 from extract.cache.damage import explain_bad_metadata, list_numbers, shorten_error
-from extract.cache.integrity import WRITE_CONFIG, marker_from_checksum, marker_value, object_problems, remove_objects
+from extract.cache.integrity import (
+    INDEX_CHECKSUMS, PENDING_CHECKSUMS, WRITE_CONFIG, all_finite, index_checksum_problems, index_checksums,
+    marker_from_checksum, marker_problem, marker_value, object_problems, remove_objects, values_checksum,
+)
 from extract.cache.order import row_order
 from extract.cache.provenance import compute_conflict
 from extract.cache.reader import DEFAULT_RAM_CAP_BYTES, FeatureCache
 from extract.cache.shard_io import write_shard_object
 from extract.cache.spec import (
-    FORMAT_VERSION, CacheSpec, array_name, cache_path, chunk_rows, chunk_shards, index_chunk_count, index_chunk_rows,
-    inner_chunk_rows, marker_name, read_spec,
+    FORMAT_VERSION, INDEX_NAMES, CacheSpec, array_name, cache_path, chunk_rows, chunk_shards, index_chunk_count,
+    index_chunk_rows, inner_chunk_rows, marker_name, read_spec,
 )
-from extract.errors import CacheError, CacheMismatchError
+from extract.errors import CacheDamagedError, CacheError, CacheMismatchError
 
 __all__ = ["create_cache", "write_shard_data", "ShardMarks", "MarkWriter", "record_run", "reset_shards"]
 
@@ -84,17 +92,17 @@ def create_cache(
         group = zarr.open_group(path, mode="w", zarr_format=3)
         n = spec.num_images
         index = group.require_group("index")
-        kw = dict(chunks=(index_chunk_rows(spec),), compressors=None, dimension_names=("image",))
-        index.create_array("path", shape=(n,), dtype=str, **kw)
-        index.create_array("label", shape=(n,), dtype="int64", **kw)
-        index.create_array("valid", shape=(n,), dtype="bool", fill_value=True, **kw)
-        index.create_array("error", shape=(n,), dtype=str, **kw)
-        index.create_array("image_id", shape=(n,), dtype="int64", **kw)
+        rows.update(valid=np.ones(n, dtype=bool), error=np.full(n, "", dtype=object).astype(str))
+        kinds = {"path": str, "label": "int64", "valid": "bool", "error": str, "image_id": "int64"}
+        for name in INDEX_NAMES:  # each with the checksums of the chunks written next
+            index.create_array(
+                name, shape=(n,), dtype=kinds[name], chunks=(index_chunk_rows(spec),), compressors=None,
+                dimension_names=("image",), fill_value=True if name == "valid" else None,
+                attributes={INDEX_CHECKSUMS: index_checksums(rows[name], index_chunk_rows(spec))},
+            )
         # written once, whole; every chunk is stored now, so a missing index object always means lost data
-        for name in ("path", "label", "image_id"):
+        for name in INDEX_NAMES:
             _writable(index[name])[:] = rows[name]
-        _writable(index["valid"])[:] = np.ones(n, dtype=bool)
-        _writable(index["error"])[:] = np.full(n, "", dtype=object).astype(str)
         group.attrs.update({
             "diffrep": {"spec": spec.to_attrs(), "format_version": FORMAT_VERSION},
             "class_names": list(class_names),
@@ -115,6 +123,11 @@ def create_cache(
                     )
                     native = (native_sizes or {}).get(b, h)
                     array.attrs.update({"b": int(b), "t": int(t), "view": view, "native_size": int(native), "pool": spec.pool})
+                    if marker_name(b, t, view) in group:
+                        # re-created after its zarr.json was lost: nothing records what computed its old shards, so
+                        # they are redone (the plan of an array it did not find redoes them all anyway), and the
+                        # first shard marked records its compute settings (MarkWriter.mark)
+                        remove_objects(group[marker_name(b, t, view)], [0])
                 if marker_name(b, t, view) not in group:  # a deleted marker array: every shard is redone
                     group.create_array(  # one object: only the orchestrating process writes it (MarkWriter)
                         marker_name(b, t, view), shape=(spec.num_shards,), dtype="uint64", fill_value=0,
@@ -144,12 +157,20 @@ def write_shard_data(
         ``{(b, t): marker value}``: MARKER_DONE + the CRC-32 of each shard.
 
     Raises:
-        CacheError: a missing array or a block of the wrong shape (a bug in the caller).
+        CacheError: a missing array or a block of the wrong shape (a bug in the caller), or features holding
+            Inf/NaN (nothing of the shard is written).
     """
     handles = _WriteHandles.of(path)
     spec = handles.spec
     start = shard * spec.shard_size
     stop = min(start + spec.shard_size, spec.num_images)
+    for (b, t), data in features.items():  # readers refuse Inf/NaN as damage: never store them
+        if not all_finite(data):
+            raise CacheError(
+                f"the features of b{b} at t={t} for shard {shard} hold Inf/NaN (the forward overflowed float16, whose "
+                f"largest value is 65504, or diverged): nothing of the shard is written; check the --checkpoint and "
+                f"--precision"
+            )
     markers = {}
     known = checksums or {}
     pending = [key for key in features if key not in known]
@@ -254,6 +275,11 @@ class MarkWriter:
             rows = array.shape[0]
             fill = np.ones(rows, bool) if name == "valid" else np.full(rows, "", dtype=object).astype(str)
             values = _read_chunkwise(array, bad, fill)
+            changed = index_checksum_problems(array, values, skip=bad)
+            per_chunk = chunk_rows(array)
+            for chunk in changed:  # rewritten with the next shard marked in it, like a lost chunk
+                values[chunk * per_chunk:(chunk + 1) * per_chunk] = fill[chunk * per_chunk:(chunk + 1) * per_chunk]
+            bad.update(changed)
             self._index[name] = (array, values.astype(bool) if name == "valid" else values.astype(object), set(bad))
         return self._index[name]
 
@@ -272,18 +298,35 @@ class MarkWriter:
                 if not np.array_equal(values[start:stop], new) or chunks & bad:
                     values[start:stop] = new
                     dirty |= chunks
-            for chunk in sorted(dirty):
-                lo, hi = chunk * rows, min((chunk + 1) * rows, array.shape[0])
+            if not dirty:
+                continue
+            parts = {chunk: values[chunk * rows:(chunk + 1) * rows] for chunk in sorted(dirty)}
+            parts = {chunk: part.astype(bool) if name == "valid" else np.asarray(part.astype(str))
+                     for chunk, part in parts.items()}
+            sums = array.attrs.get(INDEX_CHECKSUMS)
+            if not isinstance(sums, list) or len(sums) != index_chunk_count(array):  # recorded from now on
+                sums = index_checksums(values, rows)
+            before = {str(chunk): sums[chunk] for chunk in parts}
+            sums = [values_checksum(parts[chunk]) if chunk in parts else value for chunk, value in enumerate(sums)]
+            # killed between the chunks and their checksums, each chunk still matches its old or new checksum
+            array.attrs.put({INDEX_CHECKSUMS: sums, PENDING_CHECKSUMS: before})
+            for chunk, part in parts.items():
                 if chunk in bad:
                     remove_objects(array, [chunk])
-                part = values[lo:hi]
-                _writable(array)[lo:hi] = part.astype(bool) if name == "valid" else np.asarray(part.astype(str))
+                _writable(array)[chunk * rows:chunk * rows + part.shape[0]] = part
                 bad.discard(chunk)
+            array.attrs.put({INDEX_CHECKSUMS: sums})
 
     def _marker_array(self, name: str) -> np.ndarray:
         """The markers of array ``name`` in memory; its Zarr array is kept open (each open reads its metadata)."""
         if name not in self._markers:
             node = self._group["done/" + name]
+            problem = marker_problem(node)
+            if problem:  # the plan resets damaged markers before a run: this one was damaged during it
+                raise CacheDamagedError(
+                    f"the completion markers of array {name} in {self.path} (done/{name}) are damaged ({problem}): "
+                    f"run the same diffrep extract command again: it redoes the shards they covered"
+                )
             self._marker_nodes[name] = node
             self._markers[name] = node[:]
         return self._markers[name]
@@ -332,18 +375,27 @@ def _writable(array: zarr.Array) -> zarr.Array:
     return array.with_config(WRITE_CONFIG)
 
 
-def record_run(path: str, invalid: Mapping[int, tuple[str, str]], info: Mapping[str, Any]) -> None:
+def record_run(path: str, invalid: Mapping[int, tuple[str, str]], info: Mapping[str, Any]) -> bool:
     """Add a run's summary and its invalid images ``{row: (path, reason)}`` to the cache attributes.
 
-    Only the process that orchestrates a run calls this (workers write shards only).
+    Only the process that orchestrates a run calls this (workers write shards only). On a full
+    disk the history is not recorded (the attributes are replaced atomically, so the old ones stay
+    whole), a warning says so, and the shards and index written stay: it returns False.
     """
-    group = zarr.open_group(path, mode="r+")
-    known = {entry["index"]: entry for entry in group.attrs.get("invalid_images", [])}
-    for row, (image_path, reason) in invalid.items():
-        known[int(row)] = {"index": int(row), "path": str(image_path), "reason": str(reason)}
-    runs = list(group.attrs.get("runs", []))
-    runs.append({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **dict(info)})
-    group.attrs.update({"invalid_images": [known[k] for k in sorted(known)], "runs": runs})
+    try:
+        group = zarr.open_group(path, mode="r+")
+        known = {entry["index"]: entry for entry in group.attrs.get("invalid_images", [])}
+        for row, (image_path, reason) in invalid.items():
+            known[int(row)] = {"index": int(row), "path": str(image_path), "reason": str(reason)}
+        runs = list(group.attrs.get("runs", []))
+        runs.append({"finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **dict(info)})
+        group.attrs.update({"invalid_images": [known[k] for k in sorted(known)], "runs": runs})
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        logger.warning("this run's history was not recorded in %s (disk full); the shards it wrote are kept", path)
+        return False
+    return True
 
 
 def reset_shards(
@@ -356,12 +408,15 @@ def reset_shards(
     Only objects already found missing or short (or failing ``verify``) belong here: nothing
     sound is deleted, and the data objects go before their markers are unset. A lost valid/error
     chunk of the index covers many shards: every array's markers of those shards are unset too,
-    since their rows of the index come back only when they run again.
+    since their rows of the index come back only when they run again. Damaged path, label and
+    image_id chunks are deleted (extract rewrites them from the dataset index). An array whose
+    marker object is damaged loses that object (every shard unmarked) and keeps its data objects,
+    which the next run rewrites.
 
     Args:
         path: the cache group.
         shards: ``{(b, t, view): shard numbers}``.
-        index_chunks: ``{"valid" or "error": chunk numbers}`` of the image index (rewritten with their shards).
+        index_chunks: ``{index array name: chunk numbers}`` of the image index.
     """
     with explain_bad_metadata(path):
         group = zarr.open_group(path, mode="r+")
@@ -369,11 +424,11 @@ def reset_shards(
         todo = {key: {int(s) for s in numbers} for key, numbers in (shards or {}).items()}
         rerun: set[int] = set()
         for name, chunks in (index_chunks or {}).items():
-            if name not in ("valid", "error"):
-                raise CacheError(f"index/{name} is rebuilt by create_cache, not reset: a bug in the caller")
+            if name not in INDEX_NAMES:
+                raise CacheError(f"the cache has no index/{name}: a bug in the caller")
             array = group[f"index/{name}"]
             remove_objects(array, chunks)
-            for chunk in chunks:
+            for chunk in chunks if name in ("valid", "error") else ():
                 rerun |= set(chunk_shards(chunk_rows(array), int(chunk), spec))
         if rerun:
             for bname, bgroup in group.require_group("done").groups():
@@ -385,6 +440,10 @@ def reset_shards(
         for (b, t, view), numbers in todo.items():
             numbers = sorted(numbers)
             damaged = sorted(int(s) for s in (shards or {}).get((b, t, view), ()))
+            marker = group[marker_name(b, t, view)] if marker_name(b, t, view) in group else None
+            if marker is not None and marker_problem(marker):
+                remove_objects(marker, [0])  # every shard unmarked; their data objects are rewritten when redone
+                continue
             if damaged and array_name(b, t, view) in group:  # rerun shards keep their sound data until rewritten
                 remove_objects(group[array_name(b, t, view)], damaged)
             if numbers and marker_name(b, t, view) in group:
@@ -442,6 +501,12 @@ def _check_or_repair_index(
         array = group[f"index/{name}"]
         bad[name] = object_problems(array, range(index_chunk_count(array)))
         stored[name] = _read_chunkwise(array, bad[name], rows[name])
+        changed = index_checksum_problems(array, stored[name], skip=bad[name])
+        per_chunk = chunk_rows(array)
+        for chunk in changed:  # changed in place: compared no more than a lost chunk, rewritten the same way
+            lo, hi = chunk * per_chunk, (chunk + 1) * per_chunk
+            stored[name][lo:hi] = rows[name][lo:hi]
+        bad[name].update(changed)
     same = _path_keys([str(p) for p in stored["path"]]) == _path_keys([str(p) for p in rows["path"]])
     same = same and all(np.array_equal(stored[name], rows[name]) for name in names if name != "path")
     if not same:
@@ -460,3 +525,29 @@ def _check_or_repair_index(
             _writable(array)[lo:hi] = rows[name][lo:hi]
         logger.warning("rewrote index/%s chunks %s of %s from the dataset index (%s)",
                        name, list_numbers(chunks), path, "; ".join(f"{c}: {why}" for c, why in sorted(chunks.items())[:3]))
+    for name in names:  # proven equal to the dataset's: (re)recorded from it (a cache from before checksums gets them)
+        array = group[f"index/{name}"]
+        sums = index_checksums(rows[name], chunk_rows(array))
+        if array.attrs.get(INDEX_CHECKSUMS) != sums:
+            array.attrs.put({INDEX_CHECKSUMS: sums})
+    record_missing_checksums(group, ("valid", "error"))
+
+
+def record_missing_checksums(group: zarr.Group, names: Sequence[str] = INDEX_NAMES) -> list[str]:
+    """Record the chunk checksums of index arrays that have none (a cache from before them), from what they hold now.
+
+    Chunks that are missing or short get the checksum of their fill values (they are rewritten, with
+    new checksums, when their shards run again). Returns the names recorded.
+    """
+    recorded = []
+    for name in names:
+        array = group[f"index/{name}"]
+        if isinstance(array.attrs.get(INDEX_CHECKSUMS), list):
+            continue
+        n = array.shape[0]
+        fill = {"valid": np.ones(n, bool), "label": np.zeros(n, np.int64), "image_id": np.zeros(n, np.int64)}.get(
+            name, np.full(n, "", dtype=object))
+        values = _read_chunkwise(array, object_problems(array, range(index_chunk_count(array))), fill)
+        array.attrs.put({INDEX_CHECKSUMS: index_checksums(values, chunk_rows(array))})
+        recorded.append(name)
+    return recorded

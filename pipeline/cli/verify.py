@@ -16,7 +16,7 @@ from pipeline.cli.options import FolderName, cache_dir_option
                    "command writes exactly those again.")
 def verify(cache_dir: str, dataset: str | None, split: str | None, repair: bool) -> None:
     """Check the feature caches under --cache-dir: every index chunk and every written shard is
-    read back, and shards are compared with the CRC-32 recorded when they were written.
+    read back and compared with the CRC-32 recorded when it was written (shards also for Inf/NaN).
 
     Prints one line per bad shard and a summary; exits with status 1 when anything is bad.
     Readers and extract only check that each file is there with its full size; this also
@@ -29,7 +29,7 @@ def verify(cache_dir: str, dataset: str | None, split: str | None, repair: bool)
     reports = verify_caches(cache_dir, dataset=dataset, split=split, repair=repair)
     bad = 0
     for report in reports:
-        for line in report.bad:
+        for line in report.bad + report.notes:
             click.echo(line)
         bad += len(report.bad)
         unwritten = f", {report.unwritten} not written yet" if report.unwritten else ""
