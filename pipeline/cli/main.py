@@ -4,8 +4,8 @@ Commands live one concept per module (``pipeline.cli.extract``, ``.probe``, ...)
 commands that parse, call one library function, and print; they import nothing from here, and load
 torch only when they run (``--help`` stays fast). Every ``DiffrepError`` raised below becomes one
 line on stderr and exit status 1 (a cache that lacks work ends with the exact extract command,
-``pipeline.advice``); a Ctrl-C that carries a message (``ExtractionInterrupted``)
-becomes that line and exit status 130.
+``pipeline.advice``); a Ctrl-C becomes one line saying what was kept (the message of
+``ExtractionInterrupted`` or ``RunInterrupted`` where a loop says it) and exit status 130.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from pipeline.cli.verify import verify
 
 __all__ = ["main"]
 
+#: A Ctrl-C outside the loops that checkpoint (planning, loading, reports).
+INTERRUPTED_ELSEWHERE = "interrupted (Ctrl-C): what had finished before is kept; the same command starts again"
+
 
 class _Group(click.Group):
     """A click group that turns library errors into one-line messages, and a Ctrl-C that says what to do into
@@ -38,10 +41,8 @@ class _Group(click.Group):
             from pipeline.advice import advised
 
             raise click.ClickException(advised(exc)) from exc
-        except KeyboardInterrupt as exc:
-            if not str(exc):  # a bare Ctrl-C: click's "Aborted!"
-                raise
-            click.echo(f"\n{exc}", err=True)
+        except KeyboardInterrupt as exc:  # the loops that keep work say what they kept; elsewhere, say it plainly
+            click.echo(f"\n{str(exc) or INTERRUPTED_ELSEWHERE}", err=True)
             raise SystemExit(130) from None
 
 

@@ -69,3 +69,15 @@ def test_help_never_loads_torch():
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) >= 12, "every command's help was shown"
+
+
+def test_a_ctrl_c_outside_the_checkpointing_loops_is_one_line_and_exit_130(monkeypatch):
+    """Ctrl-C while a command plans (here: while the block table is built) says what was kept, not 'Aborted!'."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("extract.backbone.block_table.block_table", interrupted)
+    result = CliRunner().invoke(main, ["info", "--config", "32x32_small"])
+    assert result.exit_code == 130
+    lines = result.output.strip().splitlines()
+    assert lines == ["interrupted (Ctrl-C): what had finished before is kept; the same command starts again"]
