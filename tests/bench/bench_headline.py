@@ -21,16 +21,16 @@ from pathlib import Path
 from tests.bench.bench_pipeline import CommandRun, run_diffrep, run_extract
 
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
-_PROBE_LINE = re.compile(r"(\d+) train / (\d+) test images\): top-1 ([\d.]+)%")
+_PROBE_LINE = re.compile(r"(\d+) train / (\d+) test images\): top-1 ([\d.]+)%.* in ([\d.]+) s")
 
 
-def _probe(args: list[str]) -> tuple[CommandRun, int, int, float]:
-    """A timed ``diffrep probe``: the command, its train and test image counts and its top-1 (%)."""
+def _probe(args: list[str]) -> tuple[CommandRun, int, int, float, float]:
+    """A timed ``diffrep probe``: the command, its train and test image counts, its top-1 (%) and training seconds."""
     command = run_diffrep(["probe", *args, "--no-progress"])
     found = _PROBE_LINE.search(command.output)
     if not found:
         raise RuntimeError(f"no result line in the output of diffrep probe:\n{command.output[-3000:]}")
-    return command, int(found.group(1)), int(found.group(2)), float(found.group(3))
+    return command, int(found.group(1)), int(found.group(2)), float(found.group(3)), float(found.group(4))
 
 
 def _rows(config: str) -> dict:
@@ -54,9 +54,9 @@ def bench_headline(train_per_class: int = 100, test_per_class: int = 50, epochs:
         extracts = [run_extract([*model, "--split", split, "--per-class", str(n)], cache)
                     for split, n in (("train", train_per_class), ("test", test_per_class))]
         extract_forwards = sum(e.images for e in extracts)  # one timestep, one view: a forward per image
-        cached, train_n, test_n, cached_top1 = _probe([*model, *head, "--cache-dir", cache,
+        cached, train_n, _, cached_top1, cached_train_seconds = _probe([*model, *head, "--cache-dir", cache,
                                                        "--checkpoint-dir", str(work / "ck-cached")])
-        live, live_train_n, live_test_n, live_top1 = _probe([
+        live, live_train_n, _, live_top1, live_train_seconds = _probe([
             *model, *head, "--live", "--per-class", str(train_per_class), "--test-per-class", str(test_per_class),
             "--checkpoint-dir", str(work / "ck-live")])
     finally:
@@ -65,7 +65,6 @@ def bench_headline(train_per_class: int = 100, test_per_class: int = 50, epochs:
     extract_wall = sum(e.command.wall for e in extracts)
     extract_cpu = sum(e.command.cpu for e in extracts)
     cached_wall, cached_cpu = extract_wall + cached.wall, extract_cpu + cached.cpu
-    live_forwards = epochs * live_train_n + live_test_n
     lines = [
         f"headline: official protocol vs extract + cached probe, CIFAR-10 {train_per_class} train / {test_per_class} "
         f"test images a class, {config} (bundled weights), b={block} t={timestep}, linear head, SGD, {epochs} epochs",
@@ -81,30 +80,34 @@ def bench_headline(train_per_class: int = 100, test_per_class: int = 50, epochs:
         f"(each command's ~start of Python and torch included)",
     ]
 
-    # ImageNet, 256x256_uncond at b=imagenet_block: measured seconds per FLOP on this machine, scaled by the block table.
+    # ImageNet, 256x256_uncond at b=imagenet_block: this machine's seconds per FLOP, scaled by the block table. The
+    # rates come from the runs' own seconds (extraction's summary, each probe's training time): at ImageNet scale
+    # the start of a command or a cluster is negligible.
     small, large = _rows(config), _rows(big)
     flops_small, flops_big, flops_full = small[block].flops_cum, large[imagenet_block].flops_cum, large[0].flops_cum
-    per_flop_extract = extract_wall / (extract_forwards * flops_small)
-    per_flop_live = live.wall / (live_forwards * flops_small)
-    head_per_row_epoch = cached.wall / (epochs * train_n)  # an upper bound: the command's start is in it
-    width = (large[imagenet_block].channels / small[block].channels)  # linear head input, same pooled side
+    per_flop_extract = sum(e.seconds for e in extracts) / (extract_forwards * flops_small)
+    per_flop_live = live_train_seconds / (epochs * live_train_n * flops_small)
+    head_per_row_epoch = cached_train_seconds / (epochs * train_n)
+    width = large[imagenet_block].channels / small[block].channels  # linear head input, same pooled side
     images = IMAGENET_TRAIN + IMAGENET_VAL
     live_images = epochs * IMAGENET_TRAIN + IMAGENET_VAL
     imagenet_cached = images * flops_big * per_flop_extract + epochs * IMAGENET_TRAIN * head_per_row_epoch * width
     imagenet_live = live_images * flops_big * per_flop_live
     imagenet_official = live_images * flops_full * per_flop_live
-    flop_level = live_images * flops_full / (images * flops_big)
+    flop_level = epochs * flops_full / flops_big  # the training forwards alone, as the paper's figure
     hours = 3600.0
     lines += [
         f"  ImageNet ({IMAGENET_TRAIN:,} train / {IMAGENET_VAL:,} val), {big} b={imagenet_block}, one {epochs}-epoch "
         f"linear probe, from this machine's seconds per FLOP ({per_flop_extract * 1e12:.2f} s/TFLOP extracting, "
-        f"{per_flop_live * 1e12:.2f} s/TFLOP live) and the block table ({flops_big / 1e12:.3f} TFLOP to b={imagenet_block}, "
+        f"{per_flop_live * 1e12:.2f} s/TFLOP live, runs' own seconds), the cached head's "
+        f"{head_per_row_epoch * 1e6:.0f} us per row and epoch x {width:.0f} (wider features) and the block table ({flops_big / 1e12:.3f} TFLOP to b={imagenet_block}, "
         f"{flops_full / 1e12:.3f} TFLOP full forward):",
         f"    extract + cached probe          {imagenet_cached / hours:10.0f} h",
         f"    live, truncated at b={imagenet_block:<2}         {imagenet_live / hours:10.0f} h   "
         f"({imagenet_live / imagenet_cached:.0f}x)",
         f"    official (full forward a step)  {imagenet_official / hours:10.0f} h   "
-        f"({imagenet_official / imagenet_cached:.0f}x; FLOP level {flop_level:.0f}x)",
+        f"({imagenet_official / imagenet_cached:.0f}x; FLOP level {flop_level:.0f}x: {epochs} full forwards "
+        f"against one to b={imagenet_block} per training image)",
     ]
     return lines
 
