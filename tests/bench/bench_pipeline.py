@@ -1,27 +1,38 @@
-"""Pipeline benchmark: end-to-end extraction images/s on ImageNet-size JPEGs against the pure truncated forward, one run.
+"""Pipeline benchmark: ``diffrep extract`` as users run it (the default local Dask cluster, and ``--synchronous`` beside it) against the pure forward.
 
-The bench makes its own JPEGs (CIFAR-10 test images upscaled to 500x375 and re-encoded at
-quality 90, the size of a typical ImageNet photo), then extracts them into a real cache
-through ``plan_extraction`` / ``run_extraction`` in-process (decode, resize, noise, forward,
-pool, write), and times the same truncated forward (same batch, blocks, timesteps, precision)
-on tensors already on the device. The goal is the pipeline at >= 85% of the forward. It also
-times decoding per image on one thread and on all threads, and the seeded noise per image,
-so that one can say how many CPU threads a GPU needs. CPU: ``32x32_small`` (bundled weights);
-with CUDA also ``256x256_uncond`` in bf16 at batch 64.
+Each run is the real command in a subprocess, timed from outside: wall seconds, the run's own
+images/s (its summary line, without the cluster's start), user and sys CPU seconds and minor page
+faults of the command and every process it started (``os.wait4``, which sums the reaped worker
+processes). Two image sets: the shared CIFAR-10 test JPEGs (32 px) and the bench's own JPEGs
+(CIFAR-10 upscaled to 500x375 and re-encoded at quality 90, the size of a typical ImageNet photo).
+The variants alternate round by round and the medians are printed, since on a shared machine
+the load moves; CPU seconds and page faults move far less than wall time. With ``before=True``
+a third variant runs the default path with ``MALLOC_TRIM_THRESHOLD_=65536`` in the environment,
+as distributed's nanny gave its workers before issue 23 (so one command shows before and after).
+The section also times the pure truncated forward on tensors already on the device (the goal:
+the default path at >= 0.9 of ``--synchronous``, and both near the forward), and decoding and
+seeded noise per image (how many CPU threads a GPU needs). CPU: ``32x32_small``; with CUDA also
+``256x256_uncond`` in bf16 at batch 64 on the 500x375 JPEGs.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 JPEG_SIZE = (500, 375)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cifar_root() -> Path:
@@ -140,91 +151,169 @@ def _pure_forward(config: str, checkpoint: str | None, blocks, timesteps, batch:
     return batch * batches / seconds
 
 
-def _pipeline(root: Path, cache_dir: str, config: str, checkpoint: str | None, blocks, timesteps, batch: int,
-              shard: int, images: int, precision: str, device: str, threads: int, decode_threads: int) -> float:
-    """images/s of a real in-process extraction of ``images`` JPEGs (a one-shard warm-up run first)."""
-    from pipeline.cluster import open_runner
-    from pipeline.extraction import ExtractionRequest, plan_extraction
-    from pipeline.extraction_run import run_extraction
+@dataclass(frozen=True)
+class CommandRun:
+    """One diffrep command timed from outside: wall seconds, CPU seconds and minor page faults of it and its reaped children."""
 
-    def run(limit: int, where: str) -> float:
-        request = ExtractionRequest(
-            dataset="cifar10", split="test", timesteps=tuple(timesteps), blocks=tuple(blocks), cache_dir=where,
-            pool=16, config_name=config, checkpoint=checkpoint, limit=limit, data_root=str(root), shard_size=shard,
-            batch_size=batch, device=device, precision=precision, num_threads=threads, decode_threads=decode_threads,
-        )
-        plan = plan_extraction(request)
-        with open_runner(synchronous=True) as runner:
-            summary = run_extraction(plan, runner, progress=False)
-        assert not summary.failed, summary.describe()
-        return summary.images / summary.seconds
+    wall: float
+    user: float
+    sys: float
+    faults: int
+    output: str
 
-    run(batch, os.path.join(cache_dir, "warm-up"))
-    return run(images, os.path.join(cache_dir, "timed"))
+    @property
+    def cpu(self) -> float:
+        return self.user + self.sys
 
 
-def bench_pipeline_section(images: int = 768, threads: int = 2, rounds: int = 2, settings: list | None = None) -> list[str]:
-    """Every pipeline figure as lines to print: CPU with 32x32_small; with CUDA, also 256x256_uncond bf16 batch 64.
+def run_diffrep(args: list[str], env: dict[str, str] | None = None) -> CommandRun:
+    """Run ``diffrep ARGS`` from this checkout in a subprocess; raises with its output when it fails."""
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)  # a Dask cluster started by this process may have left it
+    environ.update(env or {})
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", "from pipeline.cli.main import main; main()", *args],
+                                 stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=REPO)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read()
+    if child.returncode != 0:
+        raise RuntimeError(f"diffrep {' '.join(args)} exited {child.returncode}:\n{output[-3000:]}")
+    return CommandRun(wall, usage.ru_utime, usage.ru_stime, usage.ru_minflt, output)
 
-    ``settings``: (device, config, checkpoint, blocks, batch, shard size, images, precision, torch
-    threads, decode threads) per measurement, instead of those two (a test runs a small dry run).
+
+_RATE = re.compile(r"wrote \d+ shards \((\d+) images, (\d+) forwards\) in ([\d.]+) s")
+
+# name, extra arguments, extra environment
+VARIANTS = {
+    "default": ([], {}),
+    "default, before issue 23": ([], {"MALLOC_TRIM_THRESHOLD_": "65536"}),
+    "--synchronous": (["--synchronous"], {}),
+}
+
+
+@dataclass(frozen=True)
+class ExtractRun:
+    """A timed ``diffrep extract``: the command (wall, CPU, faults) and its own images and seconds."""
+
+    command: CommandRun
+    images: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+
+def run_extract(args: list[str], cache_dir: str, env: dict[str, str] | None = None) -> ExtractRun:
+    """``diffrep extract ARGS --cache-dir CACHE_DIR --no-progress``, with the images and seconds its summary reports."""
+    command = run_diffrep(["extract", *args, "--cache-dir", cache_dir, "--no-progress"], env)
+    found = _RATE.findall(command.output)
+    if not found:
+        raise RuntimeError(f"no summary line in the output of diffrep extract:\n{command.output[-3000:]}")
+    return ExtractRun(command, sum(int(i) for i, _, _ in found), sum(float(s) for _, _, s in found))
+
+
+def _compare(label: str, args: list[str], variants: list[str], rounds: int) -> list[str]:
+    """Run each variant ``rounds`` times, alternated, each into a fresh cache; lines of medians."""
+    runs: dict[str, list[ExtractRun]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            extra, env = VARIANTS[variant]
+            cache_dir = tempfile.mkdtemp(prefix="diffrep-bench-cache-")
+            try:
+                runs[variant].append(run_extract(args + extra, cache_dir, env))
+            finally:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+    lines = [f"  {label}: diffrep extract {' '.join(args)}",
+             f"    {'path':<27} {'images/s':>9} {'wall s':>7} {'user s':>7} {'sys s':>6} {'CPU ms/img':>10} "
+             f"{'faults/img':>10}   (median of {rounds}, alternated; images/s all runs)"]
+    median = statistics.median
+    for variant, done in runs.items():
+        images = done[0].images
+        lines.append(
+            f"    {variant:<27} {median(r.rate for r in done):9.1f} {median(r.command.wall for r in done):7.1f} "
+            f"{median(r.command.user for r in done):7.1f} {median(r.command.sys for r in done):6.1f} "
+            f"{median(r.command.cpu for r in done) / images * 1e3:10.1f} "
+            f"{median(r.command.faults for r in done) / images:10.0f}   ({', '.join(f'{r.rate:.1f}' for r in done)})")
+    if "default" in runs and "--synchronous" in runs:
+        default, synchronous = (median(r.rate for r in runs[v]) for v in ("default", "--synchronous"))
+        walls = [median(r.command.wall - r.seconds for r in runs[v]) for v in ("default", "--synchronous")]
+        lines.append(f"    default / --synchronous = {default / synchronous:.2f} images/s (goal >= 0.90); "
+                     f"start and close outside the run: {walls[0]:.1f} s default, {walls[1]:.1f} s --synchronous")
+    return lines
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one comparison extracts: backbone, blocks, timesteps, batch, shards, device and precision."""
+
+    config: str = "32x32_small"
+    blocks: tuple[int, ...] = (8, 10, 12)
+    timesteps: tuple[int, ...] = (25, 100)
+    batch: int = 64
+    shard: int = 256
+    device: str = "cpu"
+    precision: str = "fp32"
+    threads: int = 2
+
+    def args(self) -> list[str]:
+        return ["--config", self.config, "-b", ",".join(map(str, self.blocks)), "-t", ",".join(map(str, self.timesteps)),
+                "--batch-size", str(self.batch), "--shard-size", str(self.shard), "--device", self.device,
+                "--precision", self.precision, "--threads", str(self.threads)]
+
+
+def bench_pipeline_section(per_class: int = 100, jpegs: int = 500, threads: int = 2, rounds: int = 2,
+                           before: bool = False, workloads: list[Workload] | None = None) -> list[str]:
+    """Every pipeline figure as lines to print.
+
+    Args:
+        per_class: shared CIFAR-10 test JPEGs per class (the issue-23 case: 200, here 100 by default).
+        jpegs: how many 500x375 JPEGs to make and extract.
+        threads: torch threads of the CPU runs; rounds: alternated runs per variant.
+        before: also run the default path with the environment distributed's nanny gave before issue 23.
+        workloads: instead of ``32x32_small`` on the CPU (and ``256x256_uncond`` bf16 with CUDA).
     """
-    from extract.backbone.configs import bundled_checkpoint
-
     cuda = torch.cuda.is_available()
     cpus = os.cpu_count() or 1
     lines = []
     root = Path(tempfile.mkdtemp(prefix="diffrep-bench-jpeg-"))
+    variants = ["default"] + (["default, before issue 23"] if before else []) + ["--synchronous"]
     try:
-        count = max(images, 4096) if cuda else images
+        count = max(jpegs, 4096) if cuda else jpegs
         made = time.perf_counter()
         paths = make_jpegs(root, count)
         made = time.perf_counter() - made
         sample = paths[: min(len(paths), 96)]
-        lines.append(f"pipeline: {count} JPEGs of {JPEG_SIZE[0]}x{JPEG_SIZE[1]} (CIFAR-10 upscaled, quality 90) made in {made:.1f} s; "
-                     f"{cpus} CPUs{', CUDA ' + torch.cuda.get_device_name() if cuda else ', no GPU'}")
+        lines.append(f"pipeline: {cpus} CPUs{', CUDA ' + torch.cuda.get_device_name() if cuda else ', no GPU'}; "
+                     f"{count} JPEGs of {JPEG_SIZE[0]}x{JPEG_SIZE[1]} (CIFAR-10 upscaled, quality 90) made in {made:.1f} s")
         for size in (32, 256):
             one, many = _decode_rates(sample, size, cpus)
             lines.append(f"  decode+resize to {size}: {one:.2f} ms/image on 1 thread, {many:.2f} ms/image wall on {cpus} threads "
                          f"({one / many:.1f}x); 1,000 images/s needs ~{one:.0f} threads at the 1-thread rate")
         for size in (32, 256):
             lines.append(f"  seeded noise {size}x{size}: {_noise_ms(size):.2f} ms per image and timestep (one thread)")
-
-        default = settings is None
-        if default:
-            settings = [("cpu", "32x32_small", bundled_checkpoint("32x32_small"), (10, 12, 14), 64, 128, images, "fp32",
-                         threads, max(1, cpus - threads) if cpus > threads else 1)]
+        if workloads is None:
+            workloads = [Workload(threads=threads)]
             if cuda:
-                settings.append(("cuda", "256x256_uncond", None, (19, 24, 30), 64, 256, count, "bf16", threads,
-                                 max(1, min(32, cpus - 1))))
-        timesteps = (90, 150, 300)
-        for device, config, checkpoint, blocks, batch, shard, n, precision, torch_threads, decode_threads in settings:
-            # alternated and best of `rounds`: on a shared machine the load moves, and it moves both alike
-            forward = (config, checkpoint, blocks, timesteps, batch, max(2, n // batch // 2), precision,
-                       torch.device(device), torch_threads)
-            pure_runs, pipeline_runs = [], []
-            for _ in range(rounds):
-                pure_runs.append(_pure_forward(*forward))
-                cache_dir = tempfile.mkdtemp(prefix="diffrep-bench-cache-")
-                try:
-                    pipeline_runs.append(_pipeline(root, cache_dir, config, checkpoint, blocks, timesteps, batch, shard,
-                                                   n, precision, device, torch_threads, decode_threads))
-                finally:
-                    shutil.rmtree(cache_dir, ignore_errors=True)
-            pure, end_to_end = max(pure_runs), max(pipeline_runs)
-            weights = "bundled weights" if checkpoint else "random weights"
-            lines += [
-                f"  {device}: {config} ({weights}), {precision}, batch {batch}, shards of {shard}, blocks "
-                f"{','.join(map(str, blocks))}, t={','.join(map(str, timesteps))}, {torch_threads} torch threads, "
-                f"{decode_threads} decode threads, {n} images:",
-                f"    end to end (decode, noise, forward, pool, write to a cache) {end_to_end:8.1f} images/s",
-                f"    pure truncated forward on device tensors                  {pure:8.1f} images/s",
-                f"    (best of {rounds} alternated runs each: pipeline {', '.join(f'{r:.1f}' for r in pipeline_runs)}; "
-                f"forward {', '.join(f'{r:.1f}' for r in pure_runs)})",
-                f"    pipeline / forward = {end_to_end / pure:.2f} (goal >= 0.85)",
-            ]
-        if default and not cuda:
-            lines.append("  cuda: no GPU on this machine; the 256x256_uncond bf16 batch-64 figures need one")
+                workloads.append(Workload("256x256_uncond", (19, 24, 30), (90, 150, 300), 64, 256, "cuda", "bf16", threads))
+        for work in workloads:
+            sets = [] if work.device != "cpu" else [
+                ("shared CIFAR-10 test JPEGs, 32x32", ["--dataset", "cifar10", "--split", "test", "--per-class", str(per_class)])]
+            sets.append((f"bench JPEGs, {JPEG_SIZE[0]}x{JPEG_SIZE[1]}",
+                         ["--dataset", "cifar10", "--split", "test", "--data-root", str(root), "--limit", str(count)]))
+            lines.append(f"  {work.device}: {work.config} (random weights), {work.precision}, batch {work.batch}, "
+                         f"{work.threads} torch threads, blocks {','.join(map(str, work.blocks))}, "
+                         f"t={','.join(map(str, work.timesteps))}")
+            for label, data in sets:
+                lines += _compare(label, data + work.args(), variants, rounds)
+            forward = max(_pure_forward(work.config, None, work.blocks, work.timesteps, work.batch, 8, work.precision,
+                                        torch.device(work.device), work.threads) for _ in range(rounds))
+            lines.append(f"    pure truncated forward on device tensors, same model and batch: {forward:.1f} images/s "
+                         f"(best of {rounds})")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return lines

@@ -1,12 +1,16 @@
 """``make bench``: performance figures as ratios measured in one run (never asserted in tests).
 
 Sections: backbone (full vs truncated forwards of 256x256_uncond), extract (cache and
-extraction throughput), pipeline (end-to-end extraction of ImageNet-size JPEGs vs the pure
-truncated forward, decode and noise costs per image; the GPU part only with CUDA), probe (seconds per epoch on the
-cache vs live backbone vs in memory), fusion (DifFeed training images/s, truncated passes vs both in full),
-gpu (bf16 images/s of the real 256x256 model and its share of the GPU's peak; skipped without CUDA).
-Run one with ``python -m tests.bench backbone``. Not in the default run (accuracy, not speed, and
-several minutes): protocols (each linear-probe protocol's top-1 and seconds on one cache).
+extraction throughput), pipeline (``diffrep extract`` through the default local cluster and
+``--synchronous``, on the shared 32-px CIFAR-10 JPEGs and on 500x375 JPEGs: images/s, wall, user
+and sys CPU; ``--before`` adds the default path as it ran before issue 23; the GPU part only with
+CUDA), headline (the official protocol, ``probe --live``, against extract + cached probe on the
+same images, head and epochs, and the ratio extrapolated to ImageNet), probe (seconds per epoch
+on the cache vs live backbone vs in memory), fusion (DifFeed training images/s, truncated passes
+vs both in full), gpu (bf16 images/s of the real 256x256 model and its share of the GPU's peak;
+skipped without CUDA). Run one with ``python -m tests.bench pipeline``. Not in the default run
+(accuracy, not speed, and several minutes): protocols (each linear-probe protocol's top-1 and
+seconds on one cache).
 """
 
 from __future__ import annotations
@@ -130,8 +134,11 @@ def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", default=["backbone", "extract", "pipeline", "probe", "fusion", "gpu"])
+    parser.add_argument("sections", nargs="*",
+                        default=["backbone", "extract", "pipeline", "headline", "probe", "fusion", "gpu"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--before", action="store_true",
+                        help="pipeline: also run the default path with the malloc setting it had before issue 23")
     args = parser.parse_args(argv)
     for section in args.sections:
         if section == "backbone":
@@ -143,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         elif section == "pipeline":
             from tests.bench.bench_pipeline import bench_pipeline_section
 
-            lines = bench_pipeline_section(rounds=max(args.repeats, 2))
+            lines = bench_pipeline_section(rounds=max(args.repeats, 2), before=args.before)
+        elif section == "headline":
+            from tests.bench.bench_headline import bench_headline
+
+            lines = bench_headline()
         elif section == "gpu":
             lines = bench_gpu()
         elif section == "probe":
@@ -159,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
             lines = bench_protocols()
         else:
-            parser.error(f"unknown section {section!r}: choose backbone, extract, pipeline, probe, fusion, gpu or protocols")
+            parser.error(f"unknown section {section!r}: choose backbone, extract, pipeline, headline, probe, "
+                         "fusion, gpu or protocols")
         sys.stdout.write("\n".join(lines) + "\n\n")
         sys.stdout.flush()
     return 0

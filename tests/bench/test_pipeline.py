@@ -2,7 +2,7 @@
 
 import re
 
-from tests.bench.bench_pipeline import JPEG_SIZE, bench_pipeline_section, make_jpegs
+from tests.bench.bench_pipeline import JPEG_SIZE, Workload, bench_pipeline_section, make_jpegs
 
 
 def test_bench_jpegs_are_imagenet_sized_and_class_balanced(tmp_path, cifar10_root):
@@ -17,12 +17,16 @@ def test_bench_jpegs_are_imagenet_sized_and_class_balanced(tmp_path, cifar10_roo
 
 
 def test_pipeline_section_dry_run(cifar10_root):
-    small = ("cpu", "32x32_small", None, (4,), 8, 8, 20, "fp32", 1, 2)
-    gpu_like = ("cpu", "32x32_small", None, (4, 9), 8, 16, 20, "bf16", 1, 1)  # the GPU setting's shape: bf16, 2 shards
-    lines = bench_pipeline_section(images=20, rounds=1, settings=[small, gpu_like])
-    ratios = [float(m.group(1)) for line in lines if (m := re.search(r"pipeline / forward = ([\d.]+)", line))]
-    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    """Both image sets through the default path, the path before issue 23 and --synchronous, with CPU and page faults."""
+    small = Workload(blocks=(4,), timesteps=(25,), batch=8, shard=8, threads=1)
+    lines = bench_pipeline_section(per_class=2, jpegs=20, rounds=1, before=True, workloads=[small])
+    ratios = [float(m.group(1)) for line in lines if (m := re.search(r"default / --synchronous = ([\d.]+)", line))]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios), lines
+    rows = [line.split() for line in lines if line.strip().startswith(("default", "--synchronous"))
+            and "images/s" not in line]
+    assert len(rows) == 6, lines  # 3 paths x 2 image sets
     assert any("decode+resize to 256" in line for line in lines)
+    assert any("pure truncated forward" in line for line in lines)
 
 
 def test_device_kit_sample_feeds_the_bench_without_shared(tmp_path, cifar10_root, monkeypatch):
