@@ -2,7 +2,7 @@
 
 from extract.errors import DiffrepError
 
-__all__ = ["DatasetError", "ResultsError"]
+__all__ = ["DatasetError", "ResultsError", "SearchError"]
 
 
 class DatasetError(DiffrepError, FileNotFoundError):
@@ -11,3 +11,7 @@ class DatasetError(DiffrepError, FileNotFoundError):
 
 class ResultsError(DiffrepError, ValueError):
     """A results table that cannot be read or written as asked."""
+
+
+class SearchError(DiffrepError, ValueError):
+    """Search settings that leave nothing to search (stage sizes, keep share, growth)."""

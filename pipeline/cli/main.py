@@ -20,6 +20,7 @@ from pipeline.cli.feedback import feedback
 from pipeline.cli.fuse import fuse
 from pipeline.cli.info import info
 from pipeline.cli.pretrain import pretrain
+from pipeline.cli.search import search
 from pipeline.cli.probe import cka, knn, probe, report, sweep
 from pipeline.cli.verify import verify
 
@@ -63,3 +64,4 @@ def main(verbose: int) -> None:
 # Each command lives in its own module as a plain click command; this is the one place that adds them.
 for _command in (info, extract, probe, knn, cka, sweep, report, demo, pretrain, fuse, feedback, verify):
     main.add_command(_command)
+main.add_command(search)
