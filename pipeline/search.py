@@ -37,6 +37,7 @@ from probe.crossval import SCORERS, cross_validate
 
 from pipeline.errors import SearchError
 from pipeline.evaluate import CacheSelection, ProbeRequest, run_probe
+from pipeline.extraction import ExtractionRequest
 from pipeline.extraction_run import fill_caches
 from pipeline.report import format_table, markdown_table, plot_search_heatmap
 from pipeline.results import record_rows, results_table
@@ -99,8 +100,8 @@ class SearchResult:
 class _Search:
     """The state of one run: scores per (cell, stage), rows extracted per timestep, the stages so far."""
 
-    def __init__(self, plan: SearchPlan, echo: Callable[[str], None]):
-        self.plan, self.request, self.echo = plan, plan.request, echo
+    def __init__(self, plan: SearchPlan, echo: Callable[[str], None], fill: Callable[[list[ExtractionRequest]], int]):
+        self.plan, self.request, self.echo, self.fill = plan, plan.request, echo, fill
         self.scores: dict[Key, dict[int, dict]] = {}
         self.extracted: dict[Key, int] = {}  # rows of each cell asked for so far
         self.stages: list[StageRecord] = []
@@ -147,11 +148,10 @@ class _Search:
         requests = [self.request.extraction(self.request.split, sorted(ts), blocks, rows, self.plan.shard_size,
                                             self.request.per_class, self.request.limit)
                     for blocks, ts in sorted(groups.items())]
-        run = fill_caches(requests, scheduler=self.request.scheduler, synchronous=self.request.synchronous,
-                          workers=self.request.workers, progress=False, echo=log.info)
+        ran = self.fill(requests)
         for key in cells:
             self.extracted[key] = max(rows, self.extracted.get(key, 0))
-        return forwards, size, sum(summary.forwards for summary in run.summaries)
+        return forwards, size, ran
 
     def _row(self, number: int, key: Key, rows: int, score) -> dict:
         spec = self.plan.spec
@@ -176,13 +176,15 @@ class _Search:
         return sorted(out, key=lambda r: (-r["stage"], -r["top1"], r["timestep"], r["block"]))
 
 
-def run_search(request: SearchRequest, echo: Callable[[str], None] = log.info,
-               plan: SearchPlan | None = None) -> SearchResult:
+def run_search(request: SearchRequest, echo: Callable[[str], None] = log.info, plan: SearchPlan | None = None,
+               fill: Callable[[list[ExtractionRequest]], int] | None = None) -> SearchResult:
     """Run the staged search; returns the ranked cells, what each stage cost, and the files written.
 
     Args:
         request: what to search. echo: receives the plan and a line per stage.
         plan: from ``plan_search(request)`` when the caller printed it already.
+        fill: extracts a stage's requests and returns the forwards that ran (default: ``fill_caches``
+            with the request's scheduler; a caller that writes the cache itself, such as a test, passes its own).
 
     Raises:
         SearchError: settings that leave no search; the extraction's and the probes' errors.
@@ -192,7 +194,12 @@ def run_search(request: SearchRequest, echo: Callable[[str], None] = log.info,
     if plan is None:
         plan = plan_search(request)
         echo(plan.describe())
-    search = _Search(plan, echo)
+    if fill is None:
+        def fill(requests: list[ExtractionRequest]) -> int:
+            run = fill_caches(requests, scheduler=request.scheduler, synchronous=request.synchronous,
+                              workers=request.workers, progress=False, echo=log.info)
+            return sum(summary.forwards for summary in run.summaries)
+    search = _Search(plan, echo, fill)
     rows = [stage.rows for stage in plan.stages if stage.name.isdigit()]
     candidates = tuple(sorted(set(request.timesteps)))
     search.stage("1", 1, rows[0], [(b, t) for b in request.blocks for t in plan.coarse])
@@ -214,12 +221,13 @@ def run_search(request: SearchRequest, echo: Callable[[str], None] = log.info,
         cells = [(r["block"], r["timestep"]) for r in search.ranked() if r["stage"] == number]
     result = SearchResult(plan=plan, ranked=search.ranked(), stages=search.stages, rows=search.rows)
     if request.final:
-        _final(result, search, echo)
+        _final(result, search, echo, fill)
     result.written = _write(result)
     return result
 
 
-def _final(result: SearchResult, search: _Search, echo: Callable[[str], None]) -> None:
+def _final(result: SearchResult, search: _Search, echo: Callable[[str], None],
+           fill: Callable[[list[ExtractionRequest]], int]) -> None:
     """The winners on the whole subset and the test split, scored by the converged linear probe; re-ranks them."""
     request, plan = result.plan.request, result.plan
     winners = result.winners
@@ -233,8 +241,7 @@ def _final(result: SearchResult, search: _Search, echo: Callable[[str], None]) -
                 for split, per_class, limit in ((request.split, request.per_class, request.limit),
                                                 (request.test_split, request.test_per_class, None))
                 for t in sorted({t for _, t in winners})]
-    fill_caches(requests, scheduler=request.scheduler, synchronous=request.synchronous, workers=request.workers,
-                progress=False, echo=log.info)
+    fill(requests)
     selection = CacheSelection(dataset=request.dataset, cache_dir=request.cache_dir, config_name=request.config_name,
                                backbone_id=plan.spec.backbone_id, train_split=request.split,
                                test_split=request.test_split, results_path=request.results_path)

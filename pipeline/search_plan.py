@@ -22,7 +22,7 @@ from pipeline.errors import SearchError
 from pipeline.extraction import ExtractionRequest, format_bytes, plan_extraction
 
 __all__ = [
-    "SearchRequest", "SearchStage", "SearchPlan", "plan_search", "stage_rows", "coarse_timesteps", "refine_timesteps",
+    "SearchRequest", "SearchStage", "SearchPlan", "plan_search", "build_plan", "stage_rows", "coarse_timesteps", "refine_timesteps",
     "kept_count",
 ]
 
@@ -247,7 +247,7 @@ def plan_search(request: SearchRequest, dry_run: bool = False) -> SearchPlan:
         raise SearchError(f"--keep {request.keep:g} must lie between 0 and 1, e.g. --keep 0.33")
     if request.final_cells < 1 or request.start_per_class < 1 or request.coarse_stride < 1:
         raise SearchError("--final-cells, --start-per-class and --coarse-stride must be at least 1")
-    coarse = coarse_timesteps(request.timesteps, request.coarse_stride)
+    coarse = coarse_timesteps(request.timesteps, request.coarse_stride)  # the cells' shapes do not depend on t
     index = build_index(request.dataset, request.split, root=request.data_root, per_class=request.per_class,
                         limit=request.limit, unpack=not dry_run)
     num_classes, num_images = index.num_classes, index.num_images
@@ -257,19 +257,33 @@ def plan_search(request: SearchRequest, dry_run: bool = False) -> SearchPlan:
     if request.start_per_class * num_classes < 2 * request.folds:
         raise SearchError(f"stage 1 holds {request.start_per_class * num_classes} images, too few for {request.folds} "
                           f"folds: pass a larger --start-per-class or fewer --folds")
-    cell_bytes = {b: 2 * c * h * w for (b, _), (c, h, w) in probe.shapes.items()}
-    plan = SearchPlan(request=request, spec=probe.spec, path=probe.path, num_classes=num_classes,
-                      shard_size=shard_size, cell_bytes=cell_bytes, coarse=coarse)
+    test_images = build_index(request.dataset, request.test_split, root=request.data_root,
+                              per_class=request.test_per_class, unpack=False).num_images
+    return build_plan(request, probe.spec, probe.path, num_classes,
+                      {b: 2 * c * h * w for (b, _), (c, h, w) in probe.shapes.items()}, test_images)
+
+
+def build_plan(request: SearchRequest, spec: CacheSpec, path: str, num_classes: int, cell_bytes: dict[int, int],
+               test_images: int = 0) -> SearchPlan:
+    """The stages of a search on the cache ``path`` written with ``spec`` (``plan_search`` finds these).
+
+    Args:
+        num_classes: classes among the cache's rows. cell_bytes: ``{b: bytes of one stored row}``.
+        test_images: images of the test split ``final`` would extract.
+    """
+    coarse = coarse_timesteps(request.timesteps, request.coarse_stride)
+    num_images, shard_size = spec.num_images, spec.shard_size
+    plan = SearchPlan(request=request, spec=spec, path=path, num_classes=num_classes, shard_size=shard_size,
+                      cell_bytes=dict(cell_bytes), coarse=coarse, test_images=test_images)
     rows = stage_rows(request.start_per_class * num_classes, request.growth, shard_size, num_images)
     widest = sorted(cell_bytes.values(), reverse=True)
-    block_bytes = sum(widest)
     cells = len(request.blocks) * len(coarse)
-    plan.stages.append(SearchStage("1", rows[0], cells, len(coarse), rows[0] * len(coarse), rows[0] * len(coarse) * block_bytes,
-                                   exact=True))
+    plan.stages.append(SearchStage("1", rows[0], cells, len(coarse), rows[0] * len(coarse),
+                                   rows[0] * len(coarse) * sum(widest), exact=True))
     refine = _refine_bound(request.timesteps, coarse)
     if refine:
         plan.stages.append(SearchStage("1 refine", rows[0], len(request.blocks) * refine, refine, rows[0] * refine,
-                                       rows[0] * refine * block_bytes, exact=False))
+                                       rows[0] * refine * sum(widest), exact=False))
         cells += len(request.blocks) * refine
     for previous, current in zip(rows, rows[1:]):
         cells = kept_count(cells, request.keep, request.final_cells)
@@ -280,11 +294,8 @@ def plan_search(request: SearchRequest, dry_run: bool = False) -> SearchPlan:
         cell_cost = sum(widest[i % len(widest)] for i in range(cells))  # the widest blocks, as many as cells
         plan.stages.append(SearchStage(str(len([s for s in plan.stages if s.name.isdigit()]) + 1), current, cells,
                                        timesteps, new * timesteps, new * cell_cost, exact=False))
-    plan.test_images = build_index(request.dataset, request.test_split, root=request.data_root,
-                                   per_class=request.test_per_class, unpack=False).num_images
     winners = min(request.final_cells, cells)
-    timesteps = min(winners, len(request.timesteps))
-    outside = num_images - plan.stages[-1].rows + plan.test_images
-    plan.final_forwards = outside * timesteps
+    outside = num_images - plan.stages[-1].rows + test_images
+    plan.final_forwards = outside * min(winners, len(request.timesteps))
     plan.final_bytes = outside * sum(widest[i % len(widest)] for i in range(winners))
     return plan
