@@ -117,7 +117,7 @@ class _Search:
         valid = np.asarray(cache.valid[:rows])
         labels = torch.from_numpy(np.asarray(cache.labels[:rows])[valid])
         for key in sorted(cells):
-            x = _read_rows(cache, key, rows)[valid]
+            x = _read_rows(cache, key, rows)[torch.from_numpy(valid)]
             score = cross_validate(x, labels, self.plan.num_classes, self.request.scorer, folds=self.request.folds,
                                    seed=self.request.seed, k=self.request.k, l2_grid=self.request.l2,
                                    device=self.device)

@@ -173,8 +173,9 @@ class SearchPlan:
             lines.append(f"  {stage.name:<12} {stage.rows:>7} {stage.rows / self.num_classes:>8.1f} {bound + str(stage.cells):>6} "
                          f"{bound + str(stage.timesteps):>10} {bound + str(stage.forwards):>9} "
                          f"{bound + format_bytes(stage.bytes):>10}")
-        share = self.forwards / self.grid_forwards if self.grid_forwards else 0.0
-        lines.append(f"  search: at most {self.forwards} forwards ({100 * share:.1f}% of the grid's), "
+        with_test = self.grid_forwards + self.test_images * len(request.timesteps)
+        lines.append(f"  search: at most {self.forwards} forwards ({100 * self.forwards / self.grid_forwards:.1f}% of "
+                     f"the grid's on {request.split}, {100 * self.forwards / with_test:.1f}% with {request.test_split}), "
                      f"{format_bytes(self.bytes)}")
         lines.append(f"  full grid on {request.split}: {self.num_images} images x {len(request.timesteps)} timesteps = "
                      f"{self.grid_forwards} forwards, {format_bytes(self.grid_bytes)}"

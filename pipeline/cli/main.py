@@ -54,6 +54,7 @@ def main(verbose: int) -> None:
       extract  run the backbone once per (image, t) and cache block features (Zarr)
       probe    train linear / MLP / CNN / attention heads on cached features
       knn, cka, sweep, report   evaluate and compare cached features
+      search   find the best (block, timestep) by a staged search, not the full grid
       verify   read a cache back and check every shard against its checksum
     Start with `diffrep info` (the backbone's block table) or `make demo`.
     """

@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--weight-seed", type=int, default=0)
     parser.add_argument("--scorer", default="knn")
     parser.add_argument("--pool", type=int, default=2)
+    parser.add_argument("--per-class", type=int, default=200)
+    parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--out", default="/tmp/bench_search.json")
     parser.add_argument("--skip-proxies", action="store_true")
     args = parser.parse_args()
@@ -97,7 +99,8 @@ def main() -> None:
                       f"{100 * grid[top]:.1f}% ({time.perf_counter() - began:.0f} s)", flush=True)
     request = SearchRequest(dataset="cifar10", cache_dir=args.search_dir, blocks=BLOCKS, timesteps=TIMESTEPS,
                             config_name="32x32_small", checkpoint=args.checkpoint, weight_seed=args.weight_seed,
-                            per_class=200, scorer=args.scorer, pool=args.pool, final=True, test_per_class=100,
+                            per_class=args.per_class, scorer=args.scorer, pool=args.pool, final=True,
+                            test_per_class=args.test_per_class,
                             device="cpu", synchronous=True, results_path=args.search_dir.rstrip("/") + "-results.parquet",
                             out_dir=args.search_dir.rstrip("/") + "-out")
     plan = plan_search(request)
@@ -108,7 +111,7 @@ def main() -> None:
     winner = (result.ranked[0]["block"], result.ranked[0]["timestep"])
     order = {(r["block"], r["timestep"]): -i for i, r in enumerate(result.ranked)}
     stage1 = {(r["block"], r["timestep"]): r["stage1"] for r in result.ranked}
-    test_forwards = 1000 * len(TIMESTEPS)
+    test_forwards = plan.test_images * len(TIMESTEPS)
     report["search"] = {
         "winner": [*winner, grid[winner]], "gap_points": 100 * (grid[best] - grid[winner]),
         "final_top1": result.ranked[0].get("final_top1"), "spearman_ranking": rank_correlation(order, grid),

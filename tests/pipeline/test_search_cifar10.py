@@ -20,18 +20,19 @@ def test_search_winner_is_within_the_gap_of_the_grid_and_costs_fewer_forwards(ci
     checkpoint = bundled_checkpoint("32x32_small")
     request = SearchRequest(dataset="cifar10", cache_dir=str(tmp_path / "cache"), blocks=BLOCKS, timesteps=TIMESTEPS,
                             config_name="32x32_small", checkpoint=checkpoint, per_class=TRAIN, start_per_class=10,
-                            device="cpu", synchronous=True, results_path=str(tmp_path / "results.parquet"),
-                            out_dir=str(tmp_path / "search"))
+                            final=True, test_per_class=TEST, device="cpu", synchronous=True,
+                            results_path=str(tmp_path / "results.parquet"), out_dir=str(tmp_path / "search"))
     result = run_search(request)
     assert [s.name for s in result.stages][:2] == ["1", "1 refine 50"]  # coarse (5, 400), then between them
     assert result.forwards == sum(s.ran for s in result.stages)  # a fresh cache: everything asked for ran
     grid_forwards = TRAIN * 10 * len(TIMESTEPS)
     assert result.forwards < grid_forwards
 
-    # the full grid on the same cache: only what the search did not extract runs
+    # the full grid on the same cache: a forward at t runs wherever a block of t is missing, so only stage 1's
+    # rows (every block at every t, the refinement's included) are spared; the winners never hold all blocks
     run = fill_caches([request.extraction(split, TIMESTEPS, BLOCKS, None, result.plan.shard_size, per_class)
                        for split, per_class in (("train", TRAIN), ("test", TEST))], synchronous=True, progress=False)
-    assert run.summaries[0].forwards == grid_forwards - result.forwards
+    assert run.summaries[0].forwards == grid_forwards - 10 * 10 * len(TIMESTEPS)
     selection = CacheSelection(dataset="cifar10", cache_dir=request.cache_dir, config_name="32x32_small",
                                results_path=str(tmp_path / "grid.parquet"))
     table, _ = run_sweep(SweepRequest(cache=selection, pools=(2,), head="linear", device="cpu",
@@ -39,6 +40,10 @@ def test_search_winner_is_within_the_gap_of_the_grid_and_costs_fewer_forwards(ci
     grid = {(int(r["blocks"]), int(r["timesteps"])): r["top1"] for r in table.to_pylist()}
     winner = (result.ranked[0]["block"], result.ranked[0]["timestep"])
     assert max(grid.values()) - grid[winner] <= GAP, (winner, grid)
+    # --final fitted the grid's own probe on the winners: the same numbers, and it ranked them by them
+    finals = {(r["block"], r["timestep"]): r["final_top1"] for r in result.ranked if "final_top1" in r}
+    assert len(finals) == 2 and all(abs(top1 - grid[key]) < 1e-9 for key, top1 in finals.items()), (finals, grid)
+    assert finals[winner] == max(finals.values())
 
 
 def test_search_dry_run_prints_the_plan_against_the_grid_and_writes_nothing(cifar10_root, tmp_path, monkeypatch):
