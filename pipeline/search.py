@@ -90,8 +90,10 @@ class SearchResult:
         lines = ["stage           rows  cells  forwards  (ran)  seconds"]
         lines += [f"{s.name:<12} {s.rows:>7} {len(s.cells):>6} {s.forwards:>9} {s.ran:>6} {s.seconds:>8.1f}"
                   for s in self.stages]
+        with_test = plan.grid_forwards + plan.test_images * len(plan.request.timesteps)
         lines.append(f"search: {self.forwards} forwards = {100 * self.forwards / plan.grid_forwards:.1f}% of the full "
-                     f"grid's {plan.grid_forwards} on {plan.request.split}"
+                     f"grid's {plan.grid_forwards} on {plan.request.split} ({100 * self.forwards / with_test:.1f}% of "
+                     f"{with_test} with {plan.request.test_split})"
                      + (f"; --final added {self.final_forwards}" if plan.request.final else ""))
         lines.append(_ranked_text(self.ranked))
         return "\n".join(lines)
