@@ -65,8 +65,8 @@ class SearchRequest:
     per_class: int | None = None
     limit: int | None = None
     data_root: str | None = None
-    start_per_class: int = 10
-    growth: float = 3.0
+    start_per_class: int = 20
+    growth: float = 2.0
     keep: float = 1 / 3
     final_cells: int = 2
     coarse_stride: int = 2

@@ -19,9 +19,9 @@ from pipeline.cli.options import (
 @click.option("--per-class", type=click.IntRange(min=1), default=None,
               help="The split's subset the stages draw from (its first N images per class; names the cache as extract's does).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Or N images spread evenly over the classes.")
-@click.option("--start-per-class", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--start-per-class", type=click.IntRange(min=1), default=20, show_default=True,
               help="Stage 1's images per class (whole shards of the cache's seeded, class-mixed row order).")
-@click.option("--growth", type=float, default=3.0, show_default=True, help="Each stage reads this many times more images.")
+@click.option("--growth", type=float, default=2.0, show_default=True, help="Each stage reads this many times more images.")
 @click.option("--keep", type=float, default=1 / 3, show_default=True, help="Share of the cells each stage keeps.")
 @click.option("--final-cells", type=click.IntRange(min=1), default=2, show_default=True,
               help="Stop once this many cells or fewer are kept.")

@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--out", default="/tmp/bench_search.json")
+    parser.add_argument("--start-per-class", type=int, default=20)
+    parser.add_argument("--growth", type=float, default=2.0)
+    parser.add_argument("--shard-size", type=int, default=100, help="the grid cache's")
     parser.add_argument("--skip-proxies", action="store_true")
     args = parser.parse_args()
 
@@ -92,7 +95,7 @@ def main() -> None:
 
     began = time.perf_counter()
     args.search_dir = args.search_dir or args.grid_dir
-    grid = grid_scores(args.grid_dir, args.pool, args.out.rsplit(".", 1)[0] + "-grid/results.parquet")
+    grid = grid_scores(args.grid_dir, args.pool, args.grid_dir.rstrip("/") + "-grid/results.parquet")
     best = max(grid, key=lambda k: (grid[k], -k[1], -k[0]))
     report = {"grid": {f"b{b}/t{t}": v for (b, t), v in sorted(grid.items())}, "grid_best": [*best, grid[best]],
               "grid_seconds": time.perf_counter() - began}
@@ -110,7 +113,9 @@ def main() -> None:
                       f"{100 * grid[top]:.1f}% ({time.perf_counter() - began:.0f} s)", flush=True)
     request = SearchRequest(dataset="cifar10", cache_dir=args.search_dir, blocks=BLOCKS, timesteps=TIMESTEPS,
                             config_name="32x32_small", checkpoint=args.checkpoint, weight_seed=args.weight_seed,
-                            per_class=args.per_class, scorer=args.scorer, pool=args.pool, final=True,
+                            per_class=args.per_class, start_per_class=args.start_per_class, growth=args.growth,
+                            shard_size=args.shard_size,
+                            scorer=args.scorer, pool=args.pool, final=True,
                             test_per_class=args.test_per_class,
                             device="cpu", synchronous=True, results_path=args.out.rsplit(".", 1)[0] + "-search.parquet",
                             out_dir=args.out.rsplit(".", 1)[0] + "-search")

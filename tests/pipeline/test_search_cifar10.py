@@ -19,7 +19,7 @@ def test_search_winner_is_within_the_gap_of_the_grid_and_costs_fewer_forwards(ci
     monkeypatch.setenv("DIFFREP_DATA", str(cifar10_root.parent))
     checkpoint = bundled_checkpoint("32x32_small")
     request = SearchRequest(dataset="cifar10", cache_dir=str(tmp_path / "cache"), blocks=BLOCKS, timesteps=TIMESTEPS,
-                            config_name="32x32_small", checkpoint=checkpoint, per_class=TRAIN, start_per_class=10,
+                            config_name="32x32_small", checkpoint=checkpoint, per_class=TRAIN, start_per_class=10, growth=3.0,
                             final=True, test_per_class=TEST, device="cpu", synchronous=True,
                             results_path=str(tmp_path / "results.parquet"), out_dir=str(tmp_path / "search"))
     result = run_search(request)
@@ -54,7 +54,7 @@ def test_search_dry_run_prints_the_plan_against_the_grid_and_writes_nothing(cifa
         "--test-per-class", "100"])
     assert result.exit_code == 0, result.output
     assert "stage 1 at t = 5, 50, 200, 400" in result.output
-    assert "1                100     10.0     20          4       400" in result.output
+    assert "1                200     20.0     20          4       800" in result.output
     assert "full grid on train: 2000 images x 6 timesteps = 12000 forwards" in result.output
     assert "scoring it on test adds 6000" in result.output
     assert not (tmp_path / "cache").exists()
