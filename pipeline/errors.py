@@ -2,7 +2,7 @@
 
 from extract.errors import DiffrepError
 
-__all__ = ["DatasetError", "ResultsError", "BadNameError"]
+__all__ = ["DatasetError", "ResultsError", "BadNameError", "SearchError"]
 
 
 class DatasetError(DiffrepError, FileNotFoundError):
@@ -15,3 +15,7 @@ class ResultsError(DiffrepError, ValueError):
 
 class BadNameError(DiffrepError, ValueError):
     """A dataset, split or backbone name that cannot be one folder name (a path, ``..``, control characters)."""
+
+
+class SearchError(DiffrepError, ValueError):
+    """Search settings that leave nothing to search (stage sizes, keep share, growth)."""

@@ -66,6 +66,8 @@ class ExtractionRequest:
         decode_threads: decoding threads per task; decode_device: ``cpu`` (PIL) or ``cuda`` (nvJPEG, pixels may differ).
         order_seed: seed of the cache's row order (a permutation of the index fixed when the cache is
             created, so that every shard mixes the classes); an existing cache keeps its own.
+        first_rows: fill only the shards that hold the first n rows of that order (a prefix holds about
+            the same share of every class; ``diffrep search`` grows it stage by stage); None: every row.
     """
 
     dataset: str
@@ -92,6 +94,7 @@ class ExtractionRequest:
     decode_threads: int = 2
     decode_device: str = "cpu"
     order_seed: int = 0
+    first_rows: int | None = None
 
     def cache_spec(self, config: BackboneConfig, checkpoint_sha256: str, num_images: int) -> CacheSpec:
         """The cache this request fills, for its resolved backbone configuration, the checkpoint's
@@ -161,6 +164,10 @@ class ExtractionPlan:
             f"  cache {self.path}",
         ]
         lines.append(f"  rows in a seeded order (--order-seed {spec.row_order_seed}): every shard mixes the classes")
+        if self.request.first_rows is not None and self.request.first_rows < spec.num_images:
+            shards = -(-self.request.first_rows // spec.shard_size)
+            lines.append(f"  only the first {min(shards * spec.shard_size, spec.num_images)} rows of that order "
+                         f"({shards} shards): a prefix holds about the same share of every class")
         if self.unpack is not None:
             archive, destination, size = self.unpack
             lines.append(f"  would unpack {archive} ({format_bytes(size)}) into {destination} first")
@@ -386,7 +393,8 @@ def plan_extraction(
     row_bytes = {key: 2 * _prod(shape) for key, shape in shapes.items()}
     jobs: list[ShardJob] = []
     bytes_new = 0 if existing is not None else index.num_images * 200
-    for shard in range(spec.num_shards):
+    last = spec.num_shards if request.first_rows is None else min(spec.num_shards, -(-request.first_rows // spec.shard_size))
+    for shard in range(last):
         start = shard * spec.shard_size
         stop = min(start + spec.shard_size, spec.num_images)
         todo = []

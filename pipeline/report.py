@@ -1,8 +1,8 @@
 """Reports of the results table and CKA matrices: a terminal table, Markdown, and PNG plots (matplotlib, Agg).
 
 ``plot_sweep_heatmaps`` draws accuracy over block x timestep with one panel per pool size (the
-paper's Figures 3 and 4); ``plot_cka_heatmap`` draws one CKA matrix; ``write_report`` does it all
-for a results table.
+paper's Figures 3 and 4); ``plot_search_heatmap`` what a staged search scored, each cell with its
+stage; ``plot_cka_heatmap`` draws one CKA matrix; ``write_report`` does it all for a results table.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = [
-    "TABLE_COLUMNS", "format_table", "markdown_table", "plot_sweep_heatmaps", "plot_best_by_head",
+    "TABLE_COLUMNS", "format_table", "markdown_table", "plot_sweep_heatmaps", "plot_search_heatmap", "plot_best_by_head",
     "plot_cka_heatmap", "write_report",
 ]
 
@@ -126,6 +126,53 @@ def plot_sweep_heatmaps(table: pa.Table, path: str | os.PathLike, metric: str = 
     return path
 
 
+def plot_search_heatmap(cells: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """What a search scored: each cell's latest score (percent) over block x timestep, annotated with its stage.
+
+    Args:
+        cells: ``{"block", "timestep", "stage", "top1"}`` per scored cell (``pipeline.search`` ranks them so);
+            cells never scored stay blank. path: the PNG to write. title: figure title.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    blocks = sorted({int(c["block"]) for c in cells})
+    steps = sorted({int(c["timestep"]) for c in cells})
+    grid = np.full((len(blocks), len(steps)), np.nan)
+    stage = {}
+    for c in cells:
+        i, j = blocks.index(int(c["block"])), steps.index(int(c["timestep"]))
+        grid[i, j], stage[(i, j)] = 100 * c["top1"], int(c["stage"])
+    fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(steps), 1.8 + 0.45 * max(len(blocks), 2)), layout="constrained")
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    for (i, j), k in stage.items():
+        ax.text(j, i, f"{grid[i, j]:.1f}\ns{k}", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(steps)), [str(t) for t in steps])
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("block b")
+    fig.colorbar(image, ax=ax, label="score % at the cell's last stage (sK)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _search_cells(table: pa.Table) -> list[dict]:
+    """Each (b, t) of a search's rows at its latest stage (``protocol = search-stage-<k>``)."""
+    latest: dict[tuple[int, int], dict] = {}
+    for r in table.to_pylist():
+        stage = int(r["protocol"].rsplit("-", 1)[1])
+        key = (int(r["blocks"]), int(r["timesteps"]))
+        if key not in latest or stage >= latest[key]["stage"]:
+            latest[key] = dict(block=key[0], timestep=key[1], stage=stage, top1=r["top1"])
+    return list(latest.values())
+
+
 def plot_best_by_head(table: pa.Table, path: str | os.PathLike) -> Path:
     """Bar chart of the best top-1 per (dataset, head) in the table."""
     plt = _pyplot()
@@ -171,7 +218,8 @@ def write_report(table: pa.Table, out_dir: str | os.PathLike) -> list[Path]:
     """Markdown table and PNG plots of a results table under ``out_dir``.
 
     Writes ``results.md``, ``best_by_head.png`` and, for every (dataset, backbone, head) with more
-    than one single (b, t), ``sweep_<dataset>_<backbone>_<head>.png``.
+    than one single (b, t), ``sweep_<dataset>_<backbone>_<head>.png``; the rows of a staged search
+    (``protocol = search-stage-<k>``) get their own ``search_...png`` of each cell's latest score.
 
     Returns:
         The paths written.
@@ -186,11 +234,17 @@ def write_report(table: pa.Table, out_dir: str | os.PathLike) -> list[Path]:
     for i, r in enumerate(table.to_pylist()):
         if "," in (r["blocks"] or ",") or "," in (r["timesteps"] or ","):
             continue
-        groups.setdefault((r["dataset"], r["backbone_id"], r["head"] + (f"@{r['k']}" if r["k"] else "")), []).append(i)
-    for (dataset, backbone, head), index in groups.items():
+        search = "search" if (r["protocol"] or "").startswith("search-stage-") else "sweep"
+        groups.setdefault((search, r["dataset"], r["backbone_id"], r["head"] + (f"@{r['k']}" if r["k"] else "")),
+                          []).append(i)
+    for (kind, dataset, backbone, head), index in groups.items():
         sub = table.take(index)
         if len({(r["blocks"], r["timesteps"]) for r in sub.select(["blocks", "timesteps"]).to_pylist()}) < 2:
             continue
-        name = f"sweep_{dataset}_{backbone}_{head}".replace("@", "k").replace("/", "_")
-        written.append(plot_sweep_heatmaps(sub, out_dir / f"{name}.png", title=f"{dataset} {backbone} {head}"))
+        name = f"{kind}_{dataset}_{backbone}_{head}".replace("@", "k").replace("/", "_")
+        title = f"{dataset} {backbone} {head}" + (" (search)" if kind == "search" else "")
+        if kind == "search":
+            written.append(plot_search_heatmap(_search_cells(sub), out_dir / f"{name}.png", title=title))
+        else:
+            written.append(plot_sweep_heatmaps(sub, out_dir / f"{name}.png", title=title))
     return written

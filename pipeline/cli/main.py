@@ -21,6 +21,7 @@ from pipeline.cli.feedback import feedback
 from pipeline.cli.fuse import fuse
 from pipeline.cli.info import info
 from pipeline.cli.pretrain import pretrain
+from pipeline.cli.search import search
 from pipeline.cli.probe import cka, knn, probe, report, sweep
 from pipeline.cli.verify import verify
 
@@ -57,6 +58,7 @@ def main(verbose: int) -> None:
       extract  run the backbone once per (image, t) and cache block features (Zarr)
       probe    train linear / MLP / CNN / attention heads on cached features
       knn, cka, sweep, report   evaluate and compare cached features
+      search   find the best (block, timestep) by a staged search, not the full grid
       verify   read a cache back and check every shard against its checksum
     Start with `diffrep info` (the backbone's block table) or `make demo`.
     """
@@ -67,3 +69,4 @@ def main(verbose: int) -> None:
 # Each command lives in its own module as a plain click command; this is the one place that adds them.
 for _command in (info, extract, probe, knn, cka, sweep, report, demo, pretrain, fuse, feedback, verify):
     main.add_command(_command)
+main.add_command(search)
