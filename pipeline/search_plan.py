@@ -70,7 +70,7 @@ class SearchRequest:
     keep: float = 1 / 3
     final_cells: int = 2
     coarse_stride: int = 2
-    scorer: str = "knn"
+    scorer: str = "linear"
     folds: int = 5
     k: int = 20
     l2: tuple[float, ...] = (1e-3,)

@@ -27,8 +27,9 @@ from pipeline.cli.options import (
               help="Stop once this many cells or fewer are kept.")
 @click.option("--coarse-stride", type=click.IntRange(min=1), default=2, show_default=True,
               help="Stage 1 scores every N-th candidate timestep (and the last), then refines around the best.")
-@click.option("--scorer", type=click.Choice(["knn", "linear"]), default="knn", show_default=True,
-              help="Proxy score: weighted kNN (k=--k, standardised) or the converged linear probe, both k-fold cross-validated.")
+@click.option("--scorer", type=click.Choice(["linear", "knn"]), default="linear", show_default=True,
+              help="Proxy score, k-fold cross-validated: the converged linear probe (ranks cells closer to the full "
+                   "grid) or weighted kNN (k=--k, standardised; ~100x cheaper to score).")
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Cross-validation folds.")
 @click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="kNN neighbours.")
 @click.option("--l2", type=FloatList(allow_zero=True), default="1e-3", show_default=True,

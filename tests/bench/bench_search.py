@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--search-dir", default=None)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--weight-seed", type=int, default=0)
-    parser.add_argument("--scorer", default="knn")
+    parser.add_argument("--scorer", default="linear")
     parser.add_argument("--pool", type=int, default=2)
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--test-per-class", type=int, default=100)

@@ -19,7 +19,7 @@ def test_search_winner_is_within_the_gap_of_the_grid_and_costs_fewer_forwards(ci
     monkeypatch.setenv("DIFFREP_DATA", str(cifar10_root.parent))
     checkpoint = bundled_checkpoint("32x32_small")
     request = SearchRequest(dataset="cifar10", cache_dir=str(tmp_path / "cache"), blocks=BLOCKS, timesteps=TIMESTEPS,
-                            config_name="32x32_small", checkpoint=checkpoint, per_class=TRAIN, start_per_class=10, growth=3.0,
+                            config_name="32x32_small", checkpoint=checkpoint, per_class=TRAIN, start_per_class=10, growth=3.0, scorer="knn",
                             final=True, test_per_class=TEST, device="cpu", synchronous=True,
                             results_path=str(tmp_path / "results.parquet"), out_dir=str(tmp_path / "search"))
     result = run_search(request)
