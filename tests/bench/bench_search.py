@@ -44,10 +44,10 @@ def grid_scores(grid_dir: str, pool: int, results: str) -> dict[tuple[int, int],
     if os.path.exists(results):
         return {(int(r["blocks"]), int(r["timesteps"])): r["top1"] for r in pq.read_table(results).to_pylist()}
 
-    table, _ = run_sweep(SweepRequest(cache=CacheSelection(dataset="cifar10", cache_dir=grid_dir, config_name="32x32_small",
+    table = run_sweep(SweepRequest(cache=CacheSelection(dataset="cifar10", cache_dir=grid_dir, config_name="32x32_small",
                                                            results_path=results),
                                       blocks=BLOCKS, timesteps=TIMESTEPS, pools=(pool,), head="linear", device="cpu",
-                                      out_dir=results.rsplit("/", 1)[0]))
+                                      out_dir=results.rsplit("/", 1)[0])).table
     return {(int(r["blocks"]), int(r["timesteps"])): r["top1"] for r in table.to_pylist()}
 
 

@@ -35,8 +35,8 @@ def test_search_winner_is_within_the_gap_of_the_grid_and_costs_fewer_forwards(ci
     assert run.summaries[0].forwards == grid_forwards - 10 * 10 * len(TIMESTEPS)
     selection = CacheSelection(dataset="cifar10", cache_dir=request.cache_dir, config_name="32x32_small",
                                results_path=str(tmp_path / "grid.parquet"))
-    table, _ = run_sweep(SweepRequest(cache=selection, pools=(2,), head="linear", device="cpu",
-                                      out_dir=str(tmp_path / "grid")))
+    table = run_sweep(SweepRequest(cache=selection, pools=(2,), head="linear", device="cpu",
+                                      out_dir=str(tmp_path / "grid"))).table
     grid = {(int(r["blocks"]), int(r["timesteps"])): r["top1"] for r in table.to_pylist()}
     winner = (result.ranked[0]["block"], result.ranked[0]["timestep"])
     assert max(grid.values()) - grid[winner] <= GAP, (winner, grid)
