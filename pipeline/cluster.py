@@ -1,9 +1,17 @@
 """Where extraction tasks run: the one place that knows Dask (local cluster, an existing one by address, or in-process).
 
-``open_runner()`` with no address starts a LocalCluster (one worker process per GPU, or one CPU
-worker, or ``workers``), ``open_runner(scheduler="tcp://host:8786")`` joins an existing cluster,
-and ``open_runner(synchronous=True)`` runs every task in this process. All three give a runner
-whose ``run(fn, items, retries)`` yields ``(item, result or exception)`` as tasks finish.
+``open_runner()`` with no address runs in this process when there would be one worker (one GPU or
+none) and starts a LocalCluster when there are several (one worker process per GPU, or ``workers``;
+``workers=1`` asks for a one-worker cluster explicitly), ``open_runner(scheduler="tcp://host:8786")``
+joins an existing cluster, and ``open_runner(synchronous=True)`` runs every task in this process.
+All give a runner whose ``run(fn, items, retries)`` yields ``(item, result or exception)`` as tasks
+finish.
+
+Why one worker runs in-process by default (issue 23): a one-worker local cluster does the same work
+as this process, plus a second Python that imports torch, a scheduler and a nanny. Measured on this
+project's 2-core machine it ran at 0.76-0.82 of in-process on 500x375 JPEGs. What it buys (a crashed
+or killed worker is restarted and its shard retried) does not pay for that when a rerun resumes
+anyway, keeping every finished shard. A cluster earns its place with several workers or GPUs.
 
 A local cluster listens on loopback only (scheduler, workers and dashboard), and its worker
 processes keep glibc's malloc as a plain process has it: distributed's nanny would start them with
@@ -26,10 +34,11 @@ from typing import Any
 
 from extract.errors import DiffrepError
 
-__all__ = ["TaskRunner", "open_runner", "count_gpus", "LOCAL_DASHBOARD", "LOCAL_WORKER_CONFIG"]
+__all__ = ["TaskRunner", "open_runner", "count_gpus", "IN_PROCESS_DEFAULT", "LOCAL_DASHBOARD", "LOCAL_WORKER_CONFIG"]
 
 logger = logging.getLogger(__name__)
 
+IN_PROCESS_DEFAULT = "in-process (one worker: no local cluster needed; --workers N starts one)"
 LOCAL_DASHBOARD = "127.0.0.1:0"  # loopback, any free port (no "8787 is in use" beside another cluster)
 
 # Dask settings of the local cluster diffrep starts (not of a cluster joined by address, whose
@@ -69,6 +78,9 @@ class TaskRunner:
     """
 
     description = "in-process"
+
+    def __init__(self, description: str = "in-process"):
+        self.description = description
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any], retries: int = 2,
             name: str = "task") -> Iterator[tuple[Any, Any]]:
@@ -172,7 +184,8 @@ def open_runner(
         scheduler: address of an existing Dask scheduler (``tcp://host:8786``); None starts a local cluster.
             Its workers need diffrep installed and the image files and cache folder at the same paths.
         synchronous: run tasks one by one in this process (no Dask at all).
-        workers: local worker processes (default: one per GPU, or one on CPU); ignored with scheduler.
+        workers: local worker processes (default: one per GPU; with one GPU or none, this process
+            itself, no cluster); ``workers=1`` starts a one-worker cluster; ignored with scheduler.
         device: the extraction device; ``auto``/``cuda`` with several GPUs pins one GPU per local worker.
         dashboard: ``host:port`` of a local cluster's dashboard (default loopback, any free port;
             ``0.0.0.0:8787`` opens it to the network).
@@ -194,6 +207,9 @@ def open_runner(
         return
     gpus = count_gpus() if device in ("auto", "cuda") else 0
     count = workers or max(1, gpus)
+    if workers is None and count == 1:  # one worker: a cluster would add only its start and its processes
+        yield TaskRunner(description=IN_PROCESS_DEFAULT)
+        return
     # the nannies read the config when created and keep it for the workers they restart
     with _sigint_ignored(), dask.config.set(LOCAL_WORKER_CONFIG):  # SIGINT: inherited by the workers
         cluster = LocalCluster(

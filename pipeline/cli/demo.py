@@ -33,7 +33,7 @@ def _default_demo_cache() -> str:
               show_default="~/.cache/diffrep/demo")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/demo", show_default=True,
               help="Folder for report.md, the sweep tables, heatmaps and results.parquet.")
-@click.option("--synchronous", is_flag=True, help="Extract in this process instead of a local Dask cluster.")
+@click.option("--synchronous", is_flag=True, help="Extract in this process (already the default on one machine with one GPU or none).")
 @device_option()
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def demo(train_per_class, test_per_class, timesteps, blocks, probe_pools, random_weights, full, no_floors, cache_dir,

@@ -53,7 +53,8 @@ _CONFIRM_BYTES = 100e9
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (its workers must see the images and --cache-dir).")
 @click.option("--synchronous", is_flag=True, help="Run every shard in this process (no Dask).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Local worker processes (default: one per GPU, or one on CPU).")
+              help="Local Dask worker processes (default: one per GPU; with one GPU or none the run stays in this "
+                   "process, which is faster there; --workers 1 still starts a one-worker cluster).")
 # default 2 = extract.job.DEFAULT_THREADS, not imported so that --help does not load torch
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
               help="Torch CPU threads per task, the same wherever it runs (CPU results depend on it bit for bit).")

@@ -56,7 +56,7 @@ from pipeline.cli.options import (
               help="Compute precision: auto is bf16 on a CUDA GPU of this machine, fp32 on the CPU.")
 @click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
 @click.option("--synchronous", is_flag=True, help="Run every shard in this process (no Dask).")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Local worker processes.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Local Dask worker processes (default: one per GPU; with one GPU or none, in-process).")
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None,
               help="Results table to append to [default: $DIFFREP_RESULTS or results/results.parquet].")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="results/search", show_default=True,

@@ -1,7 +1,7 @@
 """Headline benchmark: the official protocol (``probe --live``) against ``extract`` + a cached ``probe``, same images, head, solver and epochs, and the ratio at ImageNet scale.
 
 The official protocol runs the backbone every step, with fresh noise and random resized crop and
-flip; diffrep extracts once (the default path, a local Dask cluster) and trains the head on the
+flip; diffrep extracts once (the default path: in-process with one worker) and trains the head on the
 cache. Both train the same linear head with SGD for the paper's 28 epochs on the same CIFAR-10
 subset (100 train / 50 test images a class, the bundled ``32x32_small``), each command timed from
 outside as a user runs it (wall, user and sys CPU of it and its workers). The marginal cost of

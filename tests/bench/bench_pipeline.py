@@ -1,4 +1,4 @@
-"""Pipeline benchmark: ``diffrep extract`` as users run it (the default local Dask cluster, and ``--synchronous`` beside it) against the pure forward.
+"""Pipeline benchmark: ``diffrep extract`` as users run it (the default, a one-worker local Dask cluster and ``--synchronous``) against the pure forward.
 
 Each run is the real command in a subprocess, timed from outside: wall seconds, the run's own
 images/s (its summary line, without the cluster's start), user and sys CPU seconds and minor page
@@ -7,8 +7,10 @@ processes). Two image sets: the shared CIFAR-10 test JPEGs (32 px) and the bench
 (CIFAR-10 upscaled to 500x375 and re-encoded at quality 90, the size of a typical ImageNet photo).
 The variants alternate round by round and the medians are printed, since on a shared machine
 the load moves; CPU seconds and page faults move far less than wall time. With ``before=True``
-a third variant runs the default path with ``MALLOC_TRIM_THRESHOLD_=65536`` in the environment,
+another variant runs the one-worker cluster with ``MALLOC_TRIM_THRESHOLD_=65536`` in the environment,
 as distributed's nanny gave its workers before issue 23 (so one command shows before and after).
+Since issue 23 the default with one worker (one GPU or none) is in-process; ``--workers 1`` is the
+local cluster that was the default before.
 The section also times the pure truncated forward on tensors already on the device (the goal:
 the default path at >= 0.9 of ``--synchronous``, and both near the forward), and decoding and
 seeded noise per image (how many CPU threads a GPU needs). CPU: ``32x32_small``; with CUDA also
@@ -189,10 +191,12 @@ _RATE = re.compile(r"wrote \d+ shards \((\d+) images, (\d+) forwards\) in ([\d.]
 
 # name, extra arguments, extra environment
 VARIANTS = {
-    "default": ([], {}),
-    "default, before issue 23": ([], {"MALLOC_TRIM_THRESHOLD_": "65536"}),
+    "default": ([], {}),  # in-process since issue 23 (one worker on this machine)
+    "--workers 1 (local cluster)": (["--workers", "1"], {}),
+    "--workers 1, before issue 23": (["--workers", "1"], {"MALLOC_TRIM_THRESHOLD_": "65536"}),
     "--synchronous": (["--synchronous"], {}),
 }
+CLUSTER = "--workers 1 (local cluster)"
 
 
 @dataclass(frozen=True)
@@ -239,11 +243,14 @@ def _compare(label: str, args: list[str], variants: list[str], rounds: int) -> l
             f"{median(r.command.user for r in done):7.1f} {median(r.command.sys for r in done):6.1f} "
             f"{median(r.command.cpu for r in done) / images * 1e3:10.1f} "
             f"{median(r.command.faults for r in done) / images:10.0f}   ({', '.join(f'{r.rate:.1f}' for r in done)})")
-    if "default" in runs and "--synchronous" in runs:
-        default, synchronous = (median(r.rate for r in runs[v]) for v in ("default", "--synchronous"))
-        walls = [median(r.command.wall - r.seconds for r in runs[v]) for v in ("default", "--synchronous")]
-        lines.append(f"    default / --synchronous = {default / synchronous:.2f} images/s (goal >= 0.90); "
-                     f"start and close outside the run: {walls[0]:.1f} s default, {walls[1]:.1f} s --synchronous")
+    if "--synchronous" in runs:
+        synchronous = median(r.rate for r in runs["--synchronous"])
+        outside = {v: median(r.command.wall - r.seconds for r in done) for v, done in runs.items()}
+        for variant in (v for v in ("default", CLUSTER) if v in runs):
+            name = "default" if variant == "default" else "local cluster"
+            lines.append(f"    {name} / --synchronous = {median(r.rate for r in runs[variant]) / synchronous:.2f} "
+                         f"images/s (goal >= 0.90); start and close outside the run: {outside[variant]:.1f} s "
+                         f"{name}, {outside['--synchronous']:.1f} s --synchronous")
     return lines
 
 
@@ -281,7 +288,7 @@ def bench_pipeline_section(per_class: int = 100, jpegs: int = 500, threads: int 
     cpus = os.cpu_count() or 1
     lines = []
     root = Path(tempfile.mkdtemp(prefix="diffrep-bench-jpeg-"))
-    variants = ["default"] + (["default, before issue 23"] if before else []) + ["--synchronous"]
+    variants = ["default", CLUSTER] + (["--workers 1, before issue 23"] if before else []) + ["--synchronous"]
     try:
         count = max(jpegs, 4096) if cuda else jpegs
         made = time.perf_counter()

@@ -17,14 +17,15 @@ def test_bench_jpegs_are_imagenet_sized_and_class_balanced(tmp_path, cifar10_roo
 
 
 def test_pipeline_section_dry_run(cifar10_root):
-    """Both image sets through the default path, the path before issue 23 and --synchronous, with CPU and page faults."""
+    """Both image sets through the default path, a one-worker cluster (after and before issue 23) and --synchronous."""
     small = Workload(blocks=(4,), timesteps=(25,), batch=8, shard=8, threads=1)
     lines = bench_pipeline_section(per_class=2, jpegs=20, rounds=1, before=True, workloads=[small])
-    ratios = [float(m.group(1)) for line in lines if (m := re.search(r"default / --synchronous = ([\d.]+)", line))]
-    assert len(ratios) == 2 and all(r > 0 for r in ratios), lines
-    rows = [line.split() for line in lines if line.strip().startswith(("default", "--synchronous"))
+    ratios = [float(m.group(1)) for line in lines
+              if (m := re.search(r"(?:default|local cluster) / --synchronous = ([\d.]+)", line))]
+    assert len(ratios) == 4 and all(r > 0 for r in ratios), lines
+    rows = [line.split() for line in lines if line.strip().startswith(("default", "--synchronous", "--workers"))
             and "images/s" not in line]
-    assert len(rows) == 6, lines  # 3 paths x 2 image sets
+    assert len(rows) == 8, lines  # 4 paths x 2 image sets
     assert any("decode+resize to 256" in line for line in lines)
     assert any("pure truncated forward" in line for line in lines)
 

@@ -86,3 +86,21 @@ def test_the_dashboard_opens_to_the_network_only_when_asked():
         port = int(runner.client.dashboard_link.split(":")[2].split("/")[0])
         ips = {ip for ip, p in _listening(psutil.Process()) if p == port}
     assert ips == {"0.0.0.0"}
+
+
+def test_one_worker_runs_in_process_by_default_and_several_start_a_cluster(monkeypatch):
+    """With one GPU or none the default is this process (no second Python, no scheduler); --workers 1 or
+    several GPUs still start a local cluster (issue 23)."""
+    import pipeline.cluster as cluster
+
+    def where(**kwargs) -> tuple[str, int]:
+        with open_runner(**kwargs) as runner:
+            pid = next(runner.run(lambda _: os.getpid(), [0]))[1]
+            return runner.description, pid
+
+    description, pid = where(device="cpu")
+    assert description == cluster.IN_PROCESS_DEFAULT and pid == os.getpid()
+    monkeypatch.setattr(cluster, "count_gpus", lambda: 1)
+    assert where(device="auto")[1] == os.getpid()  # one GPU: one worker, in-process too
+    description, pid = where(workers=1, device="cpu")
+    assert description == "local Dask cluster, 1 worker process" and pid != os.getpid()
