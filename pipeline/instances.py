@@ -91,7 +91,7 @@ def read_instances(dataset: str, split: str, *, root: str | None = None, manifes
         image_dir = spec.root / "images"
         if where.list_file is None or not where.list_file.is_file():
             raise DatasetError(f"dataset '{dataset}' split '{split}': list {where.list_file} does not exist; {WHERE_HINT}")
-        coco = pets_instances(spec.root, where.list_file, label or spec.options.get("label", "breed"))
+        coco = pets_instances(spec.root, where.list_file, label or spec.options.get("label", "breed"), limit)
     else:
         image_dir = where.path
         if not image_dir.is_dir() or where.list_file is None or not where.list_file.is_file():

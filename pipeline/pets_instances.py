@@ -49,13 +49,13 @@ def _listed(list_file: Path) -> list[str]:
     return [line.split()[0] for line in lines if line.strip() and not line.startswith("#")]
 
 
-def pets_instances(root: str | Path, list_file: str | Path, label: str = "breed") -> dict:
+def pets_instances(root: str | Path, list_file: str | Path, label: str = "breed", limit: int | None = None) -> dict:
     """One split of the pets sample as a COCO instances document.
 
     Args:
         root: the unpacked ``oxford-pets-sample`` folder (``images/``, ``annotations/trimaps/``).
         list_file: the split's list (``annotations/trainval.txt`` or ``test.txt``).
-        label: ``breed`` or ``species``.
+        label: ``breed`` or ``species``. limit: read only the first n listed images (the classes are all the list's).
 
     Returns:
         ``{"images": [{id, file_name, width, height}], "annotations": [{id, image_id, category_id,
@@ -73,7 +73,7 @@ def pets_instances(root: str | Path, list_file: str | Path, label: str = "breed"
     names = sorted({pet_class(stem, label) for stem in stems})
     category = {name: i + 1 for i, name in enumerate(names)}
     images, annotations = [], []
-    for image_id, stem in enumerate(stems, start=1):
+    for image_id, stem in enumerate(stems[:limit], start=1):
         image_path, trimap_path = root / "images" / f"{stem}.jpg", root / "annotations" / "trimaps" / f"{stem}.png"
         try:
             with Image.open(image_path) as image:
