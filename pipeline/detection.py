@@ -144,9 +144,10 @@ def _run_detect(request: DetectRequest, announce: Callable[[dict], None] | None)
     backbone, norm, backbone_id, blocks = _backbone(request, precision, detector_config.fpn_channels)
     torch.manual_seed(request.seed)
     model = create_detector(backbone, len(train.category_ids), detector_config, norm)
-    preload = lambda split: split.num_images <= PRELOAD_IMAGES  # noqa: E731
-    train_images = DetectionImages(train, request.image_size, masks=request.masks, preload=preload(train))
-    test_images = DetectionImages(test, request.image_size, masks=False, preload=preload(test))
+    train_images = DetectionImages(train, request.image_size, masks=request.masks,
+                                   preload=train.num_images <= PRELOAD_IMAGES)
+    test_images = DetectionImages(test, request.image_size, masks=False,  # scored against the document's masks
+                                  preload=test.num_images <= PRELOAD_IMAGES)
     config = DetectTrainConfig(epochs=request.epochs, batch_size=request.batch_size, seed=request.seed,
                                optimizer=request.optimizer, lr=request.lr, weight_decay=request.weight_decay,
                                warmup_steps=request.warmup_steps, steps=request.steps,

@@ -22,14 +22,14 @@ from tests.pipeline.test_pets_instances import pets_root  # noqa: F401 - the fix
 @pytest.mark.e2e
 def test_a_few_steps_on_real_pets_lower_the_loss_and_score_coco_ap(pets_root):  # noqa: F811
     torch.manual_seed(0)
-    train, test = read_instances("pets", "train", limit=16), read_instances("pets", "test", limit=8)
+    train, test = read_instances("pets", "train", limit=8), read_instances("pets", "test", limit=4)
     backbone = create_backbone("32x32_small", checkpoint=bundled_checkpoint("32x32_small"))
     body = DiffusionPyramid(backbone, pyramid_strides("32x32_small", (12, 15)), 25, get_schedule("linear", 1000))
-    config = DetectorConfig(image_size=32, detections_per_image=20)
+    config = DetectorConfig(image_size=32, detections_per_image=10)
     model = create_detector(PyramidBackbone(body, body.channels, ["b15", "b12"], config.fpn_channels), 3, config)
     result = fit_detector(model, DetectionImages(train, 32, preload=True), DetectionImages(test, 32, masks=False),
                           test.coco, test.category_ids, 32,
-                          DetectTrainConfig(epochs=3, batch_size=8, warmup_steps=0, lr=1e-3), progress=False)
+                          DetectTrainConfig(epochs=3, batch_size=4, warmup_steps=0, lr=1e-3), progress=False)
     losses = [epoch["loss"] for epoch in result.history]
     assert len(losses) == 3 and losses[-1] < losses[0]
     for kind in ("bbox", "segm"):
@@ -62,3 +62,11 @@ def test_coco_that_is_not_here_is_one_line(tmp_path):
 def test_a_classification_dataset_is_refused_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["detect", "--dataset", "cifar10", "--data-root", str(tmp_path)])
     assert result.exit_code == 1 and "has format folder, not instances" in result.output
+
+
+def test_an_instance_set_is_refused_by_the_classification_index_in_one_line():
+    from pipeline.datasets import build_index
+    from pipeline.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="dataset 'pets' holds instances .*use it with diffrep detect"):
+        build_index("pets", "train")
