@@ -388,6 +388,9 @@ def build_index(
         overrides["split_dirs"] = {split: split_dir}
     spec = get_dataset(dataset_name, manifest, overrides)
     split_spec = spec.split(split)
+    if split_spec.format not in _READERS:  # instance sets (coco, pets_instances) are read by pipeline.instances
+        raise DatasetError(f"dataset '{dataset_name}' holds instances (format {split_spec.format}), not one class per "
+                           f"image: use it with diffrep detect")
 
     pending = None
     tree: DiskTree | ArchiveTree = DiskTree()

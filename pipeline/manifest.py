@@ -33,7 +33,8 @@ __all__ = [
 ]
 
 #: Layouts a manifest entry may name (see the header of data_manifest.yaml).
-FORMATS = ("folder", "list", "cub", "torchvision", "stanford_dogs")
+FORMATS = ("folder", "list", "cub", "torchvision", "stanford_dogs",
+           "coco", "pets_instances")  # instance formats: read by pipeline.instances (detection)
 
 #: torchvision.datasets classes the ``torchvision`` format reads (those that list their image files and labels).
 TORCHVISION_LOADERS = ("Country211", "DTD", "FGVCAircraft", "Flowers102", "Food101", "GTSRB", "Imagenette",

@@ -22,7 +22,8 @@ __all__ = [
 
 TABLE_COLUMNS = ("date", "dataset", "backbone_id", "head", "strategy", "blocks", "timesteps", "pool", "k",
                  "parameters", "protocol", "solver", "l2", "lr", "epochs", "label_fraction", "train_views", "fresh_noise", "augment",
-                 "finetune", "train_split", "test_split", "top1", "top5", "train_seconds")
+                 "finetune", "train_split", "test_split", "top1", "top5", "train_seconds",
+                 "task", "image_size", "box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75")  # detect
 
 
 def _pyplot():
@@ -37,7 +38,7 @@ def _pyplot():
 def _cell(name: str, value) -> str:
     if value is None:
         return ""
-    if name in ("top1", "top5"):
+    if name in ("top1", "top5") or name.startswith(("box_ap", "mask_ap")):
         return f"{100 * value:.2f}"
     if name == "parameters":
         return f"{value / 1e6:.2f}M" if value >= 1e5 else str(value)
@@ -55,7 +56,7 @@ def _cell(name: str, value) -> str:
 def _rows(table: pa.Table, columns: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     columns = [c for c in columns if c in table.column_names and table.column(c).null_count < table.num_rows]
     data = table.select(columns).to_pylist()  # columns no row fills (e.g. strategy without DifFeed) are left out
-    headers = [f"{c} %" if c in ("top1", "top5") else c for c in columns]
+    headers = [f"{c} %" if c in ("top1", "top5") or c.startswith(("box_ap", "mask_ap")) else c for c in columns]
     return headers, [[_cell(c, row[c]) for c in columns] for row in data]
 
 
@@ -178,6 +179,8 @@ def plot_best_by_head(table: pa.Table, path: str | os.PathLike) -> Path:
     plt = _pyplot()
     best: dict[str, float] = {}
     for r in table.to_pylist():
+        if r.get("top1") is None:  # a detection row has box AP instead (in the table, not this chart)
+            continue
         name = f"{r['dataset']}\n{r['head']}" + (f"@{r['k']}" if r["k"] is not None else "")
         best[name] = max(best.get(name, 0.0), 100 * (r["top1"] or 0.0))
     fig, ax = plt.subplots(figsize=(1.5 + 0.9 * max(len(best), 1), 3.5))

@@ -66,8 +66,18 @@ RESULTS_SCHEMA = pa.schema([
     ("top5", pa.float64()),
     ("train_seconds", pa.float64()),
     ("date", pa.string()),          # ISO 8601, UTC
+    ("task", pa.string()),          # detect (null: classification)
+    ("image_size", pa.int64()),     # model input side in pixels (null: the configuration's)
+    ("box_ap", pa.float64()),       # COCO AP over IoU 0.50:0.95, AP50, AP75 (fractions; detect)
+    ("box_ap50", pa.float64()),
+    ("box_ap75", pa.float64()),
+    ("mask_ap", pa.float64()),      # the same for masks (Mask R-CNN)
+    ("mask_ap50", pa.float64()),
+    ("mask_ap75", pa.float64()),
 ])
-REQUIRED = ("dataset", "backbone_id", "head", "blocks", "timesteps", "top1")
+REQUIRED = ("dataset", "backbone_id", "head", "blocks", "timesteps")
+#: A row needs one of these scores (top1: classification, box_ap: detection).
+SCORES = ("top1", "box_ap")
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +94,8 @@ def _normalize(row: Mapping[str, Any]) -> dict[str, Any]:
     missing = [name for name in REQUIRED if row.get(name) is None]
     if missing:
         raise ResultsError(f"a results row needs {', '.join(missing)}: fill them before appending")
+    if all(row.get(name) is None for name in SCORES):
+        raise ResultsError(f"a results row needs {' or '.join(SCORES)} (a score): fill it before appending")
     out = {name: row.get(name) for name in RESULTS_SCHEMA.names}
     for name in ("blocks", "timesteps"):
         if not isinstance(out[name], str):

@@ -16,6 +16,7 @@ import click
 
 from extract.errors import DiffrepError
 from pipeline.cli.demo import demo
+from pipeline.cli.detect import detect
 from pipeline.cli.extract import extract
 from pipeline.cli.feedback import feedback
 from pipeline.cli.fuse import fuse
@@ -59,6 +60,7 @@ def main(verbose: int) -> None:
       probe    train linear / MLP / CNN / attention heads on cached features
       knn, cka, sweep, report   evaluate and compare cached features
       search   find the best (block, timestep) by a staged search, not the full grid
+      detect   Mask R-CNN on a diffusion backbone, COCO box and mask AP
       verify   read a cache back and check every shard against its checksum
     Start with `diffrep info` (the backbone's block table) or `make demo`.
     """
@@ -70,3 +72,4 @@ def main(verbose: int) -> None:
 for _command in (info, extract, probe, knn, cka, sweep, report, demo, pretrain, fuse, feedback, verify):
     main.add_command(_command)
 main.add_command(search)
+main.add_command(detect)
