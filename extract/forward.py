@@ -24,7 +24,23 @@ from extract.pooling import pool_features, pool_float
 from extract.precision import autocast
 from extract.schedule import NoiseSchedule
 
-__all__ = ["noisy_input", "diffuse", "block_features"]
+__all__ = ["noisy_input", "diffuse", "block_features", "model_input"]
+
+
+def model_input(model: nn.Module, pixels: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """x0 of a backbone: the images themselves (ADM), or its family's latent (``model.encode``: SD's VAE), no gradients.
+
+    Args:
+        pixels: (N, 3, S, S) images in [-1, 1]. precision: autocast of the encoder (the latent is float32).
+
+    Returns:
+        (N, C, h, w) float32 x0 on pixels' device: the noise is drawn in this shape.
+    """
+    encode = getattr(model, "encode", None)
+    if encode is None:
+        return pixels
+    with torch.no_grad(), autocast(pixels.device, precision):
+        return encode(pixels).float()
 
 
 def noisy_input(x0: torch.Tensor, t: int, image_ids: Sequence[int], seed: int, schedule: NoiseSchedule,

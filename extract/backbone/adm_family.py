@@ -65,6 +65,9 @@ class ADMFamily(BackboneFamily):
         return dict(config_flags=cfg.flags, image_size=cfg.image_size, noise_schedule=cfg.noise_schedule,
                     diffusion_steps=cfg.diffusion_steps)
 
+    def official_checkpoint(self, config_name: str) -> str:
+        return get_config(config_name).checkpoint_file
+
     def extract_refusal(self, config_name: str) -> str | None:
         cfg = get_config(config_name)
         if cfg.flags.get("class_cond"):

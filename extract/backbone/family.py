@@ -182,6 +182,10 @@ class BackboneFamily(ABC):
         """What a cache spec records of this backbone besides its id (``extract.cache.CacheSpec`` fields)."""
         raise NotImplementedError
 
+    def official_checkpoint(self, config_name: str) -> str:
+        """The name of the file its authors published ('' when there is none to name)."""
+        return ""
+
     def extract_refusal(self, config_name: str) -> str | None:
         """Why ``extract`` cannot run this configuration (None: it can)."""
         return None
