@@ -76,7 +76,7 @@ def diffuse(x0: torch.Tensor, t: int, noise: torch.Tensor, schedule: NoiseSchedu
 
 def block_features(model: nn.Module, x_t: torch.Tensor, t: int | torch.Tensor, blocks: Iterable[int],
                    pool: int | None = None, inject: Mapping[int, torch.Tensor] | None = None,
-                   precision: str = "fp32", float16: bool = True) -> dict[int, torch.Tensor]:
+                   precision: str = "fp32", float16: bool = True, cond: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """The requested blocks' outputs from ONE forward that stops after the deepest, pooled as the cache stores them.
 
     Gradients follow the caller's grad mode (``torch.inference_mode`` for extraction).
@@ -90,6 +90,7 @@ def block_features(model: nn.Module, x_t: torch.Tensor, t: int | torch.Tensor, b
         precision: fp32, bf16 or fp16 autocast of the forward (``extract.precision``).
         float16: pooled maps rounded to float16, as the cache stores them; False keeps float32
             (a backbone that trains).
+        cond: the family's conditioning (SD: a (1 or N, L, D) text embedding, e.g. a learnable one; None: its default).
 
     Returns:
         ``{b: (N, C_b, h, w)}``, h = min(native size, pool).
@@ -97,6 +98,8 @@ def block_features(model: nn.Module, x_t: torch.Tensor, t: int | torch.Tensor, b
     blocks = list(blocks)
     steps = t if torch.is_tensor(t) else torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
     extra = {"inject": inject} if inject else {}  # only DifFeed's pass 2 injects: a plain forward is asked no more
+    if cond is not None:
+        extra["cond"] = cond
     with autocast(x_t.device, precision):
         maps = model.features(x_t, steps, blocks, **extra)
     if pool is None:

@@ -48,6 +48,10 @@ def offline_libraries() -> tuple[Any, Any]:
     import diffusers
     import transformers
 
+    # diffrep reports its own progress: no per-load progress bars or advice to install more packages
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return diffusers, transformers
 
 

@@ -94,6 +94,8 @@ class SDUNetBackbone(nn.Module):
         self.blocks = sd_blocks(unet)
         self.latent_channels = int(unet.config.in_channels)
         self.downsampling = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else int(downsampling)
+        #: the image side ``block_shapes()`` answers for (None: the U-Net's native size); ``--image-size`` sets it
+        self.image_size: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -133,6 +135,7 @@ class SDUNetBackbone(nn.Module):
 
     def block_shapes(self, image_size: int | None = None) -> dict[int, tuple[int, int]]:
         """``{b: (channels, side)}`` for square images of ``image_size`` pixels (default: the U-Net's native size)."""
+        image_size = image_size or self.image_size
         latent = (image_size // self.downsampling) if image_size else int(self.unet.config.sample_size)
         strides, channels = self.block_strides(), self.block_channels()
         return {b: (channels[b], max(1, latent // strides[b])) for b in channels}
