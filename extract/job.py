@@ -366,6 +366,8 @@ def _run(job: ShardJob) -> ShardResult:
 
     ok = np.ones(count, dtype=bool)
     reasons = [""] * count
+    encodes = hasattr(model, "encode")
+    latents: dict[tuple[int, int], torch.Tensor] = {}  # (batch, flipped): x0 of a latent family, kept for every t
     with ThreadPoolExecutor(1, thread_name_prefix="diffrep-write") as writer:
         writes: list[Future] = []
         index_written = False
@@ -383,16 +385,20 @@ def _run(job: ShardJob) -> ShardResult:
                     ok[lo:hi] = batch_ok
                     for row, reason in batch_errors.items():
                         reasons[lo + row] = reason
-                x0 = to_model_input(pixels)
-                if not batch_ok.all():  # unreadable rows enter as zeros, as load_batch gives them
-                    if cuda:  # (their features are zeroed below; a mask copy must not sync)
-                        keep = torch.from_numpy(batch_ok).pin_memory().to(device, non_blocking=True)
-                        x0 = x0 * keep.view(-1, 1, 1, 1)
-                    else:
-                        x0[torch.from_numpy(~batch_ok)] = 0
-                if view % 2 == 1:  # the flipped image, with the same noise as its draw's unflipped view
-                    x0 = torch.flip(x0, dims=[3])
-                x0 = model_input(model, x0, precision)  # a latent family's VAE latent; pixels otherwise
+                if (k, view % 2) in latents:  # a latent family encodes each image (and its flip) once, for every t
+                    x0 = latents[(k, view % 2)]
+                else:
+                    x0 = to_model_input(pixels)
+                    if not batch_ok.all():  # unreadable rows enter as zeros, as load_batch gives them
+                        if cuda:  # (their features are zeroed below; a mask copy must not sync)
+                            keep = torch.from_numpy(batch_ok).pin_memory().to(device, non_blocking=True)
+                            x0 = x0 * keep.view(-1, 1, 1, 1)
+                        else:
+                            x0[torch.from_numpy(~batch_ok)] = 0
+                    if view % 2 == 1:  # the flipped image, with the same noise as its draw's unflipped view
+                        x0 = torch.flip(x0, dims=[3])
+                    if encodes:
+                        x0 = latents[(k, view % 2)] = model_input(model, x0, precision)  # the VAE latent
                 # the one noisy forward (extract.forward): pinned noise copied without blocking, no copy that syncs
                 x_t = diffuse(x0, t, noise[(k, t, draw)].result(), schedule)
                 with torch.inference_mode():
