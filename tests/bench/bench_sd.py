@@ -66,7 +66,7 @@ def bench_sd(config: str = "sd15", image_size: int = 256, blocks=(15, 18), repea
         pixels = torch.rand(1, 3, image_size, image_size) * 2 - 1
         enc = _time(lambda: model.encode(pixels), repeats)
     vae = vae_encoder_flops(config, image_size)
-    lines.append(f"  VAE encoder (once per image and t) {enc:5.2f} s   ({vae / 1e9:.1f} GFLOPs = "
+    lines.append(f"  VAE encoder (once per image)      {enc:5.2f} s   ({vae / 1e9:.1f} GFLOPs = "
                  f"{vae / table[max(blocks)]:.2f}x the U-Net up to b={max(blocks)})")
     if torch.cuda.is_available():
         lines += _gpu(model, config, blocks, family)

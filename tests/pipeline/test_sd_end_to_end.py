@@ -33,7 +33,7 @@ def test_sd_extract_probe_report_and_live(cifar10_root, tmp_path):
     cache, results = tmp_path / "cache", tmp_path / "results.parquet"
     common = ["--dataset", "cifar10", "--config", "sd-tiny", "--cache-dir", cache]
     plan = _cli("extract", *common, "--data-root", cifar10_root, "--checkpoint", folder, "--image-size", 64,
-                "--per-class", 4, "--timesteps", 100, "--blocks", "15,18", "--shard-size", 20, "--synchronous",
+                "--per-class", 4, "--timesteps", "100,300", "--blocks", "15,18", "--shard-size", 20, "--synchronous",
                 "--no-progress")
     assert "b18/t100: (40, 16, 2, 2) float16" in plan  # 64 px -> latent 8 -> b18 at stride 4
     backbone_id = family_of("sd-tiny").backbone_id("sd-tiny", str(folder))
@@ -55,18 +55,19 @@ def test_sd_extract_probe_report_and_live(cifar10_root, tmp_path):
     backbone.image_size = 64
     rows = 20  # shard 0, one batch, with the job's thread count: the same arithmetic, the same bits
     paths, ids = list(reader.paths)[:rows], np.asarray(reader.image_ids)[:rows]
-    images = LiveImages(paths, np.zeros(rows, dtype=np.int64), 64, (100,), family_of("sd-tiny").schedule("sd-tiny"),
+    images = LiveImages(paths, np.zeros(rows, dtype=np.int64), 64, (100, 300), family_of("sd-tiny").schedule("sd-tiny"),
                         image_ids=ids, decode_threads=1, latent_shape=(4, 8, 8))
-    model = LiveHead(backbone, torch.nn.Identity(), [18], [100], pool=16, schedule=images.schedule)
+    model = LiveHead(backbone, torch.nn.Identity(), [18], [100, 300], pool=16, schedule=images.schedule)
     batch, _ = next(iter(images.batches(rows)))
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
-            live = model.block_features(batch)[(18, 100)]
+            live = model.block_features(batch)
     finally:
         torch.set_num_threads(1)
-    cached = torch.from_numpy(np.asarray(reader.load(18, 100))[:rows])
-    torch.testing.assert_close(live.float(), cached.float(), rtol=0, atol=0)
+    for t in (100, 300):  # t=300 reuses the job's latent of t=100: still the live path's bits
+        cached = torch.from_numpy(np.asarray(reader.load(18, t))[:rows])
+        torch.testing.assert_close(live[(18, t)].float(), cached.float(), rtol=0, atol=0)
 
     out = _cli("probe", *common, "--blocks", 18, "--timesteps", 100, "--live", "--conditioning", "learnable",
                "--checkpoint", folder, "--image-size", 64, "--data-root", cifar10_root, "--per-class", 2,
