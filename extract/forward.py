@@ -24,7 +24,23 @@ from extract.pooling import pool_features, pool_float
 from extract.precision import autocast
 from extract.schedule import NoiseSchedule
 
-__all__ = ["noisy_input", "diffuse", "block_features"]
+__all__ = ["noisy_input", "diffuse", "block_features", "model_input"]
+
+
+def model_input(model: nn.Module, pixels: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """x0 of a backbone: the images themselves (ADM), or its family's latent (``model.encode``: SD's VAE), no gradients.
+
+    Args:
+        pixels: (N, 3, S, S) images in [-1, 1]. precision: autocast of the encoder (the latent is float32).
+
+    Returns:
+        (N, C, h, w) float32 x0 on pixels' device: the noise is drawn in this shape.
+    """
+    encode = getattr(model, "encode", None)
+    if encode is None:
+        return pixels
+    with torch.no_grad(), autocast(pixels.device, precision):
+        return encode(pixels).float()
 
 
 def noisy_input(x0: torch.Tensor, t: int, image_ids: Sequence[int], seed: int, schedule: NoiseSchedule,
@@ -60,7 +76,7 @@ def diffuse(x0: torch.Tensor, t: int, noise: torch.Tensor, schedule: NoiseSchedu
 
 def block_features(model: nn.Module, x_t: torch.Tensor, t: int | torch.Tensor, blocks: Iterable[int],
                    pool: int | None = None, inject: Mapping[int, torch.Tensor] | None = None,
-                   precision: str = "fp32", float16: bool = True) -> dict[int, torch.Tensor]:
+                   precision: str = "fp32", float16: bool = True, cond: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """The requested blocks' outputs from ONE forward that stops after the deepest, pooled as the cache stores them.
 
     Gradients follow the caller's grad mode (``torch.inference_mode`` for extraction).
@@ -74,6 +90,7 @@ def block_features(model: nn.Module, x_t: torch.Tensor, t: int | torch.Tensor, b
         precision: fp32, bf16 or fp16 autocast of the forward (``extract.precision``).
         float16: pooled maps rounded to float16, as the cache stores them; False keeps float32
             (a backbone that trains).
+        cond: the family's conditioning (SD: a (1 or N, L, D) text embedding, e.g. a learnable one; None: its default).
 
     Returns:
         ``{b: (N, C_b, h, w)}``, h = min(native size, pool).
@@ -81,6 +98,8 @@ def block_features(model: nn.Module, x_t: torch.Tensor, t: int | torch.Tensor, b
     blocks = list(blocks)
     steps = t if torch.is_tensor(t) else torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=x_t.device)
     extra = {"inject": inject} if inject else {}  # only DifFeed's pass 2 injects: a plain forward is asked no more
+    if cond is not None:
+        extra["cond"] = cond
     with autocast(x_t.device, precision):
         maps = model.features(x_t, steps, blocks, **extra)
     if pool is None:

@@ -39,11 +39,11 @@ import torch
 from torch import nn
 
 from extract.cache import CacheSpec, ShardMarks, write_shard_data
-from extract.backbone.registry import create_backbone
+from extract.backbone.registry import create_backbone, family_of
 from extract.inputs.device_decode import check_decode_device, load_pixels_on_device
 from extract.errors import CacheMismatchError, DiskSpaceError
 from extract.inputs.images import _reason, load_pixels, to_model_input
-from extract.forward import block_features, diffuse
+from extract.forward import block_features, diffuse, model_input
 from extract.noise import seeded_noise
 from extract.precision import resolve_device, resolve_precision
 from extract.inputs.prefetch import PREFETCHER
@@ -215,8 +215,14 @@ def _noise_key(job: ShardJob, ids: tuple[int, ...], t: int, draw: int = 0) -> tu
     return ("noise", job.spec.noise_seed, ids, int(t), int(draw), job.spec.image_size)
 
 
+def _input_shape(config_name: str, image_size: int) -> tuple[int, int, int]:
+    """Shape of one image's x0 and noise: (3, S, S) pixels, or the family's latent."""
+    return family_of(config_name).input_shape(config_name, image_size)
+
+
 def _noise(job: ShardJob, ids: tuple[int, ...], t: int, pin: bool, draw: int = 0) -> torch.Tensor:
-    noise = seeded_noise(job.spec.noise_seed, ids, int(t), (3, job.spec.image_size, job.spec.image_size), draw=draw)
+    noise = seeded_noise(job.spec.noise_seed, ids, int(t), _input_shape(job.spec.config_name, job.spec.image_size),
+                         draw=draw)
     return noise.pin_memory() if pin else noise
 
 
@@ -360,6 +366,8 @@ def _run(job: ShardJob) -> ShardResult:
 
     ok = np.ones(count, dtype=bool)
     reasons = [""] * count
+    encodes = hasattr(model, "encode")
+    latents: dict[tuple[int, int], torch.Tensor] = {}  # (batch, flipped): x0 of a latent family, kept for every t
     with ThreadPoolExecutor(1, thread_name_prefix="diffrep-write") as writer:
         writes: list[Future] = []
         index_written = False
@@ -377,15 +385,20 @@ def _run(job: ShardJob) -> ShardResult:
                     ok[lo:hi] = batch_ok
                     for row, reason in batch_errors.items():
                         reasons[lo + row] = reason
-                x0 = to_model_input(pixels)
-                if not batch_ok.all():  # unreadable rows enter as zeros, as load_batch gives them
-                    if cuda:  # (their features are zeroed below; a mask copy must not sync)
-                        keep = torch.from_numpy(batch_ok).pin_memory().to(device, non_blocking=True)
-                        x0 = x0 * keep.view(-1, 1, 1, 1)
-                    else:
-                        x0[torch.from_numpy(~batch_ok)] = 0
-                if view % 2 == 1:  # the flipped image, with the same noise as its draw's unflipped view
-                    x0 = torch.flip(x0, dims=[3])
+                if (k, view % 2) in latents:  # a latent family encodes each image (and its flip) once, for every t
+                    x0 = latents[(k, view % 2)]
+                else:
+                    x0 = to_model_input(pixels)
+                    if not batch_ok.all():  # unreadable rows enter as zeros, as load_batch gives them
+                        if cuda:  # (their features are zeroed below; a mask copy must not sync)
+                            keep = torch.from_numpy(batch_ok).pin_memory().to(device, non_blocking=True)
+                            x0 = x0 * keep.view(-1, 1, 1, 1)
+                        else:
+                            x0[torch.from_numpy(~batch_ok)] = 0
+                    if view % 2 == 1:  # the flipped image, with the same noise as its draw's unflipped view
+                        x0 = torch.flip(x0, dims=[3])
+                    if encodes:
+                        x0 = latents[(k, view % 2)] = model_input(model, x0, precision)  # the VAE latent
                 # the one noisy forward (extract.forward): pinned noise copied without blocking, no copy that syncs
                 x_t = diffuse(x0, t, noise[(k, t, draw)].result(), schedule)
                 with torch.inference_mode():

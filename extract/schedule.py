@@ -1,4 +1,4 @@
-"""Noise schedules (linear, cosine) and ``q_sample``, in float64 as guided-diffusion computes them."""
+"""Noise schedules (linear, cosine, and Stable Diffusion's scaled-linear) and ``q_sample``, in float64 as guided-diffusion computes them."""
 
 from __future__ import annotations
 
@@ -9,13 +9,18 @@ import torch
 
 from extract.errors import ConfigError, TimestepRangeError
 
-__all__ = ["NoiseSchedule", "get_schedule", "linear_betas", "cosine_betas"]
+__all__ = ["NoiseSchedule", "get_schedule", "linear_betas", "cosine_betas", "scaled_linear_betas"]
 
 
 def linear_betas(num_steps: int) -> np.ndarray:
     """Ho et al.'s linear schedule, rescaled so any T spans the same range as T=1000."""
     scale = 1000 / num_steps
     return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+
+
+def scaled_linear_betas(num_steps: int, start: float = 0.00085, end: float = 0.012) -> np.ndarray:
+    """Stable Diffusion's schedule (diffusers' ``scaled_linear``): betas linear in their square root."""
+    return np.linspace(start ** 0.5, end ** 0.5, num_steps, dtype=np.float64) ** 2
 
 
 def cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -90,9 +95,11 @@ class NoiseSchedule:
 
 
 def get_schedule(name: str, num_steps: int = 1000) -> NoiseSchedule:
-    """``linear`` or ``cosine`` schedule with T = num_steps."""
+    """``linear``, ``cosine`` or ``scaled_linear`` (Stable Diffusion's) schedule with T = num_steps."""
     if name == "linear":
         return NoiseSchedule(linear_betas(num_steps), "linear")
     if name == "cosine":
         return NoiseSchedule(cosine_betas(num_steps), "cosine")
-    raise ConfigError(f"noise schedule {name!r} is unknown: choose linear or cosine")
+    if name == "scaled_linear":
+        return NoiseSchedule(scaled_linear_betas(num_steps), "scaled_linear")
+    raise ConfigError(f"noise schedule {name!r} is unknown: choose linear or cosine, or scaled_linear for Stable Diffusion")

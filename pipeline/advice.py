@@ -53,6 +53,8 @@ def extract_command_for(spec: CacheSpec, blocks: Iterable[int], timesteps: Itera
         words.append("--flip")
     if spec.noise_draws > 1:
         words += ["--noise-draws", str(spec.noise_draws)]
+    if spec.family != "adm":  # a latent family's image size is a choice (SD: 512 or 256)
+        words += ["--image-size", str(spec.image_size)]
     for key, flag in (("data_root", "--data-root"), ("split_dir", "--split-dir")):
         if recorded.get(key):
             words += [flag, str(recorded[key])]

@@ -16,10 +16,9 @@ import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from extract.backbone.adm import normalize_blocks
-from extract.backbone.configs import BackboneConfig, get_config
+from extract.backbone.family import BackboneFamily
+from extract.backbone.registry import family_of
 from extract.cache import (
     CacheSpec, FeatureCache, cache_path, count_objects, inner_chunk_rows, view_suffix,
 )
@@ -30,7 +29,6 @@ from extract.cache.provenance import compute_conflict
 from extract.errors import CacheError, CacheMismatchError, ConfigError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob
 from extract.pooling import pooled_size
-from extract.schedule import get_schedule
 
 from pipeline.datasets import ImageIndex, build_index, select_subset
 
@@ -95,18 +93,19 @@ class ExtractionRequest:
     decode_device: str = "cpu"
     order_seed: int = 0
     first_rows: int | None = None
+    image_size: int | None = None
 
-    def cache_spec(self, config: BackboneConfig, checkpoint_sha256: str, num_images: int) -> CacheSpec:
-        """The cache this request fills, for its resolved backbone configuration, the checkpoint's
-        SHA-256 ('' for random weights) and the images its subset keeps."""
+    def cache_spec(self, family: BackboneFamily, checkpoint_sha256: str, num_images: int) -> CacheSpec:
+        """The cache this request fills, for its backbone's family (what its spec records of the configuration),
+        the checkpoint's SHA-256 ('' for random weights) and the images its subset keeps."""
         subset = ",".join(f"{k}={v}" for k, v in (("per_class", self.per_class), ("limit", self.limit)) if v is not None)
         weight_seed = None if checkpoint_sha256 else int(self.weight_seed)
+        fields = family.spec_fields(self.config_name, image_size=self.image_size)
         return CacheSpec(
             dataset=self.dataset, split=self.split,
-            backbone_id=weights_id(config.name, weight_seed=weight_seed, sha256=checkpoint_sha256),
-            config_name=config.name, config_flags=config.flags, checkpoint_sha256=checkpoint_sha256,
-            weight_seed=weight_seed, image_size=config.image_size, noise_schedule=config.noise_schedule,
-            diffusion_steps=config.diffusion_steps, noise_seed=int(self.noise_seed), flip=bool(self.flip),
+            backbone_id=weights_id(self.config_name, weight_seed=weight_seed, sha256=checkpoint_sha256),
+            config_name=self.config_name, checkpoint_sha256=checkpoint_sha256, weight_seed=weight_seed, **fields,
+            noise_seed=int(self.noise_seed), flip=bool(self.flip),
             pool=int(self.pool), precision=self.precision, subset=subset or "all", num_images=num_images,
             shard_size=int(self.shard_size), row_order_seed=int(self.order_seed), noise_draws=int(self.noise_draws),
         )
@@ -171,9 +170,10 @@ class ExtractionPlan:
         if self.unpack is not None:
             archive, destination, size = self.unpack
             lines.append(f"  would unpack {archive} ({format_bytes(size)}) into {destination} first")
-        if not spec.checkpoint_sha256 and get_config(spec.config_name).checkpoint_file:
+        official = family_of(spec.config_name).official_checkpoint(spec.config_name)
+        if not spec.checkpoint_sha256 and official:
             lines.append(f"  note: no --checkpoint, so the weights are random: pass the official "
-                         f"{get_config(spec.config_name).checkpoint_file} to measure what diffusion training learned")
+                         f"{official} to measure what diffusion training learned")
         for (b, t), (c, h, w) in sorted(self.shapes.items()):
             if (b, t) in self.complete_arrays:
                 state = "complete, skipped"
@@ -297,11 +297,9 @@ def _verified_checkpoint(config_name: str, path: str, size: int, mtime_ns: int) 
 
     A bad file fails here, before any task starts, instead of once per shard on the workers.
     """
-    from extract.backbone.checkpoint import file_sha256
-    from extract.backbone.configs import check_checkpoint
-
-    check_checkpoint(config_name, path)
-    return file_sha256(path)
+    family = family_of(config_name)
+    family.check_checkpoint(config_name, path)
+    return family.checkpoint_sha256(path)
 
 
 def plan_extraction(
@@ -326,24 +324,24 @@ def plan_extraction(
         CacheError: a --cache-dir that cannot hold a cache, damaged cache metadata;
         CacheMismatchError: the cache was written with other settings; DiskSpaceError: not enough space.
     """
-    config = get_config(request.config_name)
-    if config.flags.get("class_cond"):
-        raise ConfigError(
-            f"{config.name} is class-conditional and extract has no class label to give it: "
-            f"use an unconditional backbone such as --config 256x256_uncond"
-        )
-    with torch.device("meta"):
-        model = config.build()
-    blocks, _ = normalize_blocks(request.blocks, model.num_blocks, config.name)
-    timesteps = sorted(set(get_schedule(config.noise_schedule, config.diffusion_steps).check_timesteps(request.timesteps)))
-    block_shapes = model.block_shapes()
-    del model
+    family = family_of(request.config_name)
+    refusal = family.extract_refusal(request.config_name)
+    if refusal:
+        raise ConfigError(refusal)
+    blocks, _ = family.normalize_blocks(request.config_name, request.blocks)
+    timesteps = sorted(set(family.schedule(request.config_name).check_timesteps(request.timesteps)))
+    if request.image_size is not None and family.inputs != "latent" and request.image_size != family.image_size(request.config_name):
+        raise ConfigError(f"{request.config_name} takes {family.image_size(request.config_name)} px images only: "
+                          f"leave out --image-size or pick a configuration of that size")
+    block_shapes = family.block_shapes(request.config_name, request.image_size)
 
     sha256 = ""
     if request.checkpoint:
-        require_checkpoint_file(request.checkpoint)
-        stat = os.stat(request.checkpoint)
-        sha256 = _verified_checkpoint(config.name, os.path.abspath(request.checkpoint), stat.st_size, stat.st_mtime_ns)
+        if family.inputs != "latent":  # an SD checkpoint may be a folder: its family checks it
+            require_checkpoint_file(request.checkpoint)
+        stat = os.stat(request.checkpoint) if os.path.exists(request.checkpoint) else None
+        sha256 = _verified_checkpoint(request.config_name, os.path.abspath(request.checkpoint) if stat else request.checkpoint,
+                                      stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0)
     if index is None:
         index = build_index(
             request.dataset, request.split, root=request.data_root, split_dir=request.split_dir,
@@ -351,7 +349,7 @@ def plan_extraction(
         )
     else:
         index = select_subset(index, per_class=request.per_class, limit=request.limit)
-    spec = request.cache_spec(config, sha256, index.num_images)
+    spec = request.cache_spec(family, sha256, index.num_images)
     # absolute: workers of a remote cluster (and the disk check) must not depend on our cwd
     path = cache_path(os.path.abspath(request.cache_dir), spec.dataset, spec.split, spec.backbone_id)
     _check_cache_dir(request.cache_dir, path)

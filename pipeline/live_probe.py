@@ -21,12 +21,9 @@ import numpy as np
 import torch
 
 import fusion  # noqa: F401 - the full head registry: the difformer head trains live too
-from extract.backbone.configs import get_config
-from extract.backbone.identity import backbone_id as weights_id
-from extract.backbone.registry import create_backbone
+from extract.backbone.registry import create_backbone, family_of
 from extract.errors import interrupted_saying
 from extract.precision import resolve_device
-from extract.schedule import get_schedule
 from probe.live_images import LiveImages
 from probe.errors import ProbeError
 from probe.heads import HEADS, count_parameters, create_head, default_lr
@@ -58,6 +55,9 @@ class LiveProbeRequest:
         protocol: epochs, lr, solver (sgd/adam), batch, seed, label fraction. steps: stop after so many.
         finetune, backbone_lr: train the backbone too, at its own lr (official 1e-3).
         precision: autocast of the backbone (None: bf16 on GPUs, fp32 on the CPU).
+        image_size: the model's input side in pixels (None: the configuration's).
+        conditioning: SD's text conditioning: ``null-text`` (the empty prompt) or ``learnable`` (an embedding
+            of the text encoder's shape, initialised to the null text, trained with the head).
     """
 
     dataset: str
@@ -86,6 +86,8 @@ class LiveProbeRequest:
     finetune: bool = False
     backbone_lr: float = 1e-3
     precision: str | None = None
+    image_size: int | None = None
+    conditioning: str = "null-text"
     device: str = "auto"
     decode_threads: int = 2
     checkpoint_dir: str | None = None
@@ -127,13 +129,14 @@ class LiveSelection:
 
 
 def live_splits(selection: LiveSelection, image_size: int, timesteps, schedule,
-                dry_run: bool = False) -> tuple[LiveImages, LiveImages, int]:
+                dry_run: bool = False, latent_shape: tuple[int, int, int] | None = None) -> tuple[LiveImages, LiveImages, int]:
     """(train, test, number of classes) as ``LiveImages``; the test split always uses the seeded noise, no augmentation.
 
     Args:
         selection: the images and how they are drawn. image_size: the backbone's input side.
         timesteps, schedule: the diffusion timesteps and noise schedule of the noisy forward.
         dry_run: list a packed dataset from its archive instead of unpacking it.
+        latent_shape: a latent family's x0 shape (``LiveImages``): the batches carry images and noise.
     """
     s = selection
     splits = []
@@ -147,7 +150,7 @@ def live_splits(selection: LiveSelection, image_size: int, timesteps, schedule,
             paths, labels, ids = [paths[r] for r in rows], labels[rows], ids[rows]
         splits.append(LiveImages(paths, labels, image_size, timesteps, schedule, noise_seed=s.noise_seed,
                                  fresh_noise=s.fresh_noise and training, augment=s.augment and training,
-                                 decode_threads=s.decode_threads, image_ids=ids))
+                                 decode_threads=s.decode_threads, image_ids=ids, latent_shape=latent_shape))
         num_classes = index.num_classes
     return splits[0], splits[1], num_classes
 
@@ -173,20 +176,31 @@ def _run_live_probe(request: LiveProbeRequest, announce: Callable[[dict], None] 
         raise ProbeError("--live trains one head at a time: pass one --lr")
     device = resolve_device(request.device)
     precision = request.precision or default_precision(device)
-    cfg = get_config(request.config_name)
+    family = family_of(request.config_name)
+    latent = family.inputs == "latent"
+    if request.conditioning != "null-text" and not latent:
+        raise ProbeError(f"{request.config_name} takes no text: leave out --conditioning (it is for Stable Diffusion)")
+    if request.image_size is not None and not latent and request.image_size != family.image_size(request.config_name):
+        raise ProbeError(f"{request.config_name} takes {family.image_size(request.config_name)} px images only: "
+                         f"leave out --image-size")
+    image_size = request.image_size or family.image_size(request.config_name)
     backbone = create_backbone(request.config_name, checkpoint=request.checkpoint,
                                weight_seed=None if request.checkpoint else request.weight_seed)
+    if latent:
+        backbone.image_size = image_size
     shapes = live_in_shapes(backbone, request.blocks, request.timesteps, request.cache_pool, request.config_name)
-    schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
+    schedule = family.schedule(request.config_name)
     selection = LiveSelection.of(request, label_fraction=fitting.label_fraction, seed=fitting.seed)
-    train, test, num_classes = live_splits(selection, cfg.image_size, request.timesteps, schedule)
+    train, test, num_classes = live_splits(selection, image_size, request.timesteps, schedule,
+                                           latent_shape=family.input_shape(request.config_name, image_size) if latent else None)
     overrides = head_overrides(request)
     torch.manual_seed(fitting.seed)
     head = create_head(request.head, shapes, num_classes, **overrides)
     model = LiveHead(backbone, head, request.blocks, request.timesteps, request.cache_pool,
-                     finetune=request.finetune, precision=precision)
+                     finetune=request.finetune, precision=precision, schedule=schedule if latent else None,
+                     cond=backbone.null_text if request.conditioning == "learnable" else None)
     lr = fitting.lr[0] if fitting.lr else default_lr(request.head)
-    backbone_id = weights_id(request.config_name, request.checkpoint, request.weight_seed)
+    backbone_id = family.backbone_id(request.config_name, request.checkpoint, request.weight_seed)
     identity = dict(dataset=request.dataset, train_split=request.train_split, test_split=request.test_split,
                     config=request.config_name, checkpoint=request.checkpoint, weight_seed=request.weight_seed,
                     noise_seed=request.noise_seed, fresh_noise=request.fresh_noise, augment=request.augment,
@@ -195,10 +209,11 @@ def _run_live_probe(request: LiveProbeRequest, announce: Callable[[dict], None] 
                                                             for k, v in sorted(overrides.items())},
                     per_class=request.per_class, test_per_class=request.test_per_class,
                     label_fraction=fitting.label_fraction, finetune=request.finetune, precision=precision,
-                    train_images=train.num_images, test_images=test.num_images)
+                    train_images=train.num_images, test_images=test.num_images,
+                    **({"image_size": image_size, "conditioning": request.conditioning} if latent else {}))
     checkpoint_dir = request.checkpoint_dir or str(
         Path(request.results_path or default_results_path()).parent / "checkpoints" /
-        (f"{request.dataset}_{backbone_id}_live_{request.head}_b{fmt_keys(request.blocks)}_t{fmt_keys(request.timesteps)}"
+        (f"{request.dataset}_{backbone_id}{'_learnable' if request.conditioning == 'learnable' else ''}_live_{request.head}_b{fmt_keys(request.blocks)}_t{fmt_keys(request.timesteps)}"
          f"{'_finetune' if request.finetune else ''}_{solver}_s{fitting.seed}"))
     config = fitting.train_config(solver, lr, backbone_lr=request.backbone_lr if request.finetune else None,
                                   steps=request.steps)

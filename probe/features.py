@@ -69,7 +69,9 @@ def resolve_backbone_id(root: str | os.PathLike, dataset: str, split: str, confi
     parent = os.path.dirname(cache_path(root, dataset, split, "x"))
     found = sorted(
         name for name in (os.listdir(parent) if os.path.isdir(parent) else [])
-        if name.startswith(f"{config_name}-") and os.path.exists(os.path.join(parent, name, "zarr.json"))
+        # the rest is one sha12 or random<seed>: sd21's caches are not sd21-base's
+        if name.startswith(f"{config_name}-") and "-" not in name[len(config_name) + 1:]
+        and os.path.exists(os.path.join(parent, name, "zarr.json"))
     )
     if len(found) == 1:
         return found[0]

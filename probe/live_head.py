@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from extract.forward import block_features
+from extract.forward import block_features, diffuse, model_input
 from extract.pooling import pooled_size
 
 from probe.errors import ProbeError
@@ -95,11 +95,17 @@ class LiveHead(TunableBackbone):
         head: a head from ``probe.heads.create_head`` built for ``live_in_shapes(...)``.
         blocks, timesteps: what the head reads. pool: the cache's stored side (pooling as it does).
         finetune: gradients reach the backbone. precision: fp32, bf16 or fp16 autocast of the backbone.
+        schedule: a latent family's schedule: batches then carry clean images and noise (``LiveImages``'s
+            ``latent_shape``) and x_t is made here, after the backbone's encoder.
+        cond: a conditioning that trains with the head (SD's learnable text embedding, (1, L, D) initial value).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, blocks: Sequence[int], timesteps: Sequence[int],
-                 pool: int = 16, finetune: bool = False, precision: str = "fp32"):
+                 pool: int = 16, finetune: bool = False, precision: str = "fp32", schedule=None,
+                 cond: torch.Tensor | None = None):
         super().__init__()
+        self.schedule = schedule
+        self.cond = nn.Parameter(cond.detach().clone()) if cond is not None else None
         self.backbone, self.head = backbone, head
         self.blocks, self.timesteps, self.pool = list(blocks), [int(t) for t in timesteps], int(pool)
         self.precision = precision
@@ -116,10 +122,14 @@ class LiveHead(TunableBackbone):
         """``{(0, t): x_t}`` -> ``{(b, t): pooled float16 features}`` for every block and timestep read
         (float32 when the backbone is tuned)."""
         out = {}
+        trains = self.finetune or self.cond is not None
         for t in self.timesteps:
-            with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
-                pooled = block_features(self.backbone, images[(0, t)], t, self.blocks, pool=self.pool,
-                                        precision=self.precision, float16=not self.finetune)
+            x_t = images[(0, t)]
+            if (-1, t) in images:  # a latent family: encode the clean images, then add the batch's noise
+                x_t = diffuse(model_input(self.backbone, x_t, self.precision), t, images[(-1, t)], self.schedule)
+            with torch.set_grad_enabled(trains and torch.is_grad_enabled()):
+                pooled = block_features(self.backbone, x_t, t, self.blocks, pool=self.pool,
+                                        precision=self.precision, float16=not trains, cond=self.cond)
             out.update({(b, t): maps for b, maps in pooled.items()})
         return out
 

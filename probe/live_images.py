@@ -23,16 +23,19 @@ import torch
 from torch.nn import functional as F
 
 from extract.forward import diffuse, noisy_input
+from extract.noise import seeded_noise
 from extract.inputs.images import load_batch
 from extract.schedule import NoiseSchedule
 from probe.errors import ProbeError
 from extract.inputs.read_ahead import read_ahead
 from probe.train import epoch_order
 
-__all__ = ["LiveImages", "LIVE_KEY_BLOCK"]
+__all__ = ["LiveImages", "LIVE_KEY_BLOCK", "NOISE_KEY_BLOCK"]
 
 #: The "block" of the images themselves in a live batch's feature dict: ``{(0, t): x_t}``.
 LIVE_KEY_BLOCK = 0
+#: key block of a latent family's noise in a batch (its x_t is made on the device, after the encoder)
+NOISE_KEY_BLOCK = -1
 
 
 def _random_resized_crop(images: torch.Tensor, generator: torch.Generator, scale=(0.8, 1.0)) -> torch.Tensor:
@@ -59,12 +62,16 @@ class LiveImages:
             extract stage's; default 0..N-1). fresh_noise: new noise every step instead.
         augment: random resized crop (0.8-1.0) and flip every step. decode_threads: decoding threads.
         cached: ``{(b, t): (N, C, h, w) tensor}`` rows aligned with ``paths``, yielded beside x_t.
+        latent_shape: for a latent family (SD), the (C, h, w) of its x0: the batch then holds the clean
+            images at ``(0, t)`` and the noise at ``(NOISE_KEY_BLOCK, t)`` (the same seeded noise as the
+            extract job's), and the live head encodes and noises them on its device.
     """
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, image_size: int, timesteps: int | Sequence[int],
                  schedule: NoiseSchedule, noise_seed: int = 0, fresh_noise: bool = False, augment: bool = False,
                  decode_threads: int = 2, prefetch: int = 3, image_ids: Sequence[int] | None = None,
-                 cached: Mapping[tuple[int, int], torch.Tensor] | None = None):
+                 cached: Mapping[tuple[int, int], torch.Tensor] | None = None,
+                 latent_shape: tuple[int, int, int] | None = None):
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
         self.timesteps = [int(timesteps)] if isinstance(timesteps, (int, np.integer)) else [int(t) for t in timesteps]
         self.image_size, self.schedule = image_size, schedule
@@ -73,6 +80,7 @@ class LiveImages:
         self.num_images = len(self.paths)
         self.image_ids = np.arange(self.num_images) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
         self.cached = dict(cached or {})
+        self.latent_shape = tuple(latent_shape) if latent_shape else None
         if len(self.image_ids) != self.num_images or len(self.labels) != self.num_images:
             raise ProbeError(f"{self.num_images} images but {len(self.labels)} labels and {len(self.image_ids)} ids")
         if self.cached and (augment or fresh_noise):
@@ -96,6 +104,12 @@ class LiveImages:
             images = torch.where(flips[:, None, None, None], images.flip(-1), images)
         batch = {}
         for t in self.timesteps:
+            if self.latent_shape is not None:  # a latent family: x_t is made on the device, after its encoder
+                shape = (images.shape[0], *self.latent_shape)
+                batch[(LIVE_KEY_BLOCK, t)] = images
+                batch[(NOISE_KEY_BLOCK, t)] = (torch.randn(shape, generator=generator) if self.fresh_noise else
+                                               seeded_noise(self.noise_seed, self.image_ids[rows].tolist(), t, shape[1:]))
+                continue
             if self.fresh_noise:
                 x_t = diffuse(images, t, torch.randn(images.shape, generator=generator), self.schedule)
             else:  # the extract job's x_t, bit for bit

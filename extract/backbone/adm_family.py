@@ -60,6 +60,26 @@ class ADMFamily(BackboneFamily):
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
+    def spec_fields(self, config_name: str, image_size: int | None = None, conditioning: str | None = None) -> dict:
+        cfg = get_config(config_name)
+        return dict(config_flags=cfg.flags, image_size=cfg.image_size, noise_schedule=cfg.noise_schedule,
+                    diffusion_steps=cfg.diffusion_steps)
+
+    def official_checkpoint(self, config_name: str) -> str:
+        return get_config(config_name).checkpoint_file
+
+    def extract_refusal(self, config_name: str) -> str | None:
+        cfg = get_config(config_name)
+        if cfg.flags.get("class_cond"):
+            return (f"{cfg.name} is class-conditional and extract has no class label to give it: "
+                    f"use an unconditional backbone such as --config 256x256_uncond")
+        return None
+
+    def check_checkpoint(self, config_name: str, checkpoint: str) -> None:
+        from extract.backbone.configs import check_checkpoint
+
+        check_checkpoint(config_name, checkpoint)
+
     def build_meta(self, config_name: str) -> nn.Module:
         with torch.device("meta"):
             return get_config(config_name).build()

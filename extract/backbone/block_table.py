@@ -22,14 +22,26 @@ def block_table(config_name: str, batch: int = 1) -> list[BlockRow]:
     return family_of(config_name).block_table(config_name, batch)
 
 
-def format_block_table(rows: list[BlockRow]) -> str:
-    """Render rows as an aligned text table (GFLOPs and share of the full forward)."""
+def format_block_table(rows: list[BlockRow], extra_sizes: dict[str, dict[int, str]] | None = None,
+                       size_label: str = "size") -> str:
+    """Render rows as an aligned text table (GFLOPs and share of the full forward).
+
+    ``extra_sizes``: ``{column heading: {b: value}}``, more columns after the size (SD's sides and GFLOPs at 256 px).
+    """
     total = rows[-1]
-    lines = [f"{'b':>3}  {'module':<17} {'channels':>8} {'size':>5} {'cum GFLOPs':>11} {'of full':>8} {'params':>12}"]
+    extra = extra_sizes or {}
+    width = max([17] + [len(r.module) for r in rows[:-1]])
+    widths = {s: max(5, len(s)) for s in extra}
+    sizes_head = "".join(f" {s:>{widths[s]}}" for s in extra)
+    lines = [f"{'b':>3}  {'module':<{width}} {'channels':>8} {size_label:>5}{sizes_head} {'cum GFLOPs':>11} "
+             f"{'of full':>8} {'params':>12}"]
     for r in rows[:-1]:
+        sides = "".join(f" {extra[s][r.b]:>{widths[s]}}" for s in extra)
         lines.append(
-            f"{r.b:>3}  {r.module:<17} {r.channels:>8} {r.size:>5} {r.flops_cum / 1e9:>11.2f} "
+            f"{r.b:>3}  {r.module:<{width}} {r.channels:>8} {r.size:>5}{sides} {r.flops_cum / 1e9:>11.2f} "
             f"{r.flops_cum / total.flops_cum:>8.1%} {r.params:>12,}"
         )
-    lines.append(f"{'':>3}  {'full forward':<17} {'':>8} {'':>5} {total.flops_cum / 1e9:>11.2f} {'100.0%':>8} {total.params:>12,}")
+    pad = "".join(f" {'':>{widths[s]}}" for s in extra)
+    lines.append(f"{'':>3}  {'full forward':<{width}} {'':>8} {'':>5}{pad} {total.flops_cum / 1e9:>11.2f} {'100.0%':>8} "
+                 f"{total.params:>12,}")
     return "\n".join(lines)

@@ -15,7 +15,14 @@ names its configurations and, for each one, provides:
   configuration's input size, cumulative FLOPs, parameters), measured here once for every family;
 - block-range normalisation and the mirror block (the encoder block whose skip a decoder block
   reads, the target of DifFeed's feedback), both computed from the configuration's block count;
-- the identity of its weights, ``<config>-<sha12>`` (``extract.backbone.identity``).
+- the identity of its weights, ``<config>-<sha12>`` (``extract.backbone.identity``), and a cheap
+  check of a checkpoint before any job starts (``check_checkpoint``);
+- what the cache spec records of it (``spec_fields``: image size, schedule, conditioning, latent
+  choice), the image sizes it takes (``image_size``, ``--image-size``), and the shape of its x0
+  and noise at an image size (``input_shape``: (3, S, S) pixels, or the latent's).
+
+A ``latent`` family's module also offers ``encode(pixels) -> x0`` (``extract.forward.model_input``
+calls it before the noise is added) and ``input_shape(image_size)``.
 """
 
 from __future__ import annotations
@@ -150,6 +157,47 @@ class BackboneFamily(ABC):
 
     def num_blocks(self, config_name: str) -> int:
         return self.build_meta(config_name).num_blocks
+
+    def image_size(self, config_name: str) -> int:
+        """Default image side in pixels (``--image-size`` overrides it where the family allows)."""
+        return self.input_size(config_name)
+
+    def table_sizes(self, config_name: str) -> tuple[int, ...]:
+        """Image sizes ``diffrep info`` shows block sides at (the first is the table's own)."""
+        return (self.image_size(config_name),)
+
+    def input_shape(self, config_name: str, image_size: int) -> tuple[int, int, int]:
+        """Shape of one image's x0 and noise at ``image_size`` pixels: (3, S, S) for a pixel family."""
+        return (3, int(image_size), int(image_size))
+
+    def block_shapes(self, config_name: str, image_size: int | None = None) -> dict[int, tuple[int, int]]:
+        """``{b: (channels, side)}`` at ``image_size`` pixels (None: the configuration's own size)."""
+        shapes = self.build_meta(config_name).block_shapes()
+        if image_size is None or image_size == self.image_size(config_name):
+            return shapes
+        scale = image_size / self.image_size(config_name)
+        return {b: (c, max(1, round(side * scale))) for b, (c, side) in shapes.items()}
+
+    def spec_fields(self, config_name: str, image_size: int | None = None, conditioning: str | None = None) -> dict:
+        """What a cache spec records of this backbone besides its id (``extract.cache.CacheSpec`` fields)."""
+        raise NotImplementedError
+
+    def official_checkpoint(self, config_name: str) -> str:
+        """The name of the file its authors published ('' when there is none to name)."""
+        return ""
+
+    def extract_refusal(self, config_name: str) -> str | None:
+        """Why ``extract`` cannot run this configuration (None: it can)."""
+        return None
+
+    def check_checkpoint(self, config_name: str, checkpoint: str) -> None:
+        """Raise CheckpointError, before any job starts, when ``checkpoint`` cannot load into the configuration."""
+
+    def checkpoint_sha256(self, checkpoint: str) -> str:
+        """SHA-256 of the weights (hashed once per file version)."""
+        from extract.backbone.identity import checkpoint_sha256
+
+        return checkpoint_sha256(checkpoint)
 
     def normalize_blocks(self, config_name: str, blocks: int | Iterable[int]) -> tuple[tuple[int, ...], int]:
         """(sorted unique blocks, deepest block) of ``config_name``, or a one-line BlockRangeError."""

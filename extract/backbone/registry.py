@@ -13,6 +13,7 @@ from torch import nn
 
 from extract.backbone.adm_family import ADMFamily
 from extract.backbone.family import BackboneFamily
+from extract.backbone.sd_family import SDFamily
 from extract.errors import ConfigError
 
 __all__ = ["FAMILIES", "get_family", "family_of", "create_backbone"]
@@ -20,6 +21,7 @@ __all__ = ["FAMILIES", "get_family", "family_of", "create_backbone"]
 #: family name -> factory of its :class:`BackboneFamily`
 FAMILIES: dict[str, Callable[[], BackboneFamily]] = {
     "adm": ADMFamily,
+    "sd": SDFamily,
 }
 
 

@@ -69,7 +69,10 @@ class CacheSpec:
         pool: stored side is min(native, pool); 0 keeps full maps. precision: fp32, bf16 or fp16 compute.
         dtype: storage dtype (float16); shard_size: images per shard.
         row_order_seed: seed of the row order (``extract.cache.order.row_order``); None keeps the dataset
-            index order. (The layout version is kept
+            index order.
+        family: the backbone family (``adm``, ``sd``); conditioning: what the backbone was conditioned on
+            (``none``; SD: ``null-text``); latent: what x0 is (``pixels``; SD: ``vae-posterior-mean*0.18215``).
+            (The layout version is kept
         beside the spec, in ``attrs["diffrep"]["format_version"]``, so it is read before the spec.)
     """
 
@@ -94,6 +97,9 @@ class CacheSpec:
     dtype: str = "float16"
     row_order_seed: int | None = None
     noise_draws: int = 1
+    family: str = "adm"
+    conditioning: str = "none"
+    latent: str = "pixels"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_flags", json.loads(json.dumps(dict(self.config_flags), sort_keys=True)))
@@ -151,6 +157,7 @@ _HINTS = {
     "precision": "pass --precision {v}",
     "shard_size": "pass --shard-size {v}",
     "config_name": "pass --config {v}",
+    "image_size": "pass --image-size {v}",
     "subset": "pass the same --per-class/--limit ({v})",
     "num_images": "pass the same --per-class/--limit (the cache has {v} images)",
     "row_order_seed": "pass --order-seed {v}",

@@ -8,7 +8,7 @@ import click
 
 from pipeline.cli.options import (
     BlockList, FolderName, PoolList, TimestepList, cache_dir_option, checkpoint_option, config_option, dataset_option,
-    device_option,
+    device_option, image_size_option,
 )
 
 _CONFIRM_BYTES = 100e9
@@ -24,6 +24,7 @@ _CONFIRM_BYTES = 100e9
               help="Stored maps are min(native, pool) per side; 'none' keeps full maps (coarser pools derive at read time).")
 @config_option()
 @checkpoint_option()
+@image_size_option()
 @click.option("--weight-seed", type=int, default=0, show_default=True, help="Seed of random weights (without --checkpoint).")
 @click.option("--noise-seed", type=int, default=0, show_default=True, help="Seed of the per-image noise.")
 @click.option("--order-seed", type=int, default=0, show_default=True,
@@ -61,7 +62,7 @@ _CONFIRM_BYTES = 100e9
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before writing more than 100 GB.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop; writes nothing (a packed dataset is listed, not unpacked).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, weight_seed, noise_seed, order_seed, flip, noise_draws,
+def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, image_size, weight_seed, noise_seed, order_seed, flip, noise_draws,
             shard_size, batch_size, per_class, limit, data_root, split_dir, cache_dir, device, precision, decode_threads,
             decode_device, scheduler, synchronous, workers, threads, yes, dry_run, no_progress) -> None:
     """Run the backbone once per (image, t), capture every requested block in that pass, and cache them.
@@ -100,7 +101,7 @@ def extract(dataset, splits, timesteps, blocks, pool, config_name, checkpoint, w
             noise_seed=noise_seed, flip=flip, noise_draws=noise_draws, shard_size=shard_size, batch_size=batch_size,
             per_class=per_class, limit=limit, data_root=data_root, split_dir=split_dir, device=device,
             precision=precision, num_threads=threads, order_seed=order_seed, decode_threads=decode_threads,
-            decode_device=decode_device,
+            decode_device=decode_device, image_size=image_size,
         )
         for split in split_names
     ]

@@ -10,7 +10,7 @@ import click
 
 __all__ = [
     "IntList", "BlockList", "TimestepList", "PoolList", "FloatList", "FolderName", "RamCapGb", "int_tuple",
-    "config_option", "checkpoint_option", "dataset_option", "cache_dir_option", "device_option",
+    "config_option", "checkpoint_option", "image_size_option", "dataset_option", "cache_dir_option", "device_option",
     "default_cache_dir", "cache_options", "protocol_options", "SOLVER_CHOICES", "L2_DEFAULT",
 ]
 
@@ -143,8 +143,22 @@ def config_option(default: str = "256x256_uncond"):
 
 def checkpoint_option():
     return click.option(
-        "--checkpoint", type=click.Path(dir_okay=False, resolve_path=True), default=None,
-        help="Official guided-diffusion .pt file for --config; without it the weights are random (for tests and benchmarks).",
+        "--checkpoint", type=click.Path(), default=None, callback=_absolute_if_present,
+        help="Weights for --config: an official guided-diffusion .pt file, or for Stable Diffusion a local diffusers "
+             "folder or .safetensors file; without it the weights are random (for tests and benchmarks).",
+    )
+
+
+def _absolute_if_present(_ctx, _param, value: str | None) -> str | None:
+    """An existing path made absolute (workers elsewhere must not depend on our cwd); anything else as typed,
+    so the family can say what it is (a hub name, a missing file)."""
+    return os.path.abspath(value) if value and os.path.exists(value) else value
+
+
+def image_size_option():
+    return click.option(
+        "--image-size", "image_size", type=click.IntRange(min=8), default=None,
+        help="Model input side in pixels (Stable Diffusion: 512 or 256; default: the configuration's own).",
     )
 
 

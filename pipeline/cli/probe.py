@@ -12,7 +12,7 @@ import click
 
 from pipeline.cli.options import (
     BlockList, FolderName, IntList, PoolList, RamCapGb, TimestepList, cache_dir_option, cache_options, checkpoint_option, config_option,
-    dataset_option, device_option, int_tuple, protocol_options,
+    dataset_option, device_option, image_size_option, int_tuple, protocol_options,
 )
 
 
@@ -44,9 +44,14 @@ def _live_options(fn):
                      help="--live: backbone autocast [default: bf16 on GPUs, fp32 on the CPU]."),
         click.option("--decode-threads", type=click.IntRange(min=1), default=2, show_default=True,
                      help="--live: image-decoding threads ahead of the forward."),
+        image_size_option(),
+        click.option("--conditioning", type=click.Choice(["null-text", "learnable"]), default="null-text",
+                     show_default=True, help="--live, Stable Diffusion: the empty prompt's embedding, or a learnable "
+                                             "one of the text encoder's shape trained with the head."),
     ]
     names = ("live", "checkpoint", "weight_seed", "data_root", "per_class", "test_per_class", "noise_seed",
-             "fresh_noise", "augment", "cache_pool", "finetune", "backbone_lr", "steps", "precision", "decode_threads")
+             "fresh_noise", "augment", "cache_pool", "finetune", "backbone_lr", "steps", "precision", "decode_threads",
+             "image_size", "conditioning")
 
     @functools.wraps(fn)
     def wrapper(**options):

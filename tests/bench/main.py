@@ -8,7 +8,8 @@ CUDA), headline (the official protocol, ``probe --live``, against extract + cach
 same images, head and epochs, and the ratio extrapolated to ImageNet), probe (seconds per epoch
 on the cache vs live backbone vs in memory), fusion (DifFeed training images/s, truncated passes
 vs both in full), gpu (bf16 images/s of the real 256x256 model and its share of the GPU's peak;
-skipped without CUDA). Run one with ``python -m tests.bench pipeline``. Not in the default run
+skipped without CUDA), sd (Stable Diffusion 1.5's truncated vs full U-Net at 256 px against its FLOP
+table, and the VAE encoder's cost; not in the default run: ``make bench EXTRA=sd``). Run one with ``python -m tests.bench pipeline``. Not in the default run
 (accuracy, not speed, and several minutes): protocols (each linear-probe protocol's top-1 and
 seconds on one cache).
 """
@@ -165,13 +166,17 @@ def main(argv: list[str] | None = None) -> int:
             from tests.bench.bench_fusion import bench_fusion
 
             lines = bench_fusion()
+        elif section == "sd":
+            from tests.bench.bench_sd import bench_sd
+
+            lines = bench_sd(repeats=args.repeats)
         elif section == "protocols":
             from tests.bench.bench_protocols import bench_protocols
 
             lines = bench_protocols()
         else:
             parser.error(f"unknown section {section!r}: choose backbone, extract, pipeline, headline, probe, "
-                         "fusion, gpu or protocols")
+                         "fusion, gpu, sd or protocols")
         sys.stdout.write("\n".join(lines) + "\n\n")
         sys.stdout.flush()
     return 0

@@ -115,5 +115,5 @@ def test_a_second_family_is_one_registry_entry(monkeypatch):
     assert rows[0].flops_cum == 2 * 4 * 4 * 64 and rows[-1].flops_cum == 3 * rows[0].flops_cum  # 1x1 convs, 8x8
     with pytest.raises(ConfigError, match=r"^unknown configuration 'nope': choose one of .*256x256_uncond.*toy_latent$"):
         create_backbone("nope")
-    with pytest.raises(ConfigError, match=r"^unknown backbone family 'sd': choose one of adm, latent-toy$"):
-        get_family("sd")
+    with pytest.raises(ConfigError, match=r"^unknown backbone family 'dit': choose one of adm, sd, latent-toy$"):
+        get_family("dit")
