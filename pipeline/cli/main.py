@@ -70,3 +70,7 @@ def main(verbose: int) -> None:
 for _command in (info, extract, probe, knn, cka, sweep, report, demo, pretrain, fuse, feedback, verify):
     main.add_command(_command)
 main.add_command(search)
+
+
+if __name__ == "__main__":  # torchrun -m pipeline.cli.main ..., and python -m
+    main()

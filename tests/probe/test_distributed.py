@@ -1,0 +1,171 @@
+"""Two gloo processes train the same run as one process with the same global batch (extract.distributed).
+
+Real CIFAR-10 features cached by ``diffrep extract`` (the bundled 32x32 model, 10 + 10 images a class).
+The one-process side runs in the test's own process; the two-process side is one spawn that runs every
+head in turn. Equal "to float tolerance": DDP averages the ranks' gradients, so sums are added in
+another order; the tolerances below are a few times what was measured (see NOTES-dist.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from extract import distributed
+from probe.features import flatten_features, load_features, open_split, resolve_backbone_id
+from probe.heads import create_head
+from probe.logistic import converged_linear_probe
+from probe.train import TrainConfig, fit
+
+from tests.probe.ranks import run_ranks
+
+KEY = (9, 50)
+#: (head, solver, lr, options, steps): sgd and adam linear heads for whole epochs; attention and DifFormer a few steps.
+RUNS = [
+    ("linear", "sgd", 0.1, {}, None),
+    ("linear", "adam", 1e-3, {}, None),
+    ("attention", "sgd", 5e-2, dict(dim=32, depth=1, num_heads=2, token_pool=4), 3),
+    ("difformer", "adam", 1e-3, dict(dim=32, depth=1, num_heads=2, token_pool=4), 3),
+]
+#: Measured worst differences, 2 processes vs 1 (float32): linear weights ~1e-7, attention/DifFormer ~1e-6.
+WEIGHT_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def cache_dir(cifar10_root, tmp_path_factory) -> Path:
+    import fusion  # noqa: F401 - registers the difformer head
+    from pipeline.cli.main import main
+
+    cache = tmp_path_factory.mktemp("dist") / "cache"
+    result = CliRunner().invoke(main, [
+        "extract", "--dataset", "cifar10", "--config", "32x32_small", "-t", "50", "-b", "9", "--pool", "4",
+        "--per-class", "10", "--synchronous", "--threads", "1", "--no-progress", "-y",
+        "--data-root", str(cifar10_root.parent), "--cache-dir", str(cache)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return cache
+
+
+def _splits(cache_dir):
+    backbone = resolve_backbone_id(cache_dir, "cifar10", "train", "32x32_small")
+    return [load_features(open_split(cache_dir, "cifar10", split, backbone), [KEY]) for split in ("train", "test")]
+
+
+def train_heads(cache_dir) -> list[tuple[dict, float]]:
+    """Every head of RUNS trained on the cached features: (weights, test top-1) each (on every rank)."""
+    import fusion  # noqa: F401
+
+    train, test = _splits(cache_dir)
+    shapes = {KEY: tuple(train.features[KEY].shape[1:])}
+    out = []
+    for head, solver, lr, options, steps in RUNS:
+        torch.manual_seed(0)
+        module = create_head(head, shapes, 10, **options)
+        config = TrainConfig(epochs=2, lr=lr, optimizer=solver, batch_size=32, seed=0, steps=steps)
+        result = fit(module, train.features, train.labels, test.features, test.labels, config, progress=False)
+        out.append(({k: v.detach().clone() for k, v in module.state_dict().items()}, result.top1))
+    return out
+
+
+def converged(cache_dir):
+    """The converged linear probe (L2 chosen on held-out rows, then refitted), sharded by rows when distributed."""
+    train, test = _splits(cache_dir)
+    result = converged_linear_probe(flatten_features(train.features, [KEY], 2), train.labels,
+                                    flatten_features(test.features, [KEY], 2), test.labels, 10,
+                                    l2_grid=(1.0, 0.1), across_ranks=distributed.active())
+    return result.model.weight, result.model.bias, result.l2, result.top1, result.train_loss
+
+
+def live_steps(data_root) -> list[tuple[dict, float]]:
+    """Two steps through the live backbone (32x32, random weights): DifFeed (BatchNorm in its feedback layers,
+    global-batch statistics on several ranks), and a linear ``probe --live`` head with the official fresh
+    noise, random resized crop and flip, drawn per global batch. (weights, test top-1) each."""
+    from extract.backbone.configs import get_config
+    from extract.backbone.registry import create_backbone
+    from extract.schedule import get_schedule
+    from fusion.diffeed import DifFeed, default_readout
+    from pipeline.live_probe import LiveSelection, live_splits
+    from probe.live_head import LiveHead
+
+    cfg = get_config("32x32_small")
+    schedule = get_schedule(cfg.noise_schedule, cfg.diffusion_steps)
+    out = []
+    for kind in ("diffeed", "live"):
+        selection = LiveSelection("cifar10", data_root=str(data_root),
+                                  decode_threads=1, fresh_noise=kind == "live", augment=kind == "live")
+        train, test, classes = live_splits(selection, cfg.image_size, [50], schedule)
+        backbone = create_backbone("32x32_small", weight_seed=0)
+        torch.manual_seed(0)
+        if kind == "diffeed":
+            readout = default_readout(backbone)
+            channels, side = backbone.block_shapes()[readout]
+            head = create_head("attention", {(readout, 50): (channels, side, side)}, classes,
+                               dim=32, depth=1, num_heads=2, token_pool=4)
+            model = DifFeed(backbone, head, "bottleneck", readout)
+        else:
+            head = create_head("linear", {(9, 50): (backbone.block_shapes()[9][0], 4, 4)}, classes)
+            model = LiveHead(backbone, head, [9], [50], pool=4)
+        config = TrainConfig(epochs=1, lr=0.1, optimizer="sgd", batch_size=9, seed=0)  # shares of 4 and 5, 2 steps
+        result = fit(model, train, None, test, None, config, progress=False)
+        out.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, result.top1))
+    return out
+
+
+def everything(cache_dir, data_root):
+    return train_heads(cache_dir), converged(cache_dir), live_steps(data_root)
+
+
+@pytest.fixture(scope="module")
+def live_root(cifar10_root, tmp_path_factory) -> Path:
+    """A data root of 18 train images (not 10 a class: 18 keeps the ranks' shares unequal) and 10 test images."""
+    root = tmp_path_factory.mktemp("live")
+    for split, count in (("train", 2), ("test", 1)):
+        for number, folder in enumerate(sorted((Path(cifar10_root) / split).iterdir())):
+            (root / "cifar10-jpg" / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:count if split == "test" or number < 8 else 1]:
+                shutil.copyfile(image, root / "cifar10-jpg" / split / folder.name / image.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_processes(cache_dir, live_root):
+    """Every distributed run of this module, in one spawn of two gloo processes (rank 0's results)."""
+    return run_ranks(2, everything, cache_dir, live_root)
+
+
+def _worst(one: dict, two: dict) -> float:
+    assert one.keys() == two.keys()
+    return max((one[k].double() - two[k].double()).abs().max().item() for k in one)
+
+
+@pytest.mark.e2e
+def test_two_processes_train_every_cached_head_as_one(cache_dir, two_processes):
+    heads2 = two_processes[0]
+    heads1 = train_heads(cache_dir)
+    for (name, solver, *_), (one, top1), (two, top1_two) in zip(RUNS, heads1, heads2):
+        worst = _worst(one, two)
+        assert worst < WEIGHT_TOLERANCE, f"{name}/{solver}: weights differ by {worst:g}"
+        assert top1 == top1_two, f"{name}/{solver}: top-1 {top1} on one process, {top1_two} on two"
+
+
+@pytest.mark.e2e
+def test_sharded_lbfgs_equals_the_single_process_fit(cache_dir, two_processes):
+    w2, b2, l2_2, top1_2, loss2 = two_processes[1]
+    w1, b1, l2_1, top1_1, loss1 = converged(cache_dir)
+    assert l2_1 == l2_2 and top1_1 == top1_2
+    assert abs(loss1 - loss2) < 1e-6
+    assert (w1 - w2).abs().max().item() < 1e-3 * max(1.0, w1.abs().max().item())
+
+
+@pytest.mark.e2e
+def test_live_steps_on_two_processes_equal_one(live_root, two_processes):
+    """DifFeed's feedback BatchNorm sees the global batch (running statistics included), and the live probe's
+    crops, flips and fresh noise are drawn per global batch, so the ranks' shares make the same step."""
+    for (one, top1), (two, top1_two), name in zip(live_steps(live_root), two_processes[2], ("diffeed", "live")):
+        assert any("running_var" in k for k in one) or name == "live"
+        worst = _worst(one, two)
+        assert worst < WEIGHT_TOLERANCE, f"{name}: weights differ by {worst:g}"
+        assert top1 == top1_two, f"{name}: top-1 {top1} on one process, {top1_two} on two"
