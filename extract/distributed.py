@@ -27,6 +27,7 @@ the single-process meaning, so library code never asks whether it is distributed
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -72,7 +73,9 @@ def detect() -> DistContext:
 
 
 def initialize(device: str = "auto", accumulate: int = 1, timeout_s: float = 1800.0) -> DistContext:
-    """Join the process group ``torchrun`` prepared: ``nccl`` when this rank has a GPU, ``gloo`` on CPUs.
+    """Join the process group ``torchrun`` prepared: ``nccl`` for CUDA tensors when this rank has a GPU, ``gloo``
+    for CPU tensors (both at once on GPU machines: ``cpu:gloo,cuda:nccl``, so counts kept on the CPU and a
+    ``--device cpu`` run work there too).
 
     Outside ``torchrun`` (WORLD_SIZE unset or 1) nothing is joined and the context says one process.
     Each GPU rank is pinned to ``cuda:LOCAL_RANK`` (so ``--device auto``/``cuda`` mean its own GPU).
@@ -89,7 +92,7 @@ def initialize(device: str = "auto", accumulate: int = 1, timeout_s: float = 180
     backend = None
     if found.world_size > 1:
         gpu = torch.cuda.is_available() and device != "cpu"
-        backend = "nccl" if gpu else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if gpu else "gloo"
         if gpu:
             torch.cuda.set_device(found.local_rank)
         if not torch_dist.is_initialized():
@@ -146,12 +149,7 @@ def share(num_rows: int, part: int | None = None, parts: int | None = None) -> s
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (in place, and returned); the value itself on one process. Counts stay exact."""
     if active():
-        if torch_dist.get_backend() == "nccl" and value.device.type != "cuda":
-            moved = value.to(f"cuda:{torch.cuda.current_device()}")
-            torch_dist.all_reduce(moved)
-            value.copy_(moved)
-        else:
-            torch_dist.all_reduce(value)
+        torch_dist.all_reduce(value)
     return value
 
 
@@ -189,7 +187,10 @@ def wrap_trained(module: nn.Module, device: torch.device | str | None = None) ->
     device = torch.device(device) if device is not None else None
     ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device is not None and device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=tuned)
+    # buffers are not sent every forward: BatchNorm statistics are global already (``sync_batch_norm``)
+    quiet = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    buffers = {"forward_sync_buffers": False} if quiet else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=tuned, **buffers)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -251,7 +252,7 @@ def sync_batch_norm(module: nn.Module) -> nn.Module:
     """
     if not active():
         return module
-    if torch_dist.get_backend() == "nccl":
+    if any(p.is_cuda for p in module.parameters()) and "nccl" in str(torch_dist.get_backend()):
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in list(module.named_children()):
         if type(child) is nn.BatchNorm2d:
@@ -275,7 +276,7 @@ def describe_failure(exc: BaseException) -> str | None:
     text = str(exc)
     lost = ("Connection closed by peer", "Connection reset", "Broken pipe", "NCCL communicator was aborted",
             "Timed out", "timed out", "DistBackendError", "ProcessGroup")
-    if not active() and not isinstance(exc, RuntimeError):
+    if not active():
         return None
     if type(exc).__name__ == "DistBackendError" or any(word in text for word in lost):
         first = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__

@@ -8,7 +8,10 @@ another order; the tolerances below are a few times what was measured (see NOTES
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from probe.train import TrainConfig, fit
 
 from tests.probe.ranks import run_ranks
 
+ROOT = Path(__file__).resolve().parents[2]
 KEY = (9, 50)
 #: (head, solver, lr, options, steps): sgd and adam linear heads for whole epochs; attention and DifFormer a few steps.
 RUNS = [
@@ -169,3 +173,68 @@ def test_live_steps_on_two_processes_equal_one(live_root, two_processes):
         worst = _worst(one, two)
         assert worst < WEIGHT_TOLERANCE, f"{name}: weights differ by {worst:g}"
         assert top1 == top1_two, f"{name}: top-1 {top1} on one process, {top1_two} on two"
+
+
+def _probe_args(cache_dir, results: Path, checkpoints: Path) -> list[str]:
+    return ["probe", "--dataset", "cifar10", "--config", "32x32_small", "--cache-dir", str(cache_dir),
+            "--blocks", "9", "--timesteps", "50", "--pool", "2", "--solver", "sgd", "--lr", "0.1",
+            "--batch-size", "32", "--epochs", "3", "--no-progress", "--results", str(results),
+            "--checkpoint-dir", str(checkpoints)]
+
+
+@pytest.mark.e2e
+def test_a_two_process_run_killed_mid_epoch_resumes_on_one_process(cache_dir, tmp_path):
+    """torchrun, 2 ranks; rank 1 is killed in epoch 2 (after epoch 1's checkpoint). The same command with
+    --resume on ONE process finishes the run: the weights of an uninterrupted run, one results row."""
+    from pipeline.cli.main import main
+    from pipeline.results import read_results
+
+    results, checkpoints = tmp_path / "killed" / "results.parquet", tmp_path / "killed" / "ckpt"
+    env = dict(os.environ, DIFFREP_TEST_DIE="1:2:2", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "tests.probe.dist_entry", *_probe_args(cache_dir, results, checkpoints)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    assert "rank      : 1" in killed.stderr  # torchrun names the rank that died
+    assert torch.load(checkpoints / "checkpoint.pth", weights_only=False)["epoch"] == 0  # epoch 1 kept
+    assert not results.exists()  # nothing recorded by a run that did not finish
+
+    runner = CliRunner()
+    resumed = runner.invoke(main, [*_probe_args(cache_dir, results, checkpoints), "--resume"], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    straight_results = tmp_path / "straight" / "results.parquet"
+    straight = runner.invoke(main, _probe_args(cache_dir, straight_results, tmp_path / "straight" / "ckpt"),
+                             catch_exceptions=False)
+    assert straight.exit_code == 0, straight.output
+
+    rows, reference = read_results(results).to_pylist(), read_results(straight_results).to_pylist()
+    assert len(rows) == 1 and rows[0]["top1"] == reference[0]["top1"]
+    one = torch.load(tmp_path / "straight" / "ckpt" / "checkpoint.pth", weights_only=False)["head"]
+    two = torch.load(checkpoints / "checkpoint.pth", weights_only=False)["head"]
+    assert _worst(one, two) < WEIGHT_TOLERANCE
+
+
+def test_nproc_starts_torchrun_and_names_the_rank_that_died(monkeypatch):
+    """``diffrep --nproc 2 <command>`` hands the command to torchrun; a dead rank comes back as one line."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from pipeline.cli.main import main
+
+    seen = {}
+
+    def fake_run(args):
+        seen.update(nproc=args.nproc_per_node, module=args.module, script=args.training_script,
+                    argv=list(args.training_script_args))
+        failure = ProcessFailure(local_rank=1, pid=4242, exitcode=-9, error_file="<N/A>")
+        raise ChildFailedError("pipeline.cli.main", {1: failure})
+
+    monkeypatch.setattr(torchrun, "run", fake_run)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = CliRunner().invoke(main, ["--nproc", "2", "probe", "--dataset", "cifar10", "--blocks", "9"])
+    assert result.exit_code == 1
+    assert seen == dict(nproc="2", module=True, script="pipeline.cli.main",
+                        argv=["--accumulate", "1", "probe", "--dataset", "cifar10", "--blocks", "9"])
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "rank 1 of 2 (pid 4242) died with exit code -9, SIGKILL" in lines[0], result.output
