@@ -211,6 +211,18 @@ class no_sync:
         return self.inner.__exit__(*exc) if self.inner is not None else False
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: every rank's loss reaches every input."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(value.clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(grad.clone())
+
+
 class GlobalBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose batch statistics are those of the global batch, on any backend (gloo too).
 
@@ -222,12 +234,10 @@ class GlobalBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0, 2, 3]
         count = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=x.dtype, device=x.device)
         stats = torch.cat([count, x.sum(dims), (x * x).sum(dims)])
-        stats = all_reduce(stats)
+        stats = _SumOverRanks.apply(stats)
         n = stats[0]
         mean = stats[1:1 + x.shape[1]] / n
         var = (stats[1 + x.shape[1]:] / n - mean * mean).clamp_min(0)

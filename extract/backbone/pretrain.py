@@ -324,9 +324,11 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
     window: list[torch.Tensor] = []
     stopped_by = "steps"
     written: list[Path] = []
+    saves: list[int] = []  # the steps checkpointed (on every rank; rank 0 alone writes)
 
     def save() -> None:
         nonlocal kept
+        saves.append(step)
         if not main:
             distributed.barrier()  # wait until rank 0 has written the step
             kept = step
@@ -409,7 +411,7 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
         bar.close()
     if window:
         loss_value = torch.stack(window).mean(0)[0].item()
-    if step % checkpoint_every or not written:  # the last step's checkpoint is not written yet
+    if step % checkpoint_every or not saves:  # the last step's checkpoint is not written yet
         save()
     seconds = trained_seconds + (time.perf_counter() - began)
     return PretrainResult(step=step, images_seen=images_seen, seconds=seconds, loss=loss_value, out_dir=out_dir,

@@ -118,8 +118,18 @@ def live_steps(data_root) -> list[tuple[dict, float]]:
     return out
 
 
-def everything(cache_dir, data_root):
-    return train_heads(cache_dir), converged(cache_dir), live_steps(data_root)
+def pretrain_steps(data_root, out_dir) -> dict:
+    """Two steps of diffusion pretraining (global batch 9: shares of 4 and 5); the model rank 0 wrote."""
+    from extract.backbone.pretrain import MODEL_NAME, PretrainConfig, pretrain
+
+    paths = sorted(str(p) for p in (Path(data_root) / "cifar10-jpg" / "train").glob("*/*.jpg"))
+    config = PretrainConfig(batch_size=9, warmup_steps=1, threads=1)
+    pretrain(config, paths, out_dir, steps=2, checkpoint_every=2, log_every=1, progress=False)
+    return torch.load(Path(out_dir) / MODEL_NAME, weights_only=True)
+
+
+def everything(cache_dir, data_root, out_dir):
+    return train_heads(cache_dir), converged(cache_dir), live_steps(data_root), pretrain_steps(data_root, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +145,9 @@ def live_root(cifar10_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_processes(cache_dir, live_root):
+def two_processes(cache_dir, live_root, tmp_path_factory):
     """Every distributed run of this module, in one spawn of two gloo processes (rank 0's results)."""
-    return run_ranks(2, everything, cache_dir, live_root)
+    return run_ranks(2, everything, cache_dir, live_root, tmp_path_factory.mktemp("pretrain2"))
 
 
 def _worst(one: dict, two: dict) -> float:
@@ -185,7 +195,10 @@ def _probe_args(cache_dir, results: Path, checkpoints: Path) -> list[str]:
 @pytest.mark.e2e
 def test_a_two_process_run_killed_mid_epoch_resumes_on_one_process(cache_dir, tmp_path):
     """torchrun, 2 ranks; rank 1 is killed in epoch 2 (after epoch 1's checkpoint). The same command with
-    --resume on ONE process finishes the run: the weights of an uninterrupted run, one results row."""
+    --resume on ONE process finishes the run: the weights of an uninterrupted run, one results row.
+
+    Streamed from the cache (``--stream``: each rank cuts its share from every streamed batch); the split
+    fits one window, so its batches are the in-RAM epoch's and the straight run reads the split in RAM."""
     from pipeline.cli.main import main
     from pipeline.results import read_results
 
@@ -193,7 +206,7 @@ def test_a_two_process_run_killed_mid_epoch_resumes_on_one_process(cache_dir, tm
     env = dict(os.environ, DIFFREP_TEST_DIE="1:2:2", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "tests.probe.dist_entry", *_probe_args(cache_dir, results, checkpoints)],
+                             "-m", "tests.probe.dist_entry", *_probe_args(cache_dir, results, checkpoints), "--stream"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0, killed.stdout + killed.stderr
     assert "rank      : 1" in killed.stderr  # torchrun names the rank that died
@@ -201,7 +214,8 @@ def test_a_two_process_run_killed_mid_epoch_resumes_on_one_process(cache_dir, tm
     assert not results.exists()  # nothing recorded by a run that did not finish
 
     runner = CliRunner()
-    resumed = runner.invoke(main, [*_probe_args(cache_dir, results, checkpoints), "--resume"], catch_exceptions=False)
+    resumed = runner.invoke(main, [*_probe_args(cache_dir, results, checkpoints), "--stream", "--resume"],
+                            catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
     straight_results = tmp_path / "straight" / "results.parquet"
     straight = runner.invoke(main, _probe_args(cache_dir, straight_results, tmp_path / "straight" / "ckpt"),
@@ -238,3 +252,10 @@ def test_nproc_starts_torchrun_and_names_the_rank_that_died(monkeypatch):
                         argv=["--accumulate", "1", "probe", "--dataset", "cifar10", "--blocks", "9"])
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "rank 1 of 2 (pid 4242) died with exit code -9, SIGKILL" in lines[0], result.output
+
+
+@pytest.mark.e2e
+def test_pretraining_on_two_processes_equals_one(live_root, two_processes, tmp_path):
+    """Diffusion pretraining: each rank decodes its share; flips, timesteps and noise are drawn per global batch."""
+    worst = _worst(pretrain_steps(live_root, tmp_path), two_processes[3])
+    assert worst < WEIGHT_TOLERANCE, f"pretrained weights differ by {worst:g}"
