@@ -57,8 +57,8 @@ def bench_distributed(per_class: int = 50) -> list[str]:
     root = ensure_unpacked(default_shared_dir() / "data" / "cifar10-jpg.tar.gz", default_data_root(), "cifar10-jpg")
     cores = os.cpu_count() or 1
     lines = [f"distributed: {CONFIG} b={BLOCK} t={TIMESTEP} cache of {per_class} CIFAR-10 images a class, "
-             f"{EPOCHS} epochs, global batch {BATCH}, {cores} CPU cores; 1 process x {torch.get_num_threads()} "
-             f"threads vs 2 gloo ranks x 1 thread"]
+             f"{EPOCHS} epochs, global batch {BATCH}, {cores} CPU cores; 1 process (all threads, then 1 thread) "
+             f"vs 2 gloo ranks x 1 thread"]
     with tempfile.TemporaryDirectory() as folder:
         cache = str(Path(folder) / "cache")
         began = time.perf_counter()
@@ -70,11 +70,18 @@ def bench_distributed(per_class: int = 50) -> list[str]:
             return lines + [f"  extract failed: {result.output.strip().splitlines()[-1:]}"]
         lines.append(f"  cache written in {time.perf_counter() - began:.1f} s")
         one = _train(cache)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread, as each rank has: what the second process alone adds
+        try:
+            single = _train(cache)
+        finally:
+            torch.set_num_threads(threads)
         began = time.perf_counter()
         two = run_ranks(2, _train, cache)
         spawn = time.perf_counter() - began - sum(seconds for _, seconds, _, _ in two)
-    for (name, s1, rows, top1), (_, s2, _, top1_two) in zip(one, two):
-        lines.append(f"  {name:9s} 1 process {rows / s1:9.0f} images/s   2 processes {rows / s2:9.0f} images/s   "
-                     f"ratio {s1 / s2:.2f}x   top-1 {100 * top1:.1f}% / {100 * top1_two:.1f}%")
+    for (name, s1, rows, top1), (_, s0, _, _), (_, s2, _, top1_two) in zip(one, single, two):
+        lines.append(f"  {name:9s} 1 process x {threads} threads {rows / s1:7.0f} images/s, x 1 thread {rows / s0:7.0f}; "
+                     f"2 ranks x 1 thread {rows / s2:7.0f} images/s ({s1 / s2:.2f}x and {s0 / s2:.2f}x); "
+                     f"top-1 {100 * top1:.1f}% / {100 * top1_two:.1f}%")
     lines.append(f"  starting 2 ranks and loading the cache in each: {spawn:.1f} s (once per run, not per epoch)")
     return lines

@@ -128,8 +128,23 @@ def pretrain_steps(data_root, out_dir) -> dict:
     return torch.load(Path(out_dir) / MODEL_NAME, weights_only=True)
 
 
+def streamed(cache_dir) -> tuple[dict, float]:
+    """A linear head streamed from the cache in windows of a fifth of the split (several windows an epoch;
+    on several ranks each reads its share of every window's pieces). (weights, test top-1)."""
+    from probe.features import StreamedFeatures
+
+    backbone = resolve_backbone_id(cache_dir, "cifar10", "train", "32x32_small")
+    train, test = (StreamedFeatures(open_split(cache_dir, "cifar10", split, backbone), [KEY], 2, window_bytes=20 * 1024)
+                   for split in ("train", "test"))
+    torch.manual_seed(0)
+    module = create_head("linear", {KEY: (64, 2, 2)}, 10)
+    result = fit(module, train, None, test, None, TrainConfig(epochs=2, lr=0.1, batch_size=32, seed=0), progress=False)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, result.top1
+
+
 def everything(cache_dir, data_root, out_dir):
-    return train_heads(cache_dir), converged(cache_dir), live_steps(data_root), pretrain_steps(data_root, out_dir)
+    return (train_heads(cache_dir), converged(cache_dir), live_steps(data_root), pretrain_steps(data_root, out_dir),
+            streamed(cache_dir))
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +274,10 @@ def test_pretraining_on_two_processes_equals_one(live_root, two_processes, tmp_p
     """Diffusion pretraining: each rank decodes its share; flips, timesteps and noise are drawn per global batch."""
     worst = _worst(pretrain_steps(live_root, tmp_path), two_processes[3])
     assert worst < WEIGHT_TOLERANCE, f"pretrained weights differ by {worst:g}"
+
+
+@pytest.mark.e2e
+def test_a_streamed_split_read_in_disjoint_shares_trains_as_one_process(cache_dir, two_processes):
+    one, top1 = streamed(cache_dir)
+    two, top1_two = two_processes[4]
+    assert _worst(one, two) < WEIGHT_TOLERANCE and top1 == top1_two
