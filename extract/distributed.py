@@ -102,11 +102,11 @@ def initialize(device: str = "auto", accumulate: int = 1, timeout_s: float = 180
 
 
 def shutdown() -> None:
-    """Leave the process group (end of a command); the context returns to one process."""
+    """Leave the process group (end of a command); the context returns to one process, no accumulation."""
     global _CONTEXT
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
-    _CONTEXT = DistContext(accumulate=_CONTEXT.accumulate)
+    _CONTEXT = DistContext()
 
 
 def context() -> DistContext:

@@ -281,3 +281,25 @@ def test_a_streamed_split_read_in_disjoint_shares_trains_as_one_process(cache_di
     one, top1 = streamed(cache_dir)
     two, top1_two = two_processes[4]
     assert _worst(one, two) < WEIGHT_TOLERANCE and top1 == top1_two
+
+
+def test_gradient_accumulation_is_the_same_step_in_parts():
+    """--accumulate 3: each batch in three micro-batches (sizes 11/11/10 of 32, and 2/1/1 of the last 4)."""
+    torch.manual_seed(0)
+    features, labels = {KEY: torch.randn(100, 8, 2, 2)}, torch.randint(0, 5, (100,))
+    weights = []
+    for accumulate in (1, 3):
+        torch.manual_seed(0)
+        head = create_head("linear", {KEY: (8, 2, 2)}, 5)
+        fit(head, features, labels, features, labels, TrainConfig(epochs=2, lr=0.5, batch_size=32), progress=False,
+            accumulate=accumulate)
+        weights.append(head.state_dict())
+    assert _worst(*weights) < 1e-6
+
+
+def test_shares_cover_every_row_once_whatever_the_world_size():
+    for rows in (0, 1, 7, 32, 33):
+        for parts in (1, 2, 3, 8):
+            cut = [range(rows)[distributed.share(rows, part, parts)] for part in range(parts)]
+            assert [r for piece in cut for r in piece] == list(range(rows))
+            assert max(map(len, cut)) - min(map(len, cut)) <= 1
