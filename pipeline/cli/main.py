@@ -11,6 +11,7 @@ line on stderr and exit status 1 (a cache that lacks work ends with the exact ex
 from __future__ import annotations
 
 import logging
+import sys
 
 import click
 
@@ -44,6 +45,8 @@ class _Group(click.Group):
 
             raise click.ClickException(_on_rank(advised(exc))) from exc
         except RuntimeError as exc:  # under torchrun: a rank lost in a collective says so in one line
+            if isinstance(exc, click.exceptions.Exit) or "extract.distributed" not in sys.modules:
+                raise  # --help and friends; nothing distributed ran (and torch stays unloaded)
             from extract.distributed import describe_failure
 
             line = describe_failure(exc)
@@ -91,7 +94,6 @@ def _distributed(ctx: click.Context, nproc: int | None, accumulate: int, verbose
     """``--nproc``: start torchrun with this command and stop here; under torchrun: join the run (every
     rank but 0 prints nothing to stdout), and leave it when the command ends."""
     import os
-    import sys
 
     if nproc is not None and "WORLD_SIZE" not in os.environ:
         from pipeline.cli.launch import launch
