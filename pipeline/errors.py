@@ -2,7 +2,7 @@
 
 from extract.errors import DiffrepError
 
-__all__ = ["DatasetError", "ResultsError", "BadNameError", "SearchError"]
+__all__ = ["DatasetError", "ResultsError", "BadNameError", "SearchError", "DistributedRunFailed"]
 
 
 class DatasetError(DiffrepError, FileNotFoundError):
@@ -19,3 +19,7 @@ class BadNameError(DiffrepError, ValueError):
 
 class SearchError(DiffrepError, ValueError):
     """Search settings that leave nothing to search (stage sizes, keep share, growth)."""
+
+
+class DistributedRunFailed(DiffrepError, RuntimeError):
+    """A rank of a distributed run (``--nproc``, torchrun) stopped the job."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from extract import distributed
 from extract.errors import interrupted_saying
 from extract.forward import block_features, noisy_input
 from extract.inputs.images import load_batch
@@ -142,7 +143,7 @@ def run_pretrain(request: PretrainRequest) -> tuple[PretrainResult, list[str]]:
         check = ProbeCheck(request, device) if request.probe else None
     lines: list[str] = []
     probe_csv = Path(request.out_dir) / "probe.csv"
-    if not request.resume:
+    if not request.resume and distributed.is_main():
         probe_csv.unlink(missing_ok=True)
 
     def on_checkpoint(model, step):
@@ -167,5 +168,6 @@ def run_pretrain(request: PretrainRequest) -> tuple[PretrainResult, list[str]]:
     if probe_csv.exists():
         with open(probe_csv) as f:
             probes = sorted({int(r["step"]): float(r["top1"]) for r in csv.DictReader(f)}.items())
-    result.written.append(plot_loss_curve(Path(request.out_dir) / LOSS_CSV, Path(request.out_dir) / "loss.png", probes))
+    if distributed.is_main():  # rank 0 wrote the curve; it alone draws it
+        result.written.append(plot_loss_curve(Path(request.out_dir) / LOSS_CSV, Path(request.out_dir) / "loss.png", probes))
     return result, lines

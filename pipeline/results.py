@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from extract import distributed
 from pipeline.errors import ResultsError
 from pipeline.locks import file_lock
 
@@ -156,7 +157,8 @@ def record_rows(rows: list[dict], path: str | os.PathLike | None = None,
                 announce: Callable[[dict], None] | None = None) -> None:
     """Show a finished run's rows, then append them; if the table cannot take them, keep them in a JSON file.
 
-    ``announce`` (the CLI's summary line) is called with every row before anything is written, so a
+    In a distributed run only rank 0 records (the others return at once). ``announce`` (the CLI's summary
+    line) is called with every row before anything is written, so a
     table that cannot be written never takes the result with it. The JSON goes beside the table, else
     to the temporary folder; it is written whole or not at all (never left empty or cut short).
 
@@ -164,6 +166,8 @@ def record_rows(rows: list[dict], path: str | os.PathLike | None = None,
         ResultsError: the rows were not appended; the message names the JSON file that holds them, or,
             when no folder could keep them, says so and carries the rows themselves.
     """
+    if not distributed.is_main():  # a distributed run records once, on rank 0
+        return
     for row in rows if announce is not None else ():
         announce(row)
     try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from extract import distributed
 from extract.cache import FeatureCache, cache_path, open_cache
 from extract.errors import CacheError
 
@@ -242,7 +243,9 @@ class StreamedFeatures:
     in one window, its rows come in ``probe.train.epoch_order``: the same batches, and weights, as in RAM. Batches are therefore a
     pure function of (seed, epoch) (a resumed run repeats them) and every valid row comes once per
     epoch. The next window is read on a background thread while the current one is consumed; each
-    piece is read as one slice.
+    piece is read as one slice. In a distributed run each rank reads a disjoint contiguous share of
+    every window's pieces and the window is summed over ranks (``extract.distributed``): the cache is
+    read once per epoch across the ranks, and the batches are those of one process.
 
     Args:
         cache: an opened split. keys: its (b, t) arrays. pool: None (as stored) or a coarser pool.
@@ -291,8 +294,12 @@ class StreamedFeatures:
         order = self.piece_order(seed, epoch)
         return [order[i:i + self.pieces_per_window] for i in range(0, len(order), self.pieces_per_window)]
 
-    def _produce(self, seed: int | None, epoch: int, stop: threading.Event):
-        """Windows ``({key: (n, C, h, w) float16}, (n,) int64)``, rows shuffled (when seeded) as they are placed."""
+    def _produce(self, seed: int | None, epoch: int, stop: threading.Event, ranks: bool = False):
+        """Windows ``({key: (n, C, h, w) float16}, (n,) int64)``, rows shuffled (when seeded) as they are placed.
+
+        ``ranks``: this rank reads only its contiguous share of each window's pieces (disjoint row ranges);
+        the other rows stay zero until ``batches`` sums the window over ranks.
+        """
         readers = {key: self.cache.row_reader(*key, pool=self.pool) for key in self.keys}
         windows = self.windows(seed, epoch)
         whole = None
@@ -307,16 +314,23 @@ class StreamedFeatures:
                 place = np.arange(total)
             else:  # row i of the window goes to place[i]: shuffled while it is written, no second copy
                 place = np.random.default_rng([int(seed), int(epoch), number, 0x7769_6e64]).permutation(total)
-            features = {key: np.empty((total, *shape), dtype=np.float16) for key, shape in self._shapes.items()}
-            labels = np.empty(total, dtype=np.int64)
+            fill = np.zeros if ranks else np.empty
+            features = {key: fill((total, *shape), dtype=np.float16) for key, shape in self._shapes.items()}
+            labels = fill(total, dtype=np.int64)
             offset = 0
-            for (start, stop_), mask in zip(bounds, masks):
+            mine = distributed.share(len(bounds)) if ranks else slice(None)
+            assigned = np.zeros(len(bounds), dtype=bool)
+            assigned[mine] = True
+            for number_, ((start, stop_), mask) in enumerate(zip(bounds, masks)):
                 if stop.is_set():
                     return
                 if whole is not None:
                     rows = whole[valid_index[start:stop_][mask]]
                 else:
                     rows = place[offset:offset + int(mask.sum())]
+                if not assigned[number_]:
+                    offset += rows.shape[0]
+                    continue
                 for key, read in readers.items():
                     data = read(start, stop_)
                     if data.shape[0] != stop_ - start:
@@ -334,9 +348,13 @@ class StreamedFeatures:
         """
         if batch_size < 1:
             raise CacheError(f"batch_size must be at least 1, got {batch_size}")
-        windows = read_ahead(lambda stop: self._produce(seed, epoch, stop))
+        ranks = distributed.active()
+        windows = read_ahead(lambda stop: self._produce(seed, epoch, stop, True) if ranks else
+                             self._produce(seed, epoch, stop))
         try:
-            yield from self._cut(windows, batch_size)
+            # several ranks: each read its pieces; the window is summed over ranks here, in the consumer's
+            # thread, so every rank makes its collectives in the same order (and stops at the same batch)
+            yield from self._cut((_summed(window) for window in windows) if ranks else windows, batch_size)
         finally:
             windows.close()  # stops the reading thread when the consumer stops early
 
@@ -363,6 +381,14 @@ class StreamedFeatures:
                 carry = ({key: value[start:].copy() for key, value in features.items()}, labels[start:].copy())
         if carry is not None and carry[1].shape[0]:
             yield _tensors(*carry)
+
+
+def _summed(window: tuple[dict[Key, np.ndarray], np.ndarray]) -> tuple[dict[Key, np.ndarray], np.ndarray]:
+    """A window whose rows each rank filled in part (zeros elsewhere), summed over ranks in place: the whole window."""
+    features, labels = window
+    for value in [*features.values(), labels]:
+        distributed.all_reduce_sum(torch.from_numpy(value))
+    return features, labels
 
 
 def _tensors(features: dict[Key, np.ndarray], labels: np.ndarray) -> tuple[dict[Key, torch.Tensor], torch.Tensor]:

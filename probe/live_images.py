@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from extract import distributed
 from extract.forward import diffuse, noisy_input
 from extract.noise import seeded_noise
 from extract.inputs.images import load_batch
@@ -38,15 +39,27 @@ LIVE_KEY_BLOCK = 0
 NOISE_KEY_BLOCK = -1
 
 
-def _random_resized_crop(images: torch.Tensor, generator: torch.Generator, scale=(0.8, 1.0)) -> torch.Tensor:
-    """Per image: a square crop of a random area share in ``scale`` at a random place, resized back (bilinear)."""
-    n, _, size, _ = images.shape
-    out = torch.empty_like(images)
+def _crop_params(n: int, size: int, generator: torch.Generator, scale=(0.8, 1.0)) -> list[tuple[int, int, int]]:
+    """(side, top, left) of a square crop of a random area share in ``scale`` at a random place, per image.
+
+    Drawn for every row of a global batch, so a rank that decodes only its share crops its rows as one
+    process would.
+    """
     shares = torch.empty(n).uniform_(*scale, generator=generator)
+    params = []
     for i in range(n):
         side = max(1, int(round(size * float(shares[i]) ** 0.5)))
         top = int(torch.randint(0, size - side + 1, (1,), generator=generator))
         left = int(torch.randint(0, size - side + 1, (1,), generator=generator))
+        params.append((side, top, left))
+    return params
+
+
+def _random_resized_crop(images: torch.Tensor, params: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Each image cropped to its (side, top, left) and resized back (bilinear)."""
+    n, _, size, _ = images.shape
+    out = torch.empty_like(images)
+    for i, (side, top, left) in enumerate(params):
         crop = images[i:i + 1, :, top:top + side, left:left + side]
         out[i:i + 1] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False) if side != size else crop
     return out
@@ -93,25 +106,36 @@ class LiveImages:
         """The timestep of a one-timestep source."""
         return self.timesteps[0]
 
-    def _batch(self, rows: np.ndarray, seed: int | None, epoch: int, number: int):
-        images, ok, _ = load_batch([self.paths[r] for r in rows], self.image_size, num_threads=self.decode_threads)
-        keep = torch.from_numpy(ok)
-        images, rows = images[keep], rows[ok]
+    def _batch(self, rows: np.ndarray, seed: int | None, epoch: int, number: int, part: slice = slice(None)):
+        """Batch ``number`` of the epoch: ``rows`` are the global batch, ``part`` the share this rank decodes.
+
+        Every random draw (crops, flips, fresh noise) is made for the whole global batch and indexed by
+        position, so the rows a rank yields are those one process yields for them.
+        """
         generator = torch.Generator().manual_seed(((seed or 0) * 1_000_003 + epoch) * 100_003 + number)
+        n = len(rows)
+        crops = _crop_params(n, self.image_size, generator) if self.augment else None
+        flips = torch.rand(n, generator=generator) < 0.5 if self.augment else None
+        noise_shape = (n, *self.latent_shape) if self.latent_shape is not None else (n, 3, self.image_size, self.image_size)
+        noise = [torch.randn(noise_shape, generator=generator) for _ in self.timesteps] if self.fresh_noise else None
+        position = np.arange(n)[part]
+        images, ok, _ = load_batch([self.paths[r] for r in rows[part]], self.image_size, num_threads=self.decode_threads)
+        images, position = images[torch.from_numpy(ok)], position[ok]
+        rows = rows[position]
         if self.augment:
-            images = _random_resized_crop(images, generator)
-            flips = torch.rand(images.shape[0], generator=generator) < 0.5
-            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+            images = _random_resized_crop(images, [crops[p] for p in position])
+            chosen = flips[torch.from_numpy(position)]
+            images = torch.where(chosen[:, None, None, None], images.flip(-1), images)
         batch = {}
-        for t in self.timesteps:
+        for i, t in enumerate(self.timesteps):
             if self.latent_shape is not None:  # a latent family: x_t is made on the device, after its encoder
-                shape = (images.shape[0], *self.latent_shape)
                 batch[(LIVE_KEY_BLOCK, t)] = images
-                batch[(NOISE_KEY_BLOCK, t)] = (torch.randn(shape, generator=generator) if self.fresh_noise else
-                                               seeded_noise(self.noise_seed, self.image_ids[rows].tolist(), t, shape[1:]))
+                batch[(NOISE_KEY_BLOCK, t)] = (noise[i][torch.from_numpy(position)] if self.fresh_noise else
+                                               seeded_noise(self.noise_seed, self.image_ids[rows].tolist(), t,
+                                                            tuple(self.latent_shape)))
                 continue
             if self.fresh_noise:
-                x_t = diffuse(images, t, torch.randn(images.shape, generator=generator), self.schedule)
+                x_t = diffuse(images, t, noise[i][torch.from_numpy(position)], self.schedule)
             else:  # the extract job's x_t, bit for bit
                 x_t = noisy_input(images, t, self.image_ids[rows].tolist(), self.noise_seed, self.schedule)
             batch[(LIVE_KEY_BLOCK, t)] = x_t
@@ -120,8 +144,13 @@ class LiveImages:
             batch[key] = values[index]
         return batch, torch.from_numpy(self.labels[rows])
 
-    def batches(self, batch_size: int, seed: int | None = None, epoch: int = 0) -> Iterator[tuple[dict, torch.Tensor]]:
-        """Every image once, in a seeded class-mixed order (row order when seed is None), decoded ahead."""
+    def batches(self, batch_size: int, seed: int | None = None, epoch: int = 0,
+                ranks: bool = False) -> Iterator[tuple[dict, torch.Tensor]]:
+        """Every image once, in a seeded class-mixed order (row order when seed is None), decoded ahead.
+
+        With ``ranks`` (a distributed run) each batch is this rank's contiguous share of the global
+        batch of ``batch_size`` images: only those images are decoded.
+        """
         order = epoch_order(self.num_images, seed, epoch).numpy() if seed is not None else np.arange(self.num_images)
         starts = list(range(0, self.num_images, batch_size))
 
@@ -129,6 +158,7 @@ class LiveImages:
             for number, start in enumerate(starts):
                 if stop.is_set():
                     return
-                yield self._batch(order[start:start + batch_size], seed, epoch, number)
+                rows = order[start:start + batch_size]
+                yield self._batch(rows, seed, epoch, number, distributed.share(len(rows)) if ranks else slice(None))
 
         return read_ahead(produce, depth=self.prefetch, name="diffrep-live-feed")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from extract import distributed
 from probe.errors import ProbeError
 from probe.subsets import heldout_split
 
@@ -49,13 +50,17 @@ class Standardizer:
     std: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor, chunk_rows: int = 65536) -> "Standardizer":
+    def fit(cls, x: torch.Tensor, chunk_rows: int = 65536, across_ranks: bool = False) -> "Standardizer":
         """Mean and std of ``x`` (N, D), a chunk of rows at a time (see :meth:`from_batches`)."""
-        return cls.from_batches(x[start:start + chunk_rows] for start in range(0, x.shape[0], chunk_rows))
+        return cls.from_batches((x[start:start + chunk_rows] for start in range(0, x.shape[0], chunk_rows)),
+                                across_ranks)
 
     @classmethod
-    def from_batches(cls, batches: Iterable[torch.Tensor]) -> "Standardizer":
-        """Mean and std (float64 accumulation) over a stream of (n, D) batches; a constant feature gets std 1."""
+    def from_batches(cls, batches: Iterable[torch.Tensor], across_ranks: bool = False) -> "Standardizer":
+        """Mean and std (float64 accumulation) over a stream of (n, D) batches; a constant feature gets std 1.
+
+        ``across_ranks``: each rank holds part of the rows; the sums are added over ranks (every rank calls).
+        """
         total = squares = None
         count = 0
         for part in batches:
@@ -63,6 +68,13 @@ class Standardizer:
             total = part.sum(0) if total is None else total + part.sum(0)
             squares = (part * part).sum(0) if squares is None else squares + (part * part).sum(0)
             count += part.shape[0]
+        if across_ranks and distributed.active():
+            if total is None:
+                raise ProbeError(f"rank {distributed.rank()} holds no training rows: use fewer processes than rows")
+            sums = distributed.all_reduce_sum(torch.cat([total, squares, torch.tensor([float(count)], dtype=torch.float64,
+                                                                                      device=total.device)]))
+            d = total.shape[0]
+            total, squares, count = sums[:d], sums[d:2 * d], int(sums[-1].item())
         if count == 0:
             raise ProbeError("no training rows to standardise with: the train split is empty or every image was invalid")
         mean = total / count
@@ -95,12 +107,20 @@ class LogisticModel:
 
 def logistic_loss(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, l2: float,
                   standardizer: Standardizer | None = None, chunk_rows: int = 65536,
-                  backward: bool = False) -> float:
+                  backward: bool = False, across_ranks: bool = False) -> float:
     """The probe's objective ``mean CE + l2/2 ||W||^2``, accumulated in float64 over chunks of rows.
 
-    With ``backward`` the gradients of weight and bias are accumulated into their ``.grad``.
+    With ``backward`` the gradients of weight and bias are accumulated into their ``.grad``. With
+    ``across_ranks`` each rank holds a share of the rows: the cross-entropy is divided by every
+    rank's rows together and its value and gradients are summed over ranks (every rank calls), so
+    each rank gets the objective and gradient of all rows; the penalty is added once.
     """
-    n = x.shape[0]
+    sharded = across_ranks and distributed.active()
+    n = distributed.global_count(x.shape[0]) if sharded else x.shape[0]
+    if sharded and backward:
+        for p in (weight, bias):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
     total = 0.0
     for start in range(0, n, chunk_rows):
         part = x[start:start + chunk_rows]
@@ -110,6 +130,15 @@ def logistic_loss(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: 
         if backward:
             loss.backward()
         total += float(loss.detach().double())
+    if sharded:
+        value = torch.tensor([total], dtype=torch.float64, device=weight.device)
+        if backward:
+            flat = distributed.all_reduce_sum(torch.cat([weight.grad.reshape(-1).double(), bias.grad.double(), value]))
+            weight.grad.copy_(flat[:weight.numel()].view_as(weight))
+            bias.grad.copy_(flat[weight.numel():weight.numel() + bias.numel()])
+            total = float(flat[-1])
+        else:
+            total = float(distributed.all_reduce_sum(value)[0])
     penalty = 0.5 * l2 * (weight * weight).sum()
     if backward:
         penalty.backward()
@@ -118,7 +147,8 @@ def logistic_loss(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, *,
                  standardizer: Standardizer | None = None, max_iter: int = 1000, tolerance: float = 1e-7,
-                 init: LogisticModel | None = None, chunk_rows: int = 65536) -> LogisticModel:
+                 init: LogisticModel | None = None, chunk_rows: int = 65536,
+                 across_ranks: bool = False) -> LogisticModel:
     """Multinomial logistic regression on features ``x`` by full-batch L-BFGS (strong Wolfe line search).
 
     Args:
@@ -128,13 +158,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
         max_iter: L-BFGS iterations at most. tolerance: stop when the gradient's largest entry, or
             the change of the objective between iterations, falls below it.
         init: warm start (e.g. the fit of a neighbouring L2 weight).
+        across_ranks: each rank holds a share of the rows (``extract.distributed``); loss and gradient
+            are summed over ranks, so every rank takes the same L-BFGS steps as one process on all rows.
 
     Returns:
         The fitted :class:`LogisticModel`.
     """
     if x.shape[0] == 0:
         raise ProbeError("no training rows for the linear probe: the train split is empty or every image was invalid")
-    standardizer = standardizer or Standardizer.fit(x)
+    standardizer = standardizer or Standardizer.fit(x, across_ranks=across_ranks)
     device = x.device
     if init is not None:
         weight = init.weight.detach().clone().to(device).requires_grad_(True)
@@ -151,24 +183,30 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, 
         nonlocal evaluations
         evaluations += 1
         optimizer.zero_grad(set_to_none=False)
-        value = logistic_loss(weight, bias, x, y, l2, standardizer, chunk_rows, backward=True)
+        value = logistic_loss(weight, bias, x, y, l2, standardizer, chunk_rows, backward=True, across_ranks=across_ranks)
         return torch.tensor(value, dtype=torch.float32)
 
     optimizer.step(closure)
     state = optimizer.state[optimizer._params[0]]
     with torch.no_grad():
-        final = logistic_loss(weight, bias, x, y, l2, standardizer, chunk_rows)
+        final = logistic_loss(weight, bias, x, y, l2, standardizer, chunk_rows, across_ranks=across_ranks)
     return LogisticModel(weight.detach(), bias.detach(), standardizer, float(l2), final, int(state.get("n_iter", evaluations)))
 
 
 @torch.no_grad()
-def _scores(model: LogisticModel, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def _scores(model: LogisticModel, x: torch.Tensor, y: torch.Tensor, across_ranks: bool = False) -> dict[str, float]:
+    """Top-1, top-5 and mean loss; ``across_ranks``: each rank scored its share, the counts are summed."""
     logits = model.logits(x)
     best = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hits = best == y.to(logits.device)[:, None]
-    n = max(int(y.shape[0]), 1)
-    return {"top1": hits[:, 0].sum().item() / n, "top5": hits.any(dim=1).sum().item() / n,
-            "loss": F.cross_entropy(logits, y.to(logits.device)).item()}
+    counts = torch.tensor([hits[:, 0].sum().item(), hits.any(dim=1).sum().item(),
+                           F.cross_entropy(logits, y.to(logits.device), reduction="sum").item(), y.shape[0]],
+                          dtype=torch.float64)
+    if across_ranks:
+        counts = distributed.all_reduce_sum(counts)
+    top1, top5, loss, n = counts.tolist()
+    n = max(n, 1)
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n}
 
 
 @dataclass
@@ -190,7 +228,8 @@ class ConvergedProbeResult:
 def converged_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                            num_classes: int, *, l2_grid: Sequence[float] = DEFAULT_L2_GRID,
                            heldout_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000,
-                           tolerance: float = 1e-7, device: str | torch.device = "cpu") -> ConvergedProbeResult:
+                           tolerance: float = 1e-7, device: str | torch.device = "cpu",
+                           across_ranks: bool = False) -> ConvergedProbeResult:
     """Standardise, pick the L2 weight on a held-out part of the train split, refit on all of it, score test.
 
     Args:
@@ -198,6 +237,10 @@ def converged_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x:
         train_y, test_y: (N,) int64 labels. num_classes: classes.
         l2_grid: L2 weights to try; a single value skips the selection.
         heldout_fraction: share of every class held out for the selection. seed: which rows.
+        across_ranks: a distributed run (every rank calls with the same splits): each rank keeps only
+            its contiguous share of the fit, held-out and test rows on its device; loss and gradient
+            are all-reduced, scores summed as counts. The fit equals the one-process fit (to the
+            solver's tolerance: the sums are added in another order).
 
     Returns:
         :class:`ConvergedProbeResult` (accuracies as fractions).
@@ -208,34 +251,41 @@ def converged_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x:
     if not grid or any(v < 0 for v in grid):
         raise ProbeError(f"L2 grid {list(l2_grid)} must hold non-negative weights, e.g. 1e-4,1e-3,1e-2")
     store = torch.float16 if device.type == "cuda" or train_x.dtype == torch.float16 else torch.float32
+    sharded = across_ranks and distributed.active()
+    mine = (lambda n: distributed.share(n)) if sharded else (lambda n: slice(None))
+    full_x, full_y = train_x, train_y
+    train_x, train_y = train_x[mine(train_x.shape[0])], train_y[mine(train_y.shape[0])]
+    test_x, test_y = test_x[mine(test_x.shape[0])], test_y[mine(test_y.shape[0])]
     x = train_x.to(device, store)
     y = train_y.to(device, torch.long)
     heldout_top1: dict[float, float] = {}
-    fit_rows, held_rows = heldout_split(train_y, heldout_fraction, seed) if len(grid) > 1 else (None, np.zeros(0))
+    fit_rows, held_rows = heldout_split(full_y, heldout_fraction, seed) if len(grid) > 1 else (None, np.zeros(0))
     if len(grid) > 1 and len(held_rows) == 0:
         raise ProbeError("the train split is too small to hold out rows for choosing the L2 weight: "
                          "pass a single --l2 value or use more training images")
     if len(grid) > 1:
-        fit_index = torch.from_numpy(fit_rows).to(device)
-        held_index = torch.from_numpy(held_rows).to(device)
-        fx, fy, hx, hy = x[fit_index], y[fit_index], x[held_index], y[held_index]
-        standardizer = Standardizer.fit(fx)
+        fit_rows, kept_held = fit_rows[mine(len(fit_rows))], held_rows[mine(len(held_rows))]
+        fit_index, held_index = torch.from_numpy(fit_rows), torch.from_numpy(kept_held)
+        fx, fy = full_x[fit_index].to(device, store), full_y[fit_index].to(device, torch.long)
+        hx, hy = full_x[held_index].to(device, store), full_y[held_index].to(device, torch.long)
+        standardizer = Standardizer.fit(fx, across_ranks=sharded)
         previous = None
         fits = {}
         for l2 in grid:
             model = fit_logistic(fx, fy, num_classes, l2, standardizer=standardizer, max_iter=max_iter,
-                                 tolerance=tolerance, init=previous)
+                                 tolerance=tolerance, init=previous, across_ranks=sharded)
             previous = fits[l2] = model
-            heldout_top1[l2] = _scores(model, hx, hy)["top1"]
+            heldout_top1[l2] = _scores(model, hx, hy, sharded)["top1"]
             log.info("L2 %.0e: held-out top-1 %.4f (%d iterations)", l2, heldout_top1[l2], model.iterations)
         best = max(grid, key=lambda v: (heldout_top1[v], v))  # ties go to the stronger penalty
         warm = fits[best]  # the refit on all rows starts from the chosen fit: the same optimum, fewer iterations
         del fx, fy, hx, hy
     else:
         best, warm = grid[0], None
-    model = fit_logistic(x, y, num_classes, best, max_iter=max_iter, tolerance=tolerance, init=warm)
+    model = fit_logistic(x, y, num_classes, best, max_iter=max_iter, tolerance=tolerance, init=warm,
+                         across_ranks=sharded)
     seconds = time.perf_counter() - began
-    scores = _scores(model, test_x.to(device, store), test_y.to(device, torch.long))
+    scores = _scores(model, test_x.to(device, store), test_y.to(device, torch.long), sharded)
     return ConvergedProbeResult(top1=scores["top1"], top5=scores["top5"], test_loss=scores["loss"], l2=best,
                                 train_loss=model.loss, heldout_size=int(len(held_rows)), heldout_top1=heldout_top1,
                                 iterations=model.iterations, train_seconds=seconds, model=model)

@@ -13,6 +13,7 @@ cannot run code); a Ctrl-C becomes one line saying which epoch's checkpoint is k
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import os
@@ -27,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from extract import distributed
 from extract.backbone.checkpoint import load_tensors
 from extract.errors import RunInterrupted
 from probe.errors import ProbeError
@@ -129,19 +131,22 @@ def epoch_order(num_rows: int, seed: int, epoch: int, device: torch.device | str
 
 
 def tensor_batches(features: Features, labels: torch.Tensor, order: torch.Tensor, batch_size: int,
-                   views: torch.Tensor | None = None) -> Iterator[tuple[dict[tuple[int, int], torch.Tensor], torch.Tensor]]:
+                   views: torch.Tensor | None = None, ranks: bool = False) -> Iterator[tuple[dict[tuple[int, int], torch.Tensor], torch.Tensor]]:
     """Batches of tensors already on the device, rows taken in ``order``, cast to float32 one batch at a time.
 
     Args:
         features: ``{(b, t): (N, C, h, w)}``, or a ``ViewStack`` ``{(b, t): (V, N, C, h, w)}`` with ``views``.
         labels: (N,) int64. order: (N,) row indices. batch_size: rows per batch.
         views: (N,) the view each row is read in (a ``ViewStack`` only).
+        ranks: a distributed run: each batch is this rank's contiguous share of the global batch.
 
     Yields:
-        ``({(b, t): (n, C, h, w) float32}, (n,) labels)``, n = batch_size except the last.
+        ``({(b, t): (n, C, h, w) float32}, (n,) labels)``, n = batch_size except the last (its share).
     """
     for start in range(0, order.shape[0], batch_size):
         index = order[start:start + batch_size]
+        if ranks:
+            index = index[distributed.share(index.shape[0])]
         if views is None:
             yield {key: value[index].float() for key, value in features.items()}, labels[index]
         else:
@@ -156,6 +161,7 @@ def train_one_epoch(
     num_batches: int | None = None,
     description: str = "train",
     progress: bool = True,
+    accumulate: int = 1,
 ) -> dict[str, float]:
     """One pass of cross-entropy steps over ``batches``.
 
@@ -165,26 +171,36 @@ def train_one_epoch(
             ``tensor_batches(...)`` or a streamed split's ``batches(...)``.
         num_batches: length of ``batches`` for the progress bar (None: unknown).
         description, progress: the tqdm bar's label, and whether to show it.
+        accumulate: micro-batches per step (gradient accumulation: the step is the batch's, in parts).
+
+    In a distributed run (``head`` wrapped by ``extract.distributed.wrap_trained``) each batch is this
+    rank's share of a global batch: the loss is scaled so that DDP's average of the ranks' gradients
+    is the gradient of the global batch's mean cross-entropy, whatever the shares' sizes.
 
     Returns:
         ``{"loss": mean cross-entropy, "acc": top-1 training accuracy}`` over the epoch (averaged over
-        the heads of a ``HeadGrid``).
+        the heads of a ``HeadGrid``; over every rank's rows).
     """
     head.train()
     total_loss = correct = None
     seen = 0
-    bar = tqdm(batches, total=num_batches, desc=description, leave=False, disable=not progress, unit="batch")
+    parts = distributed.world_size()
+    bar = tqdm(batches, total=num_batches, desc=description, leave=False,
+               disable=not progress or not distributed.is_main(), unit="batch")
     for features, target in bar:
-        outputs = head(features)
-        outputs = outputs if isinstance(outputs, Mapping) else {"": outputs}
-        # a HeadGrid's heads share no parameter: the summed loss gives each exactly its own gradient
-        losses = [F.cross_entropy(logits, target) for logits in outputs.values()]
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        batch_loss = loss.detach() / len(losses) * target.shape[0]
-        batch_correct = sum((logits.detach().argmax(dim=1) == target).sum() for logits in outputs.values()) / len(losses)
+        if parts == 1 and accumulate == 1:
+            outputs = head(features)
+            outputs = outputs if isinstance(outputs, Mapping) else {"": outputs}
+            # a HeadGrid's heads share no parameter: the summed loss gives each exactly its own gradient
+            losses = [F.cross_entropy(logits, target) for logits in outputs.values()]
+            loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            batch_loss = loss.detach() / len(losses) * target.shape[0]
+        else:
+            outputs, batch_loss = _accumulated_step(head, optimizer, features, target, parts, accumulate)
+        batch_correct = sum((logits.detach().argmax(dim=1) == target).sum() for logits in outputs.values()) / len(outputs)
         total_loss = batch_loss if total_loss is None else total_loss + batch_loss
         correct = batch_correct if correct is None else correct + batch_correct
         seen += target.shape[0]
@@ -192,9 +208,46 @@ def train_one_epoch(
             rate = seen / max(bar.format_dict.get("elapsed", 0.0), 1e-9)
             bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}",
                             images_per_s=f"{rate:.0f}")
+    if parts > 1:
+        sums = torch.tensor([float(total_loss if total_loss is not None else 0.0),
+                             float(correct if correct is not None else 0.0), float(seen)], dtype=torch.float64)
+        total_loss, correct, seen = distributed.all_reduce_sum(sums).tolist()
+        seen = int(seen)
     if seen == 0:
         raise ProbeError("no training rows: the train split is empty or every image was invalid")
-    return {"loss": total_loss.item() / seen, "acc": correct.item() / seen}
+    return {"loss": float(total_loss) / seen, "acc": float(correct) / seen}
+
+
+def _rows(features: Features, part: slice) -> dict:
+    return {key: value[part] for key, value in features.items()}
+
+
+def _accumulated_step(head: nn.Module, optimizer: torch.optim.Optimizer, features: Features, target: torch.Tensor,
+                      parts: int, accumulate: int) -> tuple[dict, torch.Tensor]:
+    """One optimizer step on this rank's share of a global batch, in ``accumulate`` micro-batches.
+
+    Each micro-batch's loss is ``sum of cross-entropy * world size / rows of the global batch``: DDP
+    averages the ranks' gradients, so the step's gradient is that of the global batch's mean loss.
+    Returns ``({key: logits of every row}, summed cross-entropy of this rank's rows)``.
+    """
+    total = distributed.global_count(target.shape[0], target.device)
+    optimizer.zero_grad(set_to_none=True)
+    collected: dict[str, list[torch.Tensor]] = {}
+    summed = torch.zeros((), dtype=torch.float64, device=target.device)
+    rows = target.shape[0]
+    for micro in range(accumulate):
+        part = distributed.share(rows, micro, accumulate)
+        with distributed.no_sync(head, skip=micro < accumulate - 1):
+            outputs = head(_rows(features, part))
+            outputs = outputs if isinstance(outputs, Mapping) else {"": outputs}
+            losses = [F.cross_entropy(logits, target[part], reduction="sum") for logits in outputs.values()]
+            loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+            (loss * (parts / max(total, 1))).backward()
+        summed += loss.detach().double() / len(losses)
+        for key, logits in outputs.items():
+            collected.setdefault(key, []).append(logits.detach())
+    optimizer.step()
+    return {key: torch.cat(values) for key, values in collected.items()}, summed
 
 
 @torch.no_grad()
@@ -203,7 +256,8 @@ def evaluate(head: nn.Module, batches: Iterable[tuple[Features, torch.Tensor]]) 
 
     Args:
         head: the module, on the batches' device (a ``HeadGrid`` is scored head by head).
-        batches: ``({(b, t): (n, C, h, w)}, (n,) int64 labels)``, e.g. ``tensor_batches(...)``.
+        batches: ``({(b, t): (n, C, h, w)}, (n,) int64 labels)``, e.g. ``tensor_batches(...)``; in a
+            distributed run this rank's share (every rank calls it; the counts are summed over ranks).
 
     Returns:
         ``{"top1", "top5", "loss"}`` as fractions / mean; top-5 is top-k with k = min(5, classes).
@@ -228,6 +282,12 @@ def evaluate(head: nn.Module, batches: Iterable[tuple[Features, torch.Tensor]]) 
             sums[1] += hits.any(dim=1).sum().item()
             sums[2] += F.cross_entropy(logits, target, reduction="sum").item()
         num_rows += target.shape[0]
+    if distributed.active():  # every rank scored its share: add the counts (exact), then divide once
+        keys = sorted(totals)
+        sums = torch.tensor([v for key in keys for v in totals[key]] + [num_rows], dtype=torch.float64)
+        sums = distributed.all_reduce_sum(sums).tolist()
+        totals = {key: sums[3 * i:3 * i + 3] for i, key in enumerate(keys)}
+        num_rows = int(sums[-1])
     if num_rows == 0:
         raise ProbeError("no rows to evaluate: the test split is empty or every image was invalid")
     scores = {key: {"top1": a / num_rows, "top5": b / num_rows, "loss": c / num_rows} for key, (a, b, c) in totals.items()}
@@ -274,7 +334,11 @@ class BatchSource(Protocol):
 
 
 def _epoch_batches(data, labels, batch_size: int, seed: int | None, epoch: int, device: torch.device):
-    """(batches on the device, number of batches) of one epoch of tensors or of a streamed source."""
+    """(batches on the device, number of batches) of one epoch of tensors or of a streamed source.
+
+    In a distributed run every batch is this rank's contiguous share of the global batch (the number of
+    batches is the global one: every rank steps together)."""
+    ranks = distributed.active()
     if isinstance(data, Mapping):
         num_rows = _num_rows(data, labels)
         order = epoch_order(num_rows, seed, epoch, device) if seed is not None else torch.arange(num_rows, device=device)
@@ -282,8 +346,19 @@ def _epoch_batches(data, labels, batch_size: int, seed: int | None, epoch: int, 
         if isinstance(data, ViewStack):  # training: one seeded view per row and epoch; scoring: view 0
             views = view_choice(num_rows, data.num_views, seed, epoch, device) if seed is not None else \
                 torch.zeros(num_rows, dtype=torch.long, device=device)
-        return tensor_batches(data, labels, order, batch_size, views), -(-num_rows // batch_size)
-    return _float_batches(data.batches(batch_size, seed=seed, epoch=epoch), device), -(-data.num_images // batch_size)
+        return tensor_batches(data, labels, order, batch_size, views, ranks=ranks), -(-num_rows // batch_size)
+    return _float_batches(_source_batches(data, batch_size, seed, epoch, ranks), device), -(-data.num_images // batch_size)
+
+
+def _source_batches(data, batch_size: int, seed: int | None, epoch: int, ranks: bool):
+    """A ``BatchSource``'s batches; in a distributed run this rank's share of each (decoded by the source
+    itself when it can, as ``LiveImages`` does, else cut from the global batch)."""
+    if not ranks:
+        return data.batches(batch_size, seed=seed, epoch=epoch)
+    if "ranks" in inspect.signature(data.batches).parameters:
+        return data.batches(batch_size, seed=seed, epoch=epoch, ranks=True)
+    return ((_rows(features, distributed.share(labels.shape[0])), labels[distributed.share(labels.shape[0])])
+            for features, labels in data.batches(batch_size, seed=seed, epoch=epoch))
 
 
 def _to_device(data, labels, device: torch.device):
@@ -329,14 +404,14 @@ def _interrupted(path: Path | None, epoch: int, num_epochs: int, kept: int) -> R
 
 
 def _train_epoch(head, opt, scheduler, history: list, train_x, train_y, config: TrainConfig, epoch: int,
-                 num_epochs: int, per_epoch: int, device: torch.device, progress: bool) -> None:
+                 num_epochs: int, per_epoch: int, device: torch.device, progress: bool, accumulate: int = 1) -> None:
     """One epoch of ``fit``: its batches (cut short at ``config.steps``), the steps, the schedule, its history row."""
     batches, num_batches = _epoch_batches(train_x, train_y, config.batch_size, config.seed, epoch, device)
     if config.steps is not None and config.steps - epoch * per_epoch < num_batches:
         num_batches = config.steps - epoch * per_epoch
         batches = itertools.islice(batches, num_batches)
     stats = train_one_epoch(head, opt, batches, num_batches, description=f"epoch {epoch + 1}/{num_epochs}",
-                            progress=progress)
+                            progress=progress, accumulate=accumulate)
     stats = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], **stats}
     scheduler.step()
     history.append(stats)
@@ -358,6 +433,7 @@ def fit(
     heldout_features: Features | None = None,
     heldout_labels: torch.Tensor | None = None,
     progress: bool = True,
+    accumulate: int | None = None,
 ) -> FitResult:
     """Train ``head`` on the train features by the protocol, then score it on the test features.
 
@@ -378,6 +454,13 @@ def fit(
             options); stored in the checkpoint, and a resume with any difference is refused.
         heldout_features, heldout_labels: rows to choose a grid's best head on (required with a grid).
         progress: show a tqdm bar with running loss and accuracy.
+        accumulate: micro-batches per optimizer step (None: ``--accumulate`` of the distributed context, 1).
+
+    Under ``torchrun`` (``extract.distributed``) this is one run over every rank: ``config.batch_size``
+    is the global batch, each rank takes its contiguous share of each batch of the single-process
+    order, the trained parameters are wrapped in DDP (a frozen backbone is not), BatchNorm layers
+    use global-batch statistics, scores are summed as counts over ranks, and rank 0 alone writes the
+    checkpoint (which any world size resumes from).
 
     Returns:
         ``FitResult`` with test top-1 / top-5, train seconds (this call), history of every epoch; for a
@@ -400,6 +483,8 @@ def fit(
         _num_rows(test_features, test_labels)
     head.to(device)
     train_x, train_y = _to_device(train_features, train_labels, device)
+    accumulate = distributed.context().accumulate if accumulate is None else int(accumulate)
+    distributed.sync_batch_norm(head)  # several ranks: BatchNorm on the global batch (DifFeed's feedback)
 
     opt = _make_optimizer(head, config)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=config.step_size, gamma=config.gamma)
@@ -430,8 +515,9 @@ def fit(
         if resume:
             log.warning("--resume: no checkpoint in %s, training from epoch 1", checkpoint_dir)
         torch.manual_seed(config.seed)
-    if path is not None:
+    if path is not None and distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
+    trained = distributed.wrap_trained(head, device)  # DDP over what trains (one process: the head itself)
 
     per_epoch = -(-(train_x.num_images if train_y is None else int(train_y.shape[0])) // config.batch_size)
     num_epochs = config.epochs if config.steps is None else -(-config.steps // per_epoch)
@@ -439,14 +525,16 @@ def fit(
     kept, epoch = start_epoch, start_epoch  # epochs whose checkpoint is on disk; the epoch running
     try:
         for epoch in range(start_epoch, num_epochs):
-            _train_epoch(head, opt, scheduler, history, train_x, train_y, config, epoch, num_epochs, per_epoch,
-                         device, progress)
-            if path is not None and getattr(head, "finetune", False):
+            _train_epoch(trained, opt, scheduler, history, train_x, train_y, config, epoch, num_epochs, per_epoch,
+                         device, progress, accumulate)
+            if path is not None and getattr(head, "finetune", False) and distributed.is_main():
                 _save(path.parent / BACKBONE_NAME, head.backbone_state_dict())
-            if path is not None:
+            if path is not None and distributed.is_main():
                 _save(path, {"head": head.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "config": saved_config,
                              "identity": identity, "rng": _rng_state(), "history": history})
+            if path is not None:
+                distributed.barrier()  # the epoch is on disk before any rank goes on
                 kept = epoch + 1
         train_seconds = time.perf_counter() - began
         epoch = num_epochs

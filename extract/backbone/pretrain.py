@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from extract import distributed
 from extract.backbone.checkpoint import load_tensors
 from extract.backbone.configs import get_config
 from extract.backbone.diffusion_loss import diffusion_loss
@@ -117,20 +118,32 @@ def _batch_rows(num_images: int, batch_size: int, seed: int, step: int) -> np.nd
 
 
 def _batches(paths: Sequence[str], image_size: int, batch_size: int, seed: int, start: int,
-             decode_threads: int) -> Iterator[tuple[torch.Tensor, dict]]:
+             decode_threads: int) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
     """The decoded batches of steps start, start+1, ..., four ahead on a background thread, so the forward never waits.
 
-    An unreadable image leaves its batch (its reason is in the batch's error dict).
+    Yields ``(images, errors, positions)``: in a distributed run only this rank's contiguous share of the
+    global batch is decoded; ``positions`` are the images' places in the global batch (the step's
+    random draws are made for the whole batch and indexed by them). An unreadable image leaves its
+    batch (its reason is in the batch's error dict).
     """
-    def produce(stop: threading.Event) -> Iterator[tuple[torch.Tensor, dict]]:
+    def produce(stop: threading.Event) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
         step = start
         while not stop.is_set():
             rows = _batch_rows(len(paths), batch_size, seed, step)
-            images, ok, errors = load_batch([paths[r] for r in rows], image_size, num_threads=max(1, decode_threads))
-            yield images[torch.from_numpy(ok)], errors
+            positions = np.arange(len(rows))[distributed.share(len(rows))]
+            images, ok, errors = load_batch([paths[r] for r in rows[positions]], image_size,
+                                            num_threads=max(1, decode_threads))
+            yield images[torch.from_numpy(ok)], errors, torch.from_numpy(positions[ok])
             step += 1
 
     return read_ahead(produce, depth=4, name="diffrep-pretrain-feed")
+
+
+def _agreed(stop: bool) -> bool:
+    """Whether any rank wants to stop (every rank stops at the same step); ``stop`` on one process."""
+    if not distributed.active():
+        return stop
+    return bool(distributed.all_reduce_sum(torch.tensor([int(stop)])).item())
 
 
 def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -266,6 +279,7 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
     model = create_backbone(config.config_name, weight_seed=config.weight_seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).train()
+    trained = distributed.wrap_trained(model, device)  # DDP on several ranks; checkpoints from ``model``
     ema = create_backbone(config.config_name).to(device, memory_format=memory_format).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -293,9 +307,10 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
         log.warning("no pretraining checkpoint in %s: starting from step 0", out_dir)
     curve = out_dir / LOSS_CSV
     header = "step,images_seen,seconds,lr,loss,mse,vb\n"
-    if step == 0 or not curve.exists():
+    main = distributed.is_main()  # rank 0 alone writes the curve and the checkpoints
+    if main and (step == 0 or not curve.exists()):
         curve.write_text(header)
-    else:  # rows a killed run logged after its last checkpoint are redone: drop them
+    elif main:  # rows a killed run logged after its last checkpoint are redone: drop them
         kept = [line for line in curve.read_text().splitlines(keepends=True)[1:] if int(line.split(",")[0]) <= step]
         curve.write_text(header + "".join(kept))
 
@@ -304,13 +319,20 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
     began = time.perf_counter()
     deadline = began + minutes * 60 if minutes is not None else None
     total = steps if steps is not None else None
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not run.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not run.progress or not main,
+               dynamic_ncols=True)
     window: list[torch.Tensor] = []
     stopped_by = "steps"
     written: list[Path] = []
+    saves: list[int] = []  # the steps checkpointed (on every rank; rank 0 alone writes)
 
     def save() -> None:
         nonlocal kept
+        saves.append(step)
+        if not main:
+            distributed.barrier()  # wait until rank 0 has written the step
+            kept = step
+            return
         seconds = trained_seconds + (time.perf_counter() - began)
         _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "step": step, "images_seen": images_seen,
@@ -329,29 +351,33 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
             line = run.on_checkpoint(ema, step)
             if line:
                 tqdm.write(line)
+        distributed.barrier()
 
     try:
         while True:
             if steps is not None and step >= steps:
                 break
-            if deadline is not None and time.perf_counter() >= deadline:
+            if deadline is not None and _agreed(time.perf_counter() >= deadline):
                 stopped_by = "minutes"
                 break
-            x0, _errors = next(feed)
+            x0, _errors, positions = next(feed)
             generator = torch.Generator().manual_seed(_step_seed(config.seed, step))
-            n = x0.shape[0]
+            drawn = config.batch_size  # every draw is made for the global batch, then this rank's rows taken
             if config.flip:
-                flips = torch.rand(n, generator=generator) < 0.5
+                flips = (torch.rand(drawn, generator=generator) < 0.5)[positions]
                 x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
-            t = torch.randint(0, schedule.num_steps, (n,), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator)
+            t = torch.randint(0, schedule.num_steps, (drawn,), generator=generator)[positions]
+            noise = torch.randn((drawn, *x0.shape[1:]), generator=generator)[positions]
+            local = x0.shape[0]
+            n = distributed.global_count(local)
             x0 = x0.to(device).contiguous(memory_format=memory_format)
             noise = noise.to(device).contiguous(memory_format=memory_format)
             t = t.to(device)
             with autocast(device, config.precision):
-                loss, terms = diffusion_loss(model, schedule, x0, t, noise, learn_sigma)
+                loss, terms = diffusion_loss(trained, schedule, x0, t, noise, learn_sigma)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # DDP averages over ranks: weighting each rank's mean by its share makes it the global batch's mean
+            (loss * (local * distributed.world_size() / n) if distributed.active() else loss).backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip, foreach=True)
             optimizer.step()
@@ -360,13 +386,16 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
                 torch._foreach_lerp_(ema_params, params, 1.0 - config.ema_decay)
             step += 1
             images_seen += n
-            window.append(torch.stack([loss.detach(), terms["mse"].mean(), terms["vb"].mean()]))
+            logged = torch.stack([loss.detach().float(), terms["mse"].mean().float(), terms["vb"].mean().float()])
+            if distributed.active():
+                logged = distributed.all_reduce_sum(logged.double().cpu() * local) / n
+            window.append(logged)
             if step % log_every == 0 or (steps is not None and step >= steps):
                 means = torch.stack(window).mean(0).tolist()
                 window.clear()
                 loss_value = means[0]
                 seconds = trained_seconds + (time.perf_counter() - began)
-                with open(curve, "a") as f:
+                with open(curve if main else os.devnull, "a") as f:
                     f.write(f"{step},{images_seen},{seconds:.1f},{optimizer.param_groups[0]['lr']:.6g},"
                             f"{means[0]:.6f},{means[1]:.6f},{means[2]:.6f}\n")
                 bar.set_postfix(loss=f"{means[0]:.4f}", mse=f"{means[1]:.4f}")
@@ -382,7 +411,7 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
         bar.close()
     if window:
         loss_value = torch.stack(window).mean(0)[0].item()
-    if step % checkpoint_every or not written:  # the last step's checkpoint is not written yet
+    if step % checkpoint_every or not saves:  # the last step's checkpoint is not written yet
         save()
     seconds = trained_seconds + (time.perf_counter() - began)
     return PretrainResult(step=step, images_seen=images_seen, seconds=seconds, loss=loss_value, out_dir=out_dir,

@@ -11,6 +11,7 @@ line on stderr and exit status 1 (a cache that lacks work ends with the exact ex
 from __future__ import annotations
 
 import logging
+import sys
 
 import click
 
@@ -37,12 +38,22 @@ class _Group(click.Group):
     that line on stderr and exit status 130."""
 
     def invoke(self, ctx):
+        ctx.meta["diffrep.command"] = [*ctx._protected_args, *ctx.args]  # what --nproc hands to torchrun
         try:
             return super().invoke(ctx)
         except DiffrepError as exc:
             from pipeline.advice import advised
 
-            raise click.ClickException(advised(exc)) from exc
+            raise click.ClickException(_on_rank(advised(exc))) from exc
+        except RuntimeError as exc:  # under torchrun: a rank lost in a collective says so in one line
+            if isinstance(exc, click.exceptions.Exit) or "extract.distributed" not in sys.modules:
+                raise  # --help and friends; nothing distributed ran (and torch stays unloaded)
+            from extract.distributed import describe_failure
+
+            line = describe_failure(exc)
+            if line is None:
+                raise
+            raise click.ClickException(line) from exc
         except KeyboardInterrupt as exc:  # the loops that keep work say what they kept; elsewhere, say it plainly
             click.echo(f"\n{str(exc) or INTERRUPTED_ELSEWHERE}", err=True)
             raise SystemExit(130) from None
@@ -50,8 +61,13 @@ class _Group(click.Group):
 
 @click.group("diffrep", cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Run the command on N local processes under torchrun (one run; --batch-size stays global).")
+@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Micro-batches per optimizer step on every rank (gradient accumulation: the same global batch).")
 @click.version_option(package_name="diffrep")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int, nproc: int | None, accumulate: int) -> None:
     """diffrep: diffusion U-Nets (guided-diffusion ADM) as visual feature extractors.
 
     \b
@@ -66,6 +82,38 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _distributed(ctx, nproc, accumulate, verbose)
+
+
+def _on_rank(message: str) -> str:
+    """A message prefixed with the rank that says it, in a distributed run."""
+    from extract import distributed
+
+    return f"rank {distributed.rank()}: {message}" if distributed.world_size() > 1 else message
+
+
+def _distributed(ctx: click.Context, nproc: int | None, accumulate: int, verbose: int) -> None:
+    """``--nproc``: start torchrun with this command and stop here; under torchrun: join the run (every
+    rank but 0 prints nothing to stdout), and leave it when the command ends."""
+    import os
+
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        from pipeline.cli.launch import launch
+
+        command = ctx.meta.get("diffrep.command", [])  # the command and its options, as given
+        argv = ["-v"] * verbose + ["--accumulate", str(accumulate)] + command
+        try:
+            launch(nproc, argv)
+        except DiffrepError as exc:
+            raise click.ClickException(str(exc)) from exc
+        ctx.exit(0)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or accumulate > 1:
+        from extract import distributed
+
+        distributed.initialize(os.environ.get("DIFFREP_DEVICE", "auto"), accumulate)
+        ctx.call_on_close(distributed.shutdown)
+        if not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - one line per run, not one per rank
 
 
 # Each command lives in its own module as a plain click command; this is the one place that adds them.
@@ -73,3 +121,7 @@ for _command in (info, extract, probe, knn, cka, sweep, report, demo, pretrain, 
     main.add_command(_command)
 main.add_command(search)
 main.add_command(detect)
+
+
+if __name__ == "__main__":  # torchrun -m pipeline.cli.main ..., and python -m
+    main()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import fusion  # noqa: F401 - the full head registry: importing fusion registers the difformer head
+from extract import distributed
 from extract.errors import interrupted_saying
 from extract.precision import resolve_device
 from probe.attention_head import AttentionHeadConfig
@@ -103,7 +104,8 @@ def fit_converged(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Te
                   num_classes: int, fitting: FitProtocol, device: torch.device) -> dict:
     """The converged linear probe on flattened features (N, D); its results columns."""
     result = converged_linear_probe(train_x, train_y, test_x, test_y, num_classes, l2_grid=fitting.l2,
-                                    heldout_fraction=fitting.heldout_fraction, seed=fitting.seed, device=device)
+                                    heldout_fraction=fitting.heldout_fraction, seed=fitting.seed, device=device,
+                                    across_ranks=distributed.active())
     return dict(protocol="converged", solver="lbfgs", standardize=True, l2=result.l2,
                 heldout_size=result.heldout_size, top1=result.top1, top5=result.top5,
                 parameters=int(train_x.shape[1] * num_classes + num_classes), train_seconds=result.train_seconds)
