@@ -95,6 +95,7 @@ class ExtractionRequest:
     decode_device: str = "cpu"
     order_seed: int = 0
     first_rows: int | None = None
+    image_size: int | None = None  # --image-size: model input side in pixels (None: the configuration's)
 
     def cache_spec(self, config: BackboneConfig, checkpoint_sha256: str, num_images: int) -> CacheSpec:
         """The cache this request fills, for its resolved backbone configuration, the checkpoint's
@@ -105,7 +106,7 @@ class ExtractionRequest:
             dataset=self.dataset, split=self.split,
             backbone_id=weights_id(config.name, weight_seed=weight_seed, sha256=checkpoint_sha256),
             config_name=config.name, config_flags=config.flags, checkpoint_sha256=checkpoint_sha256,
-            weight_seed=weight_seed, image_size=config.image_size, noise_schedule=config.noise_schedule,
+            weight_seed=weight_seed, image_size=int(self.image_size or config.image_size), noise_schedule=config.noise_schedule,
             diffusion_steps=config.diffusion_steps, noise_seed=int(self.noise_seed), flip=bool(self.flip),
             pool=int(self.pool), precision=self.precision, subset=subset or "all", num_images=num_images,
             shard_size=int(self.shard_size), row_order_seed=int(self.order_seed), noise_draws=int(self.noise_draws),
@@ -355,7 +356,8 @@ def plan_extraction(
     # absolute: workers of a remote cluster (and the disk check) must not depend on our cwd
     path = cache_path(os.path.abspath(request.cache_dir), spec.dataset, spec.split, spec.backbone_id)
     _check_cache_dir(request.cache_dir, path)
-    native = {b: block_shapes[b][1] for b in blocks}
+    native = _native_sizes({b: side for b, (_, side) in block_shapes.items()}, config.image_size, spec.image_size,
+                           config.name, blocks)
     shapes = {
         (b, t): (block_shapes[b][0], pooled_size(native[b], spec.pool), pooled_size(native[b], spec.pool))
         for b in blocks for t in timesteps
@@ -429,6 +431,16 @@ def plan_extraction(
             f"is free: free space, pass a smaller --pool, fewer --blocks/--timesteps, or another --cache-dir"
         )
     return plan
+
+
+def _native_sizes(sides: dict[int, int], trained: int, asked: int, config_name: str, blocks) -> dict[int, int]:
+    """Each block's side at input side ``asked`` (the U-Net is convolutional: side = asked / the block's stride);
+    ``asked`` must divide by the deepest stride, or the decoder's skip connections would not line up."""
+    deepest = trained // min(sides.values())
+    if asked % deepest:
+        raise ConfigError(f"--image-size {asked} does not divide by {config_name}'s deepest stride {deepest}: pass a "
+                          f"multiple of {deepest}, e.g. {max(deepest, asked // deepest * deepest)}")
+    return {b: asked // (trained // sides[b]) for b in blocks}
 
 
 def _prod(shape: tuple[int, ...]) -> int:

@@ -66,6 +66,12 @@ RESULTS_SCHEMA = pa.schema([
     ("top5", pa.float64()),
     ("train_seconds", pa.float64()),
     ("date", pa.string()),          # ISO 8601, UTC
+    ("task", pa.string()),          # segmentation (null: image classification)
+    ("metric", pa.string()),        # what top1 holds when it is not top-1: miou (mean IoU over classes present)
+    ("image_size", pa.int64()),     # backbone input side in pixels (dense tasks)
+    ("pixel_accuracy", pa.float64()),
+    ("class_iou", pa.string()),     # JSON {class: IoU} over the classes present in the test split
+    ("pixels_per_second", pa.float64()),  # labelled pixels trained on per second (dense heads)
 ])
 REQUIRED = ("dataset", "backbone_id", "head", "blocks", "timesteps", "top1")
 

@@ -22,6 +22,7 @@ from pipeline.cli.fuse import fuse
 from pipeline.cli.info import info
 from pipeline.cli.pretrain import pretrain
 from pipeline.cli.search import search
+from pipeline.cli.segment import segment
 from pipeline.cli.probe import cka, knn, probe, report, sweep
 from pipeline.cli.verify import verify
 
@@ -70,3 +71,4 @@ def main(verbose: int) -> None:
 for _command in (info, extract, probe, knn, cka, sweep, report, demo, pretrain, fuse, feedback, verify):
     main.add_command(_command)
 main.add_command(search)
+main.add_command(segment)
