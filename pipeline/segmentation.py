@@ -39,7 +39,7 @@ from pipeline.extraction import ExtractionRequest
 from pipeline.extraction_run import fill_caches
 from pipeline.results import record_rows
 
-__all__ = ["SegmentRequest", "SegmentResult", "run_segment", "image_index_of"]
+__all__ = ["SegmentRequest", "SegmentResult", "run_segment", "image_index_of", "extract_dense"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class SegmentRequest:
         raw_pixels: train on the input pixels instead (no backbone, no cache).
         image_size: the backbone's input side (None: the configuration's); limit / test_limit: images per split.
         epochs, lr, optimizer, batch_size, seed: the head's training (StepLR 7, 0.1 as probe's protocol).
+        live: run the backbone every step instead of reading the cache (``pipeline.dense_live``), with
+            ``augment`` (crop and flip shared by image and label) and ``fresh_noise``.
         train_split, test_split: None picks the dataset's first and last splits.
     """
 
@@ -94,6 +96,9 @@ class SegmentRequest:
     progress: bool = True
     figures: int = 4
     out_dir: str = "results/segment"
+    live: bool = False
+    augment: bool = True
+    fresh_noise: bool = True
 
 
 @dataclass
@@ -149,11 +154,16 @@ def _cache_source(cache: FeatureCache, keys: list[tuple[int, int]], cap: int) ->
     return DenseSource(readers=readers, num_rows=cache.num_images, valid=cache.valid)
 
 
-def _pixel_source(index: DenseIndex, size: int) -> DenseSource:
-    def read(start: int, stop: int) -> np.ndarray:
+def _pixel_source(index: DenseIndex, size: int, cap: int) -> DenseSource:
+    """The input pixels as the one map ``(0, 0)``, ``(n, 3, S, S)`` in [-1, 1]; decoded once when under an eighth of the cap."""
+    def decode(start: int, stop: int) -> np.ndarray:
         pixels = np.stack([load_pixels(index.image_paths[r], size) for r in range(start, stop)])
         return (pixels.astype(np.float32) / 127.5 - 1.0).astype(np.float16)
-    return DenseSource(readers={(0, 0): read}, num_rows=len(index))
+
+    if len(index) * 3 * size * size * 2 <= cap // 8:
+        held = decode(0, len(index))
+        return DenseSource(readers={(0, 0): lambda start, stop: held[start:stop]}, num_rows=len(index))
+    return DenseSource(readers={(0, 0): decode}, num_rows=len(index))
 
 
 def _rows_of(cache: FeatureCache, index: DenseIndex) -> np.ndarray:
@@ -166,7 +176,8 @@ def _rows_of(cache: FeatureCache, index: DenseIndex) -> np.ndarray:
                            f"does not list: extract into a new --cache-dir") from None
 
 
-def _extract(request: SegmentRequest, indexes: dict[str, DenseIndex], size: int, echo) -> dict[str, FeatureCache]:
+def extract_dense(request: SegmentRequest, indexes: dict[str, DenseIndex], size: int, echo) -> dict[str, FeatureCache]:
+    """Fill the unpooled caches of every split in ``indexes`` (the extract stage itself), and open them for reading."""
     requests = [ExtractionRequest(
         dataset=request.dataset, split=split, timesteps=tuple(request.timesteps), blocks=tuple(request.blocks),
         cache_dir=request.cache_dir, pool=0, config_name=request.config_name, checkpoint=request.checkpoint,
@@ -177,6 +188,33 @@ def _extract(request: SegmentRequest, indexes: dict[str, DenseIndex], size: int,
                       echo=echo, indexes={(request.dataset, s): image_index_of(i) for s, i in indexes.items()})
     cap = int(request.ram_cap_gb * (1 << 30)) if request.ram_cap_gb else DEFAULT_RAM_CAP_BYTES
     return {split: FeatureCache(plan.path, ram_cap_bytes=cap) for split, plan in zip(indexes, run.plans)}
+
+
+def _live_sources(request: SegmentRequest, train_index: DenseIndex, test_index: DenseIndex, size: int, cap: int):
+    """Train and test sources through the live backbone, its id, and the maps' shapes at ``size``."""
+    import torch
+
+    from extract.backbone.checkpoint import file_sha256
+    from extract.backbone.identity import backbone_id as weights_id
+    from extract.job import build_backbone
+    from extract.schedule import get_schedule
+    from pipeline.dense_live import LiveDenseSource
+
+    config = get_config(request.config_name)
+    device = torch.device(_device(request.device))
+    model = build_backbone(config.name, request.checkpoint, None if request.checkpoint else request.weight_seed)
+    model = model.to(device).eval().requires_grad_(False)
+    schedule = get_schedule(config.noise_schedule, config.diffusion_steps)
+    sides = model.block_shapes()
+    shapes = {(b, t): (sides[b][0], size // (config.image_size // sides[b][1]), size // (config.image_size // sides[b][1]))
+              for b in request.blocks for t in request.timesteps}
+    common = dict(model=model, blocks=request.blocks, timesteps=request.timesteps, schedule=schedule, size=size,
+                  device=device, noise_seed=request.noise_seed)
+    train = LiveDenseSource(paths=train_index.image_paths, labels=_labels_reader(train_index, np.arange(len(train_index)), size, cap),
+                            augment=request.augment, fresh_noise=request.fresh_noise, **common)
+    test = LiveDenseSource(paths=test_index.image_paths, labels=None, augment=False, fresh_noise=False, **common)
+    sha = file_sha256(request.checkpoint) if request.checkpoint else ""
+    return train, test, weights_id(config.name, weight_seed=None if sha else request.weight_seed, sha256=sha), shapes
 
 
 def run_segment(request: SegmentRequest, echo: Callable[[str], None] = log.info,
@@ -195,21 +233,27 @@ def run_segment(request: SegmentRequest, echo: Callable[[str], None] = log.info,
     test_index = build_dense_index(request.dataset, test_split, data_root=request.data_root, limit=request.test_limit)
     cap = int(request.ram_cap_gb * (1 << 30)) if request.ram_cap_gb else DEFAULT_RAM_CAP_BYTES
     keys = [(b, t) for b in request.blocks for t in request.timesteps]
-    if request.raw_pixels:
+    if request.live and not request.raw_pixels:
+        if not keys:
+            raise DatasetError("segment --live needs blocks and timesteps (-b, -t)")
+        train, test, backbone_id, shapes = _live_sources(request, train_index, test_index, size, cap)
         train_rows, test_rows = np.arange(len(train_index)), np.arange(len(test_index))
-        train, test = _pixel_source(train_index, size), _pixel_source(test_index, size)
+    elif request.raw_pixels:
+        train_rows, test_rows = np.arange(len(train_index)), np.arange(len(test_index))
+        train, test = _pixel_source(train_index, size, cap), _pixel_source(test_index, size, cap)
         backbone_id, keys = "raw-pixels", [(0, 0)]
         shapes = {(0, 0): (3, size, size)}
     else:
         if not keys:
             raise DatasetError("segment needs blocks and timesteps (-b, -t), or --raw-pixels")
-        caches = _extract(request, {train_split: train_index, test_split: test_index}, size, echo)
+        caches = extract_dense(request, {train_split: train_index, test_split: test_index}, size, echo)
         train_cache, test_cache = caches[train_split], caches[test_split]
         train_rows, test_rows = _rows_of(train_cache, train_index), _rows_of(test_cache, test_index)
         train, test = _cache_source(train_cache, keys, cap), _cache_source(test_cache, keys, cap)
         backbone_id = train_cache.spec.backbone_id
         shapes = {key: tuple(train_cache.shape(*key)[1:]) for key in keys}
-    train.labels = _labels_reader(train_index, train_rows, size, cap)
+    if train.labels is None:
+        train.labels = _labels_reader(train_index, train_rows, size, cap)
     options = {"hidden": request.hidden, "ensemble": request.ensemble} if request.head == "pixel" else {"channels": request.channels}
     import torch
 
@@ -228,7 +272,8 @@ def run_segment(request: SegmentRequest, echo: Callable[[str], None] = log.info,
     class_iou = {name: float(v) for name, v, present in zip(test_index.class_names, scores.iou, scores.present) if present}
     row = {
         "dataset": request.dataset, "train_size": len(train_index), "test_size": len(test_index), "backbone_id": backbone_id,
-        "head": request.head, "protocol": "dense", "solver": request.optimizer, "train_split": train_split,
+        "head": request.head, "protocol": "live" if request.live else "dense",
+        "fresh_noise": request.fresh_noise if request.live else None, "augment": request.augment if request.live else None, "solver": request.optimizer, "train_split": train_split,
         "test_split": test_split, "noise_seed": request.noise_seed, "cache_pool": 0, "pool": 0,
         "blocks": "raw" if request.raw_pixels else list(request.blocks),
         "timesteps": "raw" if request.raw_pixels else list(request.timesteps),

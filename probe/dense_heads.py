@@ -12,7 +12,8 @@ num_classes, **overrides)`` builds either from the shapes of the cache arrays.
   1, 2, 3, 6) on the coarsest; torchvision's ``FeaturePyramidNetwork`` for the top-down path; every level
   upsampled to the finest, concatenated, fused by a 3x3 convolution, dropout 0.1, a 1x1 classifier.
   With a single map (the paper's "one block feeding every UperNet input") the projected map is resized
-  bilinearly to a four-level pyramid (x2, x1, x1/2, x1/4 of its side), as the paper's head did.
+  bilinearly to a four-level pyramid of sides top, top/2, top/4, top/8, with top twice its side up to
+  32 (the paper's 32x32 block fed strides 4-32 of a 256 input: 64, 32, 16, 8), else its own side.
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ class UperNetHead(nn.Module):
         if len(maps) > 1:
             return maps
         x = maps[0]
-        side = x.shape[-1]
-        return [_resize(x, (max(1, round(x.shape[-2] * f)), max(1, round(side * f)))) for f in (2.0, 1.0, 0.5, 0.25)]
+        h, w = x.shape[-2:]
+        top = 2.0 if max(h, w) <= 16 else 1.0  # twice the side up to 32, else the map's own side
+        return [_resize(x, (max(1, round(h * top / f)), max(1, round(w * top / f)))) for f in (1, 2, 4, 8)]
 
     def forward_members(self, features: Mapping[Key, torch.Tensor]) -> list[torch.Tensor]:
         return [self(features)]

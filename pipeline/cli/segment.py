@@ -55,6 +55,11 @@ from pipeline.cli.options import (
               help="Test images drawn as image / truth / prediction (0: none).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="results/segment", show_default=True,
               help="Folder for the figures.")
+@click.option("--live", is_flag=True,
+              help="Run the backbone every training step instead of reading the cache (the official way): fresh noise, "
+                   "and a random resized crop (0.8-1.0) and flip shared by each image and its label map.")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="--live: crop and flip every step.")
+@click.option("--fresh-noise/--seeded-noise", default=True, show_default=True, help="--live: new noise every step.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def segment(**options) -> None:
     """Train a dense head on unpooled cached maps and report mIoU, per-class IoU and pixel accuracy.
@@ -69,6 +74,7 @@ def segment(**options) -> None:
       diffrep segment --dataset camvid --config 32x32_small --checkpoint extract/weights/32x32_small.pt \\
           --image-size 64 -b 8 -t 25 --head pixel
       diffrep segment --dataset pets-seg --config 32x32_small --image-size 64 --raw-pixels --head upernet
+      diffrep segment --dataset camvid --config 32x32_small --image-size 64 -b 8 -t 25 --live
     """
     from pipeline.segmentation import SegmentRequest, run_segment
 
