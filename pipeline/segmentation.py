@@ -176,13 +176,17 @@ def _rows_of(cache: FeatureCache, index: DenseIndex) -> np.ndarray:
                            f"does not list: extract into a new --cache-dir") from None
 
 
-def extract_dense(request: SegmentRequest, indexes: dict[str, DenseIndex], size: int, echo) -> dict[str, FeatureCache]:
-    """Fill the unpooled caches of every split in ``indexes`` (the extract stage itself), and open them for reading."""
+def extract_dense(request: SegmentRequest, indexes: dict[str, DenseIndex], size: int, echo,
+                  limits: dict[str, int | None] | None = None) -> dict[str, FeatureCache]:
+    """Fill the unpooled caches of every split in ``indexes`` (the extract stage itself), and open them for reading.
+
+    ``limits``: the ``--limit`` each split's index was cut to, recorded as the cache's subset.
+    """
     requests = [ExtractionRequest(
         dataset=request.dataset, split=split, timesteps=tuple(request.timesteps), blocks=tuple(request.blocks),
         cache_dir=request.cache_dir, pool=0, config_name=request.config_name, checkpoint=request.checkpoint,
         weight_seed=request.weight_seed, noise_seed=request.noise_seed, shard_size=request.shard_size,
-        batch_size=request.extract_batch_size, device=request.device, image_size=size,
+        batch_size=request.extract_batch_size, device=request.device, image_size=size, limit=(limits or {}).get(split),
         precision="bf16" if _device(request.device).startswith("cuda") else "fp32") for split in indexes]
     run = fill_caches(requests, scheduler=request.scheduler, synchronous=request.synchronous, progress=request.progress,
                       echo=echo, indexes={(request.dataset, s): image_index_of(i) for s, i in indexes.items()})
@@ -246,7 +250,8 @@ def run_segment(request: SegmentRequest, echo: Callable[[str], None] = log.info,
     else:
         if not keys:
             raise DatasetError("segment needs blocks and timesteps (-b, -t), or --raw-pixels")
-        caches = extract_dense(request, {train_split: train_index, test_split: test_index}, size, echo)
+        caches = extract_dense(request, {train_split: train_index, test_split: test_index}, size, echo,
+                               limits={train_split: request.limit, test_split: request.test_limit})
         train_cache, test_cache = caches[train_split], caches[test_split]
         train_rows, test_rows = _rows_of(train_cache, train_index), _rows_of(test_cache, test_index)
         train, test = _cache_source(train_cache, keys, cap), _cache_source(test_cache, keys, cap)
