@@ -81,8 +81,8 @@ def _row(result) -> dict:
 
 
 def bench_segment_study(out: str = "results/segment-study", cache_dir: str | None = None, size: int = 64,
-                        blocks=(5, 8, 12, 15), timestep: int = 25, more_timesteps=(100,), epochs: int = 6,
-                        datasets=("camvid", "pets-seg")) -> list[str]:
+                        blocks=(5, 8, 12), timestep: int = 25, more_timesteps=(), epochs: int = 3,
+                        datasets=("camvid", "pets-seg"), floors=("random-init", "raw pixels")) -> list[str]:
     """The closing note's figures; appends one JSON line per trained head to ``<out>/study.jsonl``.
 
     Per dataset: per-pixel linear heads over ``blocks`` at ``timestep`` (one truncated forward per image captures
@@ -123,9 +123,11 @@ def bench_segment_study(out: str = "results/segment-study", cache_dir: str | Non
                      f"; best b={best[0]} t={best[1]}")
         heads = (("pixel", {}), ("pixel", {"hidden": (256, 128)}), ("upernet", {"channels": 64, "lr": 1e-3}))
         for name, weights in (("trained", trained), ("random-init", random), ("raw pixels", base)):
+            if name != "trained" and name not in floors:
+                continue
             for head, extra in heads:
-                if name == "trained" and not extra:
-                    continue  # the sweep's best cell
+                if (name == "trained" and not extra) or (name != "trained" and extra.get("hidden")):
+                    continue  # the sweep's best cell; the floors get the linear and UperNet heads
                 cell = {"raw_pixels": True} if name == "raw pixels" else {"blocks": (best[0],), "timesteps": (best[1],)}
                 row = record(run_segment(SegmentRequest(**{**weights, **extra, **cell}, head=head,
                                                         figures=3 if name == "trained" else 0)))
@@ -141,6 +143,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["train-only"]:
         _train_only(json.loads(sys.argv[2]))
     else:
-        datasets = tuple(sys.argv[2:]) or ("camvid", "pets-seg")
-        for line in (bench_segment_study(datasets=datasets) if sys.argv[1:2] == ["study"] else bench_segment_memory()):
+        study = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}  # e.g. {"datasets": ["pets-seg"], "blocks": [8]}
+        for line in (bench_segment_study(**study) if sys.argv[1:2] == ["study"] else bench_segment_memory()):
             print(line, flush=True)

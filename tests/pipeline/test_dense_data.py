@@ -107,3 +107,19 @@ def test_a_label_goes_where_its_image_goes(width, height, size):
 
 def test_camvid_square_is_the_centre_of_the_frame():
     assert source_box(480, 360, 64) == (56, 0, 418, 360)  # halved twice to 120x90, then 85x64: centre 64 of 85
+
+
+def test_ade20k_layout_reads_its_class_table_and_shifts_labels(tmp_path):
+    """The SceneParsing layout (made up here, 3 images): names from objectInfo150.txt, 0 ignored, v -> v - 1."""
+    root = tmp_path / "ADEChallengeData2016"
+    lines = ["Idx\tRatio\tTrain\tVal\tName"] + [f"{i}\t0.01\t10\t1\tname{i};alias" for i in range(1, 151)]
+    root.mkdir()
+    (root / "objectInfo150.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for split in ("training", "validation"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        Image.new("RGB", (6, 4)).save(root / "images" / split / f"ADE_{split}_1.jpg")
+        Image.fromarray(np.array([[0, 1, 150, 151, 7, 7]] * 4, dtype=np.uint8)).save(root / "annotations" / split / f"ADE_{split}_1.png")
+    index = build_dense_index("ade20k", "val", data_root=tmp_path)
+    assert index.num_classes == 150 and index.class_names[0] == "name1" and index.class_names[149] == "name150"
+    assert index.read_label(0)[0].tolist() == [IGNORE, 0, 149, IGNORE, 6, 6]
