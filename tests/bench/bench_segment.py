@@ -91,7 +91,7 @@ def bench_segment_study(out: str = "results/segment-study", cache_dir: str | Non
     """
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "diffrep", "features-seg")
     os.makedirs(out, exist_ok=True)
-    log = open(os.path.join(out, "study.jsonl"), "a", encoding="utf-8")
+    log = open(os.path.join(out, "study.jsonl"), "a+", encoding="utf-8")
     lines = []
 
     def record(result) -> dict:
@@ -111,12 +111,19 @@ def bench_segment_study(out: str = "results/segment-study", cache_dir: str | Non
         indexes = {split: build_dense_index(dataset, split) for split in ("train", "val" if dataset == "camvid" else "test")}
         extract_dense(SegmentRequest(**trained, blocks=tuple(blocks), timesteps=(timestep,)), indexes, size,
                       echo=lambda line: None)  # one forward per image captures every block
+        done = {}  # linear sweep cells of an earlier, interrupted run of the study
+        for line in open(os.path.join(out, "study.jsonl"), encoding="utf-8"):
+            old = json.loads(line)
+            if old["dataset"] == dataset and old["head"] == "pixel" and old["backbone"] != "raw-pixels" and \
+                    "random" not in old["backbone"] and old["parameters"] < 20000:
+                done[(old["blocks"][0], old["timesteps"][0])] = old["miou"]
         sweep = {}
         for b in blocks:
-            sweep[(b, timestep)] = record(run_segment(SegmentRequest(**trained, blocks=(b,), timesteps=(timestep,))))["miou"]
+            sweep[(b, timestep)] = done.get((b, timestep)) or \
+                record(run_segment(SegmentRequest(**trained, blocks=(b,), timesteps=(timestep,))))["miou"]
         best_b = max(sweep, key=sweep.get)[0]
         for t in more_timesteps:
-            sweep[(best_b, t)] = record(run_segment(SegmentRequest(**trained, blocks=(best_b,), timesteps=(t,))))["miou"]
+            sweep[(best_b, t)] = done.get((best_b, t)) or record(run_segment(SegmentRequest(**trained, blocks=(best_b,), timesteps=(t,))))["miou"]
         best = max(sweep, key=sweep.get)
         lines.append(f"{dataset}: per-pixel linear mIoU over (b, t): " +
                      ", ".join(f"b{b}/t{t} {100 * v:.1f}" for (b, t), v in sorted(sweep.items())) +
@@ -129,8 +136,8 @@ def bench_segment_study(out: str = "results/segment-study", cache_dir: str | Non
                 if (name == "trained" and not extra) or (name != "trained" and extra.get("hidden")):
                     continue  # the sweep's best cell; the floors get the linear and UperNet heads
                 cell = {"raw_pixels": True} if name == "raw pixels" else {"blocks": (best[0],), "timesteps": (best[1],)}
-                row = record(run_segment(SegmentRequest(**{**weights, **extra, **cell}, head=head,
-                                                        figures=3 if name == "trained" else 0)))
+                row = record(run_segment(SegmentRequest(**{**weights, **extra, **cell, "figures": 3 if name == "trained" else 0},
+                                                        head=head)))
                 lines.append(f"  {name} {head}{' mlp' if extra.get('hidden') else ''}: mIoU {100 * row['miou']:.1f}, "
                              f"pixel acc {100 * row['pixel_accuracy']:.1f}, {row['train_seconds']:.0f} s")
     log.close()
