@@ -60,8 +60,9 @@ def bench_segment_memory(cache_dir: str | None = None, size: int = 256, cap_gib:
         f"segment memory: camvid train (367 images) at {size} px, 32x32_small b={','.join(map(str, blocks))} "
         f"t={','.join(map(str, timesteps))}, unpooled float16 maps {total / (1 << 30):.2f} GiB, RAM cap {cap_gib:.2f} GiB "
         f"({total / (cap_gib * (1 << 30)):.1f}x the cap)",
-        f"  peak RSS of the training process {peak:.2f} GiB (torch itself included), under the cap: the maps were read "
-        f"a batch (8 images, {8 * total / cache.num_images / (1 << 20):.0f} MB) at a time",
+        f"  peak RSS of the training process {peak:.2f} GiB against the {cap_gib:.2f} GiB cap (torch itself and one batch's "
+        f"float32 working set with its gradients included): the maps were read a batch "
+        f"(8 images, {8 * total / cache.num_images / (1 << 20):.0f} MB of float16) at a time, never the split",
         f"  per-pixel linear head, 1 epoch: {row['pixels_per_second']:,.0f} labelled pixels/s "
         f"({row['train_seconds']:.1f} s training; {wall:.1f} s for the whole child, scoring 16 val images included)",
     ]
