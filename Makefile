@@ -20,7 +20,7 @@ EXTRA ?=
 PRETRAIN_STEPS ?= 1100
 PRETRAIN_OUT ?= runs/pretrain
 
-.PHONY: install demo demo-full test test-fast bench device-kit extract probe fuse feedback pretrain info clean-venv detect
+.PHONY: install demo demo-full test test-fast bench device-kit extract probe fuse feedback pretrain info clean-venv detect segment
 
 # The venv's name carries the hash of the pins, so an existing one is complete: never redone.
 $(VENV)/.pins-installed:
@@ -93,3 +93,9 @@ probe: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Semantic segmentation on unpooled cached block maps, e.g.
+#   make segment DATASET=camvid CONFIG=32x32_small T=25 B=8 SEG_HEAD=upernet EXTRA="--image-size 64 --checkpoint extract/weights/32x32_small.pt"
+SEG_HEAD ?= pixel
+segment: install
+	$(DIFFREP) segment --dataset $(DATASET) --timesteps $(T) --blocks $(B) --head $(SEG_HEAD) $(if $(CONFIG),--config $(CONFIG)) $(EXTRA)

@@ -93,7 +93,7 @@ class ExtractionRequest:
     decode_device: str = "cpu"
     order_seed: int = 0
     first_rows: int | None = None
-    image_size: int | None = None
+    image_size: int | None = None  # --image-size: model input side in pixels (None: the configuration's)
 
     def cache_spec(self, family: BackboneFamily, checkpoint_sha256: str, num_images: int) -> CacheSpec:
         """The cache this request fills, for its backbone's family (what its spec records of the configuration),
@@ -330,9 +330,6 @@ def plan_extraction(
         raise ConfigError(refusal)
     blocks, _ = family.normalize_blocks(request.config_name, request.blocks)
     timesteps = sorted(set(family.schedule(request.config_name).check_timesteps(request.timesteps)))
-    if request.image_size is not None and family.inputs != "latent" and request.image_size != family.image_size(request.config_name):
-        raise ConfigError(f"{request.config_name} takes {family.image_size(request.config_name)} px images only: "
-                          f"leave out --image-size or pick a configuration of that size")
     block_shapes = family.block_shapes(request.config_name, request.image_size)
 
     sha256 = ""
@@ -353,7 +350,9 @@ def plan_extraction(
     # absolute: workers of a remote cluster (and the disk check) must not depend on our cwd
     path = cache_path(os.path.abspath(request.cache_dir), spec.dataset, spec.split, spec.backbone_id)
     _check_cache_dir(request.cache_dir, path)
-    native = {b: block_shapes[b][1] for b in blocks}
+    trained = family.block_shapes(request.config_name)  # the U-Net is convolutional: any multiple of its deepest stride
+    native = _native_sizes({b: side for b, (_, side) in trained.items()}, family.image_size(request.config_name),
+                           spec.image_size, request.config_name, blocks)
     shapes = {
         (b, t): (block_shapes[b][0], pooled_size(native[b], spec.pool), pooled_size(native[b], spec.pool))
         for b in blocks for t in timesteps
@@ -427,6 +426,16 @@ def plan_extraction(
             f"is free: free space, pass a smaller --pool, fewer --blocks/--timesteps, or another --cache-dir"
         )
     return plan
+
+
+def _native_sizes(sides: dict[int, int], trained: int, asked: int, config_name: str, blocks) -> dict[int, int]:
+    """Each block's side at input side ``asked`` (the U-Net is convolutional: side = asked / the block's stride);
+    ``asked`` must divide by the deepest stride, or the decoder's skip connections would not line up."""
+    deepest = trained // min(sides.values())
+    if asked % deepest:
+        raise ConfigError(f"--image-size {asked} does not divide by {config_name}'s deepest stride {deepest}: pass a "
+                          f"multiple of {deepest}, e.g. {max(deepest, asked // deepest * deepest)}")
+    return {b: asked // (trained // sides[b]) for b in blocks}
 
 
 def _prod(shape: tuple[int, ...]) -> int:

@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from extract.cache import FeatureCache, MarkWriter, create_cache, record_run, reset_shards
@@ -23,6 +23,7 @@ from extract.errors import CacheError, CacheIncompleteError, CacheMismatchError,
 from extract.job import ShardResult, link_next_shards, run_shard_job
 
 from pipeline.cluster import TaskRunner, open_runner
+from pipeline.datasets import ImageIndex
 from pipeline.extraction import ExtractionPlan, ExtractionRequest, plan_extraction
 from pipeline.locks import LockHeld, file_lock
 
@@ -88,6 +89,7 @@ def fill_caches(
     requests: Sequence[ExtractionRequest], *, scheduler: str | None = None, synchronous: bool = False,
     workers: int | None = None, progress: bool = True, dry_run: bool = False,
     confirm: Callable[[list[ExtractionPlan]], None] | None = None, echo: Callable[[str], None] = logger.info,
+    indexes: Mapping[tuple[str, str], ImageIndex] | None = None,
 ) -> ExtractionRun:
     """Plan every request, then lock every cache, start where the jobs run, and run the plans one after another.
 
@@ -98,6 +100,8 @@ def fill_caches(
         progress: a progress bar per plan on stderr; dry_run: plan (and echo the plans) only.
         confirm: called with the plans before anything is written; raises to stop (e.g. click's abort).
         echo: receives each plan's description, where the jobs run, and each run's summary.
+        indexes: ``{(dataset, split): ImageIndex}`` for splits not listed by the manifest's ``datasets``
+            (the dense datasets of ``pipeline.dense_data``).
 
     Returns:
         The plans and the summaries of the plans that ran.
@@ -110,7 +114,8 @@ def fill_caches(
     run = ExtractionRun()
     try:
         for request in requests:
-            run.plans.append(plan_extraction(request, dry_run=dry_run))
+            index = (indexes or {}).get((request.dataset, request.split))  # a dense dataset lists its own images
+            run.plans.append(plan_extraction(request, dry_run=dry_run, index=index))
             echo(run.plans[-1].describe())
     except KeyboardInterrupt:
         raise ExtractionInterrupted(0, 0, "interrupted while planning, before any shard ran: run the same command "

@@ -67,8 +67,12 @@ RESULTS_SCHEMA = pa.schema([
     ("top5", pa.float64()),
     ("train_seconds", pa.float64()),
     ("date", pa.string()),          # ISO 8601, UTC
-    ("task", pa.string()),          # detect (null: classification)
+    ("task", pa.string()),          # detect or segmentation (null: image classification)
+    ("metric", pa.string()),        # what top1 holds when it is not top-1: miou (mean IoU over classes present)
     ("image_size", pa.int64()),     # model input side in pixels (null: the configuration's)
+    ("pixel_accuracy", pa.float64()),
+    ("class_iou", pa.string()),     # JSON {class: IoU} over the classes present in the test split
+    ("pixels_per_second", pa.float64()),  # labelled pixels trained on per second (dense heads)
     ("box_ap", pa.float64()),       # COCO AP over IoU 0.50:0.95, AP50, AP75 (fractions; detect)
     ("box_ap50", pa.float64()),
     ("box_ap75", pa.float64()),

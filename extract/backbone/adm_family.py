@@ -62,7 +62,7 @@ class ADMFamily(BackboneFamily):
 
     def spec_fields(self, config_name: str, image_size: int | None = None, conditioning: str | None = None) -> dict:
         cfg = get_config(config_name)
-        return dict(config_flags=cfg.flags, image_size=cfg.image_size, noise_schedule=cfg.noise_schedule,
+        return dict(config_flags=cfg.flags, image_size=int(image_size or cfg.image_size), noise_schedule=cfg.noise_schedule,
                     diffusion_steps=cfg.diffusion_steps)
 
     def official_checkpoint(self, config_name: str) -> str:

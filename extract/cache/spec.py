@@ -161,6 +161,7 @@ _HINTS = {
     "subset": "pass the same --per-class/--limit ({v})",
     "num_images": "pass the same --per-class/--limit (the cache has {v} images)",
     "row_order_seed": "pass --order-seed {v}",
+    "image_size": "pass --image-size {v}",
 }
 
 

@@ -24,6 +24,7 @@ from pipeline.cli.fuse import fuse
 from pipeline.cli.info import info
 from pipeline.cli.pretrain import pretrain
 from pipeline.cli.search import search
+from pipeline.cli.segment import segment
 from pipeline.cli.probe import cka, knn, probe, report, sweep
 from pipeline.cli.verify import verify
 
@@ -120,6 +121,7 @@ def _distributed(ctx: click.Context, nproc: int | None, accumulate: int, verbose
 for _command in (info, extract, probe, knn, cka, sweep, report, demo, pretrain, fuse, feedback, verify):
     main.add_command(_command)
 main.add_command(search)
+main.add_command(segment)
 main.add_command(detect)
 
 

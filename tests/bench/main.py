@@ -8,10 +8,12 @@ CUDA), headline (the official protocol, ``probe --live``, against extract + cach
 same images, head and epochs, and the ratio extrapolated to ImageNet), probe (seconds per epoch
 on the cache vs live backbone vs in memory), fusion (DifFeed training images/s, truncated passes
 vs both in full), gpu (bf16 images/s of the real 256x256 model and its share of the GPU's peak;
-skipped without CUDA), distributed (a cached head on 1 process vs 2 gloo ranks), sd (Stable Diffusion 1.5's truncated vs full U-Net at 256 px against its FLOP
-table, and the VAE encoder's cost; not in the default run: ``make bench EXTRA=sd``). Run one with ``python -m tests.bench pipeline``. Not in the default run
+skipped without CUDA), distributed (a cached head on 1 process vs 2 gloo ranks), segment (peak RSS against the RAM cap
+while a dense head trains on a CamVid cache of unpooled maps three times the cap, and its pixels/s), sd (Stable
+Diffusion 1.5's truncated vs full U-Net at 256 px against its FLOP table, and the VAE encoder's cost; not in the
+default run: ``make bench EXTRA=sd``). Run one with ``python -m tests.bench pipeline``. Not in the default run
 (accuracy, not speed, and several minutes): protocols (each linear-probe protocol's top-1 and
-seconds on one cache).
+seconds on one cache), segment-study (the segmentation figures of the README, an hour on a CPU).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def bench_gpu(config: str = "256x256_uncond", blocks=(19, 24, 30), batches=(32, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sections", nargs="*",
-                        default=["backbone", "extract", "pipeline", "headline", "probe", "fusion", "gpu", "distributed"])
+                        default=["backbone", "extract", "pipeline", "headline", "probe", "fusion", "gpu", "distributed", "segment"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--before", action="store_true",
                         help="pipeline: also run the default path with the malloc setting it had before issue 23")
@@ -174,13 +176,21 @@ def main(argv: list[str] | None = None) -> int:
             from tests.bench.bench_distributed import bench_distributed
 
             lines = bench_distributed()
+        elif section == "segment":
+            from tests.bench.bench_segment import bench_segment_memory
+
+            lines = bench_segment_memory()
+        elif section == "segment-study":
+            from tests.bench.bench_segment import bench_segment_study
+
+            lines = bench_segment_study()
         elif section == "protocols":
             from tests.bench.bench_protocols import bench_protocols
 
             lines = bench_protocols()
         else:
             parser.error(f"unknown section {section!r}: choose backbone, extract, pipeline, headline, probe, "
-                         "fusion, gpu, distributed, sd or protocols")
+                         "fusion, gpu, distributed, segment, segment-study, sd or protocols")
         sys.stdout.write("\n".join(lines) + "\n\n")
         sys.stdout.flush()
     return 0
