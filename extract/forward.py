@@ -44,7 +44,7 @@ def model_input(model: nn.Module, pixels: torch.Tensor, precision: str = "fp32")
 
 
 def noisy_input(x0: torch.Tensor, t: int, image_ids: Sequence[int], seed: int, schedule: NoiseSchedule,
-                draw: int = 0) -> torch.Tensor:
+                draw: int = 0, split: str = "") -> torch.Tensor:
     """x_t of clean images at one timestep with their seeded noise (the noise every cache holds).
 
     Args:
@@ -52,11 +52,12 @@ def noisy_input(x0: torch.Tensor, t: int, image_ids: Sequence[int], seed: int, s
         t: the timestep of every image. image_ids: (N,) each image's id (its dataset-index position).
         seed: the run's noise seed. schedule: the backbone's schedule.
         draw: which of ``--noise-draws`` independent draws (0: the one every cache has).
+        split: the images' split, part of the noise key (``extract.noise``); every cache passes it.
 
     Returns:
         (N, 3, H, W) float32 x_t on x0's device.
     """
-    noise = seeded_noise(seed, list(image_ids), int(t), tuple(x0.shape[1:]), draw=draw)
+    noise = seeded_noise(seed, list(image_ids), int(t), tuple(x0.shape[1:]), draw=draw, split=split)
     return diffuse(x0, t, noise, schedule)
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from extract.cache import CacheSpec, ShardMarks, write_shard_data
+from extract.cache.spec import noise_split
 from extract.backbone.registry import create_backbone, family_of
 from extract.inputs.device_decode import check_decode_device, load_pixels_on_device
 from extract.errors import CacheMismatchError, DiskSpaceError
@@ -212,7 +213,7 @@ def _device_pixels_key(job: ShardJob, paths: tuple[str, ...]) -> tuple:
 
 
 def _noise_key(job: ShardJob, ids: tuple[int, ...], t: int, draw: int = 0) -> tuple:
-    return ("noise", job.spec.noise_seed, ids, int(t), int(draw), job.spec.image_size)
+    return ("noise", job.spec.noise_seed, job.spec.split, ids, int(t), int(draw), job.spec.image_size)
 
 
 def _input_shape(config_name: str, image_size: int) -> tuple[int, int, int]:
@@ -222,7 +223,7 @@ def _input_shape(config_name: str, image_size: int) -> tuple[int, int, int]:
 
 def _noise(job: ShardJob, ids: tuple[int, ...], t: int, pin: bool, draw: int = 0) -> torch.Tensor:
     noise = seeded_noise(job.spec.noise_seed, ids, int(t), _input_shape(job.spec.config_name, job.spec.image_size),
-                         draw=draw)
+                         draw=draw, split=noise_split(job.spec))
     return noise.pin_memory() if pin else noise
 
 

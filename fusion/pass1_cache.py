@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from extract.cache import cache_path, open_cache
+from extract.cache.spec import NOISE_KEY
 from extract.errors import CacheDamagedError, CacheError, CacheIncompleteError
 
 __all__ = ["CachedPass1", "find_cached_pass1"]
@@ -74,6 +75,8 @@ def find_cached_pass1(cache_dir: str | os.PathLike | None, dataset: str, split: 
         cache = open_cache(cache_dir, dataset, split, backbone_id)
         if cache.spec.noise_seed != noise_seed:
             return live(f"the cache's noise seed is {cache.spec.noise_seed}, not {noise_seed}")
+        if cache.spec.noise_key != NOISE_KEY:
+            return live("the cache's noise is keyed on the row index alone (written before the split was in the key)")
         for b in sources:
             if cache.has_array(b, t):
                 cache.require_sound(b, t)

@@ -58,15 +58,18 @@ class LiveDenseSource:
         model: the frozen backbone (on ``device``). paths: image files, row order. labels: ``labels(start, stop)``
         -> ``(n, S, S)`` uint8 at the input square. blocks, timesteps: the maps. schedule: the backbone's.
         size: input side. noise_seed: the seeded noise of scoring. augment, fresh_noise: the training views.
+        noise_split: the split the seeded noise is keyed on, as the extract job keys that split's cache.
     """
 
     def __init__(self, model: nn.Module, paths: Sequence[str], labels: Callable[[int, int], np.ndarray] | None,
                  blocks: Sequence[int], timesteps: Sequence[int], schedule: NoiseSchedule, size: int,
-                 device: torch.device, noise_seed: int = 0, augment: bool = True, fresh_noise: bool = True):
+                 device: torch.device, noise_seed: int = 0, augment: bool = True, fresh_noise: bool = True,
+                 noise_split: str = ""):
         self.model, self.paths, self.labels = model, list(paths), labels
         self.blocks, self.timesteps = sorted(blocks), sorted(timesteps)
         self.schedule, self.size, self.device = schedule, int(size), device
         self.noise_seed, self.augment, self.fresh_noise = noise_seed, augment, fresh_noise
+        self.noise_split = noise_split  # the split the cache's seeded noise is keyed on (extract.noise)
         self.num_rows = len(self.paths)
         self.valid = None
 
@@ -86,7 +89,7 @@ class LiveDenseSource:
             if generator is not None:
                 x_t = diffuse(x0, t, torch.randn(x0.shape, generator=generator), self.schedule)
             else:
-                x_t = noisy_input(x0, t, ids, self.noise_seed, self.schedule)
+                x_t = noisy_input(x0, t, ids, self.noise_seed, self.schedule, split=self.noise_split)
             maps = block_features(self.model, x_t, t, self.blocks, pool=0)
             out.update({(b, t): maps[b] for b in self.blocks})
         return out

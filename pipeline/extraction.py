@@ -25,6 +25,7 @@ from extract.cache import (
 from extract.backbone.checkpoint import require_checkpoint_file
 from extract.backbone.identity import backbone_id as weights_id
 from extract.cache.order import row_order
+from extract.cache.spec import NOISE_KEY
 from extract.cache.provenance import compute_conflict
 from extract.errors import CacheError, CacheMismatchError, ConfigError, DiskSpaceError
 from extract.job import DEFAULT_THREADS, ShardJob
@@ -108,6 +109,7 @@ class ExtractionRequest:
             noise_seed=int(self.noise_seed), flip=bool(self.flip),
             pool=int(self.pool), precision=self.precision, subset=subset or "all", num_images=num_images,
             shard_size=int(self.shard_size), row_order_seed=int(self.order_seed), noise_draws=int(self.noise_draws),
+            noise_key=NOISE_KEY,
         )
 
 

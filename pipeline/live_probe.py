@@ -150,7 +150,8 @@ def live_splits(selection: LiveSelection, image_size: int, timesteps, schedule,
             paths, labels, ids = [paths[r] for r in rows], labels[rows], ids[rows]
         splits.append(LiveImages(paths, labels, image_size, timesteps, schedule, noise_seed=s.noise_seed,
                                  fresh_noise=s.fresh_noise and training, augment=s.augment and training,
-                                 decode_threads=s.decode_threads, image_ids=ids, latent_shape=latent_shape))
+                                 decode_threads=s.decode_threads, image_ids=ids, latent_shape=latent_shape,
+                                 noise_split=split))
         num_classes = index.num_classes
     return splits[0], splits[1], num_classes
 

@@ -79,7 +79,7 @@ class ProbeCheck:
             index = build_index(request.dataset, split, root=request.data_root, per_class=per_class)
             images, ok, _ = load_batch(index.paths, cfg.image_size)
             keep = np.flatnonzero(ok)
-            x_t = noisy_input(images[keep], self.t, keep.tolist(), request.probe_noise_seed, self.schedule)
+            x_t = noisy_input(images[keep], self.t, keep.tolist(), request.probe_noise_seed, self.schedule, split=split)
             self.data.append((x_t, torch.from_numpy(index.labels[keep])))
         self.num_classes = int(max(labels.max() for _, labels in self.data)) + 1
         self.history: list[tuple[int, float]] = []

@@ -216,7 +216,8 @@ def _live_sources(request: SegmentRequest, train_index: DenseIndex, test_index: 
                   device=device, noise_seed=request.noise_seed)
     train = LiveDenseSource(paths=train_index.image_paths, labels=_labels_reader(train_index, np.arange(len(train_index)), size, cap),
                             augment=request.augment, fresh_noise=request.fresh_noise, **common)
-    test = LiveDenseSource(paths=test_index.image_paths, labels=None, augment=False, fresh_noise=False, **common)
+    test = LiveDenseSource(paths=test_index.image_paths, labels=None, augment=False, fresh_noise=False,
+                           noise_split=test_index.split, **common)
     sha = file_sha256(request.checkpoint) if request.checkpoint else ""
     return train, test, weights_id(config.name, weight_seed=None if sha else request.weight_seed, sha256=sha), shapes
 

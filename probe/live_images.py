@@ -78,13 +78,15 @@ class LiveImages:
         latent_shape: for a latent family (SD), the (C, h, w) of its x0: the batch then holds the clean
             images at ``(0, t)`` and the noise at ``(NOISE_KEY_BLOCK, t)`` (the same seeded noise as the
             extract job's), and the live head encodes and noises them on its device.
+        noise_split: the split the seeded noise is keyed on (``extract.noise``), as the extract job keys
+            a cache of this split; '' only to match a cache written before the split was in the key.
     """
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, image_size: int, timesteps: int | Sequence[int],
                  schedule: NoiseSchedule, noise_seed: int = 0, fresh_noise: bool = False, augment: bool = False,
                  decode_threads: int = 2, prefetch: int = 3, image_ids: Sequence[int] | None = None,
                  cached: Mapping[tuple[int, int], torch.Tensor] | None = None,
-                 latent_shape: tuple[int, int, int] | None = None):
+                 latent_shape: tuple[int, int, int] | None = None, noise_split: str = ""):
         self.paths, self.labels = list(paths), np.asarray(labels, dtype=np.int64)
         self.timesteps = [int(timesteps)] if isinstance(timesteps, (int, np.integer)) else [int(t) for t in timesteps]
         self.image_size, self.schedule = image_size, schedule
@@ -94,6 +96,7 @@ class LiveImages:
         self.image_ids = np.arange(self.num_images) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
         self.cached = dict(cached or {})
         self.latent_shape = tuple(latent_shape) if latent_shape else None
+        self.noise_split = noise_split
         if len(self.image_ids) != self.num_images or len(self.labels) != self.num_images:
             raise ProbeError(f"{self.num_images} images but {len(self.labels)} labels and {len(self.image_ids)} ids")
         if self.cached and (augment or fresh_noise):
@@ -132,12 +135,13 @@ class LiveImages:
                 batch[(LIVE_KEY_BLOCK, t)] = images
                 batch[(NOISE_KEY_BLOCK, t)] = (noise[i][torch.from_numpy(position)] if self.fresh_noise else
                                                seeded_noise(self.noise_seed, self.image_ids[rows].tolist(), t,
-                                                            tuple(self.latent_shape)))
+                                                            tuple(self.latent_shape), split=self.noise_split))
                 continue
             if self.fresh_noise:
                 x_t = diffuse(images, t, noise[i][torch.from_numpy(position)], self.schedule)
             else:  # the extract job's x_t, bit for bit
-                x_t = noisy_input(images, t, self.image_ids[rows].tolist(), self.noise_seed, self.schedule)
+                x_t = noisy_input(images, t, self.image_ids[rows].tolist(), self.noise_seed, self.schedule,
+                                  split=self.noise_split)
             batch[(LIVE_KEY_BLOCK, t)] = x_t
         index = torch.from_numpy(rows)
         for key, values in self.cached.items():

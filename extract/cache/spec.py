@@ -39,7 +39,7 @@ from extract.errors import CacheError, CacheMismatchError
 __all__ = [
     "FORMAT_VERSION", "INDEX_NAMES", "INDEX_CHUNK_ROWS", "CacheSpec", "cache_path", "array_name",
     "view_suffix", "marker_name", "inner_chunk_rows", "index_chunk_rows", "count_objects", "chunk_rows",
-    "index_chunk_count", "chunk_shards", "read_spec",
+    "index_chunk_count", "chunk_shards", "read_spec", "NOISE_KEY", "noise_split",
 ]
 
 
@@ -72,6 +72,8 @@ class CacheSpec:
             index order.
         family: the backbone family (``adm``, ``sd``); conditioning: what the backbone was conditioned on
             (``none``; SD: ``null-text``); latent: what x0 is (``pixels``; SD: ``vae-posterior-mean*0.18215``).
+        noise_key: what the seeded noise is keyed on besides seed and t: ``split+index`` (every new cache)
+            or ``index`` (caches written before: train and test rows at one index shared their noise).
             (The layout version is kept
         beside the spec, in ``attrs["diffrep"]["format_version"]``, so it is read before the spec.)
     """
@@ -100,6 +102,7 @@ class CacheSpec:
     family: str = "adm"
     conditioning: str = "none"
     latent: str = "pixels"
+    noise_key: str = "index"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_flags", json.loads(json.dumps(dict(self.config_flags), sort_keys=True)))
@@ -161,8 +164,16 @@ _HINTS = {
     "subset": "pass the same --per-class/--limit ({v})",
     "num_images": "pass the same --per-class/--limit (the cache has {v} images)",
     "row_order_seed": "pass --order-seed {v}",
-    "image_size": "pass --image-size {v}",
+    "noise_key": "this cache was written before the split was part of the noise key (its train and test rows "
+                 "at one index share noise): it can be read, not extended",
 }
+
+NOISE_KEY = "split+index"  # what every new cache's noise is keyed on (``extract.noise``)
+
+
+def noise_split(spec: "CacheSpec") -> str:
+    """The split to key a cache's seeded noise on: its own, or '' for a cache keyed on the index alone."""
+    return spec.split if spec.noise_key == NOISE_KEY else ""
 
 
 def _mismatch_error(field_name: str, stored: Any, asked: Any) -> CacheMismatchError:

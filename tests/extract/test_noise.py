@@ -48,3 +48,21 @@ def test_seeded_noise_values_are_pinned():
         got = [float(noise[index]) for index in ((0, 0, 0), (1, 3, 5), (2, 7, 7))]
         assert got == pytest.approx(elements, abs=1e-6), (seed, image_id, t, draw)
         assert float(noise.double().sum()) == pytest.approx(total, abs=1e-6), (seed, image_id, t, draw)
+
+
+def test_the_split_is_part_of_the_noise_key():
+    """Image k of the train split and image k of the test split draw independent noise; the legacy key
+    (split "") is the pinned one, which caches written before keep."""
+    from extract.cache import CacheSpec
+    from extract.cache.spec import NOISE_KEY, noise_split
+
+    train = seeded_noise(0, range(64), 150, (3, 8, 8), split="train")
+    test = seeded_noise(0, range(64), 150, (3, 8, 8), split="test")
+    legacy = seeded_noise(0, range(64), 150, (3, 8, 8))
+    assert not torch.equal(train, test) and not torch.equal(train, legacy)
+    correlation = torch.corrcoef(torch.stack([train.flatten(), test.flatten()]))[0, 1]
+    assert abs(float(correlation)) < 0.05  # 12,288 values: independent draws, not the same noise
+    new = CacheSpec(dataset="d", split="test", backbone_id="b", config_name="c", image_size=8, num_images=1,
+                    noise_key=NOISE_KEY)
+    old = CacheSpec(dataset="d", split="test", backbone_id="b", config_name="c", image_size=8, num_images=1)
+    assert noise_split(new) == "test" and noise_split(old) == ""

@@ -30,7 +30,7 @@ def test_probe_check_features_are_seeded_noise_and_a_2x2_pool(cifar10_root):
     images, ok, _ = load_batch(index.paths, 32)
     assert ok.all()
     ids = list(range(len(index.paths)))
-    by_hand = SCHEDULE.q_sample(images, torch.full((len(ids),), 25), seeded_noise(0, ids, 25, (3, 32, 32)))
+    by_hand = SCHEDULE.q_sample(images, torch.full((len(ids),), 25), seeded_noise(0, ids, 25, (3, 32, 32), split="train"))
     x_t, labels = check.data[0]
     assert torch.equal(x_t, by_hand), "the default noise seed is 0, as before it was a parameter"
     assert torch.equal(labels, torch.from_numpy(np.asarray(index.labels)))
@@ -47,5 +47,5 @@ def test_probe_check_noise_seed_is_a_parameter(cifar10_root):
     for (x_default, _), (x_other, _) in zip(default.data, other.data):
         assert not torch.equal(x_default, x_other)
     images = load_batch(build_index("cifar10", "test", root=str(cifar10_root.parent), per_class=1).paths, 32)[0]
-    noise = seeded_noise(3, range(len(images)), 25, (3, 32, 32))
+    noise = seeded_noise(3, range(len(images)), 25, (3, 32, 32), split="test")
     assert torch.equal(other.data[1][0], SCHEDULE.q_sample(images, torch.full((len(images),), 25), noise))
