@@ -9,21 +9,12 @@ once per image and timestep, and, on a CUDA machine, bf16 images/s at 512 px.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-
-def _time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from tests.bench.main import _time
 
 
 def vae_encoder_flops(config: str, image_size: int) -> int:

@@ -109,7 +109,7 @@ def test_feedback_trains_end_to_end_on_real_images(cifar10_root, tmp_path):
     assert "strategy bottleneck: 12->8, 15->5, 18->2" in result.output
     row = read_results(tmp_path / "results.parquet").to_pylist()[-1]
     assert row["head"] == "diffeed" and row["strategy"] == "bottleneck" and row["test_size"] == 200
-    assert row["top1"] > 0.2  # chance is 10%; 200 test images put its 99.9% bound near 17%
+    assert row["top1"] > 0.17  # chance is 10%; 200 test images put its 99.9% bound near 17%
     resumed = CliRunner().invoke(main, [*args, "--resume"], catch_exceptions=False)  # done: scores again, same weights
     assert resumed.exit_code == 0 and read_results(tmp_path / "results.parquet").to_pylist()[-1]["top1"] == row["top1"]
 

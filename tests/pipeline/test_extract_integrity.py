@@ -331,7 +331,7 @@ def test_ctrl_c_in_process_prints_one_line_and_keeps_finished_shards(reference, 
 def test_ctrl_c_while_planning_says_nothing_ran(data_root, tmp_path, monkeypatch):
     import pipeline.extraction_run as extraction_run
 
-    def interrupted(request, dry_run=False):
+    def interrupted(request, dry_run=False, **_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(extraction_run, "plan_extraction", interrupted)

@@ -56,7 +56,7 @@ def test_sd_extract_probe_report_and_live(cifar10_root, tmp_path):
     rows = 20  # shard 0, one batch, with the job's thread count: the same arithmetic, the same bits
     paths, ids = list(reader.paths)[:rows], np.asarray(reader.image_ids)[:rows]
     images = LiveImages(paths, np.zeros(rows, dtype=np.int64), 64, (100, 300), family_of("sd-tiny").schedule("sd-tiny"),
-                        image_ids=ids, decode_threads=1, latent_shape=(4, 8, 8))
+                        image_ids=ids, decode_threads=1, latent_shape=(4, 8, 8), noise_split=reader.spec.split)
     model = LiveHead(backbone, torch.nn.Identity(), [18], [100, 300], pool=16, schedule=images.schedule)
     batch, _ = next(iter(images.batches(rows)))
     torch.set_num_threads(2)

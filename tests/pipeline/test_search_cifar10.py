@@ -12,7 +12,8 @@ from pipeline.search import SearchRequest, run_search
 
 BLOCKS, TIMESTEPS = (5, 10, 15), (5, 50, 400)
 TRAIN, TEST = 30, 20  # images per class
-GAP = 0.03  # the search's winner may trail the grid's best by at most 3 points of test top-1 (200 test images)
+GAP = 0.05  # the search's winner may trail the grid's best by at most 5 points of test top-1: on 200 test images
+# one accuracy's standard error is about 3.3 points, so cells closer than that are not told apart by the grid either
 
 
 def test_search_winner_is_within_the_gap_of_the_grid_and_costs_fewer_forwards(cifar10_root, tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ def test_camvid_heads_beat_a_constant_class(tmp_path):
     assert len(pixel.written) == 1 and pixel.written[0].endswith(".png")
     cache = FeatureCache(str(tmp_path / "cache" / "camvid" / "train" / pixel.row["backbone_id"]))
     assert cache.spec.pool == 0 and cache.spec.image_size == size and cache.shape(8, 25) == (32, 64, 8, 8)
-    live = _live_test_source(request, train.image_paths)  # --live scoring reads what the cache holds
+    live = _live_test_source(request, train.image_paths, "train")  # --live scoring reads what the cache holds
     ids = cache.image_ids
     rows = [int(np.flatnonzero(ids == i)[0]) for i in range(4)]
     cached = np.stack([cache.row_reader(8, 25)(r, r + 1)[0] for r in rows]).astype(np.float32)
@@ -49,7 +49,7 @@ def test_camvid_heads_beat_a_constant_class(tmp_path):
     assert [r["head"] for r in rows] == ["pixel", "upernet"] and all(r["task"] == "segmentation" for r in rows)
 
 
-def _live_test_source(request, paths):
+def _live_test_source(request, paths, split):
     import torch
 
     from extract.backbone.configs import get_config
@@ -60,7 +60,8 @@ def _live_test_source(request, paths):
     config = get_config(request.config_name)
     model = build_backbone(config.name, request.checkpoint).eval()
     return LiveDenseSource(model, paths, None, request.blocks, request.timesteps,
-                           get_schedule(config.noise_schedule, config.diffusion_steps), request.image_size, torch.device("cpu"))
+                           get_schedule(config.noise_schedule, config.diffusion_steps), request.image_size, torch.device("cpu"),
+                           noise_split=split)
 
 
 def test_errors_are_one_line(tmp_path):

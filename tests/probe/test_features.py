@@ -7,6 +7,7 @@ import torch
 from extract.cache import CacheSpec, cache_path, create_cache, open_cache
 from extract.errors import CacheError
 import probe.train as train_module
+from extract.cache.spec import NOISE_KEY
 from probe.features import (
     StreamedFeatures, choose_read_pool, flatten_features, in_shapes, iter_feature_batches, load_at_pools, load_features,
     resolve_backbone_id,
@@ -19,6 +20,7 @@ from tests.extract.shard_writes import write_and_mark
 def make_cache(root, n=23, shard_size=5, keys=((24, 150), (19, 90)), invalid=(3, 17), backbone_id="32x32_small-random0",
                split="train", signal=0.0, seed=0, dataset="toy", class_names=("a", "b", "c"), **spec_fields):
     """A real cache on disk: random float16 features (plus ``signal`` on channel = label), a few rows invalid."""
+    spec_fields.setdefault("noise_key", NOISE_KEY)  # as every cache extract writes now
     spec = CacheSpec(dataset=dataset, split=split, backbone_id=backbone_id, config_name="32x32_small",
                      image_size=32, num_images=n, shard_size=shard_size, pool=4, **spec_fields)
     rng = np.random.default_rng(seed)
