@@ -271,10 +271,12 @@ def run_segment(request: SegmentRequest, echo: Callable[[str], None] = log.info,
                 "timesteps": list(request.timesteps), "head": request.head, "image_size": size,
                 "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
     device = _device(request.device)
+    working = cap // 4  # a step's float32 working set; the rest of the cap: torch itself and the batch read
     fitted = fit_dense(head, train, config, device=device, checkpoint_dir=request.checkpoint_dir, resume=request.resume,
-                       identity=identity, progress=request.progress)
+                       identity=identity, progress=request.progress, working_bytes=working)
     scores, kept = score_dense(head, test, test_index.num_classes, _truth(test_index, test_rows, size),
-                               batch_size=max(request.batch_size, 16), device=device, keep=request.figures)
+                               batch_size=max(request.batch_size, 16), device=device, keep=request.figures,
+                               working_bytes=working)
     class_iou = {name: float(v) for name, v, present in zip(test_index.class_names, scores.iou, scores.present) if present}
     row = {
         "dataset": request.dataset, "train_size": len(train_index), "test_size": len(test_index), "backbone_id": backbone_id,

@@ -44,6 +44,16 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 1) -> nn.Sequential:
 class PixelHead(nn.Module):
     """Per-pixel classifier over the concatenated, upsampled maps.
 
+    Computed without building that concatenation: bilinear resizing is linear per channel and keeps
+    constants (its weights sum to one), so standardising a map and applying a 1x1 convolution commute
+    with upsampling it. Each map is standardised at its native side (with the moments of its upsampled
+    self, the BatchNorm's statistics), the first 1x1 layer is applied per map there, and only its output
+    (K or the first hidden width channels) is upsampled and summed: the same function as upsample ->
+    concatenate -> BatchNorm -> 1x1 (a test holds them equal), without the full-side float32 copies of
+    every channel. A linear head's batch can then be trained in chunks of images with the gradient of
+    the whole batch (``exact_in_chunks``): its only batch statistic, the BatchNorm's, depends on the maps
+    alone, not on a trained weight.
+
     Args:
         in_shapes: ``{(b, t): (C, h, w)}``. num_classes: K.
         hidden: MLP widths (1x1 convolutions); ``()`` is a linear classifier.
@@ -55,6 +65,8 @@ class PixelHead(nn.Module):
         super().__init__()
         self.keys = sorted(in_shapes)
         self.size = max((shape[1], shape[2]) for shape in in_shapes.values())
+        self.in_shapes = {key: tuple(in_shapes[key]) for key in self.keys}
+        self.num_classes = int(num_classes)
         channels = sum(in_shapes[key][0] for key in self.keys)
         self.norm = nn.BatchNorm2d(channels, affine=False)
 
@@ -67,10 +79,66 @@ class PixelHead(nn.Module):
 
         self.members = nn.ModuleList(member() for _ in range(max(1, int(ensemble))))
 
-    def forward_members(self, features: Mapping[Key, torch.Tensor]) -> list[torch.Tensor]:
-        x = torch.cat([_resize(features[key].float(), self.size) for key in self.keys], dim=1)
-        x = self.norm(x)
-        return [m(x) for m in self.members]
+    @property
+    def exact_in_chunks(self) -> bool:
+        """True for linear members: per-image losses of one batch then sum to the batch's, whatever the chunks."""
+        return all(len(m) == 1 for m in self.members)
+
+    def bytes_per_image(self, label_side: int | None = None) -> int:
+        """Float32 working set of one image in a training step (maps, their standardised copies, logits and grads)."""
+        side = max(max(self.size), label_side or 0)
+        maps = sum(c * h * w for c, h, w in self.in_shapes.values())
+        first = self.members[0][0].out_channels
+        return 4 * (2 * maps + len(self.members) * (first * self.size[0] * self.size[1] * 3 + self.num_classes * side * side * 4))
+
+    @torch.no_grad()
+    def moments(self, features: Mapping[Key, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) per channel of the upsampled maps: the batch's in training (running stats updated
+        once, as BatchNorm does), the running ones in eval. Upsampled a few channels at a time, never whole."""
+        norm = self.norm
+        if not self.training:
+            return norm.running_mean, norm.running_var
+        means, variances, count = [], [], 0
+        for key in self.keys:
+            x = features[key]
+            step = max(1, (1 << 22) // max(1, x.shape[0] * self.size[0] * self.size[1]))
+            for lo in range(0, x.shape[1], step):
+                up = _resize(x[:, lo:lo + step].float(), self.size)
+                variance, mean = torch.var_mean(up, dim=(0, 2, 3), unbiased=False)
+                means.append(mean)
+                variances.append(variance)
+                count = up.numel() // up.shape[1]
+        mean, variance = torch.cat(means), torch.cat(variances)
+        norm.num_batches_tracked.add_(1)
+        momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+        norm.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        norm.running_var.mul_(1 - momentum).add_(variance * count / max(count - 1, 1), alpha=momentum)
+        return mean, variance
+
+    def forward_members(self, features: Mapping[Key, torch.Tensor], moments: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> list[torch.Tensor]:
+        """Every member's logits at the finest map's side; ``moments`` from ``moments()`` of the whole batch when
+        ``features`` is a chunk of it."""
+        if any(value.requires_grad for value in features.values()):  # a backbone trained through: the plain formulation
+            x = torch.cat([_resize(features[key].float(), self.size) for key in self.keys], dim=1)
+            x = self.norm(x)
+            return [m(x) for m in self.members]
+        mean, variance = moments if moments is not None else self.moments(features)
+        scale = (variance + self.norm.eps).rsqrt()
+        standardised, lo = [], 0
+        for key in self.keys:
+            c = features[key].shape[1]
+            standardised.append((lo, c, (features[key].float() - mean[lo:lo + c, None, None]) * scale[lo:lo + c, None, None]))
+            lo += c
+        outputs = []
+        for member in self.members:
+            first = member[0]
+            total = None
+            for lo, c, z in standardised:
+                part = _resize(F.conv2d(z, first.weight[:, lo:lo + c]), self.size)
+                total = part if total is None else total + part
+            outputs.append(member[1:](total + first.bias[None, :, None, None]))
+        return outputs
 
     def forward(self, features: Mapping[Key, torch.Tensor]) -> torch.Tensor:
         outputs = self.forward_members(features)

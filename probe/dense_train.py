@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from probe.dense_heads import _resize
 from probe.errors import ProbeError
 from probe.seg_metrics import ConfusionMatrix, SegScores
 from probe.train import (
@@ -35,7 +36,7 @@ from probe.train import (
     _save, _set_rng_state, epoch_order,
 )
 
-__all__ = ["DenseSource", "DenseFit", "fit_dense", "score_dense", "IGNORE_INDEX"]
+__all__ = ["DenseSource", "DenseFit", "fit_dense", "score_dense", "images_per_chunk", "IGNORE_INDEX"]
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +88,61 @@ class DenseFit:
     history: list[dict] = field(default_factory=list)
 
 
-def _loss(head: nn.Module, features: Mapping[Key, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    outputs = head.forward_members(features) if hasattr(head, "forward_members") else [head(features)]
+def _loss(head: nn.Module, features: Mapping[Key, torch.Tensor], target: torch.Tensor, moments=None,
+          reduction: str = "mean") -> torch.Tensor:
+    if moments is not None:
+        outputs = head.forward_members(features, moments)
+    else:
+        outputs = head.forward_members(features) if hasattr(head, "forward_members") else [head(features)]
     size = tuple(target.shape[-2:])
-    losses = [F.cross_entropy(F.interpolate(o, size=size, mode="bilinear", align_corners=False), target,
-                              ignore_index=IGNORE_INDEX) for o in outputs]
+    losses = [F.cross_entropy(_resize(o, size), target, ignore_index=IGNORE_INDEX, reduction=reduction) for o in outputs]
     return losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+
+
+def images_per_chunk(head: nn.Module, batch: int, label_side: int | None, working_bytes: int | None,
+                     training: bool = True) -> int:
+    """Images per forward so one step's float32 working set stays under ``working_bytes``.
+
+    Training chunks only heads whose chunked gradient equals the batch's (``exact_in_chunks``: the linear
+    per-pixel head); scoring, where every head is per image (BatchNorm in eval), chunks any head that
+    estimates its ``bytes_per_image``.
+    """
+    if working_bytes is None or not hasattr(head, "bytes_per_image"):
+        return batch
+    if training and not getattr(head, "exact_in_chunks", False):
+        return batch
+    return max(1, min(batch, int(working_bytes) // max(1, head.bytes_per_image(label_side))))
+
+
+def _step(head: nn.Module, opt, features: Mapping[Key, torch.Tensor], target: torch.Tensor, labelled: int,
+          chunk: int) -> float:
+    """One optimiser step on the batch; in chunks of images when ``chunk`` < the batch (the same gradient:
+    the batch's BatchNorm moments first, then each chunk's summed loss over the batch's labelled pixels)."""
+    opt.zero_grad(set_to_none=True)
+    n = target.shape[0]
+    if chunk >= n:
+        loss = _loss(head, features, target)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    moments = head.moments(features)
+    total = 0.0
+    for lo in range(0, n, chunk):
+        part = {key: value[lo:lo + chunk] for key, value in features.items()}
+        loss = _loss(head, part, target[lo:lo + chunk], moments, reduction="sum") / labelled
+        loss.backward()
+        total += loss.item()
+    opt.step()
+    return total
 
 
 def fit_dense(head: nn.Module, train: DenseSource, config: TrainConfig, *, device: str | torch.device = "cpu",
               checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, identity: Mapping | None = None,
-              progress: bool = True) -> DenseFit:
+              progress: bool = True, working_bytes: int | None = None) -> DenseFit:
     """Train ``head`` with cross-entropy (ignore 255) on streamed batches, StepLR, a checkpoint every epoch.
+
+    ``working_bytes``: the float32 working set one forward may take; a linear per-pixel head's batch is then
+    run in chunks of images with the batch's gradient (``images_per_chunk``). None: whole batches.
 
     Raises:
         ProbeError: a checkpoint written for other settings or features; no labelled pixel in the split.
@@ -142,11 +186,8 @@ def fit_dense(head: nn.Module, train: DenseSource, config: TrainConfig, *, devic
                 labelled = int((target != IGNORE_INDEX).sum())
                 if labelled == 0:
                     continue
-                loss = _loss(head, features, target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * labelled
+                chunk = images_per_chunk(head, target.shape[0], target.shape[-1], working_bytes)
+                total += _step(head, opt, features, target, labelled, chunk) * labelled
                 seen += labelled
             if seen == 0:
                 raise ProbeError("no labelled pixel in the training split: check the dataset's label maps and ignore value")
@@ -169,12 +210,15 @@ def fit_dense(head: nn.Module, train: DenseSource, config: TrainConfig, *, devic
 @torch.no_grad()
 def score_dense(head: nn.Module, source: DenseSource, num_classes: int,
                 truth: Callable[[int], tuple[np.ndarray, tuple[int, int, int, int]]], *, batch_size: int = 16,
-                device: str | torch.device = "cpu", keep: int = 0) -> tuple[SegScores, dict[int, np.ndarray]]:
+                device: str | torch.device = "cpu", keep: int = 0, working_bytes: int | None = None
+                ) -> tuple[SegScores, dict[int, np.ndarray]]:
     """Score at each label's own resolution: logits resized (bilinear) to the label pixels the square covers.
 
     Args:
         truth: ``truth(row) -> (label (H, W) uint8, (x0, y0, x1, y1))``: the full label map and the box of it
             the input square covers. keep: predictions of the first ``keep`` valid rows to return (figures).
+        working_bytes: as ``fit_dense``'s; in eval every head is per image, so any head with ``bytes_per_image``
+            is scored in batches that fit it.
 
     Returns:
         (scores from one confusion matrix over the split, ``{row: (y1 - y0, x1 - x0) uint8 prediction}``).
@@ -183,6 +227,7 @@ def score_dense(head: nn.Module, source: DenseSource, num_classes: int,
     head.to(device).eval()
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
     kept: dict[int, np.ndarray] = {}
+    batch_size = images_per_chunk(head, batch_size, None, working_bytes, training=False)
     for start, stop in source.ranges(batch_size, None, 0):
         logits = head({key: value.to(device) for key, value in source.read(start, stop).items()}).float()
         for i, row in enumerate(range(start, stop)):

@@ -56,13 +56,18 @@ def bench_segment_memory(cache_dir: str | None = None, size: int = 256, cap_gib:
     wall = time.perf_counter() - began
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)
     row = json.loads(child.stdout.strip().splitlines()[-1])
+    imports = subprocess.run([sys.executable, "-c", "import resource, pipeline.segmentation, torch, zarr; "
+                              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                             check=True, capture_output=True, text=True)
+    baseline = int(imports.stdout.strip().splitlines()[-1]) / (1 << 20)
     return [
         f"segment memory: camvid train (367 images) at {size} px, 32x32_small b={','.join(map(str, blocks))} "
         f"t={','.join(map(str, timesteps))}, unpooled float16 maps {total / (1 << 30):.2f} GiB, RAM cap {cap_gib:.2f} GiB "
         f"({total / (cap_gib * (1 << 30)):.1f}x the cap)",
-        f"  peak RSS of the training process {peak:.2f} GiB against the {cap_gib:.2f} GiB cap (torch itself and one batch's "
-        f"float32 working set with its gradients included): the maps were read a batch "
-        f"(8 images, {8 * total / cache.num_images / (1 << 20):.0f} MB of float16) at a time, never the split",
+        f"  peak RSS of the training process {peak:.2f} GiB against the {cap_gib:.2f} GiB cap, everything included: "
+        f"{baseline:.2f} GiB of it is importing torch, zarr and diffrep (a process that only imports them); the maps were "
+        f"read a batch (8 images, {8 * total / cache.num_images / (1 << 20):.0f} MB of float16) at a time, never the "
+        f"split, and a step's float32 working set kept under a quarter of the cap (the linear head an image at a time)",
         f"  per-pixel linear head, 1 epoch: {row['pixels_per_second']:,.0f} labelled pixels/s "
         f"({row['train_seconds']:.1f} s training; {wall:.1f} s for the whole child, scoring 16 val images included)",
     ]
@@ -83,12 +88,13 @@ def _row(result) -> dict:
 
 def bench_segment_study(out: str = "results/segment-study", cache_dir: str | None = None, size: int = 64,
                         blocks=(5, 8, 12), timestep: int = 25, more_timesteps=(), epochs: int = 3,
-                        datasets=("camvid", "pets-seg"), floors=("random-init", "raw pixels")) -> list[str]:
+                        datasets=("camvid", "pets-seg"), floors=("random-init", "raw pixels"), combo=()) -> list[str]:
     """The closing note's figures; appends one JSON line per trained head to ``<out>/study.jsonl``.
 
     Per dataset: per-pixel linear heads over ``blocks`` at ``timestep`` (one truncated forward per image captures
     them all), then at the best block the same head over ``more_timesteps``; at the best (b, t) the per-pixel MLP
-    (256, 128) and UperNet (64 channels) on the trained weights, the random initialisation (seed 0) and raw pixels.
+    (256, 128) and UperNet (64 channels) on the trained weights, the random initialisation (seed 0) and raw pixels;
+    with ``combo`` (several blocks), the three heads on the trained weights over those blocks at the best t.
     """
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "diffrep", "features-seg")
     os.makedirs(out, exist_ok=True)
@@ -141,6 +147,12 @@ def bench_segment_study(out: str = "results/segment-study", cache_dir: str | Non
                                                         head=head)))
                 lines.append(f"  {name} {head}{' mlp' if extra.get('hidden') else ''}: mIoU {100 * row['miou']:.1f}, "
                              f"pixel acc {100 * row['pixel_accuracy']:.1f}, {row['train_seconds']:.0f} s")
+        for head, extra in heads if combo else ():
+            row = record(run_segment(SegmentRequest(**{**trained, **extra}, head=head, blocks=tuple(combo),
+                                                    timesteps=(best[1],))))
+            lines.append(f"  trained b={','.join(map(str, combo))} {head}{' mlp' if extra.get('hidden') else ''}: "
+                         f"mIoU {100 * row['miou']:.1f}, pixel acc {100 * row['pixel_accuracy']:.1f}, "
+                         f"{row['train_seconds']:.0f} s")
     log.close()
     return lines
 

@@ -41,3 +41,38 @@ def test_unknown_head_and_no_maps_are_refused():
         create_dense_head("fcn", SHAPES, 3)
     with pytest.raises(ProbeError, match="at least one"):
         create_dense_head("pixel", {}, 3)
+
+
+@pytest.mark.parametrize("options", [{}, {"hidden": (16, 8), "ensemble": 2}])
+def test_pixel_head_equals_upsample_concatenate_batchnorm_then_classify(options):
+    """The head standardises and classifies each map at its native side; the textbook order must give the same."""
+    import copy
+
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    head = create_dense_head("pixel", SHAPES, 5, **options)
+    members = copy.deepcopy(head.members)
+    running_mean, running_var = head.norm.running_mean.clone(), head.norm.running_var.clone()
+    features = {key: (3 * torch.randn(4, *shape) + 1).half() for key, shape in SHAPES.items()}
+
+    def textbook(training):
+        x = torch.cat([F.interpolate(features[key].float(), size=(16, 16), mode="bilinear", align_corners=False)
+                       for key in sorted(SHAPES)], dim=1)
+        x = F.batch_norm(x, running_mean, running_var, training=training, momentum=0.1, eps=1e-5)
+        return [m(x) for m in members]
+
+    for training in (True, False):
+        head.train(training)
+        members.train(training)
+        ours, theirs = head.forward_members(features), textbook(training)
+        for a, b in zip(ours, theirs):
+            assert a.shape == b.shape == (4, 5, 16, 16)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(head.norm.running_mean, running_mean)
+        torch.testing.assert_close(head.norm.running_var, running_var)
+        if training:
+            sum(o.square().mean() for o in ours).backward()
+            sum(o.square().mean() for o in theirs).backward()
+            for p, q in zip(head.members.parameters(), members.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)

@@ -60,3 +60,20 @@ def test_a_learnable_map_is_learned_and_scored_at_label_size():
     full = [np.kron(labels[r], np.ones((2, 2), dtype=np.uint8)) for r in range(32)]  # labels at twice the input side
     scores, kept = score_dense(head, source, 3, lambda r: (full[r], (0, 0, 32, 32)), keep=2)
     assert scores.pixels == 32 * 28 * 32 and scores.miou > 0.5 and set(kept) == {0, 1} and kept[0].shape == (32, 32)
+
+
+def test_a_linear_head_trained_in_chunks_of_one_image_equals_whole_batches():
+    """Under a small working set the batch runs an image at a time with the whole batch's gradient."""
+    from probe.dense_train import images_per_chunk
+
+    source, _ = _source()
+    config = TrainConfig(epochs=2, lr=0.05, optimizer="sgd", batch_size=6, seed=1)
+    whole, chunked = _head(), _head()
+    assert images_per_chunk(chunked, 6, 16, working_bytes=1) == 1
+    fit_dense(whole, source, config, progress=False)
+    fit_dense(chunked, source, config, progress=False, working_bytes=1)
+    for (name, a), b in zip(whole.state_dict().items(), chunked.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    mlp = create_dense_head("pixel", {(8, 25): (4, 8, 8)}, 3, hidden=(8,))
+    assert images_per_chunk(mlp, 6, 16, working_bytes=1) == 6  # its hidden BatchNorm couples the batch: never chunked
+    assert images_per_chunk(mlp.eval(), 6, 16, working_bytes=1, training=False) == 1  # scoring is per image
