@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class PretrainRequest:
     probe_noise_seed: int = 0
     probe: bool = True
     progress: bool = True
+    init: str | None = None
 
 
 class ProbeCheck:
@@ -131,6 +133,23 @@ def plot_loss_curve(csv_path: str | Path, png_path: str | Path, probes: list[tup
     return png_path
 
 
+def is_dense(dataset: str) -> bool:
+    """A ``segmentation:`` entry of the manifest (its images train as any others; it has no class labels to probe)."""
+    from pipeline.dense_data import dense_dataset_names
+
+    return dataset in dense_dataset_names()
+
+
+def training_images(request: PretrainRequest) -> list[str]:
+    """The image files of the split: a classification dataset's index, or a dense dataset's images (labels unread)."""
+    if is_dense(request.dataset):
+        from pipeline.dense_data import build_dense_index
+
+        return list(build_dense_index(request.dataset, request.split, data_root=request.data_root,
+                                      limit=request.limit).image_paths)
+    return list(build_index(request.dataset, request.split, root=request.data_root, limit=request.limit).paths)
+
+
 def run_pretrain(request: PretrainRequest) -> tuple[PretrainResult, list[str]]:
     """Index the images, train, draw the loss curve; returns the result and the probe-check lines.
 
@@ -139,8 +158,8 @@ def run_pretrain(request: PretrainRequest) -> tuple[PretrainResult, list[str]]:
     """
     device = resolve_device(request.device)
     with interrupted_saying("interrupted before training began: nothing new was written; the same command starts again"):
-        index = build_index(request.dataset, request.split, root=request.data_root, limit=request.limit)
-        check = ProbeCheck(request, device) if request.probe else None
+        paths = training_images(request)
+        check = ProbeCheck(request, device) if request.probe and not is_dense(request.dataset) else None
     lines: list[str] = []
     probe_csv = Path(request.out_dir) / "probe.csv"
     if not request.resume and distributed.is_main():
@@ -158,9 +177,11 @@ def run_pretrain(request: PretrainRequest) -> tuple[PretrainResult, list[str]]:
             f.write(f"{step},{check.history[-1][1]:.4f}\n")
         return line
 
-    data = {"dataset": request.dataset, "split": request.split, "limit": request.limit, "images": index.num_images,
+    data = {"dataset": request.dataset, "split": request.split, "limit": request.limit, "images": len(paths),
             "labels_used": False}
-    result = pretrain(request.config, index.paths, request.out_dir, steps=request.steps, minutes=request.minutes,
+    if request.init:
+        data["init"] = os.path.basename(str(request.init))
+    result = pretrain(request.config, paths, request.out_dir, init=request.init, steps=request.steps, minutes=request.minutes,
                       resume=request.resume, checkpoint_every=request.checkpoint_every, device=device,
                       decode_threads=request.decode_threads, data=data, on_checkpoint=on_checkpoint,
                       progress=request.progress)

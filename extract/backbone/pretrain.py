@@ -63,6 +63,8 @@ class PretrainConfig:
         grad_clip: max gradient norm (0: none). ema_decay: EMA of the weights, updated every step.
         seed: data order, flips, timesteps and noise. weight_seed: fan-in scaled random init of
             every tensor (``extract.backbone.random_init``); None keeps ADM's own initialisation.
+        init_sha256: SHA-256 of the checkpoint the weights start from (``pretrain(init=...)``: more text-free
+            training of trained weights, e.g. on a new dataset's own images); empty: a fresh initialisation.
         flip: random horizontal flips. channels_last: memory format of the convolutions.
         precision: ``fp32`` (CPU default) or ``bf16``/``fp16`` autocast on GPUs.
         threads: torch CPU threads (CPU bits depend on it).
@@ -76,6 +78,7 @@ class PretrainConfig:
     ema_decay: float = 0.995
     seed: int = 0
     weight_seed: int | None = None
+    init_sha256: str = ""
     flip: bool = True
     channels_last: bool = True
     precision: str = "fp32"
@@ -204,6 +207,7 @@ class _Run:
     data: dict
     on_checkpoint: Callable[[nn.Module, int], str | None] | None
     progress: bool
+    init: str | os.PathLike | None = None
 
 
 def pretrain(
@@ -221,6 +225,7 @@ def pretrain(
     data: dict | None = None,
     on_checkpoint: Callable[[nn.Module, int], str | None] | None = None,
     progress: bool = True,
+    init: str | os.PathLike | None = None,
 ) -> PretrainResult:
     """Train ``config.config_name`` on the images at ``paths`` (labels are never read) until ``steps`` or ``minutes``.
 
@@ -234,6 +239,8 @@ def pretrain(
         device: training device. decode_threads: image-decoding threads ahead of the forward.
         data: what the images are (dataset, split, limit), recorded in the JSONs and in ``train_state.pt``
             with the image count; a resume on other data is refused.
+        init: a checkpoint of ``config.config_name`` to start from instead of a fresh initialisation; its SHA-256
+            must be ``config.init_sha256`` (so a resume is the same run).
         on_checkpoint: called with the EMA model and the step after each checkpoint; may return a line to log
             (e.g. a quick linear-probe check).
 
@@ -257,7 +264,7 @@ def pretrain(
         torch.set_num_threads(config.threads)
     run = _Run(paths=list(paths), out_dir=out_dir, steps=steps, minutes=minutes, resume=resume,
                checkpoint_every=checkpoint_every, log_every=log_every, device=device, decode_threads=decode_threads,
-               data={**(data or {}), "images": len(paths)}, on_checkpoint=on_checkpoint, progress=progress)
+               data={**(data or {}), "images": len(paths)}, on_checkpoint=on_checkpoint, progress=progress, init=init)
     try:
         return _pretrain(config, run)
     finally:
@@ -276,7 +283,17 @@ def _pretrain(config: PretrainConfig, run: _Run) -> PretrainResult:
     schedule = get_schedule(backbone.noise_schedule, backbone.diffusion_steps)
     if config.weight_seed is None:
         torch.manual_seed(config.seed)  # ADM's own init draws from the global RNG: make it a function of the seed
-    model = create_backbone(config.config_name, weight_seed=config.weight_seed)
+    if run.init is not None:
+        from extract.backbone.checkpoint import file_sha256
+
+        if file_sha256(run.init) != config.init_sha256:
+            raise ConfigError(f"--init {run.init} is not the checkpoint this run was set up with (SHA-256 differs): "
+                              f"pass the same file, or another --out to train anew")
+        model = create_backbone(config.config_name, checkpoint=str(run.init))
+    elif config.init_sha256:
+        raise ConfigError("this run starts from a checkpoint (init_sha256 is set): pass it with --init")
+    else:
+        model = create_backbone(config.config_name, weight_seed=config.weight_seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).train()
     trained = distributed.wrap_trained(model, device)  # DDP on several ranks; checkpoints from ``model``

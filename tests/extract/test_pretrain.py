@@ -108,3 +108,33 @@ def test_refuses_what_it_cannot_train(tmp_path):
     with pytest.raises(ConfigError, match="classifier"):
         pretrain(PretrainConfig(config_name="64x64_classifier"), ["x.jpg"], tmp_path, steps=1)
     assert get_config("32x32_small").flags["learn_sigma"]
+
+
+def test_pretraining_continues_from_a_checkpoint_on_a_segmentation_datasets_images(tmp_path):
+    """``--init`` starts from the given weights (one step at a vanishing rate leaves them); camvid's frames train
+    without labels; a resume with another init file is refused."""
+    from click.testing import CliRunner
+
+    from extract.backbone.checkpoint import read_state_dict
+    from extract.backbone.configs import bundled_checkpoint
+    from pipeline.cli.main import main
+    from tests.pipeline.test_dense_data import dense
+
+    dense("camvid", "train")  # unpacked, or a skip naming the missing archive
+    bundled = bundled_checkpoint("32x32_small")
+    args = ["pretrain", "--config", "32x32_small", "--dataset", "camvid", "--limit", "4", "--steps", "1",
+            "--batch-size", "2", "--lr", "1e-12", "--warmup", "0", "--threads", "1", "--no-progress", "--decode-threads", "1"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "init"), "--init", bundled])
+    assert result.exit_code == 0, result.output
+    start, after = read_state_dict(bundled), read_state_dict(tmp_path / "init" / "model.pt")
+    assert max((start[k].float() - after[k].float()).abs().max().item() for k in start) < 1e-6
+    meta = json.loads((tmp_path / "init" / "ema.json").read_text())
+    assert meta["data"]["dataset"] == "camvid" and meta["data"]["images"] == 4 and meta["data"]["init"] == "32x32_small.pt"
+    fresh = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "fresh")])
+    assert fresh.exit_code == 0, fresh.output
+    assert max((start[k].float() - read_state_dict(tmp_path / "fresh" / "model.pt")[k].float()).abs().max().item()
+               for k in start) > 1e-2
+    other = tmp_path / "other.pt"
+    torch.save({k: v + 1 for k, v in start.items()}, other)
+    refused = CliRunner().invoke(main, [*args, "--steps", "2", "--out", str(tmp_path / "init"), "--init", str(other), "--resume"])
+    assert refused.exit_code != 0 and "init_sha256" in refused.output and "Traceback" not in refused.output
