@@ -350,8 +350,10 @@ def test_ctrl_c_stops_extract_in_one_line_and_the_same_command_resumes(reference
             "--cache-dir", str(cache_dir), "--split", "test", "--workers", "1"]
     env = {**os.environ, "DIFFREP_TEST_HOLD_AFTER_WRITES": f"1:{hold}",  # the worker writes one shard, then waits
            "DASK_DISTRIBUTED__WORKER__PRELOAD": f'["{TESTS / "write_hooks.py"}"]'}
+    # SIGINT back to its default in the child: a shell starting the tests in the background (`pytest &`)
+    # hands them SIGINT ignored, and Python keeps an ignored SIGINT ignored
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300  # a guard against a run that never gets there, not a race
         while not (_first_shard_marked(cache_dir) and (hold / "held").exists()):
@@ -359,7 +361,7 @@ def test_ctrl_c_stops_extract_in_one_line_and_the_same_command_resumes(reference
             assert time.monotonic() < deadline, "no shard was marked in 300 s"
             time.sleep(0.05)
         os.killpg(process.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
-        out, err = process.communicate(timeout=120)
+        out, err = process.communicate(timeout=900)  # a guard against a hang, not a race: a loaded machine is slow to stop a cluster
     finally:
         (hold / "release").touch()
         if process.poll() is None:

@@ -104,7 +104,7 @@ def test_a_run_killed_half_way_resumes_to_the_same_bits(reference, data_root, tm
     command = [sys.executable, str(CRASH), *ARGS, "--data-root", str(data_root), "--cache-dir", str(tmp_path),
                "--synchronous"]
     env = {**os.environ, "DIFFREP_TEST_CRASH_AFTER_WRITES": "5"}
-    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert killed.returncode == 3, killed.stderr
     partial = open_cache(tmp_path, "cifar10", "test", BACKBONE)
     # shard 2 wrote its t=90 data before the crash, but only a finished job's shard is marked
@@ -169,8 +169,8 @@ def test_extract_through_a_real_scheduler_and_worker(reference, data_root, tmp_p
         address = json.loads(scheduler_file.read_text())["address"]
         from distributed import Client
 
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(1, timeout=60)
+        with Client(address, timeout="300s") as client:
+            client.wait_for_workers(1, timeout=600)
         result = _extract(data_root, tmp_path / "cache", "--scheduler", address)
         assert result.exit_code == 0, result.output
         assert f"Dask cluster at {address}" in result.output
