@@ -94,8 +94,9 @@ def _row(result) -> dict:
 
 
 def bench_segment_study(out: str = "results/segment-study", cache_dir: str | None = None, size: int = 64,
-                        blocks=(5, 8, 12), timestep: int = 25, more_timesteps=(), epochs: int = 3,
-                        datasets=("camvid", "pets-seg"), floors=("random-init", "raw pixels"), combo=()) -> list[str]:
+                        blocks=(2, 5, 8, 10, 12, 14, 16, 18), timestep: int = 25, more_timesteps=(5, 50, 100, 200, 400),
+                        epochs: int = 10, datasets=("camvid", "pets-seg"), floors=("random-init", "raw pixels"),
+                        combo=(5, 8, 12, 15)) -> list[str]:
     """The closing note's figures; appends one JSON line per trained head to ``<out>/study.jsonl``.
 
     Per dataset: per-pixel linear heads over ``blocks`` at ``timestep`` (one truncated forward per image captures

@@ -13,7 +13,7 @@ while a dense head trains on a CamVid cache of unpooled maps three times the cap
 Diffusion 1.5's truncated vs full U-Net at 256 px against its FLOP table, and the VAE encoder's cost; not in the
 default run: ``make bench EXTRA=sd``). Run one with ``python -m tests.bench pipeline``. Not in the default run
 (accuracy, not speed, and several minutes): protocols (each linear-probe protocol's top-1 and
-seconds on one cache), segment-study (the segmentation figures of the README, an hour on a CPU).
+seconds on one cache), segment-study (the segmentation figures of the README, about 40 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
