@@ -166,8 +166,6 @@ def bench_segment_study(out: str = "results/segment-study", cache_dir: str | Non
 
 
 if __name__ == "__main__":
-    import sys
-
     if sys.argv[1:2] == ["train-only"]:
         _train_only(json.loads(sys.argv[2]))
     else:
